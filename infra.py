@@ -1,0 +1,468 @@
+"""Infrastructure shared by every worker: settings, clients, logging, supervision.
+
+Exceptions raised here:
+    ConfigError   a setting is wrong; the daemon stops at boot with one line.
+    BootError     a server is unreachable or unsuitable at boot; same treatment.
+Once the daemon runs, faults are never fatal: workers run under `run_safe_loop`
+and problems are recorded through `log_system_event`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+PROJECT_DIR = Path(__file__).resolve().parent
+LOCAL_SERVICES_FILE = PROJECT_DIR / ".local" / "services.env"
+
+CANDLE_STORES = ("auto", "timeseries", "zset")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# redis-py 8.1 on 3.12 can surface a server-reset idle connection as AttributeError,
+# TypeError or (uvloop) RuntimeError, which its default retry ignores (ENVIRONMENT.md).
+REDIS_RETRY_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    TimeoutError,
+    AttributeError,
+    TypeError,
+    RuntimeError,
+)
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message says how to fix it."""
+
+
+class BootError(Exception):
+    """A server cannot be used at boot; the message says which and why."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the daemon, read once from the environment."""
+
+    redis_url: str = field(repr=False)
+    postgres_url: str = field(repr=False)
+    debug_mode: bool = False
+    symbols: tuple[str, ...] = ()
+    binance_ws_url: str = "wss://fstream.binance.com/market"
+    binance_rest_url: str = "https://fapi.binance.com"
+    redis_candles: int = 250
+    indicator_retention_days: int = 14
+    candle_store: str = "auto"
+    boot_wait_s: float = 30.0
+    stream_maxlen: int = 100_000
+    system_log_buffer: int = 10_000
+    pg_pool_max: int = 10
+    telegram_bot_token: str | None = field(default=None, repr=False)
+    telegram_chat_id: str | None = None
+    telegram_api_url: str = "https://api.telegram.org"
+
+    def describe(self) -> str:
+        """One log line with the servers in use, passwords masked."""
+        return (
+            f"redis={mask_url(self.redis_url)} postgres={mask_url(self.postgres_url)} "
+            f"candle_store={self.candle_store} redis_candles={self.redis_candles}"
+        )
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def read_local_services(path: Path = LOCAL_SERVICES_FILE) -> dict[str, str]:
+    """URLs of the servers `make services` provisioned (the documented defaults)."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for line in path.read_text().splitlines():
+        line = line.strip().removeprefix("export ").strip()
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}={raw!r} is not a boolean: use true or false")
+
+
+def _number(env: Mapping[str, str], key: str, default: float, kind: type, low: float, high: float):
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a {kind.__name__}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{key}={raw!r} is out of range: use a value from {low} to {high}")
+    return value
+
+
+def _checked_url(key: str, url: str, schemes: tuple[str, ...], hint: str) -> str:
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ConfigError(f"{key} is not a valid URL ({exc}): {hint}") from None
+    if parts.scheme not in schemes:
+        raise ConfigError(
+            f"{key} must start with {' or '.join(s + '://' for s in schemes)}, got {mask_url(url)!r}: {hint}"
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"{key} has no host: {mask_url(url)!r}: {hint}")
+    if port == 0:
+        raise ConfigError(f"{key} has port 0: {hint}")
+    return url
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from the environment; raise ConfigError naming the bad key."""
+    env = os.environ if env is None else env
+    local = read_local_services()
+    services_hint = "set it, or run `make services` to start local servers"
+    redis_url = env.get("REDIS_URL") or local.get("REDIS_URL")
+    postgres_url = env.get("POSTGRES_URL") or env.get("DATABASE_URL") or local.get("POSTGRES_URL")
+    if not redis_url:
+        raise ConfigError(f"REDIS_URL is not set: {services_hint}")
+    if not postgres_url:
+        raise ConfigError(f"POSTGRES_URL is not set: {services_hint}")
+    candle_store = env.get("REDIS_CANDLE_STORE", "auto").strip().lower() or "auto"
+    if candle_store not in CANDLE_STORES:
+        raise ConfigError(f"REDIS_CANDLE_STORE={candle_store!r}: use one of {', '.join(CANDLE_STORES)}")
+    symbols = tuple(dict.fromkeys(s.strip().upper() for s in env.get("SYMBOLS", "").split(",") if s.strip()))
+    for symbol in symbols:
+        if not symbol.isprintable() or " " in symbol or "/" in symbol or len(symbol) > 40:
+            raise ConfigError(f"SYMBOLS has an invalid symbol {symbol!r}")
+    return Settings(
+        redis_url=_checked_url("REDIS_URL", redis_url, ("redis", "rediss", "unix"), services_hint),
+        postgres_url=_checked_url("POSTGRES_URL", postgres_url, ("postgres", "postgresql"), services_hint),
+        debug_mode=_bool(env, "DEBUG_MODE", False),
+        symbols=symbols,
+        binance_ws_url=_checked_url(
+            "BINANCE_WS_URL", env.get("BINANCE_WS_URL") or Settings.binance_ws_url, ("ws", "wss"), "see BINANCE.md"
+        ).rstrip("/"),
+        binance_rest_url=_checked_url(
+            "BINANCE_REST_URL",
+            env.get("BINANCE_REST_URL") or Settings.binance_rest_url,
+            ("http", "https"),
+            "see README",
+        ).rstrip("/"),
+        redis_candles=_number(env, "REDIS_CANDLES", 250, int, 1, 100_000),
+        indicator_retention_days=_number(env, "INDICATOR_RETENTION_DAYS", 14, int, 1, 3650),
+        candle_store=candle_store,
+        boot_wait_s=_number(env, "BOOT_WAIT_S", 30.0, float, 0.0, 3600.0),
+        stream_maxlen=_number(env, "STREAM_MAXLEN", 100_000, int, 100, 100_000_000),
+        system_log_buffer=_number(env, "SYSTEM_LOG_BUFFER", 10_000, int, 10, 10_000_000),
+        pg_pool_max=_number(env, "PG_POOL_MAX", 10, int, 2, 200),
+        telegram_bot_token=env.get("TELEGRAM_BOT_TOKEN") or None,
+        telegram_chat_id=env.get("TELEGRAM_CHAT_ID") or None,
+        telegram_api_url=(env.get("TELEGRAM_API_URL") or Settings.telegram_api_url).rstrip("/"),
+    )
+
+
+# --------------------------------------------------------------------------- logging
+
+_COLOURS = {
+    "DEBUG": "\033[90m",
+    "INFO": "\033[32m",
+    "WARNING": "\033[33m",
+    "ERROR": "\033[31m",
+    "CRITICAL": "\033[97;41m",
+}
+_RESET = "\033[0m"
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`2025-05-16 13:44:21 | INFO     | AGGREGATOR | message`, UTC, optionally coloured."""
+
+    converter = time.gmtime
+
+    def __init__(self, colour: bool) -> None:
+        super().__init__("%(asctime)s | %(levelname)-8s | %(name)s | %(message)s", "%Y-%m-%d %H:%M:%S")
+        self.colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if self.colour:
+            return f"{_COLOURS.get(record.levelname, '')}{line}{_RESET}"
+        return line
+
+
+def setup_logging(debug: bool = False, stream=None) -> None:
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(ConsoleFormatter(colour=hasattr(stream, "isatty") and stream.isatty()))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("asyncio", "websockets", "aiohttp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- system log
+
+
+class SystemEventLog:
+    """Buffers `system_log_v4` rows in memory and writes them in batches.
+
+    Recording never blocks and never raises. While PostgreSQL is away the rows wait
+    in a bounded buffer (oldest dropped first, counted, and reported once back).
+    """
+
+    INSERT_SQL = """
+        INSERT INTO system_log_v4 (ts, level, module, message, details)
+        SELECT ts, level, module, message, details::jsonb
+        FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[])
+             AS t(ts, level, module, message, details)
+    """
+
+    def __init__(self, capacity: int = 10_000, batch_size: int = 1000) -> None:
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.pending: deque[tuple] = deque()
+        self.dropped = 0
+        self.written = 0
+        self._wake: asyncio.Event | None = None
+
+    def record(self, level: str, module: str, message: str, details: Mapping[str, Any] | None = None) -> None:
+        try:
+            level = level.upper() if level.upper() in LOG_LEVELS else "INFO"
+            payload = None if details is None else orjson.dumps(details, default=str).decode()
+            if len(self.pending) >= self.capacity:
+                self.pending.popleft()
+                self.dropped += 1
+            self.pending.append((datetime.now(UTC), level, str(module), str(message), payload))
+            if self._wake is not None and len(self.pending) >= self.batch_size:
+                self._wake.set()
+        except Exception:
+            pass
+
+    async def flush(self, pool: asyncpg.Pool) -> int:
+        """Write everything buffered; on failure the rows stay queued, in order."""
+        total = 0
+        if self.dropped:
+            lost, self.dropped = self.dropped, 0
+            self.pending.appendleft(
+                (
+                    datetime.now(UTC),
+                    "WARNING",
+                    "SYSTEM_LOG",
+                    f"{lost} system log events were dropped while PostgreSQL was unreachable",
+                    None,
+                )
+            )
+        while self.pending:
+            batch = [self.pending[i] for i in range(min(self.batch_size, len(self.pending)))]
+            columns = list(zip(*batch))
+            await pool.execute(self.INSERT_SQL, *columns, timeout=10)
+            for _ in batch:
+                self.pending.popleft()
+            total += len(batch)
+        self.written += total
+        return total
+
+    async def run_flusher(self, pool: asyncpg.Pool, interval_s: float = 0.5) -> None:
+        """Flush forever; a PostgreSQL outage only slows the retries down."""
+        self._wake = asyncio.Event()
+        delay = interval_s
+        log = logging.getLogger("SYSTEM_LOG")
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush(pool)
+                delay = interval_s
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                if delay == interval_s:
+                    log.warning("cannot write system_log_v4 (%s); %d events buffered", exc, len(self.pending))
+                delay = min(delay * 2, 10.0)
+
+
+system_event_log = SystemEventLog()
+
+
+def log_system_event(level: str, module: str, message: str, details: Mapping[str, Any] | None = None) -> None:
+    """Log to the console and queue a `system_log_v4` row; never blocks, never raises."""
+    try:
+        logging.getLogger(module).log(
+            logging.getLevelName(level.upper()) if level.upper() in LOG_LEVELS else logging.INFO, message
+        )
+    except Exception:
+        pass
+    system_event_log.record(level, module, message, details)
+
+
+# --------------------------------------------------------------------------- supervision
+
+
+async def run_safe_loop(
+    coro_fn: Callable[[], Awaitable[Any]],
+    name: str,
+    retry_delay: float = 5.0,
+    *,
+    max_delay: float = 60.0,
+    healthy_after_s: float = 60.0,
+) -> None:
+    """Run a worker forever: log each crash and restart it after a growing backoff.
+
+    The delay doubles on every failure up to `max_delay` (with ±20 % jitter) and goes
+    back to `retry_delay` after a run that lasted `healthy_after_s`. A worker that
+    returns normally is finished; cancellation propagates.
+    """
+    delay = retry_delay
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        try:
+            await coro_fn()
+            logging.getLogger(name).info("worker finished")
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if loop.time() - started >= healthy_after_s:
+                delay = retry_delay
+            log_system_event(
+                "ERROR",
+                name,
+                f"worker crashed: {type(exc).__name__}: {exc}; restarting in {delay:.1f}s",
+                {"traceback": traceback.format_exc(limit=8)},
+            )
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+        delay = min(delay * 2, max_delay)
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def make_redis(url: str, **overrides: Any) -> Redis:
+    """Asyncio Redis client whose retries survive the redis-py 8.1 reset-connection bug."""
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=6, supported_errors=REDIS_RETRY_ERRORS)
+    options: dict[str, Any] = dict(
+        decode_responses=True,
+        retry=retry,
+        retry_on_error=list(REDIS_RETRY_ERRORS),
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=15,
+    )
+    options.update(overrides)
+    return Redis.from_url(url, **options)
+
+
+async def redis_has_timeseries(redis: Redis) -> bool:
+    """Probe with a harmless command: MODULE LIST is disabled on some hosted servers."""
+    try:
+        await redis.execute_command("TS.INFO", "feed_v4:probe:timeseries")
+    except ResponseError as exc:
+        return "unknown command" not in str(exc).lower()
+    return True
+
+
+async def _wait_for(what: str, url: str, attempt: Callable[[], Awaitable[Any]], wait_s: float, hint: str) -> Any:
+    """Retry `attempt` until it succeeds or `wait_s` has passed, then raise BootError."""
+    log = logging.getLogger("BOOT")
+    deadline = time.monotonic() + wait_s
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return await attempt()
+        except (
+            TimeoutError,
+            OSError,
+            RedisConnectionError,
+            RedisTimeoutError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError,
+        ) as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BootError(
+                    f"{what} at {mask_url(url)} unreachable after {tries} tries ({type(exc).__name__}: {exc}): {hint}"
+                ) from None
+            log.warning("%s not reachable yet (%s); retrying for %.0f s more", what, exc, left)
+            await asyncio.sleep(min(1.0, max(left, 0.05)))
+        except (
+            asyncpg.InvalidCatalogNameError,
+            asyncpg.InvalidPasswordError,
+            asyncpg.InvalidAuthorizationSpecificationError,
+        ) as exc:
+            raise BootError(f"{what} at {mask_url(url)} refused us ({exc}): {hint}") from None
+        except ResponseError as exc:
+            raise BootError(f"{what} at {mask_url(url)} refused us ({exc}): {hint}") from None
+
+
+async def connect_redis(settings: Settings) -> tuple[Redis, bool]:
+    """Connect at boot; return the client and whether TimeSeries is to be used."""
+    redis = make_redis(settings.redis_url)
+    hint = "check REDIS_URL or run `make services`"
+    await _wait_for("Redis", settings.redis_url, redis.ping, settings.boot_wait_s, hint)
+    has_ts = await redis_has_timeseries(redis)
+    if settings.candle_store == "timeseries" and not has_ts:
+        await redis.aclose()
+        raise BootError(
+            f"Redis at {mask_url(settings.redis_url)} has no TimeSeries module and REDIS_CANDLE_STORE=timeseries: "
+            "load redistimeseries.so (Redis Stack), or set REDIS_CANDLE_STORE=auto to use the sorted-set store"
+        )
+    use_ts = has_ts and settings.candle_store != "zset"
+    if not use_ts:
+        log_system_event("WARNING", "BOOT", "Redis without TimeSeries in use: candles go to the sorted-set store")
+    return redis, use_ts
+
+
+async def connect_pg(settings: Settings, **pool_options: Any) -> asyncpg.Pool:
+    """Create the asyncpg pool at boot, waiting a bounded time for the server."""
+    options: dict[str, Any] = dict(
+        min_size=1, max_size=settings.pg_pool_max, command_timeout=60, max_inactive_connection_lifetime=300
+    )
+    options.update(pool_options)
+
+    async def attempt() -> asyncpg.Pool:
+        return await asyncpg.create_pool(settings.postgres_url, timeout=10, **options)
+
+    return await _wait_for(
+        "PostgreSQL", settings.postgres_url, attempt, settings.boot_wait_s, "check POSTGRES_URL or run `make services`"
+    )

@@ -1,0 +1,97 @@
+"""Rebuilds the Redis cache from PostgreSQL (SPEC section 10).
+
+For every enabled ticker and timeframe: the last REDIS_CANDLES candles and the latest
+indicator values; plus the streams and consumer groups. Idempotent and safe while the
+daemon runs: it only writes PostgreSQL's truth over Redis, never deletes.
+Run alone as `python restore_redis_from_pg.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+
+import core_io
+from candles import TIMEFRAMES
+from infra import BootError, ConfigError, connect_pg, connect_redis, load_settings, setup_logging
+
+log = logging.getLogger("RESTORE")
+
+SYMBOLS_PER_QUERY = 100
+
+
+@dataclass
+class RestoreReport:
+    symbols: int = 0
+    candles: int = 0
+    indicator_values: int = 0
+    seconds: float = 0.0
+
+
+async def _restore_candles(
+    pool: asyncpg.Pool, store: core_io.CandleStore, symbols: list[str], tf: str, count: int
+) -> int:
+    columns = await core_io.fetch_last_columns_pg(pool, symbols, tf, count)
+    await store.write_columns(columns)
+    return sum(len(series.open_time) for series in columns.values())
+
+
+async def _restore_indicators(pool: asyncpg.Pool, cache: core_io.IndicatorCache, symbols: list[str], tf: str) -> int:
+    values = await core_io.fetch_latest_indicator_values(pool, symbols, tf)
+    await cache.set_latest(values)
+    return len(values)
+
+
+async def restore_redis_from_pg(
+    pool: asyncpg.Pool, redis: Redis, store: core_io.CandleStore, candles_per_series: int
+) -> RestoreReport:
+    """Copy PostgreSQL's newest candles and indicator values into Redis."""
+    started = time.perf_counter()
+    await core_io.ensure_groups(redis)
+    symbols = await core_io.enabled_symbols(pool)
+    cache = core_io.IndicatorCache(redis)
+    report = RestoreReport(symbols=len(symbols))
+    chunks = [symbols[i : i + SYMBOLS_PER_QUERY] for i in range(0, len(symbols), SYMBOLS_PER_QUERY)]
+    # Chunks of symbols run concurrently: PostgreSQL answers on several connections
+    # while Redis absorbs the previous chunk's pipeline.
+    jobs = [_restore_candles(pool, store, chunk, tf, candles_per_series) for tf in TIMEFRAMES for chunk in chunks]
+    report.candles = sum(await asyncio.gather(*jobs))
+    jobs = [_restore_indicators(pool, cache, chunk, tf) for tf in TIMEFRAMES for chunk in chunks]
+    report.indicator_values = sum(await asyncio.gather(*jobs))
+    report.seconds = time.perf_counter() - started
+    log.info(
+        "restored %d candles and %d indicator values for %d symbols in %.2f s",
+        report.candles,
+        report.indicator_values,
+        report.symbols,
+        report.seconds,
+    )
+    return report
+
+
+async def main() -> int:
+    try:
+        settings = load_settings()
+        setup_logging(settings.debug_mode)
+        pool = await connect_pg(settings)
+        redis, use_ts = await connect_redis(settings)
+    except (ConfigError, BootError) as exc:
+        print(f"restore_redis_from_pg: {exc}", file=sys.stderr)
+        return 2
+    try:
+        store = core_io.make_candle_store(redis, use_ts, settings.redis_candles)
+        await restore_redis_from_pg(pool, redis, store, settings.redis_candles)
+    finally:
+        await redis.aclose()
+        await pool.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,98 @@
+"""Fixtures: real Redis (with and without TimeSeries) and a scratch PostgreSQL database."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from servers import RedisServer, recreate_database, setting
+
+import core_io
+from infra import make_redis
+from migrations import apply_migrations
+
+TEST_DATABASE = "feed_v4_test"
+
+DATA_TABLES = (
+    "tickers",
+    "ohlcv4_m1",
+    "ohlcv4_m5",
+    "ohlcv4_m15",
+    "indicator_values_v4",
+    "missing_m1_log_v4",
+    "system_log_v4",
+    "signal_log_entries_v2",
+    "signals_v2_log",
+    "strategy_signals",
+    "strategies",
+    "signal_phrases",
+)
+
+
+@pytest.fixture(scope="session")
+def redis_stack_server() -> Iterator[RedisServer]:
+    server = RedisServer(with_timeseries=True)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def plain_redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(with_timeseries=False)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A fresh database on the PostgreSQL that `make services` found or started."""
+    return asyncio.run(recreate_database(setting("POSTGRES_URL"), TEST_DATABASE))
+
+
+@pytest.fixture
+async def pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=6)
+    await apply_migrations(pool)
+    await pool.execute(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY CASCADE")
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def redis(redis_stack_server: RedisServer) -> AsyncIterator[Redis]:
+    client = make_redis(redis_stack_server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def plain_redis(plain_redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = make_redis(plain_redis_server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["timeseries", "zset"])
+async def store(
+    request, redis_stack_server: RedisServer, plain_redis_server: RedisServer
+) -> AsyncIterator[core_io.CandleStore]:
+    """Each candle store on the kind of server it is made for."""
+    use_ts = request.param == "timeseries"
+    server = redis_stack_server if use_ts else plain_redis_server
+    client = make_redis(server.url)
+    await client.flushall()
+    yield core_io.make_candle_store(client, use_ts, bars_kept=250)
+    await client.aclose()

@@ -1,0 +1,110 @@
+"""Real servers for the tests: private Redis instances and a scratch PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from infra import read_local_services
+
+
+def setting(key: str) -> str:
+    """From the environment, else from what `make services` wrote in .local/services.env."""
+    value = os.environ.get(key) or read_local_services().get(key, "")
+    if not value:
+        raise RuntimeError(f"{key} is unknown: run `make services` (or `make test`) first")
+    return value
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server process (with or without the TimeSeries module)."""
+
+    def __init__(self, with_timeseries: bool) -> None:
+        self.with_timeseries = with_timeseries
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="feed_v4_redis_"))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [
+            setting("REDIS_SERVER_BIN"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--enable-debug-command",
+            "local",
+            "--loglevel",
+            "warning",
+        ]
+        if self.with_timeseries:
+            args += ["--loadmodule", setting("REDIS_TS_MODULE")]
+        env = dict(os.environ)
+        lib = os.environ.get("REDIS_LD_LIBRARY_PATH") or read_local_services().get("REDIS_LD_LIBRARY_PATH", "")
+        if lib:
+            env["LD_LIBRARY_PATH"] = lib
+        log_path = self.dir / "redis.log"
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {log_path.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start within 10 s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def database_url(base_url: str, name: str) -> str:
+    parts = urlsplit(base_url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def recreate_database(base_url: str, name: str) -> str:
+    """Drop and create a scratch database on the server of `base_url`; return its URL."""
+    conn = await asyncpg.connect(database_url(base_url, "postgres"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return database_url(base_url, name)

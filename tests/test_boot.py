@@ -1,0 +1,84 @@
+"""The daemon's boot: bad configuration ends it with one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from servers import free_port
+
+PROJECT = Path(__file__).resolve().parents[1]
+MAIN = str(PROJECT / "feed_v4_main.py")
+
+
+def run_main(env_overrides: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL", "DATABASE_URL")}
+    env.update({"BOOT_WAIT_S": "1", **env_overrides})
+    return subprocess.run(
+        [sys.executable, MAIN, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=PROJECT
+    )
+
+
+def assert_one_line_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("feed_v4:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_unparseable_redis_url_stops_boot(pg_url):
+    result = run_main({"REDIS_URL": "redis://host:port", "POSTGRES_URL": pg_url}, "migrate")
+    assert_one_line_failure(result, "REDIS_URL is not a valid URL")
+
+
+def test_wrong_postgres_port_stops_boot_after_a_bounded_wait(redis_stack_server):
+    started = time.monotonic()
+    result = run_main(
+        {"REDIS_URL": redis_stack_server.url, "POSTGRES_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x"},
+        "migrate",
+    )
+    assert_one_line_failure(result, "PostgreSQL at", "unreachable", "POSTGRES_URL")
+    assert time.monotonic() - started < 30
+
+
+def test_wrong_redis_port_stops_boot(pg_url):
+    result = run_main({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "POSTGRES_URL": pg_url})
+    assert_one_line_failure(result, "Redis at", "unreachable", "REDIS_URL")
+
+
+def test_redis_without_timeseries_is_refused_when_the_fallback_is_off(plain_redis_server, pg_url):
+    result = run_main({"REDIS_URL": plain_redis_server.url, "POSTGRES_URL": pg_url, "REDIS_CANDLE_STORE": "timeseries"})
+    assert_one_line_failure(result, "no TimeSeries module", "REDIS_CANDLE_STORE")
+
+
+def test_unknown_database_stops_boot(redis_stack_server, pg_url):
+    result = run_main({"REDIS_URL": redis_stack_server.url, "POSTGRES_URL": pg_url.rsplit("/", 1)[0] + "/nope_db"})
+    assert_one_line_failure(result, "refused us", "nope_db")
+
+
+def test_migrate_command_applies_and_reports(pg_url):
+    result = run_main({"REDIS_URL": "redis://127.0.0.1:1/0", "POSTGRES_URL": pg_url}, "migrate")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("migrations applied:")
+
+
+def test_daemon_boots_on_plain_redis_and_stops_cleanly_on_sigterm(plain_redis_server, pg_url):
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL")}
+    env.update({"REDIS_URL": plain_redis_server.url, "POSTGRES_URL": pg_url, "SYMBOLS": "BTCUSDT"})
+    process = subprocess.Popen([sys.executable, MAIN], env=env, cwd=PROJECT, stderr=subprocess.PIPE, text=True)
+    output = []
+    for line in process.stderr:
+        output.append(line)
+        if "booted:" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=10)
+    text = "".join(output) + rest
+    assert process.returncode == 0, text
+    assert "sorted-set store" in text
+    assert "candle_store=auto" in text
