@@ -685,3 +685,88 @@ async def reclaim_stale(
         if cursor in ("0-0", b"0-0"):
             break
     return claimed
+
+
+# --------------------------------------------------------------------------- M1 gaps
+
+
+async def last_m1_open_times(pool: asyncpg.Pool, symbols: Sequence[str]) -> dict[str, int]:
+    """Newest stored M1 per symbol (symbols with none are absent), one index probe each."""
+    rows = await pool.fetch(
+        "SELECT s.symbol, (SELECT max(open_time) FROM ohlcv4_m1 m WHERE m.symbol = s.symbol) AS last "
+        "FROM unnest($1::text[]) AS s(symbol)",
+        list(symbols),
+    )
+    return {r["symbol"]: _ms(r["last"]) for r in rows if r["last"] is not None}
+
+
+async def fetch_m1_ranges(pool: asyncpg.Pool, ranges: Sequence[tuple[str, int, int]]) -> dict[str, list[Candle]]:
+    """Exact M1 candles with start <= open_time < end for each (symbol, start, end)."""
+    if not ranges:
+        return {}
+    rows = await pool.fetch(
+        f"SELECT DISTINCT m.symbol, m.open_time, {', '.join('m.' + c for c in _CANDLE_COLUMNS)} "
+        "FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS r(symbol, start_at, end_at) "
+        "JOIN ohlcv4_m1 m ON m.symbol = r.symbol AND m.open_time >= r.start_at AND m.open_time < r.end_at "
+        "ORDER BY m.symbol, m.open_time",
+        [r[0] for r in ranges],
+        [ms_to_datetime(r[1]) for r in ranges],
+        [ms_to_datetime(r[2]) for r in ranges],
+    )
+    out: dict[str, list[Candle]] = defaultdict(list)
+    for r in rows:
+        out[r["symbol"]].append(_candle_from_record(r, "m1"))
+    return out
+
+
+async def log_missing_m1(pool: asyncpg.Pool, minutes: Sequence[tuple[str, int]]) -> int:
+    """Record missing minutes (not those already stored or already logged)."""
+    if not minutes:
+        return 0
+    result = await pool.execute(
+        "INSERT INTO missing_m1_log_v4 (symbol, open_time) "
+        "SELECT g.symbol, g.open_time FROM unnest($1::text[], $2::timestamptz[]) AS g(symbol, open_time) "
+        "WHERE NOT EXISTS (SELECT 1 FROM ohlcv4_m1 m WHERE m.symbol = g.symbol AND m.open_time = g.open_time) "
+        "ON CONFLICT (symbol, open_time) DO NOTHING",
+        [m[0] for m in minutes],
+        [ms_to_datetime(m[1]) for m in minutes],
+    )
+    return int(result.split()[-1])
+
+
+async def set_missing_status(pool: asyncpg.Pool, minutes: Sequence[tuple[str, int]], status: str) -> None:
+    """Move logged minutes to 'backfilled' or 'unfillable' (a stored candle always wins)."""
+    if not minutes:
+        return
+    await pool.execute(
+        "UPDATE missing_m1_log_v4 g SET status = $3, fixed_at = CASE WHEN $3 = 'backfilled' THEN now() END, "
+        "attempts = attempts + CASE WHEN $3 = 'unfillable' THEN 1 ELSE 0 END "
+        "FROM unnest($1::text[], $2::timestamptz[]) AS u(symbol, open_time) "
+        "WHERE g.symbol = u.symbol AND g.open_time = u.open_time AND g.status <> 'backfilled' AND g.status <> $3",
+        [m[0] for m in minutes],
+        [ms_to_datetime(m[1]) for m in minutes],
+        status,
+    )
+
+
+async def fetch_missing_m1(pool: asyncpg.Pool, limit: int = 50_000) -> list[tuple[str, int]]:
+    rows = await pool.fetch(
+        "SELECT symbol, open_time FROM missing_m1_log_v4 WHERE status = 'missing' ORDER BY symbol, open_time LIMIT $1",
+        limit,
+    )
+    return [(r["symbol"], _ms(r["open_time"])) for r in rows]
+
+
+async def fetch_unfillable_m1(pool: asyncpg.Pool, ranges: Sequence[tuple[str, int, int]]) -> set[tuple[str, int]]:
+    if not ranges:
+        return set()
+    rows = await pool.fetch(
+        "SELECT DISTINCT g.symbol, g.open_time "
+        "FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS r(symbol, start_at, end_at) "
+        "JOIN missing_m1_log_v4 g ON g.symbol = r.symbol AND g.open_time >= r.start_at AND g.open_time < r.end_at "
+        "WHERE g.status = 'unfillable'",
+        [r[0] for r in ranges],
+        [ms_to_datetime(r[1]) for r in ranges],
+        [ms_to_datetime(r[2]) for r in ranges],
+    )
+    return {(r["symbol"], _ms(r["open_time"])) for r in rows}

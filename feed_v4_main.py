@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -22,12 +23,14 @@ import asyncpg
 from redis.asyncio import Redis
 
 import core_io
+from feed_and_aggregate import Feed, FeedSettings
 from infra import (
     BootError,
     ConfigError,
     Settings,
     connect_pg,
     connect_redis,
+    env_bool,
     load_settings,
     log_system_event,
     run_safe_loop,
@@ -84,7 +87,13 @@ def workers_for(runtime: Runtime) -> dict[str, Worker]:
     async def system_log_flusher() -> None:
         await system_event_log.run_flusher(runtime.pool)
 
-    return {"SYSTEM_LOG": system_log_flusher}
+    workers: dict[str, Worker] = {"SYSTEM_LOG": system_log_flusher}
+    if env_bool(os.environ, "FEED_ENABLED", True):
+        feed = Feed(
+            runtime.settings, FeedSettings.from_env(runtime.settings), runtime.pool, runtime.redis, runtime.store
+        )
+        workers.update(feed.workers())
+    return workers
 
 
 async def run_daemon(settings: Settings) -> int:
@@ -93,8 +102,9 @@ async def run_daemon(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runtime = await boot(settings)
-    tasks = [asyncio.create_task(run_safe_loop(fn, name), name=name) for name, fn in workers_for(runtime).items()]
-    log_system_event("INFO", "MAIN", "daemon started", {"workers": sorted(workers_for(runtime))})
+    workers = workers_for(runtime)
+    tasks = [asyncio.create_task(run_safe_loop(fn, name), name=name) for name, fn in workers.items()]
+    log_system_event("INFO", "MAIN", "daemon started", {"workers": sorted(workers)})
     try:
         await stop.wait()
         log.info("stop requested; shutting down")

@@ -113,7 +113,7 @@ def read_local_services(path: Path = LOCAL_SERVICES_FILE) -> dict[str, str]:
     return values
 
 
-def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+def env_bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     raw = env.get(key, "").strip().lower()
     if not raw:
         return default
@@ -124,7 +124,7 @@ def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
     raise ConfigError(f"{key}={raw!r} is not a boolean: use true or false")
 
 
-def _number(env: Mapping[str, str], key: str, default: float, kind: type, low: float, high: float):
+def env_number(env: Mapping[str, str], key: str, default: float, kind: type, low: float, high: float):
     raw = env.get(key, "").strip()
     if not raw:
         return default
@@ -175,7 +175,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         redis_url=_checked_url("REDIS_URL", redis_url, ("redis", "rediss", "unix"), services_hint),
         postgres_url=_checked_url("POSTGRES_URL", postgres_url, ("postgres", "postgresql"), services_hint),
-        debug_mode=_bool(env, "DEBUG_MODE", False),
+        debug_mode=env_bool(env, "DEBUG_MODE", False),
         symbols=symbols,
         binance_ws_url=_checked_url(
             "BINANCE_WS_URL", env.get("BINANCE_WS_URL") or Settings.binance_ws_url, ("ws", "wss"), "see BINANCE.md"
@@ -186,13 +186,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             ("http", "https"),
             "see README",
         ).rstrip("/"),
-        redis_candles=_number(env, "REDIS_CANDLES", 250, int, 1, 100_000),
-        indicator_retention_days=_number(env, "INDICATOR_RETENTION_DAYS", 14, int, 1, 3650),
+        redis_candles=env_number(env, "REDIS_CANDLES", 250, int, 1, 100_000),
+        indicator_retention_days=env_number(env, "INDICATOR_RETENTION_DAYS", 14, int, 1, 3650),
         candle_store=candle_store,
-        boot_wait_s=_number(env, "BOOT_WAIT_S", 30.0, float, 0.0, 3600.0),
-        stream_maxlen=_number(env, "STREAM_MAXLEN", 100_000, int, 100, 100_000_000),
-        system_log_buffer=_number(env, "SYSTEM_LOG_BUFFER", 10_000, int, 10, 10_000_000),
-        pg_pool_max=_number(env, "PG_POOL_MAX", 10, int, 2, 200),
+        boot_wait_s=env_number(env, "BOOT_WAIT_S", 30.0, float, 0.0, 3600.0),
+        stream_maxlen=env_number(env, "STREAM_MAXLEN", 100_000, int, 100, 100_000_000),
+        system_log_buffer=env_number(env, "SYSTEM_LOG_BUFFER", 10_000, int, 10, 10_000_000),
+        pg_pool_max=env_number(env, "PG_POOL_MAX", 10, int, 2, 200),
         telegram_bot_token=env.get("TELEGRAM_BOT_TOKEN") or None,
         telegram_chat_id=env.get("TELEGRAM_CHAT_ID") or None,
         telegram_api_url=(env.get("TELEGRAM_API_URL") or Settings.telegram_api_url).rstrip("/"),

@@ -1,0 +1,101 @@
+"""M1 → M5/M15 aggregation and M1 gap detection: pure, no I/O.
+
+Everything runs on the exchange's event time, so a replay at any speed behaves like
+a live day.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from candles import M1_PER_BUCKET, TF_MS, Candle, bucket_start
+
+M1_MS = TF_MS["m1"]
+AGGREGATED_TFS = ("m5", "m15")
+
+
+def aggregate(tf: str, bucket_open: int, m1_candles: Sequence[Candle]) -> Candle:
+    """Exact aggregate of the M1 candles of one bucket (given oldest first)."""
+    if not m1_candles:
+        raise ValueError("a bucket needs at least one M1 candle")
+    first, last = m1_candles[0], m1_candles[-1]
+    return Candle(
+        symbol=first.symbol,
+        tf=tf,
+        open_time=bucket_open,
+        open=first.open,
+        high=max(c.high for c in m1_candles),
+        low=min(c.low for c in m1_candles),
+        close=last.close,
+        volume=sum((c.volume for c in m1_candles), start=first.volume * 0),
+        quote_volume=sum((c.quote_volume for c in m1_candles), start=first.quote_volume * 0),
+        trades=sum(c.trades for c in m1_candles),
+        taker_buy_volume=sum((c.taker_buy_volume for c in m1_candles), start=first.taker_buy_volume * 0),
+        taker_buy_quote_volume=sum(
+            (c.taker_buy_quote_volume for c in m1_candles), start=first.taker_buy_quote_volume * 0
+        ),
+        m1_count=len(m1_candles),
+    )
+
+
+def bucket_minutes(tf: str, bucket_open: int) -> range:
+    return range(bucket_open, bucket_open + TF_MS[tf], M1_MS)
+
+
+def affected_buckets(m1_keys: Iterable[tuple[str, int]]) -> set[tuple[str, str, int]]:
+    """(symbol, tf, bucket open) of every M5/M15 bucket that holds one of these minutes."""
+    return {(symbol, tf, bucket_start(open_time, tf)) for symbol, open_time in m1_keys for tf in AGGREGATED_TFS}
+
+
+def buildable(tf: str, bucket_open: int, present: set[int], unfillable: set[int]) -> bool:
+    """A bucket is built once each of its minutes is stored or known unfillable.
+
+    A bucket with a merely missing minute waits for the backfill; one made only of
+    unfillable minutes has nothing to build from.
+    """
+    minutes = bucket_minutes(tf, bucket_open)
+    return bool(present) and all(m in present or m in unfillable for m in minutes)
+
+
+def expected_m1_count(tf: str) -> int:
+    return M1_PER_BUCKET[tf]
+
+
+@dataclass
+class GapTracker:
+    """Per symbol, the newest minute accounted for (closed, or reported missing).
+
+    `on_close` reports the minutes skipped before a close; `overdue` reports minutes
+    whose close has not come within `grace_ms` of event time, judged by the newest
+    event time seen on any stream (never by the local clock).
+    """
+
+    grace_ms: int = 10_000
+    newest: dict[str, int] = field(default_factory=dict)
+
+    def seed(self, symbol: str, last_open_time: int) -> None:
+        self.newest[symbol] = max(self.newest.get(symbol, last_open_time), last_open_time)
+
+    def forget(self, symbol: str) -> None:
+        self.newest.pop(symbol, None)
+
+    def on_close(self, symbol: str, open_time: int) -> list[int]:
+        newest = self.newest.get(symbol)
+        if newest is None or open_time <= newest:
+            if newest is None:
+                self.newest[symbol] = open_time
+            return []
+        self.newest[symbol] = open_time
+        return list(range(newest + M1_MS, open_time, M1_MS))
+
+    def overdue(self, event_now_ms: int, max_minutes: int = 1440) -> dict[str, list[int]]:
+        """Minutes m with m + 1 min + grace < now whose close never came."""
+        last_due = (event_now_ms - M1_MS - self.grace_ms - 1) // M1_MS * M1_MS
+        found: dict[str, list[int]] = {}
+        for symbol, newest in self.newest.items():
+            if last_due > newest:
+                start = max(newest + M1_MS, last_due - (max_minutes - 1) * M1_MS)
+                found[symbol] = list(range(start, last_due + M1_MS, M1_MS))
+                self.newest[symbol] = last_due
+        return found

@@ -1,0 +1,214 @@
+"""Binance USDⓈ-M market-data protocol: stream names, frame and REST-row parsing.
+
+Pure functions, no I/O. Parsers tolerate unknown and missing optional fields (the
+schema grew `i`/`P` in 2020 and `ap`/`st` in 2026) and raise FrameError with a
+reason for anything that cannot become a candle or a price.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from candles import Candle
+
+KLINE_SUFFIX = "@kline_1m"
+MARK_PRICE_ALL_STREAM = "!markPrice@arr@1s"
+REST_KLINES_MAX_LIMIT = 1500
+M1_MS = 60_000
+
+
+class FrameError(ValueError):
+    """A frame that cannot be used; the message is the reason logged."""
+
+
+def kline_stream(symbol: str) -> str:
+    return f"{symbol.lower()}{KLINE_SUFFIX}"
+
+
+def symbol_of_kline_stream(stream: str) -> str | None:
+    return stream[: -len(KLINE_SUFFIX)].upper() if stream.endswith(KLINE_SUFFIX) else None
+
+
+def klines_weight(limit: int) -> int:
+    """Request weight of GET /fapi/v1/klines by `limit` (BINANCE.md)."""
+    if limit < 100:
+        return 1
+    if limit < 500:
+        return 2
+    if limit <= 1000:
+        return 5
+    return 10
+
+
+@dataclass(frozen=True, slots=True)
+class KlineUpdate:
+    """A kline push: `candle` holds the exchange's values; `closed` is `k.x`."""
+
+    event_time: int
+    candle: Candle
+    closed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MarkPrices:
+    event_time: int
+    prices: dict[str, str]  # symbol -> mark price as the exchange's decimal text
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to one of our SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS requests."""
+
+    request_id: Any
+    result: Any
+    error: dict | None
+
+
+FeedMessage = KlineUpdate | MarkPrices | Reply
+
+
+def _decimal(value: Any, name: str) -> Decimal:
+    if not isinstance(value, str):
+        raise FrameError(f"field {name} is not a decimal string: {value!r}")
+    try:
+        result = Decimal(value)
+    except InvalidOperation:
+        raise FrameError(f"field {name} is not a decimal: {value!r}") from None
+    if not result.is_finite():
+        raise FrameError(f"field {name} is not finite: {value!r}")
+    return result
+
+
+def parse_kline(data: dict) -> KlineUpdate:
+    k = data.get("k")
+    if not isinstance(k, dict):
+        raise FrameError("kline event without a 'k' object")
+    try:
+        symbol = k.get("s") or data["s"]
+        open_time = k["t"]
+        closed = k["x"]
+        event_time = data.get("E", 0)
+        interval = k.get("i", "1m")
+    except KeyError as exc:
+        raise FrameError(f"kline event without field {exc.args[0]!r}") from None
+    if interval != "1m":
+        raise FrameError(f"kline interval {interval!r} is not 1m")
+    if not isinstance(symbol, str) or not symbol:
+        raise FrameError("kline without a symbol")
+    if type(open_time) is not int or open_time % M1_MS:
+        raise FrameError(f"kline open time {open_time!r} is not a whole minute in ms")
+    if type(closed) is not bool:
+        raise FrameError(f"kline 'x' is not a boolean: {closed!r}")
+    if type(event_time) is not int:
+        raise FrameError(f"event time {event_time!r} is not an integer")
+    trades = k.get("n", 0)
+    if type(trades) is not int or trades < 0:
+        raise FrameError(f"kline trade count {trades!r} is not a non-negative integer")
+    candle = Candle(
+        symbol=symbol,
+        tf="m1",
+        open_time=open_time,
+        open=_decimal(k.get("o"), "o"),
+        high=_decimal(k.get("h"), "h"),
+        low=_decimal(k.get("l"), "l"),
+        close=_decimal(k.get("c"), "c"),
+        volume=_decimal(k.get("v"), "v"),
+        quote_volume=_decimal(k.get("q", "0"), "q"),
+        trades=trades,
+        taker_buy_volume=_decimal(k.get("V", "0"), "V"),
+        taker_buy_quote_volume=_decimal(k.get("Q", "0"), "Q"),
+    )
+    return KlineUpdate(event_time, candle, closed)
+
+
+def _mark_price_item(item: Any) -> tuple[str, str, int]:
+    if not isinstance(item, dict) or not isinstance(item.get("s"), str) or not isinstance(item.get("p"), str):
+        raise FrameError("mark price update without 's' and 'p'")
+    _decimal(item["p"], "p")
+    event_time = item.get("E", 0)
+    return item["s"], item["p"], event_time if type(event_time) is int else 0
+
+
+def parse_mark_prices(data: Any) -> MarkPrices:
+    items = data if isinstance(data, list) else [data]
+    prices: dict[str, str] = {}
+    event_time = 0
+    for item in items:
+        symbol, price, item_time = _mark_price_item(item)
+        prices[symbol] = price
+        event_time = max(event_time, item_time)
+    return MarkPrices(event_time, prices)
+
+
+def parse_frame(raw: str | bytes) -> FeedMessage:
+    """One WebSocket text frame (combined-stream wrapper or raw event) to a message."""
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError(f"not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise FrameError("frame is not a JSON object")
+    if "id" in message and ("result" in message or "error" in message):
+        return Reply(message["id"], message.get("result"), message.get("error"))
+    data = message.get("data", message) if "stream" in message else message
+    stream = message.get("stream")
+    if stream is not None and not isinstance(stream, str):
+        raise FrameError("stream name is not a string")
+    if isinstance(data, list):
+        return parse_mark_prices(data)
+    if not isinstance(data, dict):
+        raise FrameError("event is not a JSON object")
+    event = data.get("e")
+    if event == "kline":
+        update = parse_kline(data)
+        if stream is not None and symbol_of_kline_stream(stream) != update.candle.symbol.upper():
+            raise FrameError(f"kline for {update.candle.symbol} on stream {stream!r}")
+        return update
+    if event == "markPriceUpdate":
+        return parse_mark_prices(data)
+    raise FrameError(f"unknown event {event!r} on stream {stream!r}")
+
+
+def parse_rest_kline(symbol: str, row: Any) -> tuple[Candle, int]:
+    """A GET /fapi/v1/klines row to (candle, close time ms)."""
+    if not isinstance(row, list) or len(row) < 11:
+        raise FrameError(f"kline row is not a 12-element array: {row!r}")
+    open_time, close_time, trades = row[0], row[6], row[8]
+    if type(open_time) is not int or open_time % M1_MS or type(close_time) is not int or type(trades) is not int:
+        raise FrameError(f"kline row has bad times or trade count: {row!r}")
+    candle = Candle(
+        symbol=symbol,
+        tf="m1",
+        open_time=open_time,
+        open=_decimal(row[1], "open"),
+        high=_decimal(row[2], "high"),
+        low=_decimal(row[3], "low"),
+        close=_decimal(row[4], "close"),
+        volume=_decimal(row[5], "volume"),
+        quote_volume=_decimal(row[7], "quote_volume"),
+        trades=trades,
+        taker_buy_volume=_decimal(row[9], "taker_buy_volume"),
+        taker_buy_quote_volume=_decimal(row[10], "taker_buy_quote_volume"),
+    )
+    return candle, close_time
+
+
+def closed_rest_klines(symbol: str, rows: list, server_now_ms: int) -> list[Candle]:
+    """Only the closed rows: the last one may still be forming (close time not past)."""
+    out = []
+    for row in rows:
+        candle, close_time = parse_rest_kline(symbol, row)
+        if close_time < server_now_ms:
+            out.append(candle)
+    return out
+
+
+def request_message(method: str, params: list[str] | None, request_id: int) -> bytes:
+    body: dict[str, Any] = {"method": method, "id": request_id}
+    if params is not None:
+        body["params"] = params
+    return orjson.dumps(body)

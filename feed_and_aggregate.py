@@ -1,0 +1,775 @@
+"""Binance feed: WebSocket intake, gap repair over REST, M5/M15 aggregation, mark prices.
+
+The pieces, each a worker run under `run_safe_loop` by the daemon:
+    StreamConnection  one combined-stream WebSocket (≤ STREAMS_PER_CONNECTION streams)
+    Feed.intake       closed klines → PostgreSQL, Redis, `ohlcv_m1_ready`, aggregation
+    Backfiller        'missing' minutes and first history from GET /fapi/v1/klines
+    Feed.watch_gaps   minutes whose close is overdue on event time
+    Feed.follow_tickers  subscribe / unsubscribe as rows of `tickers` change
+Pure logic lives in binance_protocol.py and aggregation.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import websockets
+from redis.asyncio import Redis
+
+import core_io
+from aggregation import AGGREGATED_TFS, GapTracker, affected_buckets, aggregate, bucket_minutes, buildable
+from binance_protocol import (
+    MARK_PRICE_ALL_STREAM,
+    REST_KLINES_MAX_LIMIT,
+    FrameError,
+    KlineUpdate,
+    MarkPrices,
+    Reply,
+    closed_rest_klines,
+    kline_stream,
+    klines_weight,
+    parse_frame,
+    request_message,
+)
+from candles import TF_MS, Candle, bucket_start
+from infra import Settings, env_number, log_system_event, run_safe_loop
+
+M1_MS = TF_MS["m1"]
+log = logging.getLogger("FEED")
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    """Feed tuning, from the environment (documented in the README)."""
+
+    streams_per_connection: int = 200
+    silence_s: float = 15.0
+    first_data_timeout_s: float = 10.0
+    connection_max_age_s: float = 23 * 3600
+    gap_grace_ms: int = 10_000
+    initial_history_m1: int = 250 * 15
+    rest_weight_limit: int = 2400
+    rest_weight_window_s: float = 60.0
+    rest_concurrency: int = 4
+    ticker_refresh_s: float = 5.0
+    backoff_max_s: float = 60.0
+    subscribe_batch: int = 50
+
+    @classmethod
+    def from_env(cls, settings: Settings, env: Mapping[str, str] | None = None) -> FeedSettings:
+        env = os.environ if env is None else env
+        return cls(
+            streams_per_connection=env_number(env, "STREAMS_PER_CONNECTION", 200, int, 1, 1024),
+            silence_s=env_number(env, "WS_SILENCE_S", 15.0, float, 0.5, 3600),
+            first_data_timeout_s=env_number(env, "WS_FIRST_DATA_TIMEOUT_S", 10.0, float, 0.5, 600),
+            connection_max_age_s=env_number(env, "WS_MAX_AGE_S", 23 * 3600.0, float, 5, 86_000),
+            gap_grace_ms=env_number(env, "GAP_GRACE_MS", 10_000, int, 0, 3_600_000),
+            initial_history_m1=env_number(env, "INITIAL_HISTORY_M1", settings.redis_candles * 15, int, 1, 1_000_000),
+            rest_weight_limit=env_number(env, "REST_WEIGHT_LIMIT", 2400, int, 10, 100_000),
+            rest_weight_window_s=env_number(env, "REST_WEIGHT_WINDOW_S", 60.0, float, 0.1, 3600),
+            rest_concurrency=env_number(env, "REST_CONCURRENCY", 4, int, 1, 64),
+            ticker_refresh_s=env_number(env, "TICKER_REFRESH_S", 5.0, float, 0.05, 3600),
+            backoff_max_s=env_number(env, "WS_BACKOFF_MAX_S", 60.0, float, 0.1, 3600),
+        )
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; reset after a healthy connection."""
+
+    def __init__(self, base_s: float = 0.5, cap_s: float = 60.0) -> None:
+        self.base_s, self.cap_s, self.failures = base_s, cap_s, 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return random.uniform(self.base_s, min(self.cap_s, self.base_s * 2**self.failures))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class RateLimitedLog:
+    """One console/system-log line per reason per interval, with a count of the rest."""
+
+    def __init__(self, module: str, interval_s: float = 60.0) -> None:
+        self.module, self.interval_s = module, interval_s
+        self.last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def warn(self, reason: str, message: str, details: dict | None = None) -> None:
+        now = time.monotonic()
+        key = reason[:80]
+        if now - self.last.get(key, -1e9) < self.interval_s:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return
+        skipped = self.suppressed.pop(key, 0)
+        self.last[key] = now
+        suffix = f" ({skipped} more since the last report)" if skipped else ""
+        log_system_event("WARNING", self.module, message + suffix, details)
+
+
+# --------------------------------------------------------------------------- storing candles
+
+
+class CandleIntake:
+    """Stores M1 candles (PostgreSQL first, then Redis, then the announcement) and
+    builds the M5/M15 buckets they complete."""
+
+    def __init__(self, pool: asyncpg.Pool, redis: Redis, store: core_io.CandleStore, stream_maxlen: int) -> None:
+        self.pool, self.redis, self.store, self.maxlen = pool, redis, store, stream_maxlen
+        self.stored_m1 = 0
+
+    async def store_m1(self, candles: Sequence[Candle]) -> list[Candle]:
+        """Returns the candles that were new or changed (announced)."""
+        if not candles:
+            return []
+        changed = {(s, t) for s, _, t in await core_io.upsert_candles(self.pool, candles)}
+        unique = {(c.symbol, c.open_time): c for c in candles}
+        fresh = sorted((c for key, c in unique.items() if key in changed), key=lambda c: c.open_time)
+        await core_io.set_missing_status(self.pool, list(unique), "backfilled")
+        if fresh:
+            await self._cache_and_announce(fresh, "m1")
+            self.stored_m1 += len(fresh)
+            await self.aggregate(affected_buckets((c.symbol, c.open_time) for c in fresh))
+        return fresh
+
+    async def _cache_and_announce(self, candles: Sequence[Candle], tf: str) -> None:
+        await core_io.write_candles(self.store, candles)
+        await core_io.publish(
+            self.redis, core_io.CANDLE_STREAMS[tf], [core_io.candle_event(c) for c in candles], self.maxlen
+        )
+
+    async def aggregate(self, buckets: set[tuple[str, str, int]]) -> list[Candle]:
+        """Build every bucket whose minutes are all stored or unfillable; announce changes."""
+        if not buckets:
+            return []
+        spans = sorted({(s, bucket_start(b, "m15")) for s, _, b in buckets})
+        ranges = [(s, start, start + TF_MS["m15"]) for s, start in spans]
+        m1 = await core_io.fetch_m1_ranges(self.pool, ranges)
+        unfillable = await core_io.fetch_unfillable_m1(self.pool, ranges)
+        built: list[Candle] = []
+        for symbol, tf, bucket in sorted(buckets):
+            members = [c for c in m1.get(symbol, ()) if bucket <= c.open_time < bucket + TF_MS[tf]]
+            present = {c.open_time for c in members}
+            lost = {t for t in bucket_minutes(tf, bucket) if (symbol, t) in unfillable}
+            if buildable(tf, bucket, present, lost):
+                built.append(aggregate(tf, bucket, members))
+        if not built:
+            return []
+        changed = {(s, tf, t) for s, tf, t in await core_io.upsert_candles(self.pool, built)}
+        fresh = [c for c in built if (c.symbol, c.tf, c.open_time) in changed]
+        for tf in AGGREGATED_TFS:
+            of_tf = sorted((c for c in fresh if c.tf == tf), key=lambda c: c.open_time)
+            if of_tf:
+                await self._cache_and_announce(of_tf, tf)
+        return fresh
+
+
+# --------------------------------------------------------------------------- REST
+
+
+class RestError(Exception):
+    pass
+
+
+class WeightLimiter:
+    """Keeps our request weight within the exchange's limit over a sliding window and
+    honours Retry-After (429, and 418 bans)."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.spent: deque[tuple[float, int]] = deque()
+        self.blocked_until = 0.0
+        self.server_used = 0
+        self._lock = asyncio.Lock()
+
+    def _used(self, now: float) -> int:
+        while self.spent and now - self.spent[0][0] >= self.window_s:
+            self.spent.popleft()
+        return sum(w for _, w in self.spent)
+
+    async def acquire(self, weight: int) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                if now < self.blocked_until:
+                    await asyncio.sleep(self.blocked_until - now)
+                    continue
+                if self._used(now) + weight <= self.limit:
+                    self.spent.append((now, weight))
+                    return
+                await asyncio.sleep(max(0.005, self.spent[0][0] + self.window_s - now))
+
+    def block_for(self, seconds: float) -> None:
+        self.blocked_until = max(self.blocked_until, time.monotonic() + seconds)
+
+    def observe(self, used_header: str | None) -> None:
+        """The exchange counts all our IP's requests; if it saw more than we did, catch up."""
+        if used_header and used_header.isdigit():
+            self.server_used = int(used_header)
+            gap = self.server_used - self._used(time.monotonic())
+            if gap > 0:
+                self.spent.append((time.monotonic(), gap))
+
+
+class RestClient:
+    def __init__(self, base_url: str, limiter: WeightLimiter, attempts: int = 6) -> None:
+        self.base_url, self.limiter, self.attempts = base_url, limiter, attempts
+        self._session: aiohttp.ClientSession | None = None
+        self.requests = 0
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session:
+            await self._session.close()
+
+    async def get(self, path: str, params: dict[str, Any], weight: int) -> Any:
+        backoff = Backoff(0.5, 10.0)
+        last_error: Exception | None = None
+        for _ in range(self.attempts):
+            await self.limiter.acquire(weight)
+            self.requests += 1
+            try:
+                session = await self.session()
+                async with session.get(self.base_url + path, params=params) as response:
+                    self.limiter.observe(response.headers.get("X-MBX-USED-WEIGHT-1M"))
+                    if response.status in (418, 429):
+                        retry_after = float(response.headers.get("Retry-After", "60") or 60)
+                        self.limiter.block_for(retry_after)
+                        log_system_event(
+                            "WARNING",
+                            "REST",
+                            f"HTTP {response.status} on {path}: waiting {retry_after:.0f}s",
+                            {"retry_after_s": retry_after},
+                        )
+                        last_error = RestError(f"HTTP {response.status}")
+                        continue
+                    body = await response.read()
+                    if response.status >= 500:
+                        raise RestError(f"HTTP {response.status}")
+                    payload = orjson.loads(body)
+                    if response.status >= 400:
+                        raise RestError(f"HTTP {response.status}: {payload}")
+                    return payload
+            except RestError as exc:
+                if "HTTP 4" in str(exc):
+                    raise
+                last_error = exc
+            except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+                last_error = exc  # dropped connection, slow answer, truncated body
+            await asyncio.sleep(backoff.next_delay())
+        raise RestError(f"{path} failed {self.attempts} times: {last_error}")
+
+    async def server_time(self) -> int:
+        return int((await self.get("/fapi/v1/time", {}, 1))["serverTime"])
+
+    async def klines(self, symbol: str, start_ms: int, end_ms: int, limit: int) -> list:
+        params = {"symbol": symbol, "interval": "1m", "startTime": start_ms, "endTime": end_ms, "limit": limit}
+        return await self.get("/fapi/v1/klines", params, klines_weight(limit))
+
+
+# --------------------------------------------------------------------------- backfill
+
+
+def contiguous_ranges(minutes: Sequence[tuple[str, int]], max_len: int) -> list[tuple[str, int, int]]:
+    """(symbol, first, last) runs of consecutive minutes, at most `max_len` long."""
+    runs: list[tuple[str, int, int]] = []
+    for symbol, t in sorted(minutes):
+        if runs and runs[-1][0] == symbol and t == runs[-1][2] + M1_MS and (t - runs[-1][1]) // M1_MS < max_len:
+            runs[-1] = (symbol, runs[-1][1], t)
+        else:
+            runs.append((symbol, t, t))
+    return runs
+
+
+class Backfiller:
+    """Fetches minutes logged 'missing' (and first history, which is not a gap) over REST."""
+
+    UNFILLABLE_AFTER_MS = 60_000  # a minute the exchange still lacks this long after its close
+
+    def __init__(self, pool: asyncpg.Pool, intake: CandleIntake, rest: RestClient, concurrency: int) -> None:
+        self.pool, self.intake, self.rest = pool, intake, rest
+        self.wake = asyncio.Event()
+        self.history: deque[tuple[str, int, int]] = deque()
+        self.history_outstanding: dict[str, int] = {}  # symbol -> first-history ranges not yet stored
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.fetched = 0
+
+    def request_history(self, symbol: str, first: int, last: int) -> None:
+        if symbol in self.history_outstanding:
+            return
+        for start in range(first, last + M1_MS, REST_KLINES_MAX_LIMIT * M1_MS):
+            self.history.append((symbol, start, min(last, start + (REST_KLINES_MAX_LIMIT - 1) * M1_MS)))
+            self.history_outstanding[symbol] = self.history_outstanding.get(symbol, 0) + 1
+        self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=5.0)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            await self.fill_once()
+
+    async def fill_once(self) -> int:
+        missing = await core_io.fetch_missing_m1(self.pool)
+        if not missing and not self.history:
+            return 0
+        server_now = await self.rest.server_time()
+        jobs = [(r, True) for r in contiguous_ranges(missing, REST_KLINES_MAX_LIMIT)]
+        while self.history:
+            jobs.append((self.history.popleft(), False))
+        results = await asyncio.gather(
+            *(self._fetch(r, logged, server_now) for r, logged in jobs), return_exceptions=True
+        )
+        for (run, logged), result in zip(jobs, results):
+            if isinstance(result, BaseException):
+                if not logged:
+                    self.history.append(run)  # first history is retried later too
+                log_system_event(
+                    "ERROR",
+                    "BACKFILL",
+                    f"klines for {run[0]} failed: {result}",
+                    {"symbol": run[0], "from": run[1], "to": run[2]},
+                )
+        return sum(r for r in results if isinstance(r, int))
+
+    async def _fetch(self, run: tuple[str, int, int], logged: bool, server_now: int) -> int:
+        symbol, first, last = run
+        async with self.semaphore:
+            limit = (last - first) // M1_MS + 1
+            rows = await self.rest.klines(symbol, first, last + M1_MS - 1, limit)
+        candles = [c for c in closed_rest_klines(symbol, rows, server_now) if first <= c.open_time <= last]
+        await self.intake.store_m1(candles)
+        self.fetched += len(candles)
+        if not logged:
+            left = self.history_outstanding.get(symbol, 1) - 1
+            if left <= 0:
+                self.history_outstanding.pop(symbol, None)
+            else:
+                self.history_outstanding[symbol] = left
+        else:
+            got = {c.open_time for c in candles}
+            lost = [
+                (symbol, t)
+                for t in range(first, last + M1_MS, M1_MS)
+                if t not in got and t + M1_MS + self.UNFILLABLE_AFTER_MS <= server_now
+            ]
+            if lost:
+                await core_io.set_missing_status(self.pool, lost, "unfillable")
+                log_system_event(
+                    "WARNING",
+                    "BACKFILL",
+                    f"{symbol}: {len(lost)} minutes the exchange does not have",
+                    {"symbol": symbol, "first": lost[0][1], "last": lost[-1][1]},
+                )
+                await self.intake.aggregate(affected_buckets(lost))
+        return len(candles)
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+class ConnectionLost(Exception):
+    pass
+
+
+class StreamConnection:
+    """One combined-stream connection: reconnects with backoff, replaces itself before
+    the 24-hour cut (make before break), subscribes and unsubscribes live."""
+
+    def __init__(
+        self,
+        conn_id: int,
+        base_url: str,
+        settings: FeedSettings,
+        on_frame: Callable[[str | bytes], None],
+        on_connected: Callable[[set[str]], None],
+    ) -> None:
+        self.conn_id, self.base_url, self.settings = conn_id, base_url, settings
+        self.on_frame, self.on_connected = on_frame, on_connected
+        self.streams: set[str] = set()
+        self.ws: Any = None
+        self.request_id = 0
+        self.backoff = Backoff(0.5, settings.backoff_max_s)
+        self.log = logging.getLogger(f"WS{conn_id}")
+        self.connects = 0
+
+    def url(self, streams: set[str]) -> str:
+        return f"{self.base_url}/stream?streams={'/'.join(sorted(streams))}"
+
+    async def run(self) -> None:
+        while True:
+            if not self.streams:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                ws = await self._open()
+                self.backoff.reset()
+                await self._serve(ws)
+            except asyncio.CancelledError:
+                await self._close(self.ws)
+                raise
+            except (OSError, ConnectionLost, websockets.WebSocketException, TimeoutError) as exc:
+                delay = self.backoff.next_delay()
+                log_system_event(
+                    "WARNING",
+                    f"WS{self.conn_id}",
+                    f"connection lost ({type(exc).__name__}: {exc}); reconnecting in {delay:.1f}s",
+                    {"streams": len(self.streams)},
+                )
+                await self._close(self.ws)
+                self.ws = None
+                await asyncio.sleep(delay)
+
+    async def _open(self) -> Any:
+        """Connect and wait for the first data frame: the legacy routes acknowledge and
+        then stay silent, so no data in time is an error, not a quiet market."""
+        streams = set(self.streams)
+        ws = await websockets.connect(
+            self.url(streams), max_size=2**24, ping_interval=None, open_timeout=10, close_timeout=2
+        )
+        try:
+            deadline = time.monotonic() + self.settings.first_data_timeout_s
+            while True:
+                raw = await asyncio.wait_for(ws.recv(), timeout=max(0.01, deadline - time.monotonic()))
+                self.on_frame(raw)
+                if not raw.startswith(('{"result"', '{"id"')):
+                    break
+        except TimeoutError:
+            await self._close(ws)
+            raise ConnectionLost(
+                f"no data within {self.settings.first_data_timeout_s:.0f}s of subscribing "
+                f"(is BINANCE_WS_URL the /market route?)"
+            ) from None
+        except BaseException:
+            await self._close(ws)
+            raise
+        self.connects += 1
+        self.on_connected({s for s in streams})
+        missing = self.streams - streams
+        if missing:
+            await self._request(ws, "SUBSCRIBE", sorted(missing))
+        return ws
+
+    async def _serve(self, ws: Any) -> None:
+        self.ws = ws
+        opened = time.monotonic()
+        while True:
+            if time.monotonic() - opened > self.settings.connection_max_age_s:
+                ws = await self._replace(ws)
+                opened = time.monotonic()
+                continue
+            try:
+                raw = await asyncio.wait_for(ws.recv(), timeout=self.settings.silence_s)
+            except TimeoutError:
+                raise ConnectionLost(f"silent for {self.settings.silence_s:.0f}s") from None
+            self.on_frame(raw)
+
+    async def _replace(self, old: Any) -> Any:
+        """Open the successor first, drain the old one meanwhile, then close it."""
+        drain = asyncio.create_task(self._drain(old))
+        try:
+            new = await self._open()
+        finally:
+            drain.cancel()
+        await self._close(old)
+        self.ws = new
+        log_system_event("INFO", f"WS{self.conn_id}", "connection replaced before the 24-hour cut")
+        return new
+
+    async def _drain(self, ws: Any) -> None:
+        try:
+            while True:
+                self.on_frame(await ws.recv())
+        except (websockets.WebSocketException, OSError):
+            return
+
+    async def _request(self, ws: Any, method: str, streams: list[str]) -> None:
+        """Batched and paced: Binance allows 10 incoming messages a second."""
+        for i in range(0, len(streams), self.settings.subscribe_batch):
+            self.request_id += 1
+            await ws.send(request_message(method, streams[i : i + self.settings.subscribe_batch], self.request_id))
+            await asyncio.sleep(0.25)
+
+    async def subscribe(self, streams: set[str]) -> None:
+        new = streams - self.streams
+        self.streams |= new
+        if new and self.ws is not None:
+            try:
+                await self._request(self.ws, "SUBSCRIBE", sorted(new))
+            except websockets.WebSocketException:
+                pass  # the reconnect subscribes everything in self.streams
+
+    async def unsubscribe(self, streams: set[str]) -> None:
+        gone = streams & self.streams
+        self.streams -= gone
+        if gone and self.ws is not None:
+            try:
+                await self._request(self.ws, "UNSUBSCRIBE", sorted(gone))
+            except websockets.WebSocketException:
+                pass
+
+    @staticmethod
+    async def _close(ws: Any) -> None:
+        if ws is not None:
+            try:
+                await asyncio.wait_for(ws.close(), 2)
+            except Exception:
+                pass
+
+
+# --------------------------------------------------------------------------- the feed
+
+
+@dataclass
+class FeedStats:
+    frames: int = 0
+    bad_frames: int = 0
+    closes: int = 0
+    gaps_detected: int = 0
+    mark_prices: int = 0
+    event_time: int = 0
+
+
+@dataclass
+class Feed:
+    """The feed's shared state and its workers."""
+
+    settings: Settings
+    feed_settings: FeedSettings
+    pool: asyncpg.Pool
+    redis: Redis
+    store: core_io.CandleStore
+    symbols: set[str] = field(default_factory=set)
+    stats: FeedStats = field(default_factory=FeedStats)
+
+    def __post_init__(self) -> None:
+        self.intake = CandleIntake(self.pool, self.redis, self.store, self.settings.stream_maxlen)
+        limiter = WeightLimiter(self.feed_settings.rest_weight_limit, self.feed_settings.rest_weight_window_s)
+        self.rest = RestClient(self.settings.binance_rest_url, limiter)
+        self.backfiller = Backfiller(self.pool, self.intake, self.rest, self.feed_settings.rest_concurrency)
+        self.tracker = GapTracker(grace_ms=self.feed_settings.gap_grace_ms)
+        self.closed: asyncio.Queue[Candle] = asyncio.Queue()
+        self.new_gaps: list[tuple[str, int]] = []
+        self.prices: dict[str, str] = {}
+        self.connections: list[StreamConnection] = []
+        self.catch_up_pending: set[str] = set()
+        self.catch_up_wake = asyncio.Event()
+        self.bad_frames = RateLimitedLog("FEED")
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- frames (synchronous: called for every frame, must stay cheap)
+
+    def handle_frame(self, raw: str | bytes) -> None:
+        self.stats.frames += 1
+        try:
+            message = parse_frame(raw)
+        except FrameError as exc:
+            self.stats.bad_frames += 1
+            self.bad_frames.warn(str(exc), f"skipped a bad frame: {exc}", {"frame": str(raw)[:300]})
+            return
+        if isinstance(message, KlineUpdate):
+            symbol = message.candle.symbol
+            if symbol not in self.symbols:
+                self.bad_frames.warn(f"unknown {symbol}", f"skipped a kline for unfollowed symbol {symbol!r}")
+                return
+            self.stats.event_time = max(self.stats.event_time, message.event_time)
+            if message.closed:
+                self.stats.closes += 1
+                self.new_gaps += [(symbol, t) for t in self.tracker.on_close(symbol, message.candle.open_time)]
+                self.closed.put_nowait(message.candle)
+        elif isinstance(message, MarkPrices):
+            self.stats.event_time = max(self.stats.event_time, message.event_time)
+            for symbol, price in message.prices.items():
+                if symbol in self.symbols:
+                    self.prices[symbol] = price
+        elif isinstance(message, Reply) and message.error:
+            log_system_event("ERROR", "FEED", f"request {message.request_id} refused: {message.error}")
+
+    def handle_connected(self, streams: set[str]) -> None:
+        """After every (re)connect: catch up what the disconnection may have missed."""
+        self.catch_up_pending |= {s for s in self.symbols if kline_stream(s) in streams}
+        self.catch_up_wake.set()
+
+    # ---- workers
+
+    async def intake_loop(self) -> None:
+        """Drain closed klines in batches; a failed batch is retried, never dropped."""
+        batch: list[Candle] = []
+        backoff = Backoff(0.2, 10.0)
+        while True:
+            if not batch:
+                batch.append(await self.closed.get())
+            while not self.closed.empty() and len(batch) < 5000:
+                batch.append(self.closed.get_nowait())
+            try:
+                if self.new_gaps:
+                    gaps, self.new_gaps = self.new_gaps, []
+                    try:
+                        await self._log_gaps(gaps)
+                    except BaseException:
+                        self.new_gaps = gaps + self.new_gaps
+                        raise
+                await self.intake.store_m1(batch)
+                batch = []
+                backoff.reset()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                delay = backoff.next_delay()
+                log_system_event(
+                    "ERROR", "INTAKE", f"storing {len(batch)} candles failed ({exc}); retrying in {delay:.1f}s"
+                )
+                await asyncio.sleep(delay)
+
+    async def _log_gaps(self, gaps: list[tuple[str, int]]) -> None:
+        added = await core_io.log_missing_m1(self.pool, gaps)
+        if added:
+            self.stats.gaps_detected += added
+            log_system_event(
+                "WARNING", "GAPS", f"{added} missing minutes detected", {"first": list(gaps[0]), "last": list(gaps[-1])}
+            )
+            self.backfiller.wake.set()
+
+    async def watch_gaps(self) -> None:
+        """Minutes whose close is overdue on event time become gaps."""
+        while True:
+            await asyncio.sleep(0.5)
+            if self.stats.event_time:
+                for symbol, minutes in self.tracker.overdue(self.stats.event_time).items():
+                    self.new_gaps += [(symbol, t) for t in minutes]
+            if self.new_gaps and self.closed.empty():
+                gaps, self.new_gaps = self.new_gaps, []
+                try:
+                    await self._log_gaps(gaps)
+                except BaseException:
+                    self.new_gaps = gaps + self.new_gaps
+                    raise
+
+    async def flush_prices(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if self.prices:
+                prices, self.prices = self.prices, {}
+                await core_io.set_mark_prices(self.redis, prices)
+                self.stats.mark_prices += len(prices)
+
+    async def catch_up(self) -> None:
+        """From the last stored M1 to the exchange's now: gaps are logged and backfilled;
+        a symbol with no candles gets its first history (not logged as gaps)."""
+        while True:
+            await self.catch_up_wake.wait()
+            self.catch_up_wake.clear()
+            symbols, self.catch_up_pending = sorted(self.catch_up_pending), set()
+            if symbols:
+                await self._catch_up(symbols)
+
+    async def _catch_up(self, symbols: list[str]) -> None:
+        server_now = await self.rest.server_time()
+        last_closed = (server_now - M1_MS) // M1_MS * M1_MS  # newest minute with close time < now
+        stored = await core_io.last_m1_open_times(self.pool, symbols)
+        gaps: list[tuple[str, int]] = []
+        for symbol in symbols:
+            last = stored.get(symbol)
+            if last is None:
+                first = bucket_start(last_closed - (self.feed_settings.initial_history_m1 - 1) * M1_MS, "m15")
+                self.backfiller.request_history(symbol, first, last_closed)
+            else:
+                gaps += [(symbol, t) for t in range(last + M1_MS, last_closed + M1_MS, M1_MS)]
+            self.tracker.seed(symbol, last_closed)
+        await self._log_gaps(gaps)
+
+    async def follow_tickers(self) -> None:
+        """Apply `tickers` changes to the live connections."""
+        while True:
+            wanted = set(await core_io.enabled_symbols(self.pool))
+            added, removed = wanted - self.symbols, self.symbols - wanted
+            if added or removed:
+                self.symbols = wanted
+                await self._apply(added, removed)
+                log_system_event(
+                    "INFO",
+                    "FEED",
+                    f"following {len(wanted)} symbols",
+                    {"added": sorted(added), "removed": sorted(removed)},
+                )
+            await asyncio.sleep(self.feed_settings.ticker_refresh_s)
+
+    async def _apply(self, added: set[str], removed: set[str]) -> None:
+        for symbol in removed:
+            self.tracker.forget(symbol)
+        for connection in self.connections:
+            await connection.unsubscribe({kline_stream(s) for s in removed})
+        pending = sorted(kline_stream(s) for s in added)
+        if not self.connections:
+            self.connections.append(self._new_connection())
+            pending.insert(0, MARK_PRICE_ALL_STREAM)
+        for connection in self.connections:
+            room = self.feed_settings.streams_per_connection - len(connection.streams)
+            if room > 0 and pending:
+                await connection.subscribe(set(pending[:room]))
+                pending = pending[room:]
+        while pending:
+            connection = self._new_connection()
+            self.connections.append(connection)
+            await connection.subscribe(set(pending[: self.feed_settings.streams_per_connection]))
+            pending = pending[self.feed_settings.streams_per_connection :]
+        # Already-connected connections do not reconnect: catch the new symbols up now.
+        self.catch_up_pending |= added
+        self.catch_up_wake.set()
+
+    def _new_connection(self) -> StreamConnection:
+        connection = StreamConnection(
+            len(self.connections),
+            self.settings.binance_ws_url,
+            self.feed_settings,
+            self.handle_frame,
+            self.handle_connected,
+        )
+        self._spawn(connection)
+        return connection
+
+    def _spawn(self, connection: StreamConnection) -> None:
+        task = asyncio.create_task(
+            run_safe_loop(connection.run, f"WS{connection.conn_id}", 1.0), name=f"WS{connection.conn_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run_connections(self) -> None:
+        """Owns the connection tasks; cancelling it closes every connection."""
+        for connection in self.connections:
+            if not any(t.get_name() == f"WS{connection.conn_id}" for t in self._tasks):
+                self._spawn(connection)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.rest.close()
+
+    def workers(self) -> dict[str, Callable[[], Any]]:
+        return {
+            "FEED_CONNECTIONS": self.run_connections,
+            "FEED_TICKERS": self.follow_tickers,
+            "FEED_INTAKE": self.intake_loop,
+            "FEED_CATCH_UP": self.catch_up,
+            "FEED_GAPS": self.watch_gaps,
+            "FEED_BACKFILL": self.backfiller.run,
+            "FEED_PRICES": self.flush_prices,
+        }

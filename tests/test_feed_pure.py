@@ -1,0 +1,161 @@
+"""Pure feed logic on real frames: parsing, bucket maths, aggregation, gap detection."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from itertools import islice
+
+import pytest
+
+from aggregation import GapTracker, affected_buckets, aggregate, buildable
+from binance_protocol import (
+    FrameError,
+    KlineUpdate,
+    MarkPrices,
+    Reply,
+    closed_rest_klines,
+    klines_weight,
+    parse_frame,
+)
+from candles import bucket_start
+from feed_and_aggregate import contiguous_ranges
+from market_data import SHARED_DATA_DIR, read_archive
+
+FRAMES = SHARED_DATA_DIR / "ws_frames"
+T0 = 1_769_904_000_000
+
+
+def test_every_2021_kline_frame_parses():
+    for capture in ("fstream_2021-07-22", "fstream_2021-04-17"):
+        lines = (FRAMES / capture / "kline_1m_frames.jsonl").read_text().splitlines()
+        updates = [parse_frame(json.loads(line)["raw"]) for line in lines]
+        assert updates and all(isinstance(u, KlineUpdate) for u in updates)
+        assert all(u.candle.open_time % 60_000 == 0 for u in updates)
+    closes = [u for u in updates if u.closed]
+    assert all(u.event_time >= u.candle.open_time + 59_999 for u in closes)
+
+
+def test_2026_kline_frame_keeps_exact_decimals():
+    update = parse_frame((FRAMES / "fstream_2026-10-07" / "stream_btcusdt_kline_1m.json").read_text())
+    assert isinstance(update, KlineUpdate) and not update.closed
+    candle = update.candle
+    assert (candle.symbol, candle.open, candle.close, candle.volume) == (
+        "BTCUSDT",
+        Decimal("83084.90"),
+        Decimal("83091.60"),
+        Decimal("13.551"),
+    )
+    assert candle.trades == 1027 and candle.quote_volume == Decimal("1125714.73960")
+
+
+def test_mark_price_frames_of_every_schema_parse():
+    arr = parse_frame((FRAMES / "fstream_2026-10-07" / "stream_all_markPrice_arr_1s.json").read_text())
+    assert isinstance(arr, MarkPrices) and arr.prices["XAUUSDT"] == "4103.92233180"
+    for line in (FRAMES / "misc_real_frames_with_provenance.jsonl").read_text().splitlines():
+        message = parse_frame(json.loads(line)["raw"])
+        assert isinstance(message, (MarkPrices, KlineUpdate))
+
+
+def test_dated_contract_mark_price_with_empty_funding_rate():
+    frame = '{"e":"markPriceUpdate","E":1,"s":"BTCUSDT_260327","p":"83000.1","r":"","T":0,"st":1,"zz":[1]}'
+    assert parse_frame(frame).prices == {"BTCUSDT_260327": "83000.1"}
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        ("{not json", "not JSON"),
+        ("[1,2]", "not a JSON object"),
+        ('{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1,"s":"BTCUSDT"}}', "without a 'k'"),
+        (
+            '{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1,"k":{"t":60000,"s":"BTCUSDT","x":true,'
+            '"o":"1","h":"1","l":"1","c":"abc","v":"1","n":1}}}',
+            "field c is not a decimal",
+        ),
+        (
+            '{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1,"k":{"t":60001,"s":"BTCUSDT","x":true}}}',
+            "not a whole minute",
+        ),
+        (
+            '{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1,"k":{"t":60000,"s":"BTCUSDT","x":"yes"}}}',
+            "'x' is not a boolean",
+        ),
+        (
+            '{"stream":"ethusdt@kline_1m","data":{"e":"kline","E":1,"k":{"t":60000,"s":"BTCUSDT","x":true,'
+            '"o":"1","h":"1","l":"1","c":"1","v":"1","n":1}}}',
+            "on stream",
+        ),
+        ('{"stream":"btcusdt@depth","data":{"e":"depthUpdate"}}', "unknown event"),
+        ('{"stream":"x","data":{"e":"markPriceUpdate","s":"BTCUSDT","p":"NaN"}}', "not finite"),
+    ],
+)
+def test_malformed_frames_are_rejected_with_a_reason(frame, reason):
+    with pytest.raises(FrameError, match=reason):
+        parse_frame(frame)
+
+
+def test_subscription_replies_are_recognised():
+    assert parse_frame('{"result":null,"id":7}') == Reply(7, None, None)
+    assert parse_frame('{"result":["btcusdt@kline_1m"],"id":8}').result == ["btcusdt@kline_1m"]
+
+
+def test_rest_rows_drop_the_forming_candle():
+    rows = json.loads((FRAMES / "fstream_2026-10-07" / "rest_klines_BTCUSDT_1m_limit2.json").read_text())
+    closed = closed_rest_klines("BTCUSDT", rows, server_now_ms=rows[1][6])  # second row closes at now
+    assert [c.open_time for c in closed] == [rows[0][0]]
+    assert closed[0].close == Decimal("83084.90") and closed[0].trades == 4409
+    assert len(closed_rest_klines("BTCUSDT", rows, server_now_ms=rows[1][6] + 1)) == 2
+
+
+def test_weights_follow_the_documented_table():
+    assert [klines_weight(n) for n in (1, 99, 100, 499, 500, 1000, 1001, 1500)] == [1, 1, 2, 2, 5, 5, 10, 10]
+
+
+def test_buckets_are_aligned_to_the_epoch():
+    t = T0 + 7 * 60_000  # 00:07
+    assert bucket_start(t, "m5") == T0 + 5 * 60_000
+    assert bucket_start(t, "m15") == T0
+    assert bucket_start(T0 + 14 * 60_000 + 59_999, "m15") == T0
+    assert affected_buckets([("X", t)]) == {("X", "m5", T0 + 300_000), ("X", "m15", T0)}
+
+
+def test_aggregation_is_exact_on_real_rows():
+    m1 = list(islice(read_archive("LINKUSDT"), 15))
+    m15 = aggregate("m15", T0, m1)
+    assert m15.open == m1[0].open and m15.close == m1[-1].close
+    assert m15.high == max(c.high for c in m1) and m15.low == min(c.low for c in m1)
+    assert m15.volume == sum((c.volume for c in m1), Decimal(0))
+    assert m15.trades == sum(c.trades for c in m1) and m15.m1_count == 15
+    assert str(m15.volume) == str(sum((Decimal(str(c.volume)) for c in m1), Decimal(0)))
+
+
+def test_a_bucket_waits_for_missing_but_not_for_unfillable_minutes():
+    present = {T0 + i * 60_000 for i in range(5) if i != 2}
+    assert not buildable("m5", T0, present, set())
+    assert buildable("m5", T0, present, {T0 + 120_000})
+    assert not buildable("m5", T0, set(), {T0 + i * 60_000 for i in range(5)})
+
+
+def test_gap_tracker_reports_skipped_and_overdue_minutes():
+    tracker = GapTracker(grace_ms=10_000)
+    assert tracker.on_close("A", T0) == []
+    assert tracker.on_close("A", T0 + 60_000) == []
+    assert tracker.on_close("A", T0 + 4 * 60_000) == [T0 + 120_000, T0 + 180_000]
+    assert tracker.on_close("A", T0 + 2 * 60_000) == []  # late close: no new gap
+    tracker.on_close("B", T0)
+    # B's next minute closes at T0+120000; with 10 s grace it is overdue only after that.
+    assert tracker.overdue(T0 + 130_000) == {}
+    assert tracker.overdue(T0 + 130_001) == {"B": [T0 + 60_000]}
+    assert tracker.overdue(T0 + 130_001) == {}  # reported once
+
+
+def test_contiguous_ranges_split_at_holes_and_limits():
+    minutes = [("A", T0 + i * 60_000) for i in (0, 1, 2, 5, 6)] + [("B", T0)]
+    assert contiguous_ranges(minutes, 1500) == [
+        ("A", T0, T0 + 120_000),
+        ("A", T0 + 300_000, T0 + 360_000),
+        ("B", T0, T0),
+    ]
+    assert len(contiguous_ranges([("A", T0 + i * 60_000) for i in range(3001)], 1500)) == 3
+
