@@ -46,11 +46,14 @@ def klines_weight(limit: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class KlineUpdate:
-    """A kline push: `candle` holds the exchange's values; `closed` is `k.x`."""
+    """A kline push; `closed` is `k.x`. `candle` holds the exchange's values for a close
+    (and for a forming update only when asked: most pushes are those, and unused)."""
 
     event_time: int
-    candle: Candle
+    symbol: str
+    open_time: int
     closed: bool
+    candle: Candle | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,7 @@ def _decimal(value: Any, name: str) -> Decimal:
     return result
 
 
-def parse_kline(data: dict) -> KlineUpdate:
+def parse_kline(data: dict, forming_candle: bool = False) -> KlineUpdate:
     k = data.get("k")
     if not isinstance(k, dict):
         raise FrameError("kline event without a 'k' object")
@@ -105,6 +108,8 @@ def parse_kline(data: dict) -> KlineUpdate:
         raise FrameError(f"kline 'x' is not a boolean: {closed!r}")
     if type(event_time) is not int:
         raise FrameError(f"event time {event_time!r} is not an integer")
+    if not closed and not forming_candle:
+        return KlineUpdate(event_time, symbol, open_time, closed, None)
     trades = k.get("n", 0)
     if type(trades) is not int or trades < 0:
         raise FrameError(f"kline trade count {trades!r} is not a non-negative integer")
@@ -122,7 +127,7 @@ def parse_kline(data: dict) -> KlineUpdate:
         taker_buy_volume=_decimal(k.get("V", "0"), "V"),
         taker_buy_quote_volume=_decimal(k.get("Q", "0"), "Q"),
     )
-    return KlineUpdate(event_time, candle, closed)
+    return KlineUpdate(event_time, symbol, open_time, closed, candle)
 
 
 def _mark_price_item(item: Any) -> tuple[str, str, int]:
@@ -144,7 +149,7 @@ def parse_mark_prices(data: Any) -> MarkPrices:
     return MarkPrices(event_time, prices)
 
 
-def parse_frame(raw: str | bytes) -> FeedMessage:
+def parse_frame(raw: str | bytes, forming_candle: bool = False) -> FeedMessage:
     """One WebSocket text frame (combined-stream wrapper or raw event) to a message."""
     try:
         message = orjson.loads(raw)
@@ -164,9 +169,9 @@ def parse_frame(raw: str | bytes) -> FeedMessage:
         raise FrameError("event is not a JSON object")
     event = data.get("e")
     if event == "kline":
-        update = parse_kline(data)
-        if stream is not None and symbol_of_kline_stream(stream) != update.candle.symbol.upper():
-            raise FrameError(f"kline for {update.candle.symbol} on stream {stream!r}")
+        update = parse_kline(data, forming_candle)
+        if stream is not None and symbol_of_kline_stream(stream) != update.symbol.upper():
+            raise FrameError(f"kline for {update.symbol} on stream {stream!r}")
         return update
     if event == "markPriceUpdate":
         return parse_mark_prices(data)

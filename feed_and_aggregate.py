@@ -585,14 +585,14 @@ class Feed:
             self.bad_frames.warn(str(exc), f"skipped a bad frame: {exc}", {"frame": str(raw)[:300]})
             return
         if isinstance(message, KlineUpdate):
-            symbol = message.candle.symbol
+            symbol = message.symbol
             if symbol not in self.symbols:
                 self.bad_frames.warn(f"unknown {symbol}", f"skipped a kline for unfollowed symbol {symbol!r}")
                 return
             self.stats.event_time = max(self.stats.event_time, message.event_time)
             if message.closed:
                 self.stats.closes += 1
-                self.new_gaps += [(symbol, t) for t in self.tracker.on_close(symbol, message.candle.open_time)]
+                self.new_gaps += [(symbol, t) for t in self.tracker.on_close(symbol, message.open_time)]
                 self.closed.put_nowait(message.candle)
         elif isinstance(message, MarkPrices):
             self.stats.event_time = max(self.stats.event_time, message.event_time)

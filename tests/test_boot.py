@@ -69,7 +69,9 @@ def test_migrate_command_applies_and_reports(pg_url):
 
 def test_daemon_boots_on_plain_redis_and_stops_cleanly_on_sigterm(plain_redis_server, pg_url):
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL")}
-    env.update({"REDIS_URL": plain_redis_server.url, "POSTGRES_URL": pg_url, "SYMBOLS": "BTCUSDT", "FEED_ENABLED": "false"})
+    env.update(
+        {"REDIS_URL": plain_redis_server.url, "POSTGRES_URL": pg_url, "SYMBOLS": "BTCUSDT", "FEED_ENABLED": "false"}
+    )
     process = subprocess.Popen([sys.executable, MAIN], env=env, cwd=PROJECT, stderr=subprocess.PIPE, text=True)
     output = []
     for line in process.stderr:
