@@ -1,0 +1,84 @@
+"""CLI: `python -m fake_exchange --source archive|synthetic --symbols N --speed X --start ISO --port P`.
+
+Runs until Ctrl-C (or SIGTERM) and prints the URLs to point the feed at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python fake_exchange/__main__.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from candles import datetime_to_ms, ms_to_datetime
+from fake_exchange.server import FakeExchange
+from fake_exchange.sources import ArchiveSource, CandleSource, SyntheticSource
+from market_data import archive_symbols
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fake_exchange", description=__doc__)
+    parser.add_argument("--source", choices=("archive", "synthetic"), default="archive")
+    parser.add_argument(
+        "--symbols", default=None, help="how many symbols (archive: the first N; default all / 20), or a comma list"
+    )
+    parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
+    parser.add_argument("--start", default=None, help="sim start, UTC ISO time (default: the source's first minute)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--seed", type=int, default=7)
+    return parser.parse_args(argv)
+
+
+def make_source(args: argparse.Namespace) -> CandleSource:
+    spec = args.symbols
+    if args.source == "synthetic":
+        return SyntheticSource(int(spec) if spec else 20, seed=args.seed)
+    if spec is None:
+        return ArchiveSource()
+    if spec.isdigit():
+        return ArchiveSource(archive_symbols()[: int(spec)])
+    return ArchiveSource([s.strip().upper() for s in spec.split(",") if s.strip()])
+
+
+def parse_start(text: str | None) -> int | None:
+    if not text:
+        return None
+    moment = datetime.fromisoformat(text)
+    return datetime_to_ms(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    source = make_source(args)
+    exchange = FakeExchange(
+        source, start_ms=parse_start(args.start), speed=args.speed, host=args.host, port=args.port, seed=args.seed
+    )
+    await exchange.start()
+    started = ms_to_datetime(exchange.clock.now_ms())
+    print(f"fake exchange: {len(source.symbols)} symbols, speed {args.speed:g}x, sim start {started:%Y-%m-%dT%H:%M}Z")
+    print(f"BINANCE_WS_URL={exchange.ws_url}")
+    print(f"BINANCE_REST_URL={exchange.rest_url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await exchange.stop()
+        print("fake exchange stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Runtime-switchable faults and the counters tests read back."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Faults:
+    """What to break. Tests mutate the fields while the exchange runs.
+
+    Probabilities are drawn from `rng` (seeded by the exchange) so a run is reproducible.
+    """
+
+    drop_missing_close: float = 0.0  # a kline close (x=true) is never sent
+    duplicate_close: float = 0.0  # a close is sent twice in a row
+    late_close: float = 0.0  # a close is delayed by late_close_delay_ms of sim time (out of order)
+    late_close_delay_ms: int = 90_000
+    malformed_frame: float = 0.0  # per kline frame: inject a garbage frame before it
+    silent: bool = False  # connections stay open, answer pings and requests, send no market data
+    rest_429_count: int = 0  # the next N klines requests get 429 (Retry-After: retry_after_s)
+    rest_418_after_429: bool = False  # ...then the next one gets 418 (Retry-After: ban_retry_after_s)
+    rest_delay_s: float = 0.0  # every REST response is delayed (real seconds)
+    rest_truncate_count: int = 0  # the next N REST responses are cut mid-body
+    reject_subscribe_1008: bool = False  # a SUBSCRIBE closes the connection with 1008
+    missing_minutes: set[tuple[str, int]] = field(default_factory=set)  # (symbol, open_time) never existed
+    retry_after_s: int = 1
+    ban_retry_after_s: int = 2
+    rng: random.Random = field(default_factory=lambda: random.Random(7), repr=False, compare=False)
+
+    def chance(self, probability: float) -> bool:
+        return probability > 0 and self.rng.random() < probability
+
+
+@dataclass
+class Stats:
+    """Counters for tests and benchmarks (plain ints; reset with `reset()`)."""
+
+    frames_sent: int = 0  # messages queued to connections (one per connection)
+    kline_events: int = 0  # kline frames published (once per event, whatever the subscriber count)
+    closes_sent: Counter[str] = field(default_factory=Counter)  # close frames published, per symbol
+    closes_dropped: int = 0
+    closes_duplicated: int = 0
+    closes_delayed: int = 0
+    malformed_sent: int = 0
+    mark_events: int = 0  # mark price objects/arrays published
+    connections_opened: int = 0
+    connections_closed: int = 0
+    slow_dropped: int = 0  # connections aborted because their send queue overflowed
+    rate_limit_closes: int = 0  # connections closed with 1008 (message rate, stream count, fault)
+    client_messages: int = 0
+    client_errors: int = 0  # error objects answered to bad client requests
+    pings_sent: int = 0
+    rest_requests: int = 0
+    rest_klines: int = 0
+    rest_429: int = 0
+    rest_418: int = 0
+    rest_400: int = 0
+    rest_truncated: int = 0
+
+    def reset(self) -> None:
+        fresh = Stats()
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(fresh, name))

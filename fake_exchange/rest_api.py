@@ -1,0 +1,351 @@
+"""The REST side: klines (with weights, 429 and 418), time, ping, exchangeInfo."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import orjson
+from aiohttp import web
+
+from candles import Candle
+
+from .clock import SimClock
+from .faults import Faults, Stats
+from .frames import MINUTE_MS, aggregate, partial_candle, rest_row
+from .sources import CandleSource
+
+INTERVALS_MS = {
+    "1m": 60_000,
+    "3m": 180_000,
+    "5m": 300_000,
+    "15m": 900_000,
+    "30m": 1_800_000,
+    "1h": 3_600_000,
+    "2h": 7_200_000,
+    "4h": 14_400_000,
+    "6h": 21_600_000,
+    "8h": 28_800_000,
+    "12h": 43_200_000,
+    "1d": 86_400_000,
+}
+DEFAULT_LIMIT, MAX_LIMIT = 500, 1500
+WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
+
+
+def klines_weight(limit: int) -> int:
+    if limit < 100:
+        return 1
+    if limit < 500:
+        return 2
+    if limit <= 1000:
+        return 5
+    return 10
+
+
+class WeightLimiter:
+    """Binance's per-IP request weight, counted in fixed windows of REAL time.
+
+    Real time, not sim time: the limit is about how fast the client really calls. Over the
+    limit -> 429 with Retry-After (seconds to the window's end); calling again before that
+    -> 418 (a ban of two windows, growing while the client keeps calling).
+    """
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._window = -1
+        self.used = 0
+        self._retry_until = 0.0
+        self._banned_until = 0.0
+
+    def charge(self, weight: int) -> tuple[int, int]:
+        """Adds `weight`; returns (HTTP status 200/429/418, Retry-After seconds)."""
+        now = time.monotonic()
+        window = math.floor(now / self.window_s)
+        if window != self._window:
+            self._window, self.used = window, 0
+        if now < self._banned_until or now < self._retry_until:
+            self._banned_until = max(self._banned_until, now + 2 * self.window_s)
+            return 418, max(1, math.ceil(self._banned_until - now))
+        self.used += weight
+        if self.used > self.limit:
+            self._retry_until = (window + 1) * self.window_s
+            return 429, max(1, math.ceil(self._retry_until - now))
+        return 200, 0
+
+
+@dataclass
+class KlinesQuery:
+    symbol: str
+    interval_ms: int
+    start: int | None
+    end: int | None
+    limit: int
+
+
+class BinanceError(Exception):
+    def __init__(self, status: int, code: int, msg: str, retry_after: int | None = None) -> None:
+        super().__init__(msg)
+        self.status, self.code, self.msg, self.retry_after = status, code, msg, retry_after
+
+
+class RestApi:
+    def __init__(
+        self,
+        *,
+        clock: SimClock,
+        source: CandleSource,
+        candle: Callable[[str, int], Candle | None],
+        faults: Callable[[], Faults],
+        stats: Stats,
+        limiter: WeightLimiter,
+    ) -> None:
+        self.clock = clock
+        self.source = source
+        self._candle = candle
+        self._faults = faults
+        self.stats = stats
+        self.limiter = limiter
+        self._forced_418 = False
+        self._symbols = set(source.symbols)
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/fapi/v1/klines", self._klines)
+        app.router.add_get("/fapi/v1/time", self._simple(lambda: {"serverTime": self.clock.now_ms()}))
+        app.router.add_get("/fapi/v1/ping", self._simple(lambda: {}))
+        app.router.add_get("/fapi/v1/exchangeInfo", self._simple(self._exchange_info))
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _simple(self, body: Callable[[], object]):
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self.stats.rest_requests += 1
+            status, retry_after = self.limiter.charge(1)
+            if status != 200:
+                return await self._fail(request, self._limit_error(status, retry_after))
+            return await self._respond(request, 200, body())
+
+        return handle
+
+    async def _respond(
+        self, request: web.Request, status: int, payload: object, extra: dict[str, str] | None = None
+    ) -> web.StreamResponse:
+        faults = self._faults()
+        if faults.rest_delay_s > 0:
+            await asyncio.sleep(faults.rest_delay_s)
+        body = orjson.dumps(payload)
+        headers = {WEIGHT_HEADER: str(self.limiter.used), **(extra or {})}
+        if faults.rest_truncate_count > 0:
+            faults.rest_truncate_count -= 1
+            self.stats.rest_truncated += 1
+            return await self._truncated(request, status, body, headers)
+        return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+
+    @staticmethod
+    async def _truncated(request: web.Request, status: int, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
+        """Promise the whole body (Content-Length), deliver half, then close the socket."""
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_type = "application/json"
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        if request.transport is not None:
+            request.transport.close()
+        return response
+
+    async def _fail(self, request: web.Request, error: BinanceError) -> web.StreamResponse:
+        if error.status == 429:
+            self.stats.rest_429 += 1
+        elif error.status == 418:
+            self.stats.rest_418 += 1
+        else:
+            self.stats.rest_400 += 1
+        extra = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+        return await self._respond(request, error.status, {"code": error.code, "msg": error.msg}, extra)
+
+    @staticmethod
+    def _limit_error(status: int, retry_after: int) -> BinanceError:
+        if status == 429:
+            msg = "Too many requests; current limit of IP(127.0.0.1) is 2400 requests per minute."
+            return BinanceError(429, -1003, msg, retry_after)
+        msg = "Way too many requests; IP(127.0.0.1) banned. Please use the websocket for live updates to avoid bans."
+        return BinanceError(418, -1003, msg, retry_after)
+
+    # --- klines -------------------------------------------------------------------------------
+
+    async def _klines(self, request: web.Request) -> web.StreamResponse:
+        self.stats.rest_requests += 1
+        self.stats.rest_klines += 1
+        try:
+            self._forced_limit_fault()
+            query = self._parse(request.query)
+            status, retry_after = self.limiter.charge(klines_weight(query.limit))
+            if status != 200:
+                raise self._limit_error(status, retry_after)
+        except BinanceError as error:
+            return await self._fail(request, error)
+        return await self._respond(request, 200, self._rows(query))
+
+    def _forced_limit_fault(self) -> None:
+        faults = self._faults()
+        if faults.rest_429_count > 0:
+            faults.rest_429_count -= 1
+            self._forced_418 = faults.rest_429_count == 0 and faults.rest_418_after_429
+            raise self._limit_error(429, faults.retry_after_s)
+        if self._forced_418:
+            self._forced_418 = False
+            raise self._limit_error(418, faults.ban_retry_after_s)
+
+    def _parse(self, params) -> KlinesQuery:
+        symbol = params.get("symbol")
+        if not symbol:
+            raise BinanceError(400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.")
+        interval = params.get("interval")
+        if not interval:
+            raise BinanceError(400, -1102, "Mandatory parameter 'interval' was not sent, was empty/null, or malformed.")
+        if interval not in INTERVALS_MS:
+            raise BinanceError(400, -1120, "Invalid interval.")
+        limit = self._int_param(params, "limit")
+        limit = DEFAULT_LIMIT if limit is None else limit
+        if not 1 <= limit <= MAX_LIMIT:
+            raise BinanceError(400, -1130, "Data sent for parameter 'limit' is not valid.")
+        start, end = self._int_param(params, "startTime"), self._int_param(params, "endTime")
+        if start is not None and end is not None and start > end:
+            raise BinanceError(400, -1023, "Start time is greater than end time.")
+        if symbol not in self._symbols:
+            raise BinanceError(400, -1121, "Invalid symbol.")
+        return KlinesQuery(symbol, INTERVALS_MS[interval], start, end, limit)
+
+    @staticmethod
+    def _int_param(params, name: str) -> int | None:
+        raw = params.get(name)
+        if raw is None or raw == "":
+            return None
+        if not raw.isdigit() or len(raw) > 20:
+            raise BinanceError(
+                400, -1100, f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'."
+            )
+        return int(raw)
+
+    def _rows(self, q: KlinesQuery) -> list[list[object]]:
+        """Rows with open time in [startTime, endTime] and <= now; the last may be still forming."""
+        size, now = q.interval_ms, self.clock.now_ms()
+        lowest = self.source.first_open_time - self.source.first_open_time % size
+        highest = min(now, self.source.last_open_time)
+        highest -= highest % size
+        if q.end is not None:
+            highest = min(highest, q.end - q.end % size)
+        rows: list[list[object]] = []
+        if q.start is not None:
+            bucket = max(lowest, -(-q.start // size) * size)
+            while bucket <= highest and len(rows) < q.limit:
+                self._append(rows, q.symbol, bucket, size, now)
+                bucket += size
+            return rows
+        bucket = highest
+        while bucket >= lowest and len(rows) < q.limit:
+            self._append(rows, q.symbol, bucket, size, now)
+            bucket -= size
+        rows.reverse()
+        return rows
+
+    def _append(self, rows: list[list[object]], symbol: str, bucket: int, size: int, now: int) -> None:
+        candles = []
+        for minute in range(bucket, min(bucket + size, now + 1), MINUTE_MS):
+            candle = self._candle(symbol, minute)
+            if candle is not None:
+                if minute + MINUTE_MS > now:  # the forming minute: what has traded so far
+                    candle = partial_candle(candle, (now - minute) / MINUTE_MS)
+                candles.append(candle)
+        if candles:
+            merged = candles[0] if len(candles) == 1 else aggregate(candles)
+            rows.append(rest_row(replace_open(merged, bucket), bucket + size - 1))
+
+    # --- exchangeInfo -------------------------------------------------------------------------
+
+    def _exchange_info(self) -> dict[str, object]:
+        return {
+            "timezone": "UTC",
+            "serverTime": self.clock.now_ms(),
+            "futuresType": "U_MARGINED",
+            "rateLimits": [
+                {
+                    "rateLimitType": "REQUEST_WEIGHT",
+                    "interval": "MINUTE",
+                    "intervalNum": 1,
+                    "limit": self.limiter.limit,
+                },
+                {"rateLimitType": "ORDERS", "interval": "MINUTE", "intervalNum": 1, "limit": 1200},
+                {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 300},
+            ],
+            "exchangeFilters": [],
+            "assets": [{"asset": "USDT", "marginAvailable": True, "autoAssetExchange": "-10000"}],
+            "symbols": [self._symbol_info(s) for s in self.source.symbols],
+        }
+
+    def _symbol_info(self, symbol: str) -> dict[str, object]:
+        sample = self.source.candle(symbol, self.source.first_open_time)
+        price_dp = max(0, -int(sample.close.as_tuple().exponent)) if sample else 4  # type: ignore[operator]
+        qty_dp = max(0, -int(sample.volume.as_tuple().exponent)) if sample else 3  # type: ignore[operator]
+        tick, step = _unit_str(price_dp), _unit_str(qty_dp)
+        base = symbol.removesuffix("USDT")
+        return {
+            "symbol": symbol,
+            "pair": symbol,
+            "contractType": "PERPETUAL",
+            "deliveryDate": 4133404800000,
+            "onboardDate": 1569398400000,
+            "status": "TRADING",
+            "maintMarginPercent": "2.5000",
+            "requiredMarginPercent": "5.0000",
+            "baseAsset": base,
+            "quoteAsset": "USDT",
+            "marginAsset": "USDT",
+            "pricePrecision": price_dp,
+            "quantityPrecision": qty_dp,
+            "baseAssetPrecision": 8,
+            "quotePrecision": 8,
+            "underlyingType": "COIN",
+            "underlyingSubType": [],
+            "triggerProtect": "0.0500",
+            "liquidationFee": "0.015000",
+            "marketTakeBound": "0.05",
+            "maxMoveOrderLimit": 10000,
+            "filters": [
+                {"filterType": "PRICE_FILTER", "tickSize": tick, "minPrice": tick, "maxPrice": "1000000"},
+                {"filterType": "LOT_SIZE", "stepSize": step, "minQty": step, "maxQty": "10000000"},
+                {"filterType": "MARKET_LOT_SIZE", "stepSize": step, "minQty": step, "maxQty": "1000000"},
+                {"filterType": "MAX_NUM_ORDERS", "limit": 200},
+                {"filterType": "MIN_NOTIONAL", "notional": "5"},
+                {
+                    "filterType": "PERCENT_PRICE",
+                    "multiplierUp": "1.0500",
+                    "multiplierDown": "0.9500",
+                    "multiplierDecimal": "4",
+                },
+            ],
+            "orderTypes": [
+                "LIMIT",
+                "MARKET",
+                "STOP",
+                "STOP_MARKET",
+                "TAKE_PROFIT",
+                "TAKE_PROFIT_MARKET",
+                "TRAILING_STOP_MARKET",
+            ],
+            "timeInForce": ["GTC", "IOC", "FOK", "GTX", "GTD"],
+            "permissionSets": ["GRID", "COPY", "DCA"],
+        }
+
+
+def _unit_str(decimals: int) -> str:
+    return "1" if decimals == 0 else "0." + "0" * (decimals - 1) + "1"
+
+
+def replace_open(candle: Candle, open_time: int) -> Candle:
+    """An aggregated bucket is stamped with the bucket's open, not its first present minute's."""
+    return candle if candle.open_time == open_time else replace(candle, open_time=open_time)

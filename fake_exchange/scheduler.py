@@ -1,0 +1,294 @@
+"""One task per exchange that walks the simulated clock and publishes what is due.
+
+Everything the exchange pushes on its own (kline updates, closes, mark prices) is an event
+with a due sim time in a heap. The task pops what is due, then sleeps (real time) until the
+next one — no polling, so speed 1 costs nothing and speed 1200 is just shorter sleeps. A
+clock jump re-plans from the new instant; speed changes and pauses only re-time the sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+
+from candles import Candle
+
+from .clock import SimClock
+from .faults import Faults, Stats
+from .frames import GARBAGE_KINDS, MINUTE_MS, garbage, kline_event, mark_price_object, partial_candle
+from .hub import StreamHub
+from .sources import CandleSource
+
+log = logging.getLogger("fake_exchange")
+
+ALL_MARKS_1S = "!markPrice@arr@1s"
+ALL_MARKS_3S = "!markPrice@arr"
+BATCH = 2000  # events handled before yielding to the senders
+
+
+@dataclass
+class PushConfig:
+    close_delay_ms: tuple[int, int] = (200, 2000)
+    updates_per_minute: int = 4
+    mark_prices: bool = True
+    mark_pushes_per_s: float = 4.0  # cap on mark ticks per real second at high speed
+    mark_arr_chunk: int = 100  # objects per !markPrice@arr push (always >= 2 pushes)
+
+
+def update_offsets(updates_per_minute: int) -> list[int]:
+    """When (ms into the minute) the unclosed updates go out.
+
+    The first one is 300 ms in, so the next minute of an active symbol usually starts
+    before a quiet symbol's close (0.2-2 s after T) arrives, as on the real stream.
+    """
+    if updates_per_minute <= 0:
+        return []
+    if updates_per_minute == 1:
+        return [30_000]
+    gap = 57_000 // (updates_per_minute - 1)
+    return [300 + k * gap for k in range(updates_per_minute)]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        clock: SimClock,
+        hub: StreamHub,
+        source: CandleSource,
+        candle: Callable[[str, int], Candle | None],
+        faults: Callable[[], Faults],
+        stats: Stats,
+        config: PushConfig,
+        seed: int,
+    ) -> None:
+        self.clock = clock
+        self.hub = hub
+        self.source = source
+        self._candle = candle  # honours Faults.missing_minutes
+        self._faults = faults
+        self.stats = stats
+        self.config = config
+        self._delays = random.Random(seed)
+        self._noise = random.Random(seed + 1)
+        self._names = {
+            s: (f"{s.lower()}@kline_1m", f"{s.lower()}@markPrice@1s", f"{s.lower()}@markPrice") for s in source.symbols
+        }
+        self._offsets = update_offsets(config.updates_per_minute)
+        self._heap: list[tuple[int, int, Callable[..., None], tuple[object, ...]]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._replan = False
+        self._last_mark3 = -1
+        # A symbol's next minute never starts before its own close went out (or was faulted
+        # away): first updates that come due earlier wait here and follow that close.
+        self._closing: set[tuple[str, int]] = set()  # (symbol, minute) closes not yet handled
+        self._deferred: dict[tuple[str, int], int] = {}  # (symbol, minute) -> update offset
+        self._task: asyncio.Task[None] | None = None
+        self.max_lag_s = 0.0  # worst real-time lateness of an event (benchmarks read it)
+        clock.add_listener(self._on_clock_change)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._replan = True
+        self._task = asyncio.create_task(self._run(), name="fake-exchange-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _on_clock_change(self, jumped: bool) -> None:
+        self._replan = self._replan or jumped
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        heap = self._heap
+        while True:
+            if self._replan:
+                self._replan = False
+                self._plan_from(self.clock.now_ms())
+            now = self.clock.now_ms()
+            handled = 0
+            while heap and heap[0][0] <= now and handled < BATCH and not self._replan:
+                due, _, handler, args = heapq.heappop(heap)
+                handled += 1
+                try:
+                    handler(due, *args)
+                except Exception:
+                    log.exception("fake exchange event at %d failed", due)
+            if handled:
+                speed = self.clock.speed or 1.0
+                self.max_lag_s = max(self.max_lag_s, (now - due) / 1000.0 / speed)
+            if handled >= BATCH or self._replan:
+                await asyncio.sleep(0)
+                continue
+            delay = self.clock.real_seconds_until(heap[0][0]) if heap else None
+            self._wake.clear()
+            timer = loop.call_later(delay, self._wake.set) if delay is not None else None
+            await self._wake.wait()
+            if timer is not None:
+                timer.cancel()
+
+    def _push(self, due: int, handler: Callable[..., None], *args: object) -> None:
+        heapq.heappush(self._heap, (due, next(self._seq), handler, args))
+
+    # --- planning ------------------------------------------------------------------------
+
+    def _plan_from(self, now: int) -> None:
+        """(Re)build the agenda at `now`: the current minute, the previous one's pending closes."""
+        self._heap.clear()
+        self._closing.clear()
+        self._deferred.clear()
+        minute = now - now % MINUTE_MS
+        self._plan_minute(minute - MINUTE_MS, after=now)
+        self._plan_minute(minute, after=now)
+        self._push(minute + MINUTE_MS, self._on_minute, minute + MINUTE_MS)
+        if self.config.mark_prices:
+            self._push(now - now % 1000 + 1000, self._on_mark_tick)
+
+    def _plan_minute(self, minute: int, after: int) -> None:
+        if not self.source.first_open_time <= minute <= self.source.last_open_time:
+            return
+        for offset in self._offsets:
+            if minute + offset > after:
+                self._push(minute + offset, self._on_update, minute, offset)
+        low, high = self.config.close_delay_ms
+        close_time = minute + MINUTE_MS - 1
+        for symbol in self.source.symbols:
+            due = close_time + self._delays.randint(low, high)
+            if due > after:
+                self._push(due, self._on_close, symbol, minute, False)
+                self._closing.add((symbol, minute))
+
+    def _on_minute(self, due: int, minute: int) -> None:
+        self._plan_minute(minute, after=due - 1)
+        self._push(minute + MINUTE_MS, self._on_minute, minute + MINUTE_MS)
+
+    # --- klines ----------------------------------------------------------------------------
+
+    def _on_update(self, due: int, minute: int, offset: int) -> None:
+        """An unclosed update for every symbol someone listens to."""
+        if self._faults().silent:
+            return
+        subs, closing = self.hub.subs, self._closing
+        for symbol in self.source.symbols:
+            if self._names[symbol][0] not in subs:
+                continue
+            if closing and (symbol, minute - MINUTE_MS) in closing:
+                self._deferred[(symbol, minute)] = offset
+                continue
+            self._send_update(due, symbol, minute, offset)
+
+    def _send_update(self, due: int, symbol: str, minute: int, offset: int) -> None:
+        final = self._candle(symbol, minute)
+        if final is not None:
+            data = kline_event(partial_candle(final, offset / MINUTE_MS), due, False)
+            self._publish_kline(self._names[symbol][0], symbol, data, due)
+
+    def _on_close(self, due: int, symbol: str, minute: int, delayed: bool) -> None:
+        if delayed:
+            self._close(due, symbol, minute, True)
+            return
+        self._closing.discard((symbol, minute))
+        try:
+            self._close(due, symbol, minute, False)
+        finally:
+            offset = self._deferred.pop((symbol, minute + MINUTE_MS), None)
+            if offset is not None and not self._faults().silent and self._names[symbol][0] in self.hub.subs:
+                self._send_update(due, symbol, minute + MINUTE_MS, offset)
+
+    def _close(self, due: int, symbol: str, minute: int, delayed: bool) -> None:
+        faults = self._faults()
+        stream = self._names[symbol][0]
+        if faults.silent or stream not in self.hub.subs:
+            return
+        final = self._candle(symbol, minute)
+        if final is None:
+            return
+        if not delayed:
+            if faults.chance(faults.drop_missing_close):
+                self.stats.closes_dropped += 1
+                return
+            if faults.chance(faults.late_close):
+                self.stats.closes_delayed += 1
+                self._push(due + faults.late_close_delay_ms, self._on_close, symbol, minute, True)
+                return
+        data = kline_event(final, due, True)
+        self._publish_kline(stream, symbol, data, due)
+        self.stats.closes_sent[symbol] += 1
+        if not delayed and faults.chance(faults.duplicate_close):
+            self.hub.publish(stream, data)
+            self.stats.closes_duplicated += 1
+            self.stats.closes_sent[symbol] += 1
+
+    def _publish_kline(self, stream: str, symbol: str, data: bytes, due: int) -> None:
+        faults = self._faults()
+        if faults.chance(faults.malformed_frame):
+            payload, wrap_as = garbage(faults.rng.choice(GARBAGE_KINDS), symbol, due)
+            self.hub.publish(stream, payload, wrap_as=wrap_as, verbatim=wrap_as is None)
+            self.stats.malformed_sent += 1
+        self.hub.publish(stream, data)
+        self.stats.kline_events += 1
+
+    # --- mark prices -------------------------------------------------------------------------
+
+    def _mark_step_ms(self) -> int:
+        """1 sim second, stretched so a connection gets at most `mark_pushes_per_s` per real second."""
+        return 1000 * max(1, math.ceil(self.clock.speed / self.config.mark_pushes_per_s))
+
+    def _on_mark_tick(self, due: int) -> None:
+        self._push(due - due % 1000 + self._mark_step_ms(), self._on_mark_tick)
+        if self._faults().silent:
+            return
+        subs = self.hub.subs
+        every3 = due // 3000 != self._last_mark3 // 3000
+        if every3:
+            self._last_mark3 = due
+        arr1, arr3 = ALL_MARKS_1S in subs, every3 and ALL_MARKS_3S in subs
+        minute = due - due % MINUTE_MS
+        collected: list[dict[str, object]] = []
+        for symbol in self.source.symbols:
+            _, one_s, three_s = self._names[symbol]
+            single1, single3 = one_s in subs, every3 and three_s in subs
+            if not (single1 or single3 or arr1 or arr3):
+                continue
+            current = self.source.candle(symbol, minute) or self.source.candle(symbol, minute - MINUTE_MS)
+            if current is None:
+                continue
+            obj = mark_price_object(symbol, due, current, self._noise.random())
+            if single1 or single3:
+                data = orjson.dumps(obj)
+                if single1:
+                    self.hub.publish(one_s, data)
+                if single3:
+                    self.hub.publish(three_s, data)
+                self.stats.mark_events += 1
+            if arr1 or arr3:
+                collected.append(obj)
+        if collected:
+            self._publish_mark_arrays(collected, arr1, arr3)
+
+    def _publish_mark_arrays(self, objects: list[dict[str, object]], arr1: bool, arr3: bool) -> None:
+        """The all-market stream arrives split across several pushes (never all in one)."""
+        size = max(1, min(self.config.mark_arr_chunk, math.ceil(len(objects) / 2)))
+        for start in range(0, len(objects), size):
+            data = orjson.dumps(objects[start : start + size])
+            if arr1:
+                self.hub.publish(ALL_MARKS_1S, data)
+            if arr3:
+                self.hub.publish(ALL_MARKS_3S, data)
+            self.stats.mark_events += 1
