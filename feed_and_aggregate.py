@@ -685,6 +685,8 @@ class Feed:
         gaps: list[tuple[str, int]] = []
         for symbol in symbols:
             last = stored.get(symbol)
+            if symbol in self.backfiller.history_outstanding:
+                continue  # its first history is still being fetched
             if last is None:
                 first = bucket_start(last_closed - (self.feed_settings.initial_history_m1 - 1) * M1_MS, "m15")
                 self.backfiller.request_history(symbol, first, last_closed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,13 +15,13 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servers import RedisServer, recreate_database, setting
+from servers import RedisServer, drop_database, recreate_database, setting
 
 import core_io
 from infra import make_redis
 from migrations import apply_migrations
 
-TEST_DATABASE = "feed_v4_test"
+TEST_DATABASE = f"feed_v4_test_{os.getpid()}"  # parallel runs never share one
 
 DATA_TABLES = (
     "tickers",
@@ -55,9 +56,10 @@ def plain_redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> str:
+def pg_url() -> Iterator[str]:
     """A fresh database on the PostgreSQL that `make services` found or started."""
-    return asyncio.run(recreate_database(setting("POSTGRES_URL"), TEST_DATABASE))
+    yield asyncio.run(recreate_database(setting("POSTGRES_URL"), TEST_DATABASE))
+    asyncio.run(drop_database(setting("POSTGRES_URL"), TEST_DATABASE))
 
 
 @pytest.fixture

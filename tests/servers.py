@@ -108,3 +108,11 @@ async def recreate_database(base_url: str, name: str) -> str:
     finally:
         await conn.close()
     return database_url(base_url, name)
+
+
+async def drop_database(base_url: str, name: str) -> None:
+    conn = await asyncpg.connect(database_url(base_url, "postgres"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
