@@ -18,7 +18,7 @@ import hiredis
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from candles import TF_MS, TIMEFRAMES, Bar, Candle, ms_to_datetime
+from candles import TF_MS, TIMEFRAMES, Bar, Candle, datetime_to_ms, ms_to_datetime
 from infra import REDIS_RETRY_ERRORS
 
 log = logging.getLogger("CORE_IO")
@@ -364,7 +364,7 @@ async def upsert_candles(
 
 
 def _ms(moment) -> int:
-    return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
+    return datetime_to_ms(moment)
 
 
 def _candle_from_record(record: asyncpg.Record, tf: str) -> Candle:
@@ -770,3 +770,17 @@ async def fetch_unfillable_m1(pool: asyncpg.Pool, ranges: Sequence[tuple[str, in
         [ms_to_datetime(r[2]) for r in ranges],
     )
     return {(r["symbol"], _ms(r["open_time"])) for r in rows}
+
+
+async def announced_candles(redis: Redis, stream: str, page: int = 10_000) -> set[tuple[str, int]]:
+    """(symbol, open_time) of every candle event still in `stream`."""
+    found: set[tuple[str, int]] = set()
+    start = "-"
+    while True:
+        entries = await redis.xrange(stream, min=start, count=page)
+        for _, fields in entries:
+            if "symbol" in fields and "open_time" in fields:
+                found.add((fields["symbol"], int(fields["open_time"])))
+        if len(entries) < page:
+            return found
+        start = "(" + entries[-1][0]

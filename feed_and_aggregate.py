@@ -42,7 +42,7 @@ from binance_protocol import (
     parse_frame,
     request_message,
 )
-from candles import TF_MS, Candle, bucket_start
+from candles import TF_MS, Candle, bucket_start, datetime_to_ms, ms_to_datetime
 from infra import Settings, env_number, log_system_event, run_safe_loop
 
 M1_MS = TF_MS["m1"]
@@ -65,6 +65,7 @@ class FeedSettings:
     ticker_refresh_s: float = 5.0
     backoff_max_s: float = 60.0
     subscribe_batch: int = 50
+    reconcile_window_m1: int = 120
 
     @classmethod
     def from_env(cls, settings: Settings, env: Mapping[str, str] | None = None) -> FeedSettings:
@@ -81,6 +82,7 @@ class FeedSettings:
             rest_concurrency=env_number(env, "REST_CONCURRENCY", 4, int, 1, 64),
             ticker_refresh_s=env_number(env, "TICKER_REFRESH_S", 5.0, float, 0.05, 3600),
             backoff_max_s=env_number(env, "WS_BACKOFF_MAX_S", 60.0, float, 0.1, 3600),
+            reconcile_window_m1=env_number(env, "RECONCILE_WINDOW_M1", 120, int, 15, 100_000),
         )
 
 
@@ -142,6 +144,47 @@ class CandleIntake:
             self.stored_m1 += len(fresh)
             await self.aggregate(affected_buckets((c.symbol, c.open_time) for c in fresh))
         return fresh
+
+    async def reconcile(self, window_ms: int) -> None:
+        """Close the crash windows of a previous run (a kill between the PostgreSQL commit
+        and Redis): rebuild the buckets of the recent minutes and announce every recent
+        candle the streams lack. Announcements are at least once; consumers are idempotent."""
+        newest = await self.pool.fetchval("SELECT max(open_time) FROM ohlcv4_m1")
+        if newest is None:
+            return
+        cutoff = datetime_to_ms(newest) - window_ms
+        cutoff -= cutoff % TF_MS["m15"]
+        recent = await self.pool.fetch(
+            "SELECT symbol, open_time FROM ohlcv4_m1 WHERE open_time >= $1", ms_to_datetime(cutoff)
+        )
+        await self.aggregate(affected_buckets((r["symbol"], datetime_to_ms(r["open_time"])) for r in recent))
+        repaired = 0
+        for tf, stream in core_io.CANDLE_STREAMS.items():
+            announced = await core_io.announced_candles(self.redis, stream)
+            stored = await self.pool.fetch(
+                f"SELECT symbol, open_time FROM {core_io.candle_table(tf)} WHERE open_time >= $1",
+                ms_to_datetime(cutoff),
+            )
+            unannounced = sorted({(r["symbol"], datetime_to_ms(r["open_time"])) for r in stored} - announced)
+            by_symbol: dict[str, list[int]] = {}
+            for symbol, t in unannounced:
+                by_symbol.setdefault(symbol, []).append(t)
+            candles = [
+                c
+                for symbol, times in by_symbol.items()
+                for c in await core_io.fetch_candles(self.pool, symbol, tf, times[0], times[-1] + 1)
+                if c.open_time in set(times)
+            ]
+            if candles:
+                await self._cache_and_announce(sorted(candles, key=lambda c: c.open_time), tf)
+                repaired += len(candles)
+        if repaired:
+            log_system_event(
+                "WARNING",
+                "INTAKE",
+                f"announced {repaired} candles a previous run stored but did not announce",
+                {"window_ms": window_ms},
+            )
 
     async def _cache_and_announce(self, candles: Sequence[Candle], tf: str) -> None:
         await core_io.write_candles(self.store, candles)
@@ -573,6 +616,7 @@ class Feed:
         self.catch_up_wake = asyncio.Event()
         self.bad_frames = RateLimitedLog("FEED")
         self._tasks: set[asyncio.Task] = set()
+        self.reconciled = False
 
     # ---- frames (synchronous: called for every frame, must stay cheap)
 
@@ -671,6 +715,9 @@ class Feed:
     async def catch_up(self) -> None:
         """From the last stored M1 to the exchange's now: gaps are logged and backfilled;
         a symbol with no candles gets its first history (not logged as gaps)."""
+        if not self.reconciled:
+            await self.intake.reconcile(self.feed_settings.reconcile_window_m1 * M1_MS)
+            self.reconciled = True
         while True:
             await self.catch_up_wake.wait()
             self.catch_up_wake.clear()
@@ -714,6 +761,10 @@ class Feed:
     async def _apply(self, added: set[str], removed: set[str]) -> None:
         for symbol in removed:
             self.tracker.forget(symbol)
+        # Seed gap detection before the first frame: after a restart the first live close
+        # must reveal the minutes missed while the process was down.
+        for symbol, last in (await core_io.last_m1_open_times(self.pool, sorted(added))).items():
+            self.tracker.seed(symbol, last)
         for connection in self.connections:
             await connection.unsubscribe({kline_stream(s) for s in removed})
         pending = sorted(kline_stream(s) for s in added)

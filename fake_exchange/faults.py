@@ -42,6 +42,7 @@ class Stats:
     kline_events: int = 0  # kline frames published (once per event, whatever the subscriber count)
     closes_sent: Counter[str] = field(default_factory=Counter)  # close frames published, per symbol
     closes_dropped: int = 0
+    dropped_closes: list[tuple[str, int]] = field(default_factory=list)  # (symbol, open_time) never closed
     closes_duplicated: int = 0
     closes_delayed: int = 0
     malformed_sent: int = 0

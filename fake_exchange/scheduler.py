@@ -222,6 +222,7 @@ class Scheduler:
         if not delayed:
             if faults.chance(faults.drop_missing_close):
                 self.stats.closes_dropped += 1
+                self.stats.dropped_closes.append((symbol, minute))
                 return
             if faults.chance(faults.late_close):
                 self.stats.closes_delayed += 1
