@@ -1,0 +1,610 @@
+"""Signal router: `signals_stream` -> the strategies that listen, deduplicated and logged.
+
+    python signals_v4_main.py        run the router alone (the daemon runs it as a worker)
+
+Per batch of entries read with the consumer group `signal_processor`:
+  1. decide every entry against the routing snapshot (`signals_logic`, no I/O);
+  2. ONE PostgreSQL transaction logs the batch: signals_v2_log rows ('new' decided by
+     the partial unique index on uid, so two routers never both deliver a uid) and the
+     signal_log_entries_v2 rows of each new signal;
+  3. ONE Redis script call sends the new signals to `strategy_signals:<strategy_id>`,
+     guarded by a per-signal delivery mark so a signal is never sent twice;
+  4. XACK, only now that the log is committed and the deliveries written.
+A crash anywhere leaves the entries pending; they are read again (own pending entries
+at start, other consumers' through XAUTOCLAIM), recognised by (stream entry id, uid),
+sent if their mark is missing, and acknowledged. Redis or PostgreSQL faults pause the
+batch in hand (it is retried, never dropped) and are logged once per outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+import core_io
+import signals_io
+from infra import (
+    REDIS_RETRY_ERRORS,
+    BootError,
+    ConfigError,
+    Settings,
+    connect_pg,
+    connect_redis,
+    load_settings,
+    log_system_event,
+    make_redis,
+    run_safe_loop,
+    setup_logging,
+    system_event_log,
+)
+from migrations import apply_migrations
+from signals_logic import EMPTY_SNAPSHOT, Decision, RoutingSnapshot, as_rejected, decide_batch
+
+MODULE = "SIGNALS"
+log = logging.getLogger(MODULE)
+
+T = TypeVar("T")
+
+# Faults that pass: the server is away, slow or restarting. Anything else is a bug and
+# crashes the worker for run_safe_loop to restart (the entries stay pending).
+PG_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
+# Redis faults the loop rides out. The client itself retries a couple of times more
+# broadly (infra.REDIS_RETRY_ERRORS, for redis-py's reset-connection bug); what still
+# escapes as AttributeError/TypeError/RuntimeError is treated as a bug, not an outage.
+REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+# Errors PostgreSQL raises for a value it will not store: the entry, not the server.
+PG_REJECTS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
+
+RELOAD_DEBOUNCE_S = 0.1  # notifications within this window cause one reload
+LISTEN_PING_S = 15.0  # a silent LISTEN connection is probed this often
+BACKOFF_START_S = 0.2
+BACKOFF_MAX_S = 5.0
+STOP_GRACE_S = 8.0  # SIGTERM: time for the batch in hand before it is cancelled
+DEADLOCK_RETRIES = 3  # a batch aborted by a deadlock/serialisation failure is re-run at once
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    """The router's settings (environment variables in brackets, see the README)."""
+
+    reload_s: float = 300.0  # [SIGNAL_RELOAD_S] full reload of the routing tables
+    batch: int = 200  # [SIGNAL_BATCH] entries per XREADGROUP
+    block_ms: int = 1000  # [SIGNAL_BLOCK_MS] how long one XREADGROUP waits
+    claim_idle_ms: int = 60_000  # [SIGNAL_CLAIM_IDLE_MS] idle time before a pending entry is taken over
+    claim_every_s: float = 30.0  # [SIGNAL_CLAIM_EVERY_S] how often XAUTOCLAIM runs
+    mark_ttl_s: int = 86_400  # [SIGNAL_MARK_TTL_S] lifetime of the delivery marks
+    pg_timeout_s: float = 10.0  # [SIGNAL_PG_TIMEOUT_S] bound on every PostgreSQL call
+    consumer: str = ""  # [SIGNAL_CONSUMER] consumer name; default <hostname>-<pid>
+
+
+def _env_number(env: Mapping[str, str], key: str, default, kind: type, low, high):
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a {kind.__name__}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{key}={raw!r} is out of range: use a value from {low} to {high}")
+    return value
+
+
+def load_router_options(env: Mapping[str, str] | None = None) -> RouterOptions:
+    """RouterOptions from the environment; ConfigError names the bad key."""
+    env = os.environ if env is None else env
+    consumer = env.get("SIGNAL_CONSUMER", "").strip()
+    if consumer and (len(consumer) > 100 or not consumer.isprintable() or " " in consumer):
+        raise ConfigError(f"SIGNAL_CONSUMER={consumer!r}: use up to 100 printable characters without spaces")
+    return RouterOptions(
+        reload_s=_env_number(env, "SIGNAL_RELOAD_S", 300.0, float, 1.0, 86_400.0),
+        batch=_env_number(env, "SIGNAL_BATCH", 200, int, 1, 10_000),
+        block_ms=_env_number(env, "SIGNAL_BLOCK_MS", 1000, int, 10, 60_000),
+        claim_idle_ms=_env_number(env, "SIGNAL_CLAIM_IDLE_MS", 60_000, int, 1000, 86_400_000),
+        claim_every_s=_env_number(env, "SIGNAL_CLAIM_EVERY_S", 30.0, float, 1.0, 86_400.0),
+        mark_ttl_s=_env_number(env, "SIGNAL_MARK_TTL_S", 86_400, int, 60, 30 * 86_400),
+        pg_timeout_s=_env_number(env, "SIGNAL_PG_TIMEOUT_S", 10.0, float, 0.5, 600.0),
+        consumer=consumer,
+    )
+
+
+def default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# --------------------------------------------------------------------------- faults
+
+
+class Outage:
+    """Logs a fault once when it starts and once when it ends, not on every retry."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.since: float | None = None
+        self.retries = 0
+
+    def fail(self, exc: BaseException, doing: str) -> None:
+        loop = asyncio.get_running_loop()
+        if self.since is None:
+            self.since = loop.time()
+            log_system_event(
+                "WARNING",
+                MODULE,
+                f"{self.what} unreachable while {doing} ({type(exc).__name__}: {exc}); retrying",
+                {"server": self.what, "doing": doing, "error": repr(exc)},
+            )
+        self.retries += 1
+
+    def ok(self) -> None:
+        if self.since is not None:
+            seconds = asyncio.get_running_loop().time() - self.since
+            log_system_event(
+                "INFO",
+                MODULE,
+                f"{self.what} back after {seconds:.1f} s ({self.retries} retries)",
+                {"server": self.what, "seconds": round(seconds, 3), "retries": self.retries},
+            )
+            self.since, self.retries = None, 0
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+
+class Stopped(Exception):
+    """Stop was requested while a call was being retried."""
+
+
+# --------------------------------------------------------------------------- the router
+
+
+class SignalRouter:
+    """Consumes `signals_stream` with the group `signal_processor`.
+
+    start() connects and loads the routing snapshot; run() starts if needed, routes
+    until stop() is called, then closes; stop() lets the batch in hand finish. run() is
+    re-entrant, so it can be handed to `run_safe_loop` as is.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        options: RouterOptions | None = None,
+        *,
+        group: str = core_io.SIGNAL_GROUP,
+        stream: str = core_io.SIGNALS_STREAM,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.options = options or RouterOptions()
+        self.group = group
+        self.stream = stream
+        self.consumer = self.options.consumer or default_consumer()
+        self.snapshot: RoutingSnapshot = EMPTY_SNAPSHOT
+        self.snapshot_version = 0
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("batches", "entries", "new", "duplicate", "ignored", "replayed", "sent", "failed", "skipped"), 0
+        )
+        self.redis: Redis | None = None
+        self._deliverer: signals_io.Deliverer | None = None
+        self._stop = asyncio.Event()
+        self._reload_wanted = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._started = False
+        self._resume_pending = True
+        self._next_claim_at = 0.0
+        self._redis_outage = Outage("Redis")
+        self._pg_outage = Outage("PostgreSQL")
+        self._config_outage = Outage("PostgreSQL (routing tables)")
+        self._listen_outage = Outage("PostgreSQL (LISTEN)")
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Open the bytes Redis client, make sure the group exists, load the snapshot,
+        start the LISTEN and reload tasks. Waits (stop-aware) while a server is away."""
+        if self._started:
+            return
+        # decode_responses=False: a non-UTF-8 entry must reach the validation, not
+        # crash the client; fields are decoded in signals_logic.
+        # Few client retries: a longer outage is the loop's to handle (and log), not
+        # something to sit out silently for 15 s inside one call.
+        self.redis = make_redis(
+            self.settings.redis_url,
+            decode_responses=False,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2, supported_errors=REDIS_RETRY_ERRORS),
+        )
+        self._deliverer = signals_io.Deliverer(self.redis, self.settings.stream_maxlen, self.options.mark_ttl_s * 1000)
+        self._started = True
+        self._resume_pending = True
+        self._next_claim_at = 0.0
+        await self._retry_redis("creating the consumer group", self._ensure_group)
+        await self._retry(self._config_outage, "loading the routing tables", lambda: self.reload("start"))
+        self._tasks = [
+            asyncio.create_task(self._listen_forever(), name="signals-listen"),
+            asyncio.create_task(self._reload_forever(), name="signals-reload"),
+        ]
+        log.info("router %s started on %s/%s: %s", self.consumer, self.stream, self.group, self.snapshot.counts())
+
+    async def run(self) -> None:
+        try:
+            await self.start()
+            while not self._stop.is_set():
+                self._check_tasks()
+                entries = await self._next_entries()
+                if entries:
+                    await self.process(entries)
+        except Stopped:
+            pass
+        finally:
+            await self.close()
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from run()."""
+        self._stop.set()
+
+    async def close(self) -> None:
+        """Cancel the helper tasks and close the Redis client (in reverse order)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                try:
+                    await task
+                except Exception as exc:  # a crashed helper: report, keep closing
+                    log.error("%s had crashed: %r", task.get_name(), exc)
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+        self.redis = None
+        self._started = False
+        log.info("router %s stopped: %s", self.consumer, self.stats)
+
+    def _check_tasks(self) -> None:
+        """A helper task that died is a bug: surface it so run_safe_loop restarts us."""
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise RuntimeError(f"{task.get_name()} crashed") from task.exception()
+
+    # ----------------------------------------------------------------- retries
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep `delay` (jittered), waking early on stop()."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay * random.uniform(0.8, 1.2))
+
+    async def _retry(self, outage: Outage, doing: str, call: Callable[[], Awaitable[T]], errors=PG_TRANSIENT) -> T:
+        """Run `call` until it succeeds, logging the outage once; Stopped on stop()."""
+        delay = BACKOFF_START_S
+        while True:
+            try:
+                result = await call()
+            except errors as exc:
+                outage.fail(exc, doing)
+                log.debug("%s failed again: %r", doing, exc)
+                if self._stop.is_set():
+                    raise Stopped from exc
+                await self._pause(delay)
+                if self._stop.is_set():
+                    raise Stopped from exc
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            outage.ok()
+            return result
+
+    async def _retry_redis(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
+        async def guarded() -> T:
+            try:
+                return await call()
+            except REDIS_TRANSIENT:
+                self._resume_pending = True  # replies may have been lost: reread our own
+                raise
+
+        return await self._retry(self._redis_outage, doing, guarded, REDIS_TRANSIENT)
+
+    async def _ensure_group(self) -> None:
+        await core_io.ensure_groups(self.redis, {self.stream: (self.group,)})
+
+    # ----------------------------------------------------------------- reading
+
+    async def _next_entries(self) -> list[signals_io.RawEntry]:
+        """Own pending entries first (after a start or a Redis fault), then entries
+        idle too long at other consumers (every claim_every_s), then new ones."""
+        loop = asyncio.get_running_loop()
+        opts = self.options
+        if self._resume_pending:
+            entries = await self._retry_redis(
+                "reading pending entries",
+                lambda: self._read_guarded(
+                    signals_io.read_own_pending(self.redis, self.stream, self.group, self.consumer, opts.batch)
+                ),
+            )
+            if entries:
+                return entries
+            self._resume_pending = False
+        if loop.time() >= self._next_claim_at:
+            claimed = await self._retry_redis(
+                "reclaiming stale entries",
+                lambda: core_io.reclaim_stale(
+                    self.redis, self.stream, self.group, self.consumer, opts.claim_idle_ms, opts.batch
+                ),
+            )
+            if claimed:
+                log.info("took over %d entries idle for %d ms at other consumers", len(claimed), opts.claim_idle_ms)
+                return [(_text(entry_id), fields) for _, entry_id, fields in claimed]
+            self._next_claim_at = loop.time() + opts.claim_every_s
+        entries = await self._retry_redis(
+            "reading signals_stream",
+            lambda: core_io.read_group(
+                self.redis, self.group, self.consumer, [self.stream], count=opts.batch, block_ms=opts.block_ms
+            ),
+        )
+        return [(_text(entry_id), fields) for _, entry_id, fields in entries]
+
+    async def _read_guarded(self, read: Awaitable[list[signals_io.RawEntry]]) -> list[signals_io.RawEntry]:
+        try:
+            return await read
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._ensure_group()  # Redis lost the group (a wipe): nothing pending
+            return []
+
+    # ----------------------------------------------------------------- one batch
+
+    async def process(self, entries: list[signals_io.RawEntry]) -> None:
+        """Decide, log, deliver, acknowledge one batch; faults retry the failed step."""
+        opts = self.options
+        gone = [entry_id for entry_id, fields in entries if not fields]  # trimmed while pending
+        live = [(entry_id, fields) for entry_id, fields in entries if fields]
+        decisions = decide_batch(live, self.snapshot)
+        batch = await self._retry(self._pg_outage, "logging signals", lambda: self._commit(decisions))
+        report = await self._retry_redis("delivering signals", lambda: self._deliver(batch))
+        if report.failures:
+            for log_id, strategy_id, error in report.failures:
+                log_system_event(
+                    "ERROR",
+                    MODULE,
+                    f"delivery of log {log_id} to strategy {strategy_id} failed: {error}",
+                    {"log_id": log_id, "strategy_id": strategy_id, "error": error},
+                )
+            await self._retry(
+                self._pg_outage,
+                "logging failed deliveries",
+                lambda: signals_io.mark_failed(self.pool, report.failures, opts.pg_timeout_s),
+            )
+        ids = [entry_id for entry_id, _ in entries]
+        await self._retry_redis("acknowledging entries", lambda: self._ack(ids))
+        self._count(decisions, batch, report, len(gone))
+
+    async def _commit(self, decisions: list[Decision]) -> signals_io.BatchLog:
+        """Commit the batch; if PostgreSQL refuses a value, isolate the entry that
+        caused it and log it 'ignored' instead, so one entry never blocks the rest."""
+        timeout = self.options.pg_timeout_s
+        try:
+            for attempt in range(1, DEADLOCK_RETRIES + 1):
+                try:
+                    return await signals_io.commit_batch(self.pool, decisions, timeout)
+                except asyncpg.exceptions.TransactionRollbackError as exc:
+                    # Two routers inserting the same uids in opposite orders: PostgreSQL
+                    # aborts one; nothing was committed, so simply run it again.
+                    if attempt == DEADLOCK_RETRIES:
+                        raise
+                    log.info("batch of %d rolled back (%s); retrying", len(decisions), exc)
+        except PG_REJECTS as exc:
+            log.warning("PostgreSQL refused a batch of %d (%s); committing one by one", len(decisions), exc)
+        merged = signals_io.BatchLog()
+        for decision in decisions:
+            try:
+                one = await signals_io.commit_batch(self.pool, [decision], timeout)
+            except PG_REJECTS as exc:
+                log_system_event(
+                    "ERROR", MODULE, f"entry {decision.entry_id} refused by PostgreSQL: {exc}", {"uid": decision.uid}
+                )
+                one = await signals_io.commit_batch(self.pool, [as_rejected(decision, str(exc))], timeout)
+            merged.rows.update(one.rows)
+            merged.replayed |= one.replayed
+            merged.deliveries += one.deliveries
+        return merged
+
+    async def _deliver(self, batch: signals_io.BatchLog) -> signals_io.DeliveryReport:
+        return await self._deliverer.deliver(batch.deliveries)
+
+    async def _ack(self, ids: list[str]) -> None:
+        if ids:
+            await core_io.ack(self.redis, self.group, [(self.stream, entry_id) for entry_id in ids])
+
+    def _count(self, decisions, batch: signals_io.BatchLog, report: signals_io.DeliveryReport, gone: int) -> None:
+        stats = self.stats
+        stats["batches"] += 1
+        stats["entries"] += len(decisions) + gone
+        for entry_id, (_, status) in batch.rows.items():
+            if entry_id in batch.replayed:
+                stats["replayed"] += 1
+            else:
+                stats[status] += 1
+        stats["sent"] += report.sent
+        stats["failed"] += len(report.failures)
+        stats["skipped"] += sum(
+            1
+            for d in decisions
+            if d.entry_id not in batch.replayed and batch.rows.get(d.entry_id, (0, ""))[1] == "new"
+            for t in d.targets
+            if t.status == "skipped"
+        )
+        if batch.replayed:
+            log.info(
+                "%d entries were logged before (read again after a fault); %d of their signals had already gone out",
+                len(batch.replayed),
+                report.already,
+            )
+
+    # ----------------------------------------------------------------- routing snapshot
+
+    async def reload(self, reason: str) -> RoutingSnapshot:
+        """Read the routing tables into a new snapshot and swap the reference."""
+        snapshot = await signals_io.load_snapshot(self.pool, self.options.pg_timeout_s)
+        changed = snapshot.fingerprint() != self.snapshot.fingerprint()
+        self.snapshot = snapshot  # one assignment: readers see the old or the new view
+        self.snapshot_version += 1
+        if changed:
+            for warning in snapshot.warnings:
+                log_system_event("WARNING", MODULE, warning)
+            log.info("routing tables loaded (%s): %s", reason, snapshot.counts())
+        return snapshot
+
+    def _on_notify(self, _conn, _pid, _channel, payload: str) -> None:
+        log.debug("routing table %s changed", payload)
+        self._reload_wanted.set()
+
+    async def _reload_forever(self) -> None:
+        """Reload on notification (debounced) and every reload_s; a failed reload keeps
+        the current snapshot and is retried with backoff."""
+        delay = BACKOFF_START_S
+        while True:
+            try:
+                await asyncio.wait_for(self._reload_wanted.wait(), self.options.reload_s)
+                reason = "change"
+                await asyncio.sleep(RELOAD_DEBOUNCE_S)
+            except TimeoutError:
+                reason = "periodic"
+            self._reload_wanted.clear()
+            try:
+                await self.reload(reason)
+            except PG_TRANSIENT as exc:
+                self._config_outage.fail(exc, "reloading the routing tables")
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                self._reload_wanted.set()
+                continue
+            self._config_outage.ok()
+            delay = BACKOFF_START_S
+
+    async def _listen_forever(self) -> None:
+        """Hold a dedicated connection LISTENing on feed_v4_config; reconnect when it
+        dies, and reload after each (re)connect to catch changes made meanwhile."""
+        delay = BACKOFF_START_S
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self.settings.postgres_url,
+                    timeout=self.options.pg_timeout_s,
+                    server_settings={"application_name": "feed_v4_signals_listen"},
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(signals_io.CONFIG_CHANNEL, self._on_notify)
+                self._listen_outage.ok()
+                delay = BACKOFF_START_S
+                self._reload_wanted.set()
+                while not lost.is_set():
+                    try:
+                        await asyncio.wait_for(lost.wait(), LISTEN_PING_S)
+                    except TimeoutError:
+                        await conn.fetchval("SELECT 1", timeout=self.options.pg_timeout_s)
+                raise ConnectionResetError("LISTEN connection closed")
+            except PG_TRANSIENT as exc:
+                self._listen_outage.fail(exc, "listening for routing changes")
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+            finally:
+                if conn is not None:
+                    conn.terminate()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --------------------------------------------------------------------------- standalone
+
+
+async def run_standalone(settings: Settings, options: RouterOptions) -> int:
+    """Boot (PostgreSQL, Redis, migrations), route until SIGTERM/SIGINT, exit 0."""
+    pool = await connect_pg(settings)
+    try:
+        redis, _ = await connect_redis(settings)  # bounded wait and a clear boot error
+        await redis.aclose()
+        await apply_migrations(pool)
+        router = SignalRouter(settings, pool, options)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: (router.stop(), stop.set()))
+        flusher = asyncio.create_task(system_event_log.run_flusher(pool), name="system-log")
+        worker = asyncio.create_task(run_safe_loop(router.run, MODULE), name=MODULE)
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({worker, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not worker.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(worker), STOP_GRACE_S)
+            except TimeoutError:
+                worker.cancel()
+        for task in (worker, stopper, flusher):
+            task.cancel()
+        await asyncio.gather(worker, stopper, flusher, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(system_event_log.flush(pool)), 2.0)
+    finally:
+        await pool.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        print("usage: python signals_v4_main.py   (settings come from the environment)", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings()
+        options = load_router_options()
+        setup_logging(settings.debug_mode)
+        return asyncio.run(run_standalone(settings, options))
+    except (ConfigError, BootError) as exc:
+        print(f"signals_v4: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
