@@ -39,6 +39,7 @@ from infra import (
 )
 from migrations import apply_migrations
 from restore_redis_from_pg import restore_redis_from_pg
+from signals_v4_main import SignalRouter, load_router_options
 
 log = logging.getLogger("MAIN")
 
@@ -81,19 +82,24 @@ async def boot(settings: Settings) -> Runtime:
 Worker = Callable[[], Awaitable[None]]
 
 
-def workers_for(runtime: Runtime) -> dict[str, Worker]:
-    """The guarded workers of this process, by name."""
+def workers_for(runtime: Runtime) -> tuple[dict[str, Worker], list[Callable[[], None]]]:
+    """The guarded workers of this process by name, and how to ask them to stop."""
 
     async def system_log_flusher() -> None:
         await system_event_log.run_flusher(runtime.pool)
 
     workers: dict[str, Worker] = {"SYSTEM_LOG": system_log_flusher}
+    stoppers: list[Callable[[], None]] = []
     if env_bool(os.environ, "FEED_ENABLED", True):
         feed = Feed(
             runtime.settings, FeedSettings.from_env(runtime.settings), runtime.pool, runtime.redis, runtime.store
         )
         workers.update(feed.workers())
-    return workers
+    if env_bool(os.environ, "SIGNALS_ENABLED", True):
+        router = SignalRouter(runtime.settings, runtime.pool, load_router_options())
+        workers["SIGNALS"] = router.run
+        stoppers.append(router.stop)
+    return workers, stoppers
 
 
 async def run_daemon(settings: Settings) -> int:
@@ -102,13 +108,16 @@ async def run_daemon(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runtime = await boot(settings)
-    workers = workers_for(runtime)
+    workers, stoppers = workers_for(runtime)
     tasks = [asyncio.create_task(run_safe_loop(fn, name), name=name) for name, fn in workers.items()]
     log_system_event("INFO", "MAIN", "daemon started", {"workers": sorted(workers)})
     try:
         await stop.wait()
         log.info("stop requested; shutting down")
     finally:
+        for request_stop in stoppers:
+            request_stop()  # e.g. the router finishes and acks the batch in hand
+        await asyncio.sleep(0.2)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

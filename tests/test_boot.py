@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
+import redis
 from servers import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -76,11 +79,30 @@ def test_daemon_boots_on_plain_redis_and_stops_cleanly_on_sigterm(plain_redis_se
     output = []
     for line in process.stderr:
         output.append(line)
-        if "booted:" in line:
+        if "router" in line and "started" in line:
             break
+    # The signal router runs inside the daemon: an entry is logged and acknowledged.
+    redis_cli = redis.Redis.from_url(plain_redis_server.url, decode_responses=True)
+    redis_cli.xadd(
+        "signals_stream",
+        {"symbol": "BTCUSDT", "message": "no such phrase", "bar_time": "1770163200000", "sent_at": "1770163201000"},
+    )
+    deadline = time.monotonic() + 10
+    while redis_cli.xpending("signals_stream", "signal_processor")["pending"] or not asyncio.run(_logged(pg_url)):
+        assert time.monotonic() < deadline, "the router in the daemon did not log the signal"
+        time.sleep(0.1)
+    redis_cli.close()
     process.send_signal(signal.SIGTERM)
     _, rest = process.communicate(timeout=10)
     text = "".join(output) + rest
     assert process.returncode == 0, text
     assert "sorted-set store" in text
     assert "candle_store=auto" in text
+
+
+async def _logged(pg_url: str) -> bool:
+    conn = await asyncpg.connect(pg_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM signals_v2_log WHERE status = 'ignored'") == 1
+    finally:
+        await conn.close()
