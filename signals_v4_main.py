@@ -47,6 +47,7 @@ from infra import (
     Settings,
     connect_pg,
     connect_redis,
+    env_number,
     load_settings,
     log_system_event,
     make_redis,
@@ -114,19 +115,6 @@ class RouterOptions:
     consumer: str = ""  # [SIGNAL_CONSUMER] consumer name; default <hostname>-<pid>
 
 
-def _env_number(env: Mapping[str, str], key: str, default, kind: type, low, high):
-    raw = env.get(key, "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not a {kind.__name__}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{key}={raw!r} is out of range: use a value from {low} to {high}")
-    return value
-
-
 def load_router_options(env: Mapping[str, str] | None = None) -> RouterOptions:
     """RouterOptions from the environment; ConfigError names the bad key."""
     env = os.environ if env is None else env
@@ -134,13 +122,13 @@ def load_router_options(env: Mapping[str, str] | None = None) -> RouterOptions:
     if consumer and (len(consumer) > 100 or not consumer.isprintable() or " " in consumer):
         raise ConfigError(f"SIGNAL_CONSUMER={consumer!r}: use up to 100 printable characters without spaces")
     return RouterOptions(
-        reload_s=_env_number(env, "SIGNAL_RELOAD_S", 300.0, float, 1.0, 86_400.0),
-        batch=_env_number(env, "SIGNAL_BATCH", 200, int, 1, 10_000),
-        block_ms=_env_number(env, "SIGNAL_BLOCK_MS", 1000, int, 10, 60_000),
-        claim_idle_ms=_env_number(env, "SIGNAL_CLAIM_IDLE_MS", 60_000, int, 1000, 86_400_000),
-        claim_every_s=_env_number(env, "SIGNAL_CLAIM_EVERY_S", 30.0, float, 1.0, 86_400.0),
-        mark_ttl_s=_env_number(env, "SIGNAL_MARK_TTL_S", 86_400, int, 60, 30 * 86_400),
-        pg_timeout_s=_env_number(env, "SIGNAL_PG_TIMEOUT_S", 10.0, float, 0.5, 600.0),
+        reload_s=env_number(env, "SIGNAL_RELOAD_S", 300.0, float, 1.0, 86_400.0),
+        batch=env_number(env, "SIGNAL_BATCH", 200, int, 1, 10_000),
+        block_ms=env_number(env, "SIGNAL_BLOCK_MS", 1000, int, 10, 60_000),
+        claim_idle_ms=env_number(env, "SIGNAL_CLAIM_IDLE_MS", 60_000, int, 1000, 86_400_000),
+        claim_every_s=env_number(env, "SIGNAL_CLAIM_EVERY_S", 30.0, float, 1.0, 86_400.0),
+        mark_ttl_s=env_number(env, "SIGNAL_MARK_TTL_S", 86_400, int, 60, 30 * 86_400),
+        pg_timeout_s=env_number(env, "SIGNAL_PG_TIMEOUT_S", 10.0, float, 0.5, 600.0),
         consumer=consumer,
     )
 
