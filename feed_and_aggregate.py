@@ -369,7 +369,11 @@ class Backfiller:
             self.wake.clear()
             await self.fill_once()
 
+    STORE_BATCH = 20_000  # fetched candles stored together
+
     async def fill_once(self) -> int:
+        """Fetch every logged gap and pending history range; the REST calls run
+        concurrently and their candles are stored in large batches, not per request."""
         missing = await core_io.fetch_missing_m1(self.pool)
         if not missing and not self.history:
             return 0
@@ -377,51 +381,66 @@ class Backfiller:
         jobs = [(r, True) for r in contiguous_ranges(missing, REST_KLINES_MAX_LIMIT)]
         while self.history:
             jobs.append((self.history.popleft(), False))
-        results = await asyncio.gather(
-            *(self._fetch(r, logged, server_now) for r, logged in jobs), return_exceptions=True
-        )
-        for (run, logged), result in zip(jobs, results):
-            if isinstance(result, BaseException):
+        ready: list[tuple[tuple[str, int, int], bool, list[Candle]]] = []
+        stored = 0
+        for next_done in asyncio.as_completed([self._fetch(run, logged, server_now) for run, logged in jobs]):
+            run, logged, result = await next_done
+            if isinstance(result, Exception):
                 if not logged:
-                    self.history.append(run)  # first history is retried later too
+                    self.history.append(run)  # first history is retried on the next round
                 log_system_event(
                     "ERROR",
                     "BACKFILL",
                     f"klines for {run[0]} failed: {result}",
                     {"symbol": run[0], "from": run[1], "to": run[2]},
                 )
-        return sum(r for r in results if isinstance(r, int))
+                continue
+            ready.append((run, logged, result))
+            if sum(len(candles) for _, _, candles in ready) >= self.STORE_BATCH:
+                stored += await self._store(ready, server_now)
+                ready = []
+        return stored + await self._store(ready, server_now)
 
-    async def _fetch(self, run: tuple[str, int, int], logged: bool, server_now: int) -> int:
+    async def _fetch(self, run: tuple[str, int, int], logged: bool, server_now: int):
         symbol, first, last = run
-        async with self.semaphore:
-            limit = (last - first) // M1_MS + 1
-            rows = await self.rest.klines(symbol, first, last + M1_MS - 1, limit)
-        candles = [c for c in closed_rest_klines(symbol, rows, server_now) if first <= c.open_time <= last]
+        try:
+            async with self.semaphore:
+                limit = (last - first) // M1_MS + 1
+                rows = await self.rest.klines(symbol, first, last + M1_MS - 1, limit)
+            candles = [c for c in closed_rest_klines(symbol, rows, server_now) if first <= c.open_time <= last]
+        except (RestError, FrameError, OSError, TimeoutError) as exc:
+            return run, logged, exc
+        return run, logged, candles
+
+    async def _store(self, ready: list[tuple[tuple[str, int, int], bool, list[Candle]]], server_now: int) -> int:
+        """Store the fetched candles, then settle the gap log of each range."""
+        candles = [c for _, _, batch in ready for c in batch]
         await self.intake.store_m1(candles)
         self.fetched += len(candles)
-        if not logged:
-            left = self.history_outstanding.get(symbol, 1) - 1
-            if left <= 0:
-                self.history_outstanding.pop(symbol, None)
-            else:
-                self.history_outstanding[symbol] = left
-        else:
-            got = {c.open_time for c in candles}
-            lost = [
+        lost: list[tuple[str, int]] = []
+        for (symbol, first, last), logged, batch in ready:
+            if not logged:
+                left = self.history_outstanding.get(symbol, 1) - 1
+                if left <= 0:
+                    self.history_outstanding.pop(symbol, None)
+                else:
+                    self.history_outstanding[symbol] = left
+                continue
+            got = {c.open_time for c in batch}
+            lost += [
                 (symbol, t)
                 for t in range(first, last + M1_MS, M1_MS)
                 if t not in got and t + M1_MS + self.UNFILLABLE_AFTER_MS <= server_now
             ]
-            if lost:
-                await core_io.set_missing_status(self.pool, lost, "unfillable")
-                log_system_event(
-                    "WARNING",
-                    "BACKFILL",
-                    f"{symbol}: {len(lost)} minutes the exchange does not have",
-                    {"symbol": symbol, "first": lost[0][1], "last": lost[-1][1]},
-                )
-                await self.intake.aggregate(affected_buckets(lost))
+        if lost:
+            await core_io.set_missing_status(self.pool, lost, "unfillable")
+            log_system_event(
+                "WARNING",
+                "BACKFILL",
+                f"{len(lost)} minutes the exchange does not have",
+                {"first": list(lost[0]), "last": list(lost[-1])},
+            )
+            await self.intake.aggregate(affected_buckets(lost))
         return len(candles)
 
 
