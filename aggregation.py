@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from candles import M1_PER_BUCKET, TF_MS, Candle, bucket_start
+from candles import TF_MS, Candle, bucket_start
 
 M1_MS = TF_MS["m1"]
 AGGREGATED_TFS = ("m5", "m15")
@@ -56,10 +56,6 @@ def buildable(tf: str, bucket_open: int, present: set[int], unfillable: set[int]
     """
     minutes = bucket_minutes(tf, bucket_open)
     return bool(present) and all(m in present or m in unfillable for m in minutes)
-
-
-def expected_m1_count(tf: str) -> int:
-    return M1_PER_BUCKET[tf]
 
 
 @dataclass

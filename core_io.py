@@ -29,7 +29,6 @@ CANDLE_FIELDS: tuple[str, ...] = ("o", "h", "l", "c", "v")
 CANDLE_STREAMS: dict[str, str] = {tf: f"ohlcv_{tf}_ready" for tf in TIMEFRAMES}
 INDICATORS_READY_STREAM = "indicators_ready_stream"
 SIGNALS_STREAM = "signals_stream"
-HEARTBEAT_KEY = "feed_v4:heartbeat"
 
 # The consumer groups the daemon reads with; restore creates them up front.
 INDICATOR_GROUP = "indicator_workers"
