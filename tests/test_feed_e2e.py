@@ -229,3 +229,26 @@ async def test_enabling_and_disabling_a_ticker_while_running(pool, redis, redis_
     finally:
         daemon.cleanup()
         await exchange.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_legacy_route_silence_is_reported_not_taken_for_a_quiet_market(pool, redis_url, pg_url):
+    source = ArchiveSource(["LINKUSDT"], start_ms=START - (HISTORY_M1 + 30) * M1, end_ms=START + 60 * M1)
+    exchange = FakeExchange(source, start_ms=START, speed=60, seed=2)
+    await exchange.start()
+    env = daemon_env(exchange, redis_url, pg_url, ["LINKUSDT"])
+    env["BINANCE_WS_URL"] = exchange.ws_url.removesuffix("/market")  # the pre-2026 route: acks, then silence
+    daemon = DaemonProcess(env)
+    try:
+        daemon.start()
+        await until(
+            lambda: pool.fetchval(
+                "SELECT count(*) FROM system_log_v4 WHERE message LIKE '%is BINANCE_WS_URL the /market route?%'"
+            ),
+            30,
+            "the silent legacy route to be reported",
+        )
+        assert daemon.alive()
+    finally:
+        daemon.cleanup()
+        await exchange.stop()
