@@ -358,19 +358,15 @@ async def upsert_candles(
         if tf != "m1":
             params.append([c.m1_count for c in rows])
         for record in await pool.fetch(_UPSERT_CANDLES_SQL[tf], *params):
-            changed.append((record["symbol"], tf, _ms(record["open_time"])))
+            changed.append((record["symbol"], tf, datetime_to_ms(record["open_time"])))
     return changed
-
-
-def _ms(moment) -> int:
-    return datetime_to_ms(moment)
 
 
 def _candle_from_record(record: asyncpg.Record, tf: str) -> Candle:
     return Candle(
         symbol=record["symbol"],
         tf=tf,
-        open_time=_ms(record["open_time"]),
+        open_time=datetime_to_ms(record["open_time"]),
         open=record["open"],
         high=record["high"],
         low=record["low"],
@@ -562,7 +558,7 @@ async def fetch_latest_indicator_values(pool: asyncpg.Pool, symbols: Sequence[st
     """The newest stored values of every enabled instance on `tf`, per symbol."""
     rows = await pool.fetch(_LATEST_INDICATORS_SQL, list(symbols), tf)
     return [
-        IndicatorValue(r["instance_id"], r["symbol"], tf, _ms(r["open_time"]), r["param_name"], r["value"])
+        IndicatorValue(r["instance_id"], r["symbol"], tf, datetime_to_ms(r["open_time"]), r["param_name"], r["value"])
         for r in rows
     ]
 
@@ -696,7 +692,31 @@ async def last_m1_open_times(pool: asyncpg.Pool, symbols: Sequence[str]) -> dict
         "FROM unnest($1::text[]) AS s(symbol)",
         list(symbols),
     )
-    return {r["symbol"]: _ms(r["last"]) for r in rows if r["last"] is not None}
+    return {r["symbol"]: datetime_to_ms(r["last"]) for r in rows if r["last"] is not None}
+
+
+def _key_arrays(keys: Sequence[tuple[str, int]]) -> tuple[list[str], list]:
+    """(symbol, open_time ms) pairs as the two arrays an `unnest` takes."""
+    return [k[0] for k in keys], [ms_to_datetime(k[1]) for k in keys]
+
+
+def _range_arrays(ranges: Sequence[tuple[str, int, int]]) -> tuple[list[str], list, list]:
+    """(symbol, start ms, end ms) triples as the three arrays an `unnest` takes."""
+    return [r[0] for r in ranges], [ms_to_datetime(r[1]) for r in ranges], [ms_to_datetime(r[2]) for r in ranges]
+
+
+async def fetch_candles_at(pool: asyncpg.Pool, tf: str, keys: Sequence[tuple[str, int]]) -> list[Candle]:
+    """Exact candles of `tf` at these (symbol, open_time) keys, oldest first, one query."""
+    if not keys:
+        return []
+    extra = ", m.m1_count" if tf != "m1" else ""
+    rows = await pool.fetch(
+        f"SELECT m.symbol, m.open_time, {', '.join('m.' + c for c in _CANDLE_COLUMNS)}{extra} "
+        "FROM unnest($1::text[], $2::timestamptz[]) AS k(symbol, open_time) "
+        f"JOIN {candle_table(tf)} m ON m.symbol = k.symbol AND m.open_time = k.open_time ORDER BY m.open_time",
+        *_key_arrays(keys),
+    )
+    return [_candle_from_record(r, tf) for r in rows]
 
 
 async def fetch_m1_ranges(pool: asyncpg.Pool, ranges: Sequence[tuple[str, int, int]]) -> dict[str, list[Candle]]:
@@ -708,9 +728,7 @@ async def fetch_m1_ranges(pool: asyncpg.Pool, ranges: Sequence[tuple[str, int, i
         "FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS r(symbol, start_at, end_at) "
         "JOIN ohlcv4_m1 m ON m.symbol = r.symbol AND m.open_time >= r.start_at AND m.open_time < r.end_at "
         "ORDER BY m.symbol, m.open_time",
-        [r[0] for r in ranges],
-        [ms_to_datetime(r[1]) for r in ranges],
-        [ms_to_datetime(r[2]) for r in ranges],
+        *_range_arrays(ranges),
     )
     out: dict[str, list[Candle]] = defaultdict(list)
     for r in rows:
@@ -727,8 +745,7 @@ async def log_missing_m1(pool: asyncpg.Pool, minutes: Sequence[tuple[str, int]])
         "SELECT g.symbol, g.open_time FROM unnest($1::text[], $2::timestamptz[]) AS g(symbol, open_time) "
         "WHERE NOT EXISTS (SELECT 1 FROM ohlcv4_m1 m WHERE m.symbol = g.symbol AND m.open_time = g.open_time) "
         "ON CONFLICT (symbol, open_time) DO NOTHING",
-        [m[0] for m in minutes],
-        [ms_to_datetime(m[1]) for m in minutes],
+        *_key_arrays(minutes),
     )
     return int(result.split()[-1])
 
@@ -742,8 +759,7 @@ async def set_missing_status(pool: asyncpg.Pool, minutes: Sequence[tuple[str, in
         "attempts = attempts + CASE WHEN $3 = 'unfillable' THEN 1 ELSE 0 END "
         "FROM unnest($1::text[], $2::timestamptz[]) AS u(symbol, open_time) "
         "WHERE g.symbol = u.symbol AND g.open_time = u.open_time AND g.status <> 'backfilled' AND g.status <> $3",
-        [m[0] for m in minutes],
-        [ms_to_datetime(m[1]) for m in minutes],
+        *_key_arrays(minutes),
         status,
     )
 
@@ -753,7 +769,7 @@ async def fetch_missing_m1(pool: asyncpg.Pool, limit: int = 50_000) -> list[tupl
         "SELECT symbol, open_time FROM missing_m1_log_v4 WHERE status = 'missing' ORDER BY symbol, open_time LIMIT $1",
         limit,
     )
-    return [(r["symbol"], _ms(r["open_time"])) for r in rows]
+    return [(r["symbol"], datetime_to_ms(r["open_time"])) for r in rows]
 
 
 async def fetch_unfillable_m1(pool: asyncpg.Pool, ranges: Sequence[tuple[str, int, int]]) -> set[tuple[str, int]]:
@@ -764,11 +780,9 @@ async def fetch_unfillable_m1(pool: asyncpg.Pool, ranges: Sequence[tuple[str, in
         "FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS r(symbol, start_at, end_at) "
         "JOIN missing_m1_log_v4 g ON g.symbol = r.symbol AND g.open_time >= r.start_at AND g.open_time < r.end_at "
         "WHERE g.status = 'unfillable'",
-        [r[0] for r in ranges],
-        [ms_to_datetime(r[1]) for r in ranges],
-        [ms_to_datetime(r[2]) for r in ranges],
+        *_range_arrays(ranges),
     )
-    return {(r["symbol"], _ms(r["open_time"])) for r in rows}
+    return {(r["symbol"], datetime_to_ms(r["open_time"])) for r in rows}
 
 
 async def announced_candles(redis: Redis, stream: str, page: int = 10_000) -> set[tuple[str, int]]:

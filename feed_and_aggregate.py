@@ -138,11 +138,12 @@ class CandleIntake:
         changed = {(s, t) for s, _, t in await core_io.upsert_candles(self.pool, candles)}
         unique = {(c.symbol, c.open_time): c for c in candles}
         fresh = sorted((c for key, c in unique.items() if key in changed), key=lambda c: c.open_time)
-        await core_io.set_missing_status(self.pool, list(unique), "backfilled")
         if fresh:
             await self._cache_and_announce(fresh, "m1")
             self.stored_m1 += len(fresh)
             await self.aggregate(affected_buckets((c.symbol, c.open_time) for c in fresh))
+        # Off the latency path: a late close or a refetch settles its gap-log row.
+        await core_io.set_missing_status(self.pool, list(unique), "backfilled")
         return fresh
 
     async def reconcile(self, window_ms: int) -> None:
@@ -165,18 +166,10 @@ class CandleIntake:
                 f"SELECT symbol, open_time FROM {core_io.candle_table(tf)} WHERE open_time >= $1",
                 ms_to_datetime(cutoff),
             )
-            unannounced = sorted({(r["symbol"], datetime_to_ms(r["open_time"])) for r in stored} - announced)
-            by_symbol: dict[str, list[int]] = {}
-            for symbol, t in unannounced:
-                by_symbol.setdefault(symbol, []).append(t)
-            candles = [
-                c
-                for symbol, times in by_symbol.items()
-                for c in await core_io.fetch_candles(self.pool, symbol, tf, times[0], times[-1] + 1)
-                if c.open_time in set(times)
-            ]
+            unannounced = {(r["symbol"], datetime_to_ms(r["open_time"])) for r in stored} - announced
+            candles = await core_io.fetch_candles_at(self.pool, tf, sorted(unannounced))
             if candles:
-                await self._cache_and_announce(sorted(candles, key=lambda c: c.open_time), tf)
+                await self._cache_and_announce(candles, tf)
                 repaired += len(candles)
         if repaired:
             log_system_event(
@@ -233,7 +226,6 @@ class WeightLimiter:
         self.limit, self.window_s = limit, window_s
         self.spent: deque[tuple[float, int]] = deque()
         self.blocked_until = 0.0
-        self.server_used = 0
         self._lock = asyncio.Lock()
 
     def _used(self, now: float) -> int:
@@ -259,8 +251,7 @@ class WeightLimiter:
     def observe(self, used_header: str | None) -> None:
         """The exchange counts all our IP's requests; if it saw more than we did, catch up."""
         if used_header and used_header.isdigit():
-            self.server_used = int(used_header)
-            gap = self.server_used - self._used(time.monotonic())
+            gap = int(used_header) - self._used(time.monotonic())
             if gap > 0:
                 self.spent.append((time.monotonic(), gap))
 
@@ -470,7 +461,6 @@ class StreamConnection:
         self.request_id = 0
         self.backoff = Backoff(0.5, settings.backoff_max_s)
         self.log = logging.getLogger(f"WS{conn_id}")
-        self.connects = 0
 
     def url(self, streams: set[str]) -> str:
         return f"{self.base_url}/stream?streams={'/'.join(sorted(streams))}"
@@ -522,7 +512,6 @@ class StreamConnection:
         except BaseException:
             await self._close(ws)
             raise
-        self.connects += 1
         self.on_connected({s for s in streams})
         missing = self.streams - streams
         if missing:
@@ -682,13 +671,7 @@ class Feed:
             while not self.closed.empty() and len(batch) < 5000:
                 batch.append(self.closed.get_nowait())
             try:
-                if self.new_gaps:
-                    gaps, self.new_gaps = self.new_gaps, []
-                    try:
-                        await self._log_gaps(gaps)
-                    except BaseException:
-                        self.new_gaps = gaps + self.new_gaps
-                        raise
+                await self._flush_gaps()
                 await self.intake.store_m1(batch)
                 batch = []
                 backoff.reset()
@@ -698,6 +681,17 @@ class Feed:
                     "ERROR", "INTAKE", f"storing {len(batch)} candles failed ({exc}); retrying in {delay:.1f}s"
                 )
                 await asyncio.sleep(delay)
+
+    async def _flush_gaps(self) -> None:
+        """Log the gaps found so far; on failure they stay queued, in order."""
+        if not self.new_gaps:
+            return
+        gaps, self.new_gaps = self.new_gaps, []
+        try:
+            await self._log_gaps(gaps)
+        except BaseException:
+            self.new_gaps = gaps + self.new_gaps
+            raise
 
     async def _log_gaps(self, gaps: list[tuple[str, int]]) -> None:
         added = await core_io.log_missing_m1(self.pool, gaps)
@@ -715,13 +709,8 @@ class Feed:
             if self.stats.event_time:
                 for symbol, minutes in self.tracker.overdue(self.stats.event_time).items():
                     self.new_gaps += [(symbol, t) for t in minutes]
-            if self.new_gaps and self.closed.empty():
-                gaps, self.new_gaps = self.new_gaps, []
-                try:
-                    await self._log_gaps(gaps)
-                except BaseException:
-                    self.new_gaps = gaps + self.new_gaps
-                    raise
+            if self.closed.empty():  # else the intake logs them before its next batch
+                await self._flush_gaps()
 
     async def flush_prices(self) -> None:
         while True:

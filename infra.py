@@ -429,9 +429,8 @@ async def _wait_for(what: str, url: str, attempt: Callable[[], Awaitable[Any]], 
             asyncpg.InvalidCatalogNameError,
             asyncpg.InvalidPasswordError,
             asyncpg.InvalidAuthorizationSpecificationError,
+            ResponseError,
         ) as exc:
-            raise BootError(f"{what} at {mask_url(url)} refused us ({exc}): {hint}") from None
-        except ResponseError as exc:
             raise BootError(f"{what} at {mask_url(url)} refused us ({exc}): {hint}") from None
 
 

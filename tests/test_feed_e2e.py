@@ -13,7 +13,7 @@ from daemon import DaemonProcess
 
 import core_io
 from aggregation import aggregate
-from candles import TF_MS, Candle
+from candles import TF_MS, Candle, datetime_to_ms
 from fake_exchange import ArchiveSource, FakeExchange
 from infra import make_redis
 
@@ -68,7 +68,7 @@ async def complete(pool, symbols: list[str], last_closed: int) -> bool:
         "SELECT symbol, count(*) AS n, min(open_time) AS first, max(open_time) AS last FROM ohlcv4_m1 GROUP BY symbol"
     )
     done = {r["symbol"]: r for r in rows}
-    if any(s not in done or core_io._ms(done[s]["last"]) < last_closed for s in symbols):
+    if any(s not in done or datetime_to_ms(done[s]["last"]) < last_closed for s in symbols):
         return False
     open_gaps = await pool.fetchval("SELECT count(*) FROM missing_m1_log_v4 WHERE status = 'missing'")
     return open_gaps == 0
@@ -90,7 +90,7 @@ async def assert_store_matches_source(pool, redis, source, symbols: list[str], l
     checked = 0
     for symbol in symbols:
         first = await pool.fetchval("SELECT min(open_time) FROM ohlcv4_m1 WHERE symbol = $1", symbol)
-        first_ms = core_io._ms(first)
+        first_ms = datetime_to_ms(first)
         stored = await core_io.fetch_candles(pool, symbol, "m1", first_ms, last_closed + M1)
         expected = archive_m1(source, symbol, first_ms, last_closed)
         assert stored == expected, f"{symbol}: M1 table differs from the archive"
@@ -125,7 +125,7 @@ async def assert_every_candle_announced(pool, redis) -> None:
             announced[fields["symbol"]].add(int(fields["open_time"]))
         rows = await pool.fetch(f"SELECT symbol, open_time FROM {core_io.candle_table(tf)}")
         for row in rows:
-            assert core_io._ms(row["open_time"]) in announced[row["symbol"]], f"{tf} {row['symbol']} not announced"
+            assert datetime_to_ms(row["open_time"]) in announced[row["symbol"]], f"{tf} {row['symbol']} not announced"
 
 
 @pytest.fixture
@@ -181,7 +181,7 @@ async def test_replay_with_every_fault_and_a_kill_loses_nothing(pool, redis, red
         statuses = dict(await pool.fetch("SELECT status, count(*) FROM missing_m1_log_v4 GROUP BY status"))
         assert set(statuses) == {"backfilled"}
         gap_log = {
-            (r["symbol"], core_io._ms(r["open_time"]))
+            (r["symbol"], datetime_to_ms(r["open_time"]))
             for r in await pool.fetch("SELECT symbol, open_time FROM missing_m1_log_v4 WHERE status = 'backfilled'")
         }
         injected = {gap for gap in exchange.stats.dropped_closes if START + 5 * M1 <= gap[1] <= last_closed}
