@@ -6,6 +6,7 @@ statement per batch, never a round trip per row. No business logic lives here.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -502,7 +503,7 @@ async def upsert_indicator_values(pool: asyncpg.Pool | asyncpg.Connection, value
 
 
 # Only a newer (or the same) bar may replace the latest values of a hash.
-_SET_LATEST_LUA = """
+SET_LATEST_LUA = """
 local stored = redis.call('HGET', KEYS[1], 'open_time')
 if stored and tonumber(stored) > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'open_time', ARGV[1], unpack(ARGV, 2))
@@ -519,7 +520,7 @@ class IndicatorCache:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._set_latest = redis.register_script(_SET_LATEST_LUA)
+        self._set_latest = redis.register_script(SET_LATEST_LUA)
 
     async def set_latest(self, values: Iterable[IndicatorValue], pipe=None) -> None:
         """Write in one pipeline (the caller's, if given, so it can add an XADD)."""
@@ -561,6 +562,166 @@ async def fetch_latest_indicator_values(pool: asyncpg.Pool, symbols: Sequence[st
         IndicatorValue(r["instance_id"], r["symbol"], tf, datetime_to_ms(r["open_time"]), r["param_name"], r["value"])
         for r in rows
     ]
+
+
+_HISTORY_SQL = {
+    tf: (
+        "SELECT s.symbol, array_agg((extract(epoch FROM c.open_time) * 1000)::bigint ORDER BY c.open_time) AS t, "
+        "array_agg(c.open::float8 ORDER BY c.open_time) AS o, array_agg(c.high::float8 ORDER BY c.open_time) AS h, "
+        "array_agg(c.low::float8 ORDER BY c.open_time) AS l, array_agg(c.close::float8 ORDER BY c.open_time) AS c, "
+        "array_agg(c.volume::float8 ORDER BY c.open_time) AS v "
+        "FROM unnest($1::text[], $2::timestamptz[], $3::integer[]) AS s(symbol, upto, n) "
+        f"CROSS JOIN LATERAL (SELECT * FROM {candle_table(tf)} x WHERE x.symbol = s.symbol AND x.open_time <= s.upto "
+        "ORDER BY x.open_time DESC LIMIT s.n) c GROUP BY s.symbol"
+    )
+    for tf in TIMEFRAMES
+}
+
+FAR_FUTURE_MS = 32_503_680_000_000  # year 3000: "no upper bound"
+
+
+async def fetch_history(
+    pool: asyncpg.Pool, tf: str, requests: Sequence[tuple[str, int | None, int]]
+) -> dict[str, tuple[list, ...]]:
+    """Per (symbol, newest open time or None for the newest stored, bar count): that
+    many stored bars, oldest first, as (t, o, h, l, c, v) lists of ms and float8.
+
+    PostgreSQL's numeric→float8 is correctly rounded, as Python's float(str) is, so these
+    floats equal the ones parsed from the stream events.
+    """
+    if not requests:
+        return {}
+    rows = await pool.fetch(
+        _HISTORY_SQL[tf],
+        [r[0] for r in requests],
+        [ms_to_datetime(FAR_FUTURE_MS if r[1] is None else r[1]) for r in requests],
+        [r[2] for r in requests],
+    )
+    return {r["symbol"]: (r["t"], r["o"], r["h"], r["l"], r["c"], r["v"]) for r in rows}
+
+
+async def persisted_until(
+    pool: asyncpg.Pool, instance_ids: Sequence[int], symbols: Sequence[str]
+) -> dict[tuple[int, str], int]:
+    """Newest bar with a stored value, per (instance, symbol); one index probe each."""
+    if not instance_ids or not symbols:
+        return {}
+    pairs = [(i, s) for i in instance_ids for s in symbols]
+    rows = await pool.fetch(
+        "SELECT p.i, p.s, (SELECT max(open_time) FROM indicator_values_v4 v "
+        "WHERE v.instance_id = p.i AND v.symbol = p.s) AS last "
+        "FROM unnest($1::integer[], $2::text[]) AS p(i, s)",
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+    )
+    return {(r["i"], r["s"]): datetime_to_ms(r["last"]) for r in rows if r["last"] is not None}
+
+
+async def fetch_values_at(
+    pool: asyncpg.Pool, keys: Sequence[tuple[int, str, int, str]]
+) -> dict[tuple[int, str, int, str], float]:
+    """Stored values for (instance, symbol, open time ms, output name) keys."""
+    if not keys:
+        return {}
+    rows = await pool.fetch(
+        "SELECT k.i, k.s, k.t, k.n, v.value FROM unnest($1::integer[], $2::text[], $3::int8[], $4::text[]) "
+        "AS k(i, s, t, n) JOIN indicator_values_v4 v ON v.instance_id = k.i AND v.symbol = k.s "
+        "AND v.open_time = 'epoch'::timestamptz + k.t * interval '1 millisecond' AND v.param_name = k.n "
+        "WHERE v.value IS NOT NULL",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
+        [k[3] for k in keys],
+    )
+    return {(r["i"], r["s"], r["t"], r["n"]): r["value"] for r in rows}
+
+
+_OBV_SQL = {
+    tf: (
+        "SELECT s.symbol, (SELECT sum(d ORDER BY open_time) FROM ("
+        "SELECT open_time, CASE WHEN lag(close) OVER w IS NULL THEN volume::float8 "
+        "WHEN close > lag(close) OVER w THEN volume::float8 WHEN close < lag(close) OVER w THEN -volume::float8 "
+        f"ELSE 0::float8 END AS d FROM {candle_table(tf)} WHERE symbol = s.symbol AND open_time <= s.at "
+        "WINDOW w AS (ORDER BY open_time)) x) AS obv "
+        "FROM unnest($1::text[], $2::timestamptz[]) AS s(symbol, at)"
+    )
+    for tf in TIMEFRAMES
+}
+
+
+async def obv_over_history(pool: asyncpg.Pool, tf: str, points: Sequence[tuple[str, int]]) -> dict[str, float]:
+    """On-balance volume at (symbol, open time) over the whole stored series, summed in
+    float8 in bar order as TA-Lib's OBV sums it. A full scan of the series: only for a
+    running sum that has no stored value to continue from."""
+    if not points:
+        return {}
+    rows = await pool.fetch(_OBV_SQL[tf], [p[0] for p in points], [ms_to_datetime(p[1]) for p in points])
+    return {r["symbol"]: r["obv"] for r in rows if r["obv"] is not None}
+
+
+_UPSERT_INDICATOR_ROWS_SQL = """
+    INSERT INTO indicator_values_v4 (instance_id, symbol, open_time, param_name, value)
+    SELECT i, s, 'epoch'::timestamptz + t * interval '1 millisecond', n, v
+    FROM unnest($1::integer[], $2::text[], $3::int8[], $4::text[], $5::float8[]) AS r(i, s, t, n, v)
+    ON CONFLICT (instance_id, symbol, open_time, param_name)
+    DO UPDATE SET value = EXCLUDED.value WHERE indicator_values_v4.value IS DISTINCT FROM EXCLUDED.value
+"""
+
+
+async def upsert_indicator_rows(
+    pool: asyncpg.Pool, ids: list[int], symbols: list[str], times_ms: list[int], names: list[str], values: list
+) -> None:
+    """Columns of unique keys (the caller dedupes); times as ms, converted in SQL."""
+    if ids:
+        await pool.execute(_UPSERT_INDICATOR_ROWS_SQL, ids, symbols, times_ms, names, values)
+
+
+async def newest_m1_time(pool: asyncpg.Pool) -> int | None:
+    """The newest stored M1 open time: the exchange's clock as far as storage knows."""
+    newest = await pool.fetchval("SELECT max(open_time) FROM ohlcv4_m1")
+    return None if newest is None else datetime_to_ms(newest)
+
+
+async def delete_indicator_rows(
+    pool: asyncpg.Pool, ids: list[int], symbols: list[str], times_ms: list[int], names: list[str]
+) -> None:
+    """Remove outputs a recomputation found to have no value any more."""
+    await pool.execute(
+        "DELETE FROM indicator_values_v4 v USING unnest($1::integer[], $2::text[], $3::int8[], $4::text[]) "
+        "AS k(i, s, t, n) WHERE v.instance_id = k.i AND v.symbol = k.s AND v.param_name = k.n "
+        "AND v.open_time = 'epoch'::timestamptz + k.t * interval '1 millisecond'",
+        ids,
+        symbols,
+        times_ms,
+        names,
+    )
+
+
+async def prune_indicator_values(pool: asyncpg.Pool, retention_ms: int, batch: int) -> int:
+    """Delete one small batch of values older than the retention, counted back from the
+    newest stored M1 (the exchange's clock). Returns how many were deleted."""
+    newest = await newest_m1_time(pool)
+    if newest is None:
+        return 0
+    cutoff = ms_to_datetime(newest - retention_ms)
+    status = await pool.execute(
+        "DELETE FROM indicator_values_v4 WHERE ctid = ANY(ARRAY("
+        "SELECT ctid FROM indicator_values_v4 WHERE open_time < $1 LIMIT $2))",
+        cutoff,
+        batch,
+    )
+    return int(status.split()[-1])
+
+
+async def fetch_indicator_config(pool: asyncpg.Pool) -> list[tuple[int, str, str, dict[str, str]]]:
+    """Enabled instances as (id, indicator, timeframe, {param: value}), by id."""
+    rows = await pool.fetch(
+        "SELECT i.id, lower(btrim(i.indicator)) AS indicator, i.timeframe, "
+        "coalesce(jsonb_object_agg(p.param, p.value) FILTER (WHERE p.param IS NOT NULL), '{}'::jsonb)::text AS params "
+        "FROM indicator_instances_v4 i LEFT JOIN indicator_parameters_v4 p ON p.instance_id = i.id "
+        "WHERE i.enabled GROUP BY i.id ORDER BY i.id"
+    )
+    return [(r["id"], r["indicator"], r["timeframe"], json.loads(r["params"])) for r in rows]
 
 
 # --------------------------------------------------------------------------- mark prices

@@ -1,0 +1,1 @@
+"""The indicator engine: pure logic, no I/O (see registry.py for the entry points)."""

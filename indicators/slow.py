@@ -1,0 +1,142 @@
+"""Any other pandas-ta indicator, recomputed by pandas-ta over a window of bars.
+
+These functions run in a separate process (see indicators_main.SlowRunner): pandas-ta
+takes milliseconds per call and 150 MB to import, and must never delay the
+incremental set. Values are pandas-ta's own, on the window it is given.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from indicators.registry import IndicatorConfigError
+
+SERIES_ARGS = {"open_", "open", "high", "low", "close", "volume"}
+PROBE_BARS = 400
+
+
+@cache
+def _pandas_ta() -> Any:
+    warnings.filterwarnings("ignore")
+    import pandas_ta
+
+    return pandas_ta
+
+
+def indicator_names() -> set[str]:
+    return {name for names in _pandas_ta().Category.values() for name in names}
+
+
+def _parse_value(text: str) -> Any:
+    word = text.strip()
+    lowered = word.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null", ""):
+        return None
+    try:
+        return int(word)
+    except ValueError:
+        pass
+    try:
+        number = float(word)
+    except ValueError:
+        return word
+    if not math.isfinite(number):
+        raise IndicatorConfigError(f"value {text!r} is not finite")
+    return number
+
+
+def parse_params(indicator: str, raw: Mapping[str, str]) -> dict[str, Any]:
+    """pandas-ta keyword arguments; an unknown indicator or parameter name is an error
+    (pandas-ta itself would silently ignore a misspelt one)."""
+    if indicator not in indicator_names():
+        raise IndicatorConfigError(f"unknown indicator {indicator!r} (not a pandas-ta indicator)")
+    signature = inspect.signature(getattr(_pandas_ta(), indicator))
+    accepted = {
+        name
+        for name, p in signature.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in SERIES_ARGS
+    }
+    unknown = sorted(set(raw) - accepted)
+    if unknown:
+        raise IndicatorConfigError(
+            f"{indicator} has no parameter {', '.join(unknown)} (it takes {', '.join(sorted(accepted)) or 'none'})"
+        )
+    return {name: _parse_value(text) for name, text in raw.items()}
+
+
+def _frame(open_time: Sequence[int], columns: Sequence[Sequence[float]]) -> Any:
+    import pandas as pd
+
+    index = pd.to_datetime(np.asarray(open_time, dtype=np.int64), unit="ms", utc=True)
+    o, h, lo, c, v = (np.asarray(x, dtype=np.float64) for x in columns)
+    return pd.DataFrame({"open": o, "high": h, "low": lo, "close": c, "volume": v}, index=index)
+
+
+def _last_row(result: Any) -> dict[str, float]:
+    import pandas as pd
+
+    if isinstance(result, tuple):  # e.g. ichimoku: (values, projection)
+        result = result[0]
+    if isinstance(result, pd.Series):
+        result = result.to_frame()
+    if not isinstance(result, pd.DataFrame) or result.empty:
+        return {}
+    row = result.iloc[-1]
+    out: dict[str, float] = {}
+    for name, value in row.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        out[str(name)] = number
+    return out
+
+
+def compute_last(
+    indicator: str, kwargs: dict[str, Any], open_time: Sequence[int], columns: Sequence[Sequence[float]]
+) -> dict[str, float]:
+    """The indicator's outputs on the window's last bar, by pandas-ta column name."""
+    frame = _frame(open_time, columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _last_row(getattr(frame.ta, indicator)(**kwargs))
+
+
+def describe(indicator: str, raw: Mapping[str, str]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Validated arguments and output names, found by running it once on a probe series."""
+    kwargs = parse_params(indicator, raw)
+    rng = np.random.default_rng(7)
+    close = 100 + np.cumsum(rng.normal(0, 1, PROBE_BARS))
+    open_ = close + rng.normal(0, 0.2, PROBE_BARS)
+    spread = rng.random(PROBE_BARS)
+    columns = (open_, np.maximum(open_, close) + spread, np.minimum(open_, close) - spread, close, spread * 1000)
+    open_time = np.arange(PROBE_BARS, dtype=np.int64) * 60_000 + 1_767_225_600_000
+    try:
+        names = tuple(compute_last(indicator, kwargs, open_time, columns))
+    except Exception as exc:  # pandas-ta raises anything on bad arguments
+        raise IndicatorConfigError(f"{indicator} fails with these parameters: {exc!r}") from None
+    if not names:
+        raise IndicatorConfigError(f"{indicator} gives no output with these parameters")
+    return kwargs, names
+
+
+def compute_many(
+    jobs: Sequence[tuple[str, dict[str, Any], Sequence[int], Sequence[Sequence[float]]]],
+) -> list[dict[str, float] | str]:
+    """A batch of `compute_last` calls (one process round trip); an error becomes its text."""
+    out: list[dict[str, float] | str] = []
+    for indicator, kwargs, open_time, columns in jobs:
+        try:
+            out.append(compute_last(indicator, kwargs, open_time, columns))
+        except Exception as exc:
+            out.append(f"{indicator} failed: {exc!r}")
+    return out

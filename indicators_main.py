@@ -1,0 +1,768 @@
+"""Indicator worker: candle events in, indicator values out.
+
+Reads `ohlcv_<tf>_ready` as consumer group `indicator_workers`. Each series (symbol,
+timeframe) holds one kernel per configured instance, opened from stored history;
+every new bar advances them in O(1). A batch of events costs one Redis round trip
+(latest values into `indicator:<SYMBOL>:<tf>`, an `indicators_ready_stream` entry per
+bar, the acks); PostgreSQL gets the values right behind, in batches.
+
+Correctness rests on three rules:
+- a series is opened from PostgreSQL after noting each stream's last entry id, so
+  events up to that id are already in the state and are skipped;
+- an event older than the series' newest bar is a correction: the series is reopened
+  and every value from that bar on is recomputed and rewritten;
+- after a crash, bars newer than the newest persisted value are recomputed at open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import multiprocessing
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import numpy as np
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+import core_io
+from candles import TF_MS, TIMEFRAMES
+from indicators.kernels import BarArrays, BarTuple, Kernel
+from indicators.registry import IndicatorConfigError, Instance, parse_common
+from infra import Settings, env_number, log_system_event
+
+log = logging.getLogger("INDICATORS")
+
+MODULE = "INDICATORS"
+TF_MINUTES = {tf: TF_MS[tf] // 60_000 for tf in TIMEFRAMES}
+STREAM_TF = {stream: tf for tf, stream in core_io.CANDLE_STREAMS.items()}
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class IndicatorOptions:
+    read_count: int = 2000
+    block_ms: int = 1000
+    history_max: int = 5000  # bars a series is opened from, at most
+    slow_window: int = 250  # bars pandas-ta sees for the other indicators
+    slow_workers: int = 1
+    persist_interval_s: float = 0.25
+    persist_batch_rows: int = 50_000
+    persist_max_rows: int = 1_000_000  # beyond this, reading waits for PostgreSQL
+    reload_s: float = 5.0
+    prune_interval_s: float = 60.0
+    prune_batch: int = 10_000
+    consumer: str = field(default_factory=lambda: f"indicators-{socket.gethostname()}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> IndicatorOptions:
+        return cls(
+            read_count=env_number(env, "INDICATOR_READ_COUNT", 2000, int, 1, 100_000),
+            history_max=env_number(env, "INDICATOR_HISTORY_MAX", 5000, int, 50, 200_000),
+            slow_window=env_number(env, "INDICATOR_SLOW_WINDOW", 250, int, 10, 20_000),
+            slow_workers=env_number(env, "INDICATOR_SLOW_WORKERS", 1, int, 1, 16),
+            persist_interval_s=env_number(env, "INDICATOR_PERSIST_INTERVAL_S", 0.25, float, 0.01, 60),
+            persist_batch_rows=env_number(env, "INDICATOR_PERSIST_BATCH", 50_000, int, 100, 1_000_000),
+            persist_max_rows=env_number(env, "INDICATOR_PERSIST_MAX_ROWS", 1_000_000, int, 1000, 50_000_000),
+            reload_s=env_number(env, "INDICATOR_RELOAD_S", 5.0, float, 0.1, 3600),
+            prune_interval_s=env_number(env, "INDICATOR_PRUNE_INTERVAL_S", 60.0, float, 1, 86_400),
+            prune_batch=env_number(env, "INDICATOR_PRUNE_BATCH", 10_000, int, 100, 1_000_000),
+            consumer=env.get("INDICATOR_CONSUMER", "").strip() or f"indicators-{socket.gethostname()}",
+        )
+
+
+def stream_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_value(value: float) -> str:
+    return repr(value) if value == value else ""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class SlowInstance:
+    id: int
+    indicator: str
+    tf: str
+    kwargs: dict[str, Any]
+    names: tuple[str, ...]
+
+
+@dataclass
+class Layout:
+    """The fast instances of one timeframe, and the flat list of their outputs."""
+
+    instances: list[Instance]
+    slow: list[SlowInstance]
+    ids: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.ids = tuple(i.id for i in self.instances for _ in i.names)
+        self.names = tuple(n for i in self.instances for n in i.names)
+
+    @property
+    def history(self) -> int:
+        return max((i.history for i in self.instances), default=2)
+
+
+@dataclass
+class Series:
+    symbol: str
+    tf: str
+    kernels: list[Kernel]
+    seen: tuple[int, int]  # stream entries up to this id are already in the state
+    last_time: int | None = None
+    last_bar: BarTuple | None = None
+    window: list[BarTuple] = field(default_factory=list)  # for pandas-ta, when needed
+
+    def step(self, bar: BarTuple) -> list[float]:
+        values: list[float] = []
+        for kernel in self.kernels:
+            values.extend(kernel.step(bar))
+        self.last_time, self.last_bar = bar[5], bar
+        return values
+
+
+def parse_event(fields: Mapping[str, str]) -> tuple[str, BarTuple]:
+    """(symbol, bar) from an `ohlcv_<tf>_ready` entry; ValueError/KeyError if malformed."""
+    bar = (
+        float(fields["open"]),
+        float(fields["high"]),
+        float(fields["low"]),
+        float(fields["close"]),
+        float(fields["volume"]),
+        int(fields["open_time"]),
+    )
+    if not all(math.isfinite(x) for x in bar[:5]):
+        raise ValueError("non-finite price")
+    symbol = fields["symbol"]
+    if not symbol:
+        raise ValueError("empty symbol")
+    return symbol, bar
+
+
+# --------------------------------------------------------------------------- pandas-ta runner
+
+
+class SlowRunner:
+    """pandas-ta in a separate process, so a slow indicator never holds up the common set."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self._pool
+
+    async def call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor(), fn, *args)
+        except concurrent.futures.process.BrokenProcessPool:
+            self._pool = None
+            raise
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+class IndicatorWorker:
+    def __init__(
+        self, settings: Settings, pool: asyncpg.Pool, redis: Redis, options: IndicatorOptions | None = None
+    ) -> None:
+        self.settings, self.pool, self.redis = settings, pool, redis
+        self.options = options or IndicatorOptions()
+        self.layouts: dict[str, Layout] = {tf: Layout([], []) for tf in TIMEFRAMES}
+        self.config_key: Any = None
+        self.config_errors: dict[int, str] = {}
+        self.series: dict[tuple[str, str], Series] = {}
+        # (symbol, tf, open_time, group) -> (ids, names, values, rewrite); group "" is the fast set
+        self.pending: dict[tuple[str, str, int, Any], tuple[Sequence[int], Sequence[str], Sequence[float], bool]] = {}
+        self.pending_rows = 0
+        self.persisted_event = asyncio.Event()
+        self.slow_jobs: asyncio.Queue[tuple[str, str, int, tuple]] = asyncio.Queue()
+        self.slow = SlowRunner(self.options.slow_workers)
+        self.retention_ms = settings.indicator_retention_days * DAY_MS
+        self.newest_ms = 0  # newest bar seen, for the retention cut-off
+        self._set_latest_sha: str | None = None
+        self.stats = {"bars": 0, "corrections": 0, "opened": 0, "persisted_rows": 0, "bad_events": 0}
+        self.last_compute_s = 0.0
+        self.ready = asyncio.Event()  # set once the series are open and events flow
+        self._announce: list[tuple[str, str, int]] = []
+        self._latest: dict[tuple[str, str], tuple[int, Sequence[str], list[float]]] = {}
+
+    def workers(self) -> dict[str, Any]:
+        return {
+            "INDICATORS": self.run,
+            "INDICATORS_PERSIST": self.run_persister,
+            "INDICATORS_SLOW": self.run_slow,
+            "INDICATORS_PRUNE": self.run_pruner,
+        }
+
+    # ----------------------------------------------------------------- configuration
+
+    async def load_config(self) -> bool:
+        """Re-read the instance tables; True when they changed (layouts rebuilt)."""
+        rows = await core_io.fetch_indicator_config(self.pool)
+        key = repr(rows)
+        if key == self.config_key:
+            return False
+        layouts: dict[str, Layout] = {tf: Layout([], []) for tf in TIMEFRAMES}
+        fast: dict[str, list[Instance]] = {tf: [] for tf in TIMEFRAMES}
+        slow: dict[str, list[SlowInstance]] = {tf: [] for tf in TIMEFRAMES}
+        errors: dict[int, str] = {}
+        for instance_id, indicator, tf, raw in rows:
+            try:
+                instance = parse_common(instance_id, indicator, tf, TF_MINUTES[tf], raw)
+                if instance is not None:
+                    fast[tf].append(instance)
+                    continue
+                from indicators import slow as slow_mod
+
+                kwargs, names = await self.slow.call(slow_mod.describe, indicator, raw)
+                slow[tf].append(SlowInstance(instance_id, indicator, tf, kwargs, names))
+            except IndicatorConfigError as exc:
+                errors[instance_id] = str(exc)
+                if self.config_errors.get(instance_id) != str(exc):
+                    log_system_event(
+                        "ERROR",
+                        MODULE,
+                        f"indicator instance {instance_id} ({indicator} {tf}) skipped: {exc}",
+                        {"instance_id": instance_id, "indicator": indicator, "timeframe": tf, "params": raw},
+                    )
+        for tf in TIMEFRAMES:
+            layouts[tf] = Layout(fast[tf], slow[tf])
+        self.layouts, self.config_key, self.config_errors = layouts, key, errors
+        log.info(
+            "indicator configuration: %s",
+            ", ".join(
+                f"{tf} {len(lay.instances)} incremental + {len(lay.slow)} pandas-ta" for tf, lay in layouts.items()
+            ),
+        )
+        return True
+
+    # ----------------------------------------------------------------- opening series
+
+    async def _watermarks(self) -> dict[str, tuple[int, int]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in core_io.CANDLE_STREAMS.values():
+            pipe.xrevrange(stream, count=1)
+        replies = await pipe.execute()
+        return {tf: stream_id(reply[0][0]) if reply else (0, 0) for tf, reply in zip(core_io.CANDLE_STREAMS, replies)}
+
+    async def open_series(
+        self,
+        keys: Sequence[tuple[str, str]],
+        upto: Mapping[tuple[str, str], int] | None = None,
+        write_from: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
+        """(Re)build series from stored bars.
+
+        Without `upto` a series opens at its newest stored bar and writes the bars newer
+        than its newest persisted value (only the newest bar, if it has none): the
+        boot and first-sight case. With `upto` it reopens at that bar (a correction or
+        a configuration change) and writes the bars from `write_from[key]` on, if given.
+        """
+        fresh = upto is None
+        marks = await self._watermarks() if fresh else {}
+        newest_m1 = await core_io.newest_m1_time(self.pool) if fresh else None
+        by_tf: dict[str, list[str]] = {}
+        for symbol, tf in keys:
+            by_tf.setdefault(tf, []).append(symbol)
+        for tf, symbols in by_tf.items():
+            layout = self.layouts[tf]
+            tf_ms = TF_MS[tf]
+            base = min(layout.history, self.options.history_max)
+            first: dict[str, int | None] = {}
+            if fresh:
+                persisted = await core_io.persisted_until(self.pool, [i.id for i in layout.instances], symbols)
+                for symbol in symbols:
+                    stored = [persisted[(i.id, symbol)] for i in layout.instances if (i.id, symbol) in persisted]
+                    first[symbol] = min(stored) + tf_ms if stored else None
+                requests = [(s, None, base + self._bars_since(first[s], newest_m1, tf_ms)) for s in symbols]
+            else:
+                for symbol in symbols:
+                    first[symbol] = (write_from or {}).get((symbol, tf))
+                requests = [
+                    (s, upto[(s, tf)], base + self._bars_since(first[s], upto[(s, tf)], tf_ms)) for s in symbols
+                ]
+            counts = {r[0]: r[2] for r in requests}
+            history = await core_io.fetch_history(self.pool, tf, requests)
+            plans: dict[str, tuple[BarArrays, int | None]] = {}
+            for symbol in symbols:
+                columns = history.get(symbol)
+                bars = BarArrays.from_columns(columns) if columns else BarArrays.from_rows([])
+                start = first[symbol]
+                if fresh and bars.size and start is None:
+                    start = int(bars.open_time[-1])  # a series new to us: values from its newest bar on
+                plans[symbol] = (bars, start)
+            anchors = await self._anchors(tf, plans, counts)
+            for symbol, (bars, start) in plans.items():
+                old = self.series.get((symbol, tf))
+                seen = marks[tf] if fresh else (old.seen if old else (0, 0))
+                self._open_one((symbol, tf), bars, start, anchors, seen)
+        self.stats["opened"] += len(keys)
+
+    def _bars_since(self, first: int | None, newest: int | None, tf_ms: int) -> int:
+        """Extra history so that the bars from `first` on are all loaded (within retention)."""
+        if first is None or newest is None or newest < first:
+            return 0
+        return min((newest - first) // tf_ms + 1, self.retention_ms // tf_ms)
+
+    async def _anchors(
+        self, tf: str, plans: Mapping[str, tuple[BarArrays, int | None]], counts: Mapping[str, int]
+    ) -> dict[tuple[int, str], tuple[int, float]]:
+        """Trusted values for running sums (OBV): the stored value at the bar before the
+        first one written (at the newest bar when nothing is written), from memory or
+        PostgreSQL; failing that, the sum over the whole stored series at the window's
+        first bar. A window holding the whole series needs none."""
+        anchored = [(i.id, i.names[0]) for i in self.layouts[tf].instances if i.anchored]
+        if not anchored:
+            return {}
+        wanted: list[tuple[int, str, int, str]] = []
+        for symbol, (bars, first) in plans.items():
+            if bars.size:
+                at = int(bars.open_time[-1]) if first is None else first - TF_MS[tf]
+                wanted += [(iid, symbol, at, name) for iid, name in anchored]
+        found: dict[tuple[int, str], tuple[int, float]] = {}
+        missing = []
+        for iid, symbol, at, name in wanted:
+            value = self._pending_value(symbol, tf, at, iid, name)
+            if value is None:
+                missing.append((iid, symbol, at, name))
+            else:
+                found[(iid, symbol)] = (at, value)
+        for (iid, symbol, at, _), value in (await core_io.fetch_values_at(self.pool, missing)).items():
+            found[(iid, symbol)] = (at, value)
+        partial = {
+            symbol: int(bars.open_time[0])
+            for symbol, (bars, _) in plans.items()
+            if bars.size >= counts[symbol] and any((iid, symbol) not in found for iid, _ in anchored)
+        }
+        if partial:
+            sums = await core_io.obv_over_history(self.pool, tf, list(partial.items()))
+            for iid, _ in anchored:
+                for symbol, value in sums.items():
+                    found.setdefault((iid, symbol), (partial[symbol], value))
+        return found
+
+    def _pending_value(self, symbol: str, tf: str, t: int, instance_id: int, name: str) -> float | None:
+        entry = self.pending.get((symbol, tf, t, ""))
+        if entry is None:
+            return None
+        for i, n, v in zip(*entry[:3]):
+            if i == instance_id and n == name and v == v:
+                return v
+        return None
+
+    def _open_one(
+        self,
+        key: tuple[str, str],
+        bars: BarArrays,
+        first: int | None,
+        anchors: Mapping[tuple[int, str], tuple[int, float]],
+        seen: tuple[int, int],
+    ) -> None:
+        symbol, tf = key
+        layout = self.layouts[tf]
+        kernels: list[Kernel] = []
+        outputs: list[np.ndarray] = []
+        for instance in layout.instances:
+            kernel = instance.make_kernel()
+            if instance.anchored:
+                outputs += kernel.fill(bars, anchors.get((instance.id, symbol)))  # type: ignore[call-arg]
+            else:
+                outputs += kernel.fill(bars)
+            kernels.append(kernel)
+        old = self.series.get(key)
+        series = Series(symbol, tf, kernels, seen)
+        if bars.size:
+            rows = bars_as_tuples(bars)
+            series.last_time, series.last_bar = rows[-1][5], rows[-1]
+            if layout.slow:
+                series.window = rows[-self.options.slow_window :]
+            if first is not None:
+                start = int(np.searchsorted(bars.open_time, first))
+                matrix = np.vstack(outputs) if outputs else np.empty((0, bars.size))
+                for index in range(start, bars.size):
+                    self._emit(series, rows[index], matrix[:, index].tolist(), rewrite=True)
+                    if layout.slow:
+                        self._queue_slow(series, rows[max(0, index + 1 - self.options.slow_window) : index + 1])
+        elif old is not None:
+            series.last_time, series.last_bar = old.last_time, old.last_bar
+        self.series[key] = series
+
+    # ----------------------------------------------------------------- the hot path
+
+    async def run(self) -> None:
+        await core_io.ensure_groups(
+            self.redis, {s: (core_io.INDICATOR_GROUP,) for s in core_io.CANDLE_STREAMS.values()}
+        )
+        await self.load_config()
+        symbols = await core_io.enabled_symbols(self.pool)
+        keys = [(s, tf) for tf in TIMEFRAMES for s in symbols]
+        started = time.monotonic()
+        self.series.clear()
+        await self.open_series(keys)
+        await self._flush_redis([])
+        log_system_event(
+            "INFO",
+            MODULE,
+            f"opened {len(keys)} series in {time.monotonic() - started:.1f}s",
+            {"series": len(keys), "pending_rows": self.pending_rows},
+        )
+        self.ready.set()
+        # Entries this consumer was given before a restart and never acknowledged.
+        backlog = "0"
+        next_reload = time.monotonic() + self.options.reload_s
+        while True:
+            if time.monotonic() >= next_reload:
+                next_reload = time.monotonic() + self.options.reload_s
+                if await self.load_config():
+                    await self._reopen_all()
+            while self.pending_rows > self.options.persist_max_rows:
+                self.persisted_event.clear()
+                await self.persisted_event.wait()
+            entries = await self._read(backlog)
+            if backlog == "0" and not entries:
+                backlog = ">"
+                continue
+            if entries:
+                await self.handle(entries)
+
+    async def _reopen_all(self) -> None:
+        """After a configuration change: every series rebuilt where it stands; new
+        instances are warmed from history and give their first value on the next bar."""
+        opened = {k: s.last_time for k, s in self.series.items() if s.last_time is not None}
+        empty = [k for k, s in self.series.items() if s.last_time is None]
+        for key in empty:
+            del self.series[key]
+        if opened:
+            await self.open_series(list(opened), upto=opened)
+
+    async def _read(self, backlog: str) -> list[core_io.StreamEntry]:
+        streams = list(core_io.CANDLE_STREAMS.values())
+        if backlog == ">":
+            return await core_io.read_group(
+                self.redis,
+                core_io.INDICATOR_GROUP,
+                self.options.consumer,
+                streams,
+                self.options.read_count,
+                self.options.block_ms,
+            )
+        reply = await self.redis.xreadgroup(
+            core_io.INDICATOR_GROUP, self.options.consumer, {s: "0" for s in streams}, count=self.options.read_count
+        )
+        return [(stream, entry_id, fields) for stream, entries in (reply or []) for entry_id, fields in entries]
+
+    async def handle(self, entries: Sequence[core_io.StreamEntry]) -> None:
+        """One batch: group by series, open what is new, step, write once, ack."""
+        by_series: dict[tuple[str, str], list[tuple[tuple[int, int], BarTuple]]] = {}
+        acks = [(stream, entry_id) for stream, entry_id, _ in entries]
+        for stream, entry_id, fields in entries:
+            tf = STREAM_TF.get(stream)
+            try:
+                symbol, bar = parse_event(fields)
+            except (KeyError, ValueError, TypeError) as exc:
+                self.stats["bad_events"] += 1
+                log_system_event(
+                    "WARNING",
+                    MODULE,
+                    f"skipped a malformed candle event {stream} {entry_id}: {exc!r}",
+                    {"stream": stream, "id": entry_id, "fields": dict(fields)},
+                )
+                continue
+            if tf is None:
+                continue
+            by_series.setdefault((symbol, tf), []).append((stream_id(entry_id), bar))
+        new = [key for key in by_series if key not in self.series]
+        if new:
+            await self.open_series(new)
+        started = time.perf_counter()
+        corrections: dict[tuple[str, str], list[int]] = {}  # key -> [first bar to redo, newest bar]
+        for key, events in by_series.items():
+            series = self.series[key]
+            tf_ms = TF_MS[key[1]]
+            for seen, bar in events:
+                if seen <= series.seen:
+                    continue
+                t = bar[5]
+                last = series.last_time
+                redo = corrections.get(key)
+                if redo is not None:
+                    redo[0], redo[1] = min(redo[0], t), max(redo[1], t)
+                elif last is None or t == last + tf_ms:
+                    self._advance(series, bar)
+                elif t > last:
+                    await self._catch_up(series, t)
+                    self._advance(series, bar)
+                elif t == last and bar == series.last_bar:
+                    continue
+                else:
+                    corrections[key] = [t, last]
+                    self.stats["corrections"] += 1
+        self.last_compute_s = time.perf_counter() - started
+        if corrections:
+            await self.open_series(
+                list(corrections),
+                upto={k: newest for k, (_, newest) in corrections.items()},
+                write_from={k: first for k, (first, _) in corrections.items()},
+            )
+        await self._flush_redis(acks)
+
+    def _advance(self, series: Series, bar: BarTuple) -> None:
+        values = series.step(bar)
+        self.stats["bars"] += 1
+        self._emit(series, bar, values)
+        if self.layouts[series.tf].slow:
+            series.window.append(bar)
+            if len(series.window) > self.options.slow_window:
+                del series.window[: len(series.window) - self.options.slow_window]
+            self._queue_slow(series, series.window)
+
+    async def _catch_up(self, series: Series, t: int) -> None:
+        """Bars stored between the series' newest and `t` whose events never came."""
+        tf_ms = TF_MS[series.tf]
+        missing = (t - (series.last_time or t)) // tf_ms - 1
+        if missing <= 0:
+            return
+        got = await core_io.fetch_history(self.pool, series.tf, [(series.symbol, t - tf_ms, missing)])
+        columns = got.get(series.symbol)
+        if not columns:
+            return
+        for bar in bars_as_tuples(BarArrays.from_columns(columns)):
+            if series.last_time is None or bar[5] > series.last_time:
+                self._advance(series, bar)
+
+    def _emit(self, series: Series, bar: BarTuple, values: list[float], rewrite: bool = False) -> None:
+        """Queue one bar's values: the hash (newest bar only), the announcement, PostgreSQL.
+
+        rewrite: the bar may have stored values already; an output that now has none
+        (e.g. SUPERTl after the trend flipped) must lose its old row."""
+        layout = self.layouts[series.tf]
+        t = bar[5]
+        key = (series.symbol, series.tf)
+        latest = self._latest.get(key)
+        if latest is None or latest[0] <= t:
+            self._latest[key] = (t, layout.names, values)
+        self._announce.append((series.symbol, series.tf, t))
+        self.newest_ms = max(self.newest_ms, t)
+        if t >= self.newest_ms - self.retention_ms:
+            self._add_pending((series.symbol, series.tf, t, ""), layout.ids, layout.names, values, rewrite)
+
+    def _add_pending(
+        self, key: tuple, ids: Sequence[int], names: Sequence[str], values: Sequence[float], rewrite: bool = False
+    ) -> None:
+        old = self.pending.get(key)
+        if old is None:
+            self.pending_rows += len(values)
+        self.pending[key] = (ids, names, values, rewrite or (old is not None and old[3]))
+
+    async def _flush_redis(self, acks: Sequence[tuple[str, str]]) -> None:
+        """Latest values, announcements and acks: one round trip."""
+        commands: list[list[Any]] = []
+        sha = await self._script_sha()
+        for (symbol, tf), (t, names, values) in self._latest.items():
+            args: list[Any] = ["EVALSHA", sha, 1, core_io.indicator_key(symbol, tf), t]
+            for name, value in zip(names, values):
+                args += (name, format_value(value))
+            commands.append(args)
+        for symbol, tf, t in self._announce:
+            commands.append(
+                [
+                    "XADD",
+                    core_io.INDICATORS_READY_STREAM,
+                    "MAXLEN",
+                    "~",
+                    self.settings.stream_maxlen,
+                    "*",
+                    "symbol",
+                    symbol,
+                    "tf",
+                    tf,
+                    "open_time",
+                    t,
+                ]
+            )
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in acks:
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            commands.append(["XACK", stream, core_io.INDICATOR_GROUP, *ids])
+        if not commands:
+            return
+        replies = await core_io.execute_packed(self.redis, commands)
+        if any(isinstance(r, ResponseError) and "NOSCRIPT" in str(r) for r in replies):
+            self._set_latest_sha = None
+            sha = await self._script_sha()
+            retry = [[c[0], sha, *c[2:]] for c in commands if c[0] == "EVALSHA"]
+            replies = await core_io.execute_packed(self.redis, retry)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        self._latest.clear()
+        self._announce.clear()
+
+    async def _script_sha(self) -> str:
+        if self._set_latest_sha is None:
+            self._set_latest_sha = await self.redis.script_load(core_io.SET_LATEST_LUA)
+        return self._set_latest_sha
+
+    # ----------------------------------------------------------------- pandas-ta path
+
+    def _queue_slow(self, series: Series, window: Sequence[BarTuple]) -> None:
+        t = window[-1][5]
+        columns = tuple(zip(*window))  # o, h, l, c, v, t
+        self.slow_jobs.put_nowait((series.symbol, series.tf, t, columns))
+
+    async def run_slow(self) -> None:
+        from indicators import slow as slow_mod
+
+        while True:
+            jobs = [await self.slow_jobs.get()]
+            while not self.slow_jobs.empty() and len(jobs) < 256:
+                jobs.append(self.slow_jobs.get_nowait())
+            calls, owners = [], []
+            for symbol, tf, t, columns in jobs:
+                for instance in self.layouts[tf].slow:
+                    calls.append((instance.indicator, instance.kwargs, columns[5], columns[:5]))
+                    owners.append((symbol, tf, t, instance))
+            if not calls:
+                continue
+            results = await self.slow.call(slow_mod.compute_many, calls)
+            latest: dict[tuple[str, str, int], dict[str, float]] = {}
+            for (symbol, tf, t, instance), result in zip(owners, results):
+                if isinstance(result, str):
+                    log_system_event("ERROR", MODULE, f"instance {instance.id}: {result}", {"symbol": symbol})
+                    continue
+                names = tuple(result)
+                values = [result[n] for n in names]
+                self._add_pending((symbol, tf, t, instance.id), (instance.id,) * len(names), names, values)
+                latest.setdefault((symbol, tf, t), {}).update(result)
+            sha = await self._script_sha()
+            commands = []
+            for (symbol, tf, t), values in latest.items():
+                args: list[Any] = ["EVALSHA", sha, 1, core_io.indicator_key(symbol, tf), t]
+                for name, value in values.items():
+                    args += (name, format_value(value))
+                commands.append(args)
+                commands.append(
+                    [
+                        "XADD",
+                        core_io.INDICATORS_READY_STREAM,
+                        "MAXLEN",
+                        "~",
+                        self.settings.stream_maxlen,
+                        "*",
+                        "symbol",
+                        symbol,
+                        "tf",
+                        tf,
+                        "open_time",
+                        t,
+                        "set",
+                        "pandas-ta",
+                    ]
+                )
+            await core_io.execute_packed(self.redis, commands)
+
+    # ----------------------------------------------------------------- PostgreSQL
+
+    async def run_persister(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.options.persist_interval_s)
+                while self.pending:
+                    await self.persist_once()
+        finally:
+            if self.pending:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self.flush()), 5.0)
+
+    async def flush(self) -> None:
+        while self.pending:
+            await self.persist_once()
+
+    async def persist_once(self) -> int:
+        """Write the oldest pending bars (up to the batch size); at least once."""
+        taken: list[tuple] = []
+        taken_rows = 0
+        for key, entry in self.pending.items():
+            taken.append((key, entry))
+            taken_rows += len(entry[2])
+            if taken_rows >= self.options.persist_batch_rows:
+                break
+        rows: tuple[list, ...] = ([], [], [], [], [])
+        gone: tuple[list, ...] = ([], [], [], [])
+        for (symbol, _tf, t, _group), (entry_ids, entry_names, entry_values, rewrite) in taken:
+            for instance_id, name, value in zip(entry_ids, entry_names, entry_values):
+                if math.isfinite(value):
+                    target, fields = rows, (instance_id, symbol, t, name, value)
+                elif rewrite:
+                    target, fields = gone, (instance_id, symbol, t, name)
+                else:
+                    continue
+                for column, field_value in zip(target, fields):
+                    column.append(field_value)
+        if gone[0]:
+            await core_io.delete_indicator_rows(self.pool, *gone)
+        await core_io.upsert_indicator_rows(self.pool, *rows)
+        for key, entry in taken:
+            if self.pending.get(key) is entry:
+                del self.pending[key]
+                self.pending_rows -= len(entry[2])
+        self.stats["persisted_rows"] += len(rows[0])
+        self.persisted_event.set()
+        return len(rows[0])
+
+    async def run_pruner(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.prune_interval_s)
+            total = 0
+            while True:
+                deleted = await core_io.prune_indicator_values(self.pool, self.retention_ms, self.options.prune_batch)
+                total += deleted
+                if deleted < self.options.prune_batch:
+                    break
+                await asyncio.sleep(0.05)  # small batches: never a long lock
+            if total:
+                log.info("pruned %d indicator values older than %d days", total, self.settings.indicator_retention_days)
+
+    def close(self) -> None:
+        self.slow.close()
+
+
+def bars_as_tuples(bars: BarArrays) -> list[BarTuple]:
+    return list(
+        zip(
+            bars.open.tolist(),
+            bars.high.tolist(),
+            bars.low.tolist(),
+            bars.close.tolist(),
+            bars.volume.tolist(),
+            bars.open_time.tolist(),
+        )
+    )

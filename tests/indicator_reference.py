@@ -1,0 +1,117 @@
+"""The references the stored values are checked against: TA-Lib's batch functions over
+a whole series (and the documented formulas for what TA-Lib lacks)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import talib
+
+from indicators.kernels import DAY_MS, BarArrays
+
+# (indicator, params as configured) for every indicator of the common set.
+COMMON_CASES: list[tuple[str, dict[str, str]]] = [
+    ("ema", {"length": "9"}),
+    ("ema", {"length": "50"}),
+    ("sma", {"length": "20"}),
+    ("sma", {"length": "20", "source": "volume"}),
+    ("wma", {"length": "10"}),
+    ("rsi", {"length": "14"}),
+    ("macd", {"fast": "12", "slow": "26", "signal": "9"}),
+    ("bbands", {"length": "20", "lower_std": "2", "upper_std": "2"}),
+    ("atr", {"length": "14"}),
+    ("natr", {"length": "14"}),
+    ("adx", {"length": "14"}),
+    ("stoch", {"k": "14", "d": "3", "smooth_k": "3"}),
+    ("stochrsi", {}),
+    ("cci", {"length": "20"}),
+    ("mfi", {}),
+    ("willr", {}),
+    ("obv", {}),
+    ("roc", {}),
+    ("psar", {}),
+    ("supertrend", {"length": "10", "multiplier": "3"}),
+    ("kc", {}),
+    ("donchian", {}),
+    ("vwap", {"anchor": "D"}),
+]
+
+
+def shift(values: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate((np.full(n, np.nan), values[:-n])) if n else values
+
+
+def vwap_daily(bars: BarArrays) -> np.ndarray:
+    """Σ(typical·volume)/Σ(volume) from each 00:00 UTC, summed bar by bar."""
+    out = np.full(bars.size, np.nan)
+    day, pv, volume = None, 0.0, 0.0
+    for i in range(bars.size):
+        d = int(bars.open_time[i]) // DAY_MS
+        if d != day:
+            day, pv, volume = d, 0.0, 0.0
+        pv += (bars.high[i] + bars.low[i] + bars.close[i]) / 3 * bars.volume[i]
+        volume += bars.volume[i]
+        out[i] = pv / volume if volume > 0 else np.nan
+    return out
+
+
+def reference(indicator: str, p: dict, bars: BarArrays) -> list[np.ndarray]:
+    """Outputs in the order of the instance's names."""
+    h, lo, c, v = bars.high, bars.low, bars.close, bars.volume
+    src = v if p.get("source") == "volume" else c
+    if indicator in ("ema", "sma", "wma"):
+        return [getattr(talib, indicator.upper())(src, p["length"])]
+    if indicator == "rsi":
+        return [talib.RSI(c, p["length"])]
+    if indicator == "roc":
+        return [talib.ROC(c, p["length"])]
+    if indicator == "macd":
+        macd, signal, hist = talib.MACD(c, p["fast"], p["slow"], p["signal"])
+        return [macd, hist, signal]
+    if indicator == "bbands":
+        u, m, lower = talib.BBANDS(c, p["length"], p["upper_std"], p["lower_std"], 0)
+        return [lower, m, u, 100 * (u - lower) / m, (c - lower) / (u - lower)]
+    if indicator in ("atr", "natr", "willr"):
+        return [getattr(talib, indicator.upper())(h, lo, c, p["length"])]
+    if indicator == "cci":
+        return [talib.CCI(h, lo, c, p["length"]) * (0.015 / p["c"])]
+    if indicator == "mfi":
+        return [talib.MFI(h, lo, c, v, p["length"])]
+    if indicator == "adx":
+        adx = talib.ADX(h, lo, c, p["length"])
+        return [
+            adx,
+            0.5 * (adx + shift(adx, p["adxr_length"])),
+            talib.PLUS_DI(h, lo, c, p["length"]),
+            talib.MINUS_DI(h, lo, c, p["length"]),
+        ]
+    if indicator == "stoch":
+        k, d = talib.STOCH(h, lo, c, p["k"], p["smooth_k"], 0, p["d"], 0)
+        return [k, d, k - d]
+    if indicator == "stochrsi":
+        rsi = talib.RSI(c, p["rsi_length"])
+        return list(talib.STOCH(rsi, rsi, rsi, p["length"], p["k"], 0, p["d"], 0))
+    if indicator == "obv":
+        return [talib.OBV(c, v)]
+    if indicator == "psar":
+        sar = talib.SAR(h, lo, p["af0"], p["max_af"])
+        return [np.where(sar <= lo, sar, np.nan), np.where(sar > lo, sar, np.nan)]
+    if indicator == "supertrend":
+        value, trend = talib.SUPERTREND(h, lo, c, p["length"], p["multiplier"])
+        trend = np.where(np.isfinite(value), trend.astype(float), np.nan)
+        return [value, trend, np.where(trend == 1, value, np.nan), np.where(trend == -1, value, np.nan)]
+    if indicator == "kc":
+        u, m, lower = talib.KC(h, lo, c, p["length"], p["length"], float(p["scalar"]))
+        return [lower, m, u]
+    if indicator == "donchian":
+        u, m, lower = talib.DONCHIAN(h, lo, p["lower_length"])
+        return [lower, m, u]
+    if indicator == "vwap":
+        return [vwap_daily(bars)]
+    raise KeyError(indicator)
+
+
+def close_enough(got: float, want: float) -> bool:
+    """1e-9 relative, 1e-9 absolute near zero."""
+    return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)

@@ -1,0 +1,161 @@
+"""The indicator worker on real servers: every stored value equals TA-Lib over the whole
+stored series, through a crash and restart and a late correction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from itertools import islice
+
+import numpy as np
+import pytest
+
+import core_io
+from candles import TF_MS, Candle, datetime_to_ms
+from feed_and_aggregate import CandleIntake
+from indicators.kernels import BarArrays
+from indicators.registry import parse_common
+from indicators_main import IndicatorOptions, IndicatorWorker
+from infra import load_settings
+from market_data import read_archive
+from tests.indicator_reference import COMMON_CASES, close_enough, reference
+
+SYMBOL = "LINKUSDT"
+TFS = ("m1", "m5", "m15")
+
+
+async def configure(pool, cases) -> None:
+    await pool.execute("DELETE FROM indicator_instances_v4")
+    for tf in TFS:
+        for indicator, params in cases:
+            instance_id = await pool.fetchval(
+                "INSERT INTO indicator_instances_v4 (indicator, timeframe) VALUES ($1, $2) RETURNING id", indicator, tf
+            )
+            for name, value in params.items():
+                await pool.execute(
+                    "INSERT INTO indicator_parameters_v4 (instance_id, param, value) VALUES ($1, $2, $3)",
+                    instance_id,
+                    name,
+                    value,
+                )
+
+
+class Running:
+    """A worker's tasks, as the daemon runs them."""
+
+    def __init__(self, pool, redis, **options) -> None:
+        settings = load_settings()
+        self.worker = IndicatorWorker(settings, pool, redis, IndicatorOptions(block_ms=50, **options))
+        self.tasks = [asyncio.create_task(fn()) for fn in (self.worker.run, self.worker.run_persister)]
+
+    async def settle(self, redis, timeout: float = 60.0) -> None:
+        """Until every candle event is acknowledged and every value persisted."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            for task in self.tasks:
+                if task.done():
+                    task.result()
+            busy = bool(self.worker.pending) or not self.worker.ready.is_set()
+            for stream in core_io.CANDLE_STREAMS.values():
+                for group in await redis.xinfo_groups(stream):
+                    busy |= bool(group["pending"]) or bool(group.get("lag"))
+            if not busy:
+                return
+            assert asyncio.get_running_loop().time() < deadline, "worker did not settle"
+            await asyncio.sleep(0.05)
+
+    async def crash(self) -> None:
+        """Gone without a flush: values not yet in PostgreSQL are lost."""
+        self.worker.pending.clear()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.worker.close()
+
+
+async def store_in_chunks(intake: CandleIntake, candles: list[Candle], size: int) -> None:
+    for start in range(0, len(candles), size):
+        await intake.store_m1(candles[start : start + size])
+
+
+async def stored_series(pool, tf: str) -> BarArrays:
+    history = await core_io.fetch_history(pool, tf, [(SYMBOL, None, 1_000_000)])
+    return BarArrays.from_columns(history[SYMBOL])
+
+
+async def assert_values_match_talib(pool, cases) -> int:
+    """Every stored value equals the reference over the whole stored series; returns the count."""
+    instances = await pool.fetch("SELECT id, indicator, timeframe FROM indicator_instances_v4 ORDER BY id")
+    checked = 0
+    wrong: list[tuple] = []
+    for tf in TFS:
+        bars = await stored_series(pool, tf)
+        index = {int(t): i for i, t in enumerate(bars.open_time)}
+        for row in (r for r in instances if r["timeframe"] == tf):
+            params = {
+                r["param"]: r["value"]
+                for r in await pool.fetch(
+                    "SELECT param, value FROM indicator_parameters_v4 WHERE instance_id = $1", row["id"]
+                )
+            }
+            instance = parse_common(row["id"], row["indicator"], tf, TF_MS[tf] // 60_000, params)
+            expected = dict(zip(instance.names, reference(row["indicator"], instance.params, bars)))
+            stored = await pool.fetch(
+                "SELECT open_time, param_name, value FROM indicator_values_v4 WHERE instance_id = $1 AND symbol = $2",
+                row["id"],
+                SYMBOL,
+            )
+            assert stored, (tf, instance.names)
+            for r in stored:
+                want = expected[r["param_name"]][index[datetime_to_ms(r["open_time"])]]
+                if not (np.isfinite(want) and close_enough(r["value"], want)):
+                    wrong.append((tf, r["param_name"], r["open_time"].isoformat(), r["value"], float(want)))
+                checked += 1
+    assert not wrong, f"{len(wrong)} of {checked} values differ, e.g. {sorted(wrong)[:10]}"
+    return checked
+
+
+@pytest.mark.timeout(300)
+async def test_values_equal_talib_across_a_crash_a_restart_and_a_late_correction(pool, redis):
+    await configure(pool, COMMON_CASES)
+    await core_io.enable_symbols(pool, [SYMBOL])
+    m1 = list(islice(read_archive(SYMBOL), 4200))
+    store = core_io.make_candle_store(redis, True, 250)
+    intake = CandleIntake(pool, redis, store, stream_maxlen=100_000)
+
+    await store_in_chunks(intake, m1[:1500], 500)  # history before the worker ever ran
+    running = Running(pool, redis)
+    await running.settle(redis)
+    await store_in_chunks(intake, m1[1500:2400], 30)
+    await running.settle(redis)
+    await store_in_chunks(intake, m1[2400:2460], 1)
+    await running.crash()
+
+    await store_in_chunks(intake, m1[2460:3000], 60)  # while it is down
+    running = Running(pool, redis)
+    await running.settle(redis)
+    late = m1[2990]
+    corrected = Candle(
+        late.symbol, "m1", late.open_time, late.open, late.high * 2, late.low, late.close * 2, late.volume * 3
+    )
+    await intake.store_m1([corrected])  # a late correction of a bar 10 minutes back
+    await store_in_chunks(intake, m1[3000:4200], 120)
+    await running.settle(redis)
+    assert running.worker.stats["corrections"] >= 3  # the M1 and the rebuilt M5 and M15
+    await running.crash()
+
+    checked = await assert_values_match_talib(pool, COMMON_CASES)
+    assert checked > 100_000
+    # The bars announced after the first start all have values, on every timeframe.
+    for tf in TFS:
+        count = await pool.fetchval(
+            "SELECT count(DISTINCT open_time) FROM indicator_values_v4 v JOIN indicator_instances_v4 i "
+            "ON i.id = v.instance_id WHERE i.timeframe = $1 AND i.indicator = 'ema'",
+            tf,
+        )
+        bars = (4200 - 1500) // (TF_MS[tf] // 60_000)
+        assert count >= bars, (tf, count, bars)
+    latest = await redis.hgetall(core_io.indicator_key(SYMBOL, "m1"))
+    assert int(latest["open_time"]) == m1[-1].open_time
