@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 import core_io
 from feed_and_aggregate import Feed, FeedSettings
+from indicators_main import IndicatorOptions, IndicatorWorker
 from infra import (
     BootError,
     ConfigError,
@@ -95,6 +96,10 @@ def workers_for(runtime: Runtime) -> tuple[dict[str, Worker], list[Callable[[], 
             runtime.settings, FeedSettings.from_env(runtime.settings), runtime.pool, runtime.redis, runtime.store
         )
         workers.update(feed.workers())
+    if env_bool(os.environ, "INDICATORS_ENABLED", True):
+        indicators = IndicatorWorker(runtime.settings, runtime.pool, runtime.redis, IndicatorOptions.from_env())
+        workers.update(indicators.workers())
+        stoppers.append(indicators.close)
     if env_bool(os.environ, "SIGNALS_ENABLED", True):
         router = SignalRouter(runtime.settings, runtime.pool, load_router_options())
         workers["SIGNALS"] = router.run

@@ -294,7 +294,7 @@ class IndicatorWorker:
         for tf, symbols in by_tf.items():
             layout = self.layouts[tf]
             tf_ms = TF_MS[tf]
-            base = min(layout.history, self.options.history_max)
+            base = max(min(layout.history, self.options.history_max), self.options.slow_window if layout.slow else 0)
             first: dict[str, int | None] = {}
             if fresh:
                 persisted = await core_io.persisted_until(self.pool, [i.id for i in layout.instances], symbols)

@@ -105,6 +105,7 @@ def compute_last(
     indicator: str, kwargs: dict[str, Any], open_time: Sequence[int], columns: Sequence[Sequence[float]]
 ) -> dict[str, float]:
     """The indicator's outputs on the window's last bar, by pandas-ta column name."""
+    _pandas_ta()  # registers the DataFrame.ta accessor in this process
     frame = _frame(open_time, columns)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
