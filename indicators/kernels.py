@@ -186,17 +186,17 @@ class BbandsKernel:
     def fill(self, bars: BarArrays) -> list[np.ndarray]:
         upper, middle, lower = self.stage.fill(bars.close)
         with np.errstate(divide="ignore", invalid="ignore"):
-            bandwidth, percent = _bb_extras(bars.close, upper, middle, lower)
+            width = upper - lower
+            bandwidth, percent = 100 * width / middle, (bars.close - lower) / width
         percent[~np.isfinite(percent)] = NAN
         bandwidth[~np.isfinite(bandwidth)] = NAN
         return [lower, middle, upper, bandwidth, percent]
 
     def step(self, bar: BarTuple) -> tuple[float, ...]:
         upper, middle, lower = self.stage.step(bar[3])
-        if upper != lower and middle != 0:
-            bandwidth, percent = _bb_extras(bar[3], upper, middle, lower)
-        else:
-            bandwidth = percent = NAN
+        width = upper - lower
+        bandwidth = 100 * width / middle if middle != 0 else NAN
+        percent = (bar[3] - lower) / width if width != 0 else NAN
         return (lower, middle, upper, bandwidth, percent)
 
 

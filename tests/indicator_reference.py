@@ -8,7 +8,12 @@ import math
 import numpy as np
 import talib
 
+import core_io
+from candles import TF_MS, datetime_to_ms
 from indicators.kernels import DAY_MS, BarArrays
+from indicators.registry import parse_common
+
+TFS = ("m1", "m5", "m15")
 
 # (indicator, params as configured) for every indicator of the common set.
 COMMON_CASES: list[tuple[str, dict[str, str]]] = [
@@ -115,3 +120,59 @@ def reference(indicator: str, p: dict, bars: BarArrays) -> list[np.ndarray]:
 def close_enough(got: float, want: float) -> bool:
     """1e-9 relative, 1e-9 absolute near zero."""
     return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
+
+
+async def configure(pool, cases: list[tuple[str, dict[str, str]]]) -> None:
+    """These instances, and no others, on every timeframe."""
+    await pool.execute("DELETE FROM indicator_instances_v4")
+    for tf in TFS:
+        for indicator, params in cases:
+            instance_id = await pool.fetchval(
+                "INSERT INTO indicator_instances_v4 (indicator, timeframe) VALUES ($1, $2) RETURNING id", indicator, tf
+            )
+            for name, value in params.items():
+                await pool.execute(
+                    "INSERT INTO indicator_parameters_v4 (instance_id, param, value) VALUES ($1, $2, $3)",
+                    instance_id,
+                    name,
+                    value,
+                )
+
+
+async def stored_series(pool, tf: str, symbol: str = "LINKUSDT") -> BarArrays:
+    history = await core_io.fetch_history(pool, tf, [(symbol, None, 1_000_000)])
+    return BarArrays.from_columns(history[symbol])
+
+
+async def assert_values_match_talib(pool, symbols: list[str]) -> int:
+    """Every stored value of every symbol equals the reference over the whole stored
+    series (1e-9 relative, 1e-9 absolute near zero); returns how many were checked."""
+    instances = await pool.fetch("SELECT id, indicator, timeframe FROM indicator_instances_v4 ORDER BY id")
+    params_rows = await pool.fetch("SELECT instance_id, param, value FROM indicator_parameters_v4")
+    checked = 0
+    wrong: list[tuple] = []
+    for symbol in symbols:
+        for tf in TFS:
+            bars = await stored_series(pool, tf, symbol)
+            index = {int(t): i for i, t in enumerate(bars.open_time)}
+            for row in (r for r in instances if r["timeframe"] == tf):
+                params = {r["param"]: r["value"] for r in params_rows if r["instance_id"] == row["id"]}
+                instance = parse_common(row["id"], row["indicator"], tf, TF_MS[tf] // 60_000, params)
+                expected = dict(zip(instance.names, reference(row["indicator"], instance.params, bars)))
+                stored = await pool.fetch(
+                    "SELECT open_time, param_name, value FROM indicator_values_v4 "
+                    "WHERE instance_id = $1 AND symbol = $2",
+                    row["id"],
+                    symbol,
+                )
+                at_newest = {r["param_name"] for r in stored if datetime_to_ms(r["open_time"]) == bars.open_time[-1]}
+                for name, values in expected.items():
+                    if np.isfinite(values[-1]) and name not in at_newest:
+                        wrong.append((symbol, tf, name, "no value for the newest bar"))
+                for r in stored:
+                    want = expected[r["param_name"]][index[datetime_to_ms(r["open_time"])]]
+                    if not (np.isfinite(want) and close_enough(r["value"], want)):
+                        wrong.append((symbol, tf, r["param_name"], r["open_time"].isoformat(), r["value"], float(want)))
+                    checked += 1
+    assert not wrong, f"{len(wrong)} of {checked} values differ, e.g. {sorted(wrong)[:10]}"
+    return checked

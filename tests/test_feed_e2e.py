@@ -16,6 +16,7 @@ from aggregation import aggregate
 from candles import TF_MS, Candle, datetime_to_ms
 from fake_exchange import ArchiveSource, FakeExchange
 from infra import make_redis
+from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
 
 M1 = 60_000
 START = 1_770_163_200_000  # 2026-02-04 00:00 UTC
@@ -148,6 +149,7 @@ async def test_replay_with_every_fault_and_a_kill_loses_nothing(pool, redis, red
     faults.late_close = 0.02
     faults.malformed_frame = 0.005
     await exchange.start()
+    await configure(pool, COMMON_CASES)
     daemon = DaemonProcess(daemon_env(exchange, redis_url, pg_url, SYMBOLS))
     try:
         daemon.start()
@@ -188,7 +190,12 @@ async def test_replay_with_every_fault_and_a_kill_loses_nothing(pool, redis, red
         assert injected and injected <= gap_log  # every dropped close was logged and backfilled
         bad = await pool.fetchval("SELECT count(*) FROM system_log_v4 WHERE message LIKE 'skipped a bad frame%'")
         assert bad >= 1 and daemon.alive()
-        assert daemon.terminate() == 0
+        assert daemon.terminate() == 0  # a clean stop persists every computed value
+        # Every indicator value, through gaps, late bars and the kill, equals TA-Lib over the stored series.
+        assert await assert_values_match_talib(pool, SYMBOLS) > len(SYMBOLS) * hours * 60 * 40
+        for symbol in SYMBOLS:
+            latest = await redis.hgetall(core_io.indicator_key(symbol, "m1"))
+            assert int(latest["open_time"]) == last_closed, symbol
     finally:
         daemon.cleanup()
         await exchange.stop()
