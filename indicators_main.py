@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,9 @@ MODULE = "INDICATORS"
 TF_MINUTES = {tf: TF_MS[tf] // 60_000 for tf in TIMEFRAMES}
 STREAM_TF = {stream: tf for tf, stream in core_io.CANDLE_STREAMS.items()}
 DAY_MS = 86_400_000
+PERSIST_QUIET_S = 0.1  # no candle event for this long: a good moment to write
+PERSIST_MAX_WAIT_S = 2.0
+RECENT_BARS = 256  # covers the feed's boot reconciliation window (RECONCILE_WINDOW_M1, 120)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class IndicatorOptions:
     slow_window: int = 250  # bars pandas-ta sees for the other indicators
     slow_workers: int = 1
     persist_interval_s: float = 0.25
-    persist_batch_rows: int = 50_000
+    persist_batch_rows: int = 5_000
     persist_max_rows: int = 1_000_000  # beyond this, reading waits for PostgreSQL
     reload_s: float = 5.0
     prune_interval_s: float = 60.0
@@ -71,7 +75,7 @@ class IndicatorOptions:
             slow_window=env_number(env, "INDICATOR_SLOW_WINDOW", 250, int, 10, 20_000),
             slow_workers=env_number(env, "INDICATOR_SLOW_WORKERS", 1, int, 1, 16),
             persist_interval_s=env_number(env, "INDICATOR_PERSIST_INTERVAL_S", 0.25, float, 0.01, 60),
-            persist_batch_rows=env_number(env, "INDICATOR_PERSIST_BATCH", 50_000, int, 100, 1_000_000),
+            persist_batch_rows=env_number(env, "INDICATOR_PERSIST_BATCH", 5_000, int, 100, 1_000_000),
             persist_max_rows=env_number(env, "INDICATOR_PERSIST_MAX_ROWS", 1_000_000, int, 1000, 50_000_000),
             reload_s=env_number(env, "INDICATOR_RELOAD_S", 5.0, float, 0.1, 3600),
             prune_interval_s=env_number(env, "INDICATOR_PRUNE_INTERVAL_S", 60.0, float, 1, 86_400),
@@ -126,15 +130,21 @@ class Series:
     kernels: list[Kernel]
     seen: tuple[int, int]  # stream entries up to this id are already in the state
     last_time: int | None = None
-    last_bar: BarTuple | None = None
+    # The newest bars the state holds: an event repeating one of them (a re-announcement
+    # after a crash or a Redis wipe) changes nothing; any other older bar is a correction.
+    recent: deque[BarTuple] = field(default_factory=lambda: deque(maxlen=RECENT_BARS))
     window: list[BarTuple] = field(default_factory=list)  # for pandas-ta, when needed
 
     def step(self, bar: BarTuple) -> list[float]:
         values: list[float] = []
         for kernel in self.kernels:
             values.extend(kernel.step(bar))
-        self.last_time, self.last_bar = bar[5], bar
+        self.last_time = bar[5]
+        self.recent.append(bar)
         return values
+
+    def holds(self, bar: BarTuple) -> bool:
+        return bar in self.recent
 
 
 def parse_event(fields: Mapping[str, str]) -> tuple[str, BarTuple]:
@@ -210,6 +220,7 @@ class IndicatorWorker:
         self.stats = {"bars": 0, "corrections": 0, "opened": 0, "persisted_rows": 0, "bad_events": 0}
         self.last_compute_s = 0.0
         self.ready = asyncio.Event()  # set once the series are open and events flow
+        self.last_batch_at = 0.0
         self._announce: list[tuple[str, str, int]] = []
         self._latest: dict[tuple[str, str], tuple[int, Sequence[str], list[float]]] = {}
 
@@ -400,7 +411,8 @@ class IndicatorWorker:
         series = Series(symbol, tf, kernels, seen)
         if bars.size:
             rows = bars_as_tuples(bars)
-            series.last_time, series.last_bar = rows[-1][5], rows[-1]
+            series.last_time = rows[-1][5]
+            series.recent.extend(rows[-RECENT_BARS:])
             if layout.slow:
                 series.window = rows[-self.options.slow_window :]
             if first is not None:
@@ -411,7 +423,7 @@ class IndicatorWorker:
                     if layout.slow:
                         self._queue_slow(series, rows[max(0, index + 1 - self.options.slow_window) : index + 1])
         elif old is not None:
-            series.last_time, series.last_bar = old.last_time, old.last_bar
+            series.last_time, series.recent = old.last_time, old.recent
         self.series[key] = series
 
     # ----------------------------------------------------------------- the hot path
@@ -480,6 +492,7 @@ class IndicatorWorker:
 
     async def handle(self, entries: Sequence[core_io.StreamEntry]) -> None:
         """One batch: group by series, open what is new, step, write once, ack."""
+        self.last_batch_at = time.monotonic()
         by_series: dict[tuple[str, str], list[tuple[tuple[int, int], BarTuple]]] = {}
         acks = [(stream, entry_id) for stream, entry_id, _ in entries]
         for stream, entry_id, fields in entries:
@@ -519,7 +532,7 @@ class IndicatorWorker:
                 elif t > last:
                     await self._catch_up(series, t)
                     self._advance(series, bar)
-                elif t == last and bar == series.last_bar:
+                elif series.holds(bar):
                     continue
                 else:
                     corrections[key] = [t, last]
@@ -692,11 +705,23 @@ class IndicatorWorker:
     # ----------------------------------------------------------------- PostgreSQL
 
     async def run_persister(self) -> None:
+        """Write-behind, out of the hot path's way: it writes in small statements, and
+        while candle events are flowing it waits for a pause (at most PERSIST_MAX_WAIT_S,
+        or until a backlog builds up), since encoding rows holds the event loop."""
         try:
             while True:
                 await asyncio.sleep(self.options.persist_interval_s)
+                waited = 0.0
+                while (
+                    time.monotonic() - self.last_batch_at < PERSIST_QUIET_S
+                    and waited < PERSIST_MAX_WAIT_S
+                    and self.pending_rows < self.options.persist_max_rows // 4
+                ):
+                    await asyncio.sleep(PERSIST_QUIET_S / 2)
+                    waited += PERSIST_QUIET_S / 2
                 while self.pending:
                     await self.persist_once()
+                    await asyncio.sleep(0)
         finally:
             if self.pending:
                 with contextlib.suppress(Exception):

@@ -88,6 +88,13 @@ async def test_values_equal_talib_across_a_crash_a_restart_and_a_late_correction
     await store_in_chunks(intake, m1[3000:4200], 120)
     await running.settle(redis)
     assert running.worker.stats["corrections"] >= 3  # the M1 and the rebuilt M5 and M15
+    # A re-announcement of bars already processed (as the feed's boot reconciliation
+    # makes after a Redis wipe) is recognised: no recomputation, no new values.
+    corrections, opened = running.worker.stats["corrections"], running.worker.stats["opened"]
+    repeated = await core_io.fetch_candles(pool, SYMBOL, "m1", m1[4100].open_time, m1[-1].open_time)
+    await core_io.publish(redis, core_io.CANDLE_STREAMS["m1"], [core_io.candle_event(c) for c in repeated], 100_000)
+    await running.settle(redis)
+    assert (running.worker.stats["corrections"], running.worker.stats["opened"]) == (corrections, opened)
     await running.crash()
 
     checked = await assert_values_match_talib(pool, [SYMBOL])
