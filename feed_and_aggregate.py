@@ -621,6 +621,7 @@ class Feed:
         self.prices: dict[str, str] = {}
         self.connections: list[StreamConnection] = []
         self.catch_up_pending: set[str] = set()
+        self.needs_history: set[str] = set()  # added symbols that had no candles at all
         self.catch_up_wake = asyncio.Event()
         self.bad_frames = RateLimitedLog("FEED")
         self._tasks: set[asyncio.Task] = set()
@@ -742,7 +743,8 @@ class Feed:
             last = stored.get(symbol)
             if symbol in self.backfiller.history_outstanding:
                 continue  # its first history is still being fetched
-            if last is None:
+            if last is None or symbol in self.needs_history:
+                self.needs_history.discard(symbol)
                 first = bucket_start(last_closed - (self.feed_settings.initial_history_m1 - 1) * M1_MS, "m15")
                 self.backfiller.request_history(symbol, first, last_closed)
             else:
@@ -771,8 +773,11 @@ class Feed:
             self.tracker.forget(symbol)
         # Seed gap detection before the first frame: after a restart the first live close
         # must reveal the minutes missed while the process was down.
-        for symbol, last in (await core_io.last_m1_open_times(self.pool, sorted(added))).items():
+        stored = await core_io.last_m1_open_times(self.pool, sorted(added))
+        for symbol, last in stored.items():
             self.tracker.seed(symbol, last)
+        # Decided now, before the first live close can be stored and hide the empty history.
+        self.needs_history |= added - set(stored)
         for connection in self.connections:
             await connection.unsubscribe({kline_stream(s) for s in removed})
         pending = sorted(kline_stream(s) for s in added)
