@@ -127,9 +127,22 @@ class CandleIntake:
     """Stores M1 candles (PostgreSQL first, then Redis, then the announcement) and
     builds the M5/M15 buckets they complete."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: Redis, store: core_io.CandleStore, stream_maxlen: int) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        store: core_io.CandleStore,
+        stream_maxlen: int,
+        defer_aggregation: bool = False,
+    ) -> None:
         self.pool, self.redis, self.store, self.maxlen = pool, redis, store, stream_maxlen
         self.stored_m1 = 0
+        # Deferred: buckets are built by `run_aggregator`, so building 500 M15 buckets at a
+        # quarter hour never delays the next M1 closes (a crash loses nothing: the boot
+        # reconciliation rebuilds recent buckets).
+        self.defer_aggregation = defer_aggregation
+        self.buckets_due: set[tuple[str, str, int]] = set()
+        self.buckets_wake = asyncio.Event()
 
     async def store_m1(self, candles: Sequence[Candle]) -> list[Candle]:
         """Returns the candles that were new or changed (announced)."""
@@ -141,7 +154,12 @@ class CandleIntake:
         if fresh:
             await self._cache_and_announce(fresh, "m1")
             self.stored_m1 += len(fresh)
-            await self.aggregate(affected_buckets((c.symbol, c.open_time) for c in fresh))
+            buckets = affected_buckets((c.symbol, c.open_time) for c in fresh)
+            if self.defer_aggregation:
+                self.buckets_due |= buckets
+                self.buckets_wake.set()
+            else:
+                await self.aggregate(buckets)
         # Off the latency path: a late close or a refetch settles its gap-log row.
         await core_io.set_missing_status(self.pool, list(unique), "backfilled")
         return fresh
@@ -178,6 +196,18 @@ class CandleIntake:
                 f"announced {repaired} candles a previous run stored but did not announce",
                 {"window_ms": window_ms},
             )
+
+    async def run_aggregator(self) -> None:
+        """Builds the buckets `store_m1` left due, all that piled up in one go."""
+        while True:
+            await self.buckets_wake.wait()
+            self.buckets_wake.clear()
+            due, self.buckets_due = self.buckets_due, set()
+            try:
+                await self.aggregate(due)
+            except BaseException:
+                self.buckets_due |= due
+                raise
 
     async def _cache_and_announce(self, candles: Sequence[Candle], tf: str) -> None:
         await core_io.write_candles(self.store, candles)
@@ -611,7 +641,9 @@ class Feed:
     stats: FeedStats = field(default_factory=FeedStats)
 
     def __post_init__(self) -> None:
-        self.intake = CandleIntake(self.pool, self.redis, self.store, self.settings.stream_maxlen)
+        self.intake = CandleIntake(
+            self.pool, self.redis, self.store, self.settings.stream_maxlen, defer_aggregation=True
+        )
         limiter = WeightLimiter(self.feed_settings.rest_weight_limit, self.feed_settings.rest_weight_window_s)
         self.rest = RestClient(self.settings.binance_rest_url, limiter)
         self.backfiller = Backfiller(self.pool, self.intake, self.rest, self.feed_settings.rest_concurrency)
@@ -834,6 +866,7 @@ class Feed:
             "FEED_CONNECTIONS": self.run_connections,
             "FEED_TICKERS": self.follow_tickers,
             "FEED_INTAKE": self.intake_loop,
+            "FEED_AGGREGATE": self.intake.run_aggregator,
             "FEED_CATCH_UP": self.catch_up,
             "FEED_GAPS": self.watch_gaps,
             "FEED_BACKFILL": self.backfiller.run,
