@@ -161,6 +161,12 @@ def _ignorable_ts_error(error: Exception) -> bool:
     return "already exists" in text or "older than retention" in text
 
 
+def _missing_series_error(error: Exception) -> bool:
+    """What TS.MADD says for a series that is gone (this module's wording varies)."""
+    text = str(error).lower()
+    return "does not exist" in text or "not a tsdb key" in text
+
+
 class TimeSeriesCandleStore:
     """RedisTimeSeries: one series per field, labelled, duplicate policy LAST."""
 
@@ -169,16 +175,21 @@ class TimeSeriesCandleStore:
     def __init__(self, redis: Redis, bars_kept: int) -> None:
         self.redis = redis
         self.bars_kept = bars_kept
+        self.created: set[SeriesKey] = set()  # series this process has created (or found)
 
-    async def write_columns(self, items: Mapping[SeriesKey, Columns]) -> None:
+    async def write_columns(self, items: Mapping[SeriesKey, Columns], retry: bool = True) -> None:
+        """TS.CREATE once per series and process, then TS.MADD. TS.MADD does not create
+        series: after a FLUSHALL its samples fail with "key does not exist", and those
+        series are created (labelled) and written again."""
         commands: list[list[Any]] = []
+        madd_series: list[SeriesKey] = []
         for (symbol, tf), columns in items.items():
             if not columns.open_time:
                 continue
             keys = [candle_series_key(symbol, tf, field) for field in CANDLE_FIELDS]
-            # TS.CREATE every time (an "already exists" is ignored): after a FLUSHALL a
-            # bare TS.MADD would create unlabelled series with the server's defaults.
             for key, field in zip(keys, CANDLE_FIELDS):
+                if (symbol, tf) in self.created:
+                    break
                 commands.append(
                     [
                         "TS.CREATE",
@@ -199,12 +210,28 @@ class TimeSeriesCandleStore:
             times = columns.open_time
             triples = zip(*(part for key, values in zip(keys, columns[1:]) for part in (repeat(key), times, values)))
             commands.append(["TS.MADD", *chain.from_iterable(triples)])
+            madd_series.append((symbol, tf))
         if not commands:
             return
-        for reply in await execute_packed(self.redis, commands):
-            # Per-sample MADD errors can only be "older than retention": nothing to keep.
-            if isinstance(reply, Exception) and not _ignorable_ts_error(reply):
+        missing: set[SeriesKey] = set()
+        madd_replies = iter(madd_series)
+        for command, reply in zip(commands, await execute_packed(self.redis, commands)):
+            if command[0] == "TS.MADD":
+                series = next(madd_replies)
+                for sample in reply if isinstance(reply, list) else [reply]:
+                    if isinstance(sample, Exception) and _missing_series_error(sample):
+                        missing.add(series)
+                    elif isinstance(sample, Exception) and not _ignorable_ts_error(sample):
+                        raise sample  # per-sample "older than retention" has nothing to keep
+            elif isinstance(reply, Exception) and not _ignorable_ts_error(reply):
                 raise reply
+        self.created.update(set(madd_series) - missing)
+        if missing:
+            self.created -= missing
+            if retry:
+                await self.write_columns({key: items[key] for key in missing}, retry=False)
+            else:
+                raise RuntimeError(f"TimeSeries keys still missing after TS.CREATE: {sorted(missing)[:3]}")
 
     async def read_last_many(self, keys: Sequence[SeriesKey], count: int) -> dict[SeriesKey, list[Bar]]:
         if not keys:
@@ -764,12 +791,14 @@ async def publish(redis: Redis, stream: str, events: Sequence[Mapping[str, Any]]
     """XADD each event with an approximate MAXLEN, pipelined."""
     if not events:
         return
-    own = pipe is None
-    pipe = redis.pipeline(transaction=False) if own else pipe
-    for event in events:
-        pipe.xadd(stream, dict(event), maxlen=maxlen, approximate=True)
-    if own:
-        await pipe.execute()
+    if pipe is not None:
+        for event in events:
+            pipe.xadd(stream, dict(event), maxlen=maxlen, approximate=True)
+        return
+    commands = [["XADD", stream, "MAXLEN", "~", maxlen, "*", *chain.from_iterable(event.items())] for event in events]
+    for reply in await execute_packed(redis, commands):
+        if isinstance(reply, Exception):
+            raise reply
 
 
 async def ensure_groups(redis: Redis, groups: Mapping[str, Sequence[str]] = CONSUMER_GROUPS) -> None:

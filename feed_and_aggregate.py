@@ -142,6 +142,9 @@ class CandleIntake:
         # reconciliation rebuilds recent buckets).
         self.defer_aggregation = defer_aggregation
         self.buckets_due: set[tuple[str, str, int]] = set()
+        # The M1 candles stored lately (this and the previous M15 bucket), per symbol.
+        self.recent_m1: dict[str, dict[int, Candle]] = {}
+        self.recent_horizon = 0
         self.buckets_wake = asyncio.Event()
 
     async def store_m1(self, candles: Sequence[Candle]) -> list[Candle]:
@@ -151,6 +154,7 @@ class CandleIntake:
         changed = {(s, t) for s, _, t in await core_io.upsert_candles(self.pool, candles)}
         unique = {(c.symbol, c.open_time): c for c in candles}
         fresh = sorted((c for key, c in unique.items() if key in changed), key=lambda c: c.open_time)
+        self._remember(list(unique.values()))
         if fresh:
             await self._cache_and_announce(fresh, "m1")
             self.stored_m1 += len(fresh)
@@ -197,6 +201,21 @@ class CandleIntake:
                 {"window_ms": window_ms},
             )
 
+    def _remember(self, candles: Sequence[Candle]) -> None:
+        for c in candles:
+            self.recent_m1.setdefault(c.symbol, {})[c.open_time] = c
+        newest = max(c.open_time for c in candles)
+        if newest > self.recent_horizon + TF_MS["m15"]:
+            self.recent_horizon = bucket_start(newest, "m15") - TF_MS["m15"]
+            for minutes in self.recent_m1.values():
+                for t in [t for t in minutes if t < self.recent_horizon]:
+                    del minutes[t]
+
+    def _remembered(self, symbol: str, tf: str, bucket: int) -> list[Candle] | None:
+        minutes = self.recent_m1.get(symbol, {})
+        members = [minutes.get(t) for t in bucket_minutes(tf, bucket)]
+        return None if None in members else members  # type: ignore[return-value]
+
     async def run_aggregator(self) -> None:
         """Builds the buckets `store_m1` left due, all that piled up in one go."""
         while True:
@@ -219,12 +238,18 @@ class CandleIntake:
         """Build every bucket whose minutes are all stored or unfillable; announce changes."""
         if not buckets:
             return []
-        spans = sorted({(s, bucket_start(b, "m15")) for s, _, b in buckets})
-        ranges = [(s, start, start + TF_MS["m15"]) for s, start in spans]
-        m1 = await core_io.fetch_m1_ranges(self.pool, ranges)
-        unfillable = await core_io.fetch_unfillable_m1(self.pool, ranges)
         built: list[Candle] = []
-        for symbol, tf, bucket in sorted(buckets):
+        # A bucket whose minutes all passed through this intake is built from memory;
+        # the others from what PostgreSQL holds (after a restart, a backfill, a gap).
+        complete = {key: members for key in buckets if (members := self._remembered(*key)) is not None}
+        for symbol, tf, bucket in sorted(complete):
+            built.append(aggregate(tf, bucket, complete[(symbol, tf, bucket)]))
+        rest = buckets - complete.keys()
+        spans = sorted({(s, bucket_start(b, "m15")) for s, _, b in rest})
+        ranges = [(s, start, start + TF_MS["m15"]) for s, start in spans]
+        m1 = await core_io.fetch_m1_ranges(self.pool, ranges) if ranges else {}
+        unfillable = await core_io.fetch_unfillable_m1(self.pool, ranges) if ranges else set()
+        for symbol, tf, bucket in sorted(rest):
             members = [c for c in m1.get(symbol, ()) if bucket <= c.open_time < bucket + TF_MS[tf]]
             present = {c.open_time for c in members}
             lost = {t for t in bucket_minutes(tf, bucket) if (symbol, t) in unfillable}
