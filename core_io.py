@@ -147,6 +147,9 @@ class CandleStore(Protocol):
 
     async def read_last_many(self, keys: Sequence[SeriesKey], count: int) -> dict[SeriesKey, list[Bar]]: ...
 
+    def forget_created(self) -> None:
+        """Redis may have been wiped: create series again on the next writes."""
+
 
 async def write_bars(store: CandleStore, items: Mapping[SeriesKey, Sequence[Bar]]) -> None:
     await store.write_columns({key: bars_to_columns(bars) for key, bars in items.items() if bars})
@@ -176,6 +179,9 @@ class TimeSeriesCandleStore:
         self.redis = redis
         self.bars_kept = bars_kept
         self.created: set[SeriesKey] = set()  # series this process has created (or found)
+
+    def forget_created(self) -> None:
+        self.created.clear()
 
     async def write_columns(self, items: Mapping[SeriesKey, Columns], retry: bool = True) -> None:
         """TS.CREATE once per series and process, then TS.MADD. TS.MADD does not create
@@ -277,6 +283,9 @@ class SortedSetCandleStore:
     def __init__(self, redis: Redis, bars_kept: int) -> None:
         self.redis = redis
         self.bars_kept = bars_kept
+
+    def forget_created(self) -> None:
+        pass  # sorted sets need no creation
 
     async def write_columns(self, items: Mapping[SeriesKey, Columns]) -> None:
         commands: list[list[Any]] = []

@@ -53,6 +53,7 @@ async def restore_redis_from_pg(
 ) -> RestoreReport:
     """Copy PostgreSQL's newest candles and indicator values into Redis."""
     started = time.perf_counter()
+    store.forget_created()  # restore is what follows a wipe: every series is created again
     await core_io.ensure_groups(redis)
     symbols = await core_io.enabled_symbols(pool)
     cache = core_io.IndicatorCache(redis)

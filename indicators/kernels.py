@@ -8,7 +8,6 @@ open_time_ms)` and returns one float per output (NaN: no value on this bar).
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import NamedTuple, Protocol
 
@@ -426,7 +425,3 @@ class ObvKernel:
             self.obv -= bar[4]
         self.last_close = close
         return (self.obv,)
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
