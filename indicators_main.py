@@ -599,27 +599,9 @@ class IndicatorWorker:
         commands: list[list[Any]] = []
         sha = await self._script_sha()
         for (symbol, tf), (t, names, values) in self._latest.items():
-            args: list[Any] = ["EVALSHA", sha, 1, core_io.indicator_key(symbol, tf), t]
-            for name, value in zip(names, values):
-                args += (name, format_value(value))
-            commands.append(args)
+            commands.append(self._set_latest_command(sha, symbol, tf, t, zip(names, values)))
         for symbol, tf, t in self._announce:
-            commands.append(
-                [
-                    "XADD",
-                    core_io.INDICATORS_READY_STREAM,
-                    "MAXLEN",
-                    "~",
-                    self.settings.stream_maxlen,
-                    "*",
-                    "symbol",
-                    symbol,
-                    "tf",
-                    tf,
-                    "open_time",
-                    t,
-                ]
-            )
+            commands.append(self._announce_command(symbol, tf, t))
         by_stream: dict[str, list[str]] = {}
         for stream, entry_id in acks:
             by_stream.setdefault(stream, []).append(entry_id)
@@ -638,6 +620,31 @@ class IndicatorWorker:
             raise errors[0]
         self._latest.clear()
         self._announce.clear()
+
+    @staticmethod
+    def _set_latest_command(sha: str, symbol: str, tf: str, t: int, values: Any) -> list[Any]:
+        args: list[Any] = ["EVALSHA", sha, 1, core_io.indicator_key(symbol, tf), t]
+        for name, value in values:
+            args += (name, format_value(value))
+        return args
+
+    def _announce_command(self, symbol: str, tf: str, t: int, *extra: str) -> list[Any]:
+        stream = core_io.INDICATORS_READY_STREAM
+        return [
+            "XADD",
+            stream,
+            "MAXLEN",
+            "~",
+            self.settings.stream_maxlen,
+            "*",
+            "symbol",
+            symbol,
+            "tf",
+            tf,
+            "open_time",
+            t,
+            *extra,
+        ]
 
     async def _script_sha(self) -> str:
         if self._set_latest_sha is None:
@@ -678,28 +685,8 @@ class IndicatorWorker:
             sha = await self._script_sha()
             commands = []
             for (symbol, tf, t), values in latest.items():
-                args: list[Any] = ["EVALSHA", sha, 1, core_io.indicator_key(symbol, tf), t]
-                for name, value in values.items():
-                    args += (name, format_value(value))
-                commands.append(args)
-                commands.append(
-                    [
-                        "XADD",
-                        core_io.INDICATORS_READY_STREAM,
-                        "MAXLEN",
-                        "~",
-                        self.settings.stream_maxlen,
-                        "*",
-                        "symbol",
-                        symbol,
-                        "tf",
-                        tf,
-                        "open_time",
-                        t,
-                        "set",
-                        "pandas-ta",
-                    ]
-                )
+                commands.append(self._set_latest_command(sha, symbol, tf, t, values.items()))
+                commands.append(self._announce_command(symbol, tf, t, "set", "pandas-ta"))
             await core_io.execute_packed(self.redis, commands)
 
     # ----------------------------------------------------------------- PostgreSQL
