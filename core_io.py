@@ -430,18 +430,23 @@ async def fetch_candles(pool: asyncpg.Pool, symbol: str, tf: str, start_ms: int,
     return [_candle_from_record(r, tf) for r in rows]
 
 
-_LAST_COLUMNS_SQL = {
-    tf: (
-        "SELECT s.symbol, array_agg((extract(epoch FROM c.open_time) * 1000)::bigint ORDER BY c.open_time) AS t, "
-        "array_agg(c.open::text ORDER BY c.open_time) AS o, array_agg(c.high::text ORDER BY c.open_time) AS h, "
-        "array_agg(c.low::text ORDER BY c.open_time) AS l, array_agg(c.close::text ORDER BY c.open_time) AS c, "
-        "array_agg(c.volume::text ORDER BY c.open_time) AS v "
-        "FROM unnest($1::text[]) AS s(symbol) "
-        f"CROSS JOIN LATERAL (SELECT * FROM {candle_table(tf)} x WHERE x.symbol = s.symbol "
-        "ORDER BY x.open_time DESC LIMIT $2) c GROUP BY s.symbol"
+def _series_arrays_sql(tf: str, cast: str) -> str:
+    """Per (symbol, newest open time, count): one row of arrays, oldest first."""
+    prices = ", ".join(
+        f"array_agg(c.{column}::{cast} ORDER BY c.open_time) AS {alias}"
+        for column, alias in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c"), ("volume", "v"))
     )
-    for tf in TIMEFRAMES
-}
+    return (
+        "SELECT s.symbol, array_agg((extract(epoch FROM c.open_time) * 1000)::bigint ORDER BY c.open_time) AS t, "
+        f"{prices} FROM unnest($1::text[], $2::timestamptz[], $3::integer[]) AS s(symbol, upto, n) "
+        f"CROSS JOIN LATERAL (SELECT * FROM {candle_table(tf)} x WHERE x.symbol = s.symbol AND x.open_time <= s.upto "
+        "ORDER BY x.open_time DESC LIMIT s.n) c GROUP BY s.symbol"
+    )
+
+
+_LAST_COLUMNS_SQL = {tf: _series_arrays_sql(tf, "text") for tf in TIMEFRAMES}
+_HISTORY_SQL = {tf: _series_arrays_sql(tf, "float8") for tf in TIMEFRAMES}
+FAR_FUTURE_MS = 32_503_680_000_000  # year 3000: "no upper bound"
 
 
 async def fetch_last_columns_pg(
@@ -452,7 +457,9 @@ async def fetch_last_columns_pg(
     One row of arrays per symbol: decoding 1,500 such rows is several times faster
     than 375,000 rows of scalars.
     """
-    rows = await pool.fetch(_LAST_COLUMNS_SQL[tf], list(symbols), count)
+    rows = await pool.fetch(
+        _LAST_COLUMNS_SQL[tf], list(symbols), [ms_to_datetime(FAR_FUTURE_MS)] * len(symbols), [count] * len(symbols)
+    )
     return {(r["symbol"], tf): Columns(r["t"], r["o"], r["h"], r["l"], r["c"], r["v"]) for r in rows}
 
 
@@ -513,29 +520,13 @@ class IndicatorValue:
     value: float | None
 
 
-_UPSERT_INDICATORS_SQL = """
-    INSERT INTO indicator_values_v4 (instance_id, symbol, open_time, param_name, value)
-    SELECT * FROM unnest($1::integer[], $2::text[], $3::timestamptz[], $4::text[], $5::float8[])
-    ON CONFLICT (instance_id, symbol, open_time, param_name)
-    DO UPDATE SET value = EXCLUDED.value WHERE indicator_values_v4.value IS DISTINCT FROM EXCLUDED.value
-"""
-
-
-async def upsert_indicator_values(pool: asyncpg.Pool | asyncpg.Connection, values: Sequence[IndicatorValue]) -> int:
+async def upsert_indicator_values(pool: asyncpg.Pool, values: Sequence[IndicatorValue]) -> int:
     """One statement for the whole batch; the last value for a key wins."""
-    unique = {(v.instance_id, v.symbol, v.open_time, v.name): v for v in values}
-    if not unique:
-        return 0
-    rows = list(unique.values())
-    await pool.execute(
-        _UPSERT_INDICATORS_SQL,
-        [v.instance_id for v in rows],
-        [v.symbol for v in rows],
-        [ms_to_datetime(v.open_time) for v in rows],
-        [v.name for v in rows],
-        [v.value for v in rows],
-    )
-    return len(rows)
+    unique = {(v.instance_id, v.symbol, v.open_time, v.name): v.value for v in values}
+    if unique:
+        ids, symbols, times, names = (list(column) for column in zip(*unique))
+        await upsert_indicator_rows(pool, ids, symbols, times, names, list(unique.values()))
+    return len(unique)
 
 
 # Only a newer (or the same) bar may replace the latest values of a hash.
@@ -548,7 +539,11 @@ return 1
 
 
 def format_value(value: float | None) -> str:
-    return "" if value is None else repr(float(value))
+    """A hash field: the float's repr, or empty when there is no value (None or NaN)."""
+    return "" if value is None or value != value else repr(float(value))
+
+
+LatestValues = tuple[str, str, int, Iterable[tuple[str, float | None]]]  # symbol, tf, open time, (name, value)s
 
 
 class IndicatorCache:
@@ -556,22 +551,37 @@ class IndicatorCache:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._set_latest = redis.register_script(SET_LATEST_LUA)
+        self._sha: str | None = None
 
-    async def set_latest(self, values: Iterable[IndicatorValue], pipe=None) -> None:
-        """Write in one pipeline (the caller's, if given, so it can add an XADD)."""
-        grouped: dict[tuple[str, str, int], dict[str, str]] = defaultdict(dict)
+    async def write(self, latest: Iterable[LatestValues], then: Sequence[list[Any]] = ()) -> None:
+        """The hash writes, then `then` (e.g. announcements and acks), in one packed round.
+
+        A script flushed away by a Redis restart (NOSCRIPT) is loaded again and the hash
+        writes are re-sent; any other error is raised.
+        """
+        if self._sha is None:
+            self._sha = await self.redis.script_load(SET_LATEST_LUA)
+        writes = []
+        for symbol, tf, open_time, items in latest:
+            args: list[Any] = ["EVALSHA", self._sha, 1, indicator_key(symbol, tf), open_time]
+            for name, value in items:
+                args += (name, format_value(value))
+            writes.append(args)
+        if not writes and not then:
+            return
+        replies = await execute_packed(self.redis, [*writes, *then])
+        if any(isinstance(r, ResponseError) and "NOSCRIPT" in str(r) for r in replies[: len(writes)]):
+            self._sha = await self.redis.script_load(SET_LATEST_LUA)
+            replies = await execute_packed(self.redis, [[w[0], self._sha, *w[2:]] for w in writes])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+
+    async def set_latest(self, values: Iterable[IndicatorValue]) -> None:
+        grouped: dict[tuple[str, str, int], list[tuple[str, float | None]]] = defaultdict(list)
         for v in values:
-            grouped[(v.symbol, v.tf, v.open_time)][v.name] = format_value(v.value)
-        own = pipe is None
-        pipe = self.redis.pipeline(transaction=False) if own else pipe
-        for (symbol, tf, open_time), fields in sorted(grouped.items(), key=lambda item: item[0][2]):
-            args: list[Any] = [open_time]
-            for name, text in fields.items():
-                args += (name, text)
-            await self._set_latest(keys=[indicator_key(symbol, tf)], args=args, client=pipe)
-        if own:
-            await pipe.execute()
+            grouped[(v.symbol, v.tf, v.open_time)].append((v.name, v.value))
+        await self.write((*key, items) for key, items in sorted(grouped.items(), key=lambda item: item[0][2]))
 
     async def get_latest(self, symbol: str, tf: str) -> dict[str, str]:
         return await self.redis.hgetall(indicator_key(symbol, tf))
@@ -598,22 +608,6 @@ async def fetch_latest_indicator_values(pool: asyncpg.Pool, symbols: Sequence[st
         IndicatorValue(r["instance_id"], r["symbol"], tf, datetime_to_ms(r["open_time"]), r["param_name"], r["value"])
         for r in rows
     ]
-
-
-_HISTORY_SQL = {
-    tf: (
-        "SELECT s.symbol, array_agg((extract(epoch FROM c.open_time) * 1000)::bigint ORDER BY c.open_time) AS t, "
-        "array_agg(c.open::float8 ORDER BY c.open_time) AS o, array_agg(c.high::float8 ORDER BY c.open_time) AS h, "
-        "array_agg(c.low::float8 ORDER BY c.open_time) AS l, array_agg(c.close::float8 ORDER BY c.open_time) AS c, "
-        "array_agg(c.volume::float8 ORDER BY c.open_time) AS v "
-        "FROM unnest($1::text[], $2::timestamptz[], $3::integer[]) AS s(symbol, upto, n) "
-        f"CROSS JOIN LATERAL (SELECT * FROM {candle_table(tf)} x WHERE x.symbol = s.symbol AND x.open_time <= s.upto "
-        "ORDER BY x.open_time DESC LIMIT s.n) c GROUP BY s.symbol"
-    )
-    for tf in TIMEFRAMES
-}
-
-FAR_FUTURE_MS = 32_503_680_000_000  # year 3000: "no upper bound"
 
 
 async def fetch_history(
@@ -796,16 +790,15 @@ def candle_event(candle: Candle) -> dict[str, str]:
     return event
 
 
-async def publish(redis: Redis, stream: str, events: Sequence[Mapping[str, Any]], maxlen: int, pipe=None) -> None:
-    """XADD each event with an approximate MAXLEN, pipelined."""
+def xadd_command(stream: str, fields: Mapping[str, Any], maxlen: int) -> list[Any]:
+    return ["XADD", stream, "MAXLEN", "~", maxlen, "*", *chain.from_iterable(fields.items())]
+
+
+async def publish(redis: Redis, stream: str, events: Sequence[Mapping[str, Any]], maxlen: int) -> None:
+    """XADD each event with an approximate MAXLEN, in one packed round."""
     if not events:
         return
-    if pipe is not None:
-        for event in events:
-            pipe.xadd(stream, dict(event), maxlen=maxlen, approximate=True)
-        return
-    commands = [["XADD", stream, "MAXLEN", "~", maxlen, "*", *chain.from_iterable(event.items())] for event in events]
-    for reply in await execute_packed(redis, commands):
+    for reply in await execute_packed(redis, [xadd_command(stream, event, maxlen) for event in events]):
         if isinstance(reply, Exception):
             raise reply
 
@@ -829,11 +822,19 @@ StreamEntry = tuple[str, str, dict[str, str]]  # (stream, entry id, fields)
 
 
 async def read_group(
-    redis: Redis, group: str, consumer: str, streams: Sequence[str], count: int = 500, block_ms: int | None = 1000
+    redis: Redis,
+    group: str,
+    consumer: str,
+    streams: Sequence[str],
+    count: int = 500,
+    block_ms: int | None = 1000,
+    start: str = ">",
 ) -> list[StreamEntry]:
-    """New entries for this consumer; a group lost to a Redis wipe is recreated."""
+    """New entries for this consumer (start ">"), or those it was given and never
+    acknowledged (start "0"); a group lost to a Redis wipe is recreated."""
     try:
-        reply = await redis.xreadgroup(group, consumer, {s: ">" for s in streams}, count=count, block=block_ms)
+        block = block_ms if start == ">" else None
+        reply = await redis.xreadgroup(group, consumer, {s: start for s in streams}, count=count, block=block)
     except ResponseError as exc:
         if "NOGROUP" not in str(exc):
             raise

@@ -172,10 +172,10 @@ class CandleIntake:
         """Close the crash windows of a previous run (a kill between the PostgreSQL commit
         and Redis): rebuild the buckets of the recent minutes and announce every recent
         candle the streams lack. Announcements are at least once; consumers are idempotent."""
-        newest = await self.pool.fetchval("SELECT max(open_time) FROM ohlcv4_m1")
+        newest = await core_io.newest_m1_time(self.pool)
         if newest is None:
             return
-        cutoff = datetime_to_ms(newest) - window_ms
+        cutoff = newest - window_ms
         cutoff -= cutoff % TF_MS["m15"]
         recent = await self.pool.fetch(
             "SELECT symbol, open_time FROM ohlcv4_m1 WHERE open_time >= $1", ms_to_datetime(cutoff)

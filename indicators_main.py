@@ -33,10 +33,10 @@ from typing import Any
 import asyncpg
 import numpy as np
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 import core_io
 from candles import TF_MS, TIMEFRAMES
+from indicators import slow
 from indicators.kernels import BarArrays, BarTuple, Kernel
 from indicators.registry import IndicatorConfigError, Instance, parse_common
 from infra import Settings, env_number, log_system_event
@@ -89,10 +89,6 @@ def stream_id(text: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def format_value(value: float) -> str:
-    return repr(value) if value == value else ""
-
-
 # --------------------------------------------------------------------------- configuration
 
 
@@ -133,7 +129,7 @@ class Series:
     # The newest bars the state holds: an event repeating one of them (a re-announcement
     # after a crash or a Redis wipe) changes nothing; any other older bar is a correction.
     recent: deque[BarTuple] = field(default_factory=lambda: deque(maxlen=RECENT_BARS))
-    window: list[BarTuple] = field(default_factory=list)  # for pandas-ta, when needed
+    window: deque[BarTuple] = field(default_factory=deque)  # the bars pandas-ta sees (filled when it runs)
 
     def step(self, bar: BarTuple) -> list[float]:
         values: list[float] = []
@@ -213,10 +209,10 @@ class IndicatorWorker:
         self.pending_rows = 0
         self.persisted_event = asyncio.Event()
         self.slow_jobs: asyncio.Queue[tuple[str, str, int, tuple]] = asyncio.Queue()
-        self.slow = SlowRunner(self.options.slow_workers)
+        self.slow_runner = SlowRunner(self.options.slow_workers)
         self.retention_ms = settings.indicator_retention_days * DAY_MS
         self.newest_ms = 0  # newest bar seen, for the retention cut-off
-        self._set_latest_sha: str | None = None
+        self.cache = core_io.IndicatorCache(redis)
         self.stats = {"bars": 0, "corrections": 0, "opened": 0, "persisted_rows": 0, "bad_events": 0}
         self.last_compute_s = 0.0
         self.ready = asyncio.Event()  # set once the series are open and events flow
@@ -240,20 +236,17 @@ class IndicatorWorker:
         key = repr(rows)
         if key == self.config_key:
             return False
-        layouts: dict[str, Layout] = {tf: Layout([], []) for tf in TIMEFRAMES}
-        fast: dict[str, list[Instance]] = {tf: [] for tf in TIMEFRAMES}
-        slow: dict[str, list[SlowInstance]] = {tf: [] for tf in TIMEFRAMES}
+        incremental: dict[str, list[Instance]] = {tf: [] for tf in TIMEFRAMES}
+        pandas_ta: dict[str, list[SlowInstance]] = {tf: [] for tf in TIMEFRAMES}
         errors: dict[int, str] = {}
         for instance_id, indicator, tf, raw in rows:
             try:
                 instance = parse_common(instance_id, indicator, tf, TF_MINUTES[tf], raw)
                 if instance is not None:
-                    fast[tf].append(instance)
+                    incremental[tf].append(instance)
                     continue
-                from indicators import slow as slow_mod
-
-                kwargs, names = await self.slow.call(slow_mod.describe, indicator, raw)
-                slow[tf].append(SlowInstance(instance_id, indicator, tf, kwargs, names))
+                kwargs, names = await self.slow_runner.call(slow.describe, indicator, raw)
+                pandas_ta[tf].append(SlowInstance(instance_id, indicator, tf, kwargs, names))
             except IndicatorConfigError as exc:
                 errors[instance_id] = str(exc)
                 if self.config_errors.get(instance_id) != str(exc):
@@ -263,8 +256,7 @@ class IndicatorWorker:
                         f"indicator instance {instance_id} ({indicator} {tf}) skipped: {exc}",
                         {"instance_id": instance_id, "indicator": indicator, "timeframe": tf, "params": raw},
                     )
-        for tf in TIMEFRAMES:
-            layouts[tf] = Layout(fast[tf], slow[tf])
+        layouts = {tf: Layout(incremental[tf], pandas_ta[tf]) for tf in TIMEFRAMES}
         self.layouts, self.config_key, self.config_errors = layouts, key, errors
         log.info(
             "indicator configuration: %s",
@@ -408,13 +400,13 @@ class IndicatorWorker:
                 outputs += kernel.fill(bars)
             kernels.append(kernel)
         old = self.series.get(key)
-        series = Series(symbol, tf, kernels, seen)
+        series = Series(symbol, tf, kernels, seen, window=deque(maxlen=self.options.slow_window))
         if bars.size:
             rows = bars_as_tuples(bars)
             series.last_time = rows[-1][5]
             series.recent.extend(rows[-RECENT_BARS:])
             if layout.slow:
-                series.window = rows[-self.options.slow_window :]
+                series.window.extend(rows[-self.options.slow_window :])
             if first is not None:
                 start = int(np.searchsorted(bars.open_time, first))
                 matrix = np.vstack(outputs) if outputs else np.empty((0, bars.size))
@@ -474,21 +466,17 @@ class IndicatorWorker:
         if opened:
             await self.open_series(list(opened), upto=opened)
 
-    async def _read(self, backlog: str) -> list[core_io.StreamEntry]:
+    async def _read(self, start: str) -> list[core_io.StreamEntry]:
         streams = list(core_io.CANDLE_STREAMS.values())
-        if backlog == ">":
-            return await core_io.read_group(
-                self.redis,
-                core_io.INDICATOR_GROUP,
-                self.options.consumer,
-                streams,
-                self.options.read_count,
-                self.options.block_ms,
-            )
-        reply = await self.redis.xreadgroup(
-            core_io.INDICATOR_GROUP, self.options.consumer, {s: "0" for s in streams}, count=self.options.read_count
+        return await core_io.read_group(
+            self.redis,
+            core_io.INDICATOR_GROUP,
+            self.options.consumer,
+            streams,
+            self.options.read_count,
+            self.options.block_ms,
+            start,
         )
-        return [(stream, entry_id, fields) for stream, entries in (reply or []) for entry_id, fields in entries]
 
     async def handle(self, entries: Sequence[core_io.StreamEntry]) -> None:
         """One batch: group by series, open what is new, step, write once, ack."""
@@ -497,6 +485,8 @@ class IndicatorWorker:
         acks = [(stream, entry_id) for stream, entry_id, _ in entries]
         for stream, entry_id, fields in entries:
             tf = STREAM_TF.get(stream)
+            if not fields:
+                continue  # a pending entry trimmed from the stream: nothing left to do
             try:
                 symbol, bar = parse_event(fields)
             except (KeyError, ValueError, TypeError) as exc:
@@ -552,8 +542,6 @@ class IndicatorWorker:
         self._emit(series, bar, values)
         if self.layouts[series.tf].slow:
             series.window.append(bar)
-            if len(series.window) > self.options.slow_window:
-                del series.window[: len(series.window) - self.options.slow_window]
             self._queue_slow(series, series.window)
 
     async def _catch_up(self, series: Series, t: int) -> None:
@@ -596,60 +584,19 @@ class IndicatorWorker:
 
     async def _flush_redis(self, acks: Sequence[tuple[str, str]]) -> None:
         """Latest values, announcements and acks: one round trip."""
-        commands: list[list[Any]] = []
-        sha = await self._script_sha()
-        for (symbol, tf), (t, names, values) in self._latest.items():
-            commands.append(self._set_latest_command(sha, symbol, tf, t, zip(names, values)))
-        for symbol, tf, t in self._announce:
-            commands.append(self._announce_command(symbol, tf, t))
+        announcements = [self._announcement(symbol, tf, t) for symbol, tf, t in self._announce]
         by_stream: dict[str, list[str]] = {}
         for stream, entry_id in acks:
             by_stream.setdefault(stream, []).append(entry_id)
-        for stream, ids in by_stream.items():
-            commands.append(["XACK", stream, core_io.INDICATOR_GROUP, *ids])
-        if not commands:
-            return
-        replies = await core_io.execute_packed(self.redis, commands)
-        if any(isinstance(r, ResponseError) and "NOSCRIPT" in str(r) for r in replies):
-            self._set_latest_sha = None
-            sha = await self._script_sha()
-            retry = [[c[0], sha, *c[2:]] for c in commands if c[0] == "EVALSHA"]
-            replies = await core_io.execute_packed(self.redis, retry)
-        errors = [r for r in replies if isinstance(r, Exception)]
-        if errors:
-            raise errors[0]
+        xacks = [["XACK", stream, core_io.INDICATOR_GROUP, *ids] for stream, ids in by_stream.items()]
+        latest = ((symbol, tf, t, zip(names, values)) for (symbol, tf), (t, names, values) in self._latest.items())
+        await self.cache.write(latest, [*announcements, *xacks])
         self._latest.clear()
         self._announce.clear()
 
-    @staticmethod
-    def _set_latest_command(sha: str, symbol: str, tf: str, t: int, values: Any) -> list[Any]:
-        args: list[Any] = ["EVALSHA", sha, 1, core_io.indicator_key(symbol, tf), t]
-        for name, value in values:
-            args += (name, format_value(value))
-        return args
-
-    def _announce_command(self, symbol: str, tf: str, t: int, *extra: str) -> list[Any]:
-        stream = core_io.INDICATORS_READY_STREAM
-        return [
-            "XADD",
-            stream,
-            "MAXLEN",
-            "~",
-            self.settings.stream_maxlen,
-            "*",
-            "symbol",
-            symbol,
-            "tf",
-            tf,
-            "open_time",
-            t,
-            *extra,
-        ]
-
-    async def _script_sha(self) -> str:
-        if self._set_latest_sha is None:
-            self._set_latest_sha = await self.redis.script_load(core_io.SET_LATEST_LUA)
-        return self._set_latest_sha
+    def _announcement(self, symbol: str, tf: str, t: int, **extra: str) -> list[Any]:
+        fields = {"symbol": symbol, "tf": tf, "open_time": t, **extra}
+        return core_io.xadd_command(core_io.INDICATORS_READY_STREAM, fields, self.settings.stream_maxlen)
 
     # ----------------------------------------------------------------- pandas-ta path
 
@@ -659,8 +606,6 @@ class IndicatorWorker:
         self.slow_jobs.put_nowait((series.symbol, series.tf, t, columns))
 
     async def run_slow(self) -> None:
-        from indicators import slow as slow_mod
-
         while True:
             jobs = [await self.slow_jobs.get()]
             while not self.slow_jobs.empty() and len(jobs) < 256:
@@ -672,7 +617,7 @@ class IndicatorWorker:
                     owners.append((symbol, tf, t, instance))
             if not calls:
                 continue
-            results = await self.slow.call(slow_mod.compute_many, calls)
+            results = await self.slow_runner.call(slow.compute_many, calls)
             latest: dict[tuple[str, str, int], dict[str, float]] = {}
             for (symbol, tf, t, instance), result in zip(owners, results):
                 if isinstance(result, str):
@@ -682,12 +627,10 @@ class IndicatorWorker:
                 values = [result[n] for n in names]
                 self._add_pending((symbol, tf, t, instance.id), (instance.id,) * len(names), names, values)
                 latest.setdefault((symbol, tf, t), {}).update(result)
-            sha = await self._script_sha()
-            commands = []
-            for (symbol, tf, t), values in latest.items():
-                commands.append(self._set_latest_command(sha, symbol, tf, t, values.items()))
-                commands.append(self._announce_command(symbol, tf, t, "set", "pandas-ta"))
-            await core_io.execute_packed(self.redis, commands)
+            await self.cache.write(
+                ((symbol, tf, t, values.items()) for (symbol, tf, t), values in latest.items()),
+                [self._announcement(symbol, tf, t, set="pandas-ta") for symbol, tf, t in latest],
+            )
 
     # ----------------------------------------------------------------- PostgreSQL
 
@@ -764,7 +707,7 @@ class IndicatorWorker:
                 log.info("pruned %d indicator values older than %d days", total, self.settings.indicator_retention_days)
 
     def close(self) -> None:
-        self.slow.close()
+        self.slow_runner.close()
 
 
 def bars_as_tuples(bars: BarArrays) -> list[BarTuple]:

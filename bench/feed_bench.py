@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import subprocess
 import sys
 import time
 from itertools import islice
@@ -35,7 +34,7 @@ from feed_and_aggregate import Feed, FeedSettings  # noqa: E402
 from infra import load_settings, make_redis, run_safe_loop  # noqa: E402
 from market_data import read_archive  # noqa: E402
 from migrations import apply_migrations  # noqa: E402
-from tests.servers import RedisServer, free_port, recreate_database, setting  # noqa: E402
+from tests.servers import RedisServer, free_port, recreate_database, setting, start_fake_exchange  # noqa: E402
 
 SYMBOLS = 500
 M1 = 60_000
@@ -100,28 +99,7 @@ async def main() -> None:
     bench_parse()
     source = SyntheticSource(SYMBOLS, seed=3)
     port = free_port()
-    exchange = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
-        [
-            sys.executable,
-            "-m",
-            "fake_exchange",
-            "--source",
-            "synthetic",
-            "--symbols",
-            str(SYMBOLS),
-            "--seed",
-            "3",
-            "--speed",
-            str(SPEED),
-            "--start",
-            "2026-02-06T00:00",
-            "--port",
-            str(port),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    exchange = start_fake_exchange(SYMBOLS, SPEED, "2026-02-06T00:00", port)
     redis_server = RedisServer(with_timeseries=True)
     redis_server.start()
     url = await recreate_database(setting("POSTGRES_URL"), "feed_v4_bench")

@@ -47,7 +47,7 @@ from indicators.registry import parse_common  # noqa: E402
 from infra import load_settings, make_redis, run_safe_loop  # noqa: E402
 from market_data import archive_symbols, read_archive  # noqa: E402
 from migrations import apply_migrations  # noqa: E402
-from tests.servers import RedisServer, free_port, recreate_database, setting  # noqa: E402
+from tests.servers import RedisServer, free_port, recreate_database, setting, start_fake_exchange  # noqa: E402
 
 SYMBOLS = 500
 M1 = 60_000
@@ -391,28 +391,7 @@ async def bench_end_to_end() -> None:
             f"{len(recent):,} of them (since {ms_to_datetime(since):%H:%M}) in {time.perf_counter() - started:.1f} s"
         )
         del recent
-        exchange = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
-            [
-                sys.executable,
-                "-m",
-                "fake_exchange",
-                "--source",
-                "synthetic",
-                "--symbols",
-                str(SYMBOLS),
-                "--seed",
-                "3",
-                "--speed",
-                str(SPEED),
-                "--start",
-                f"{ms_to_datetime(START):%Y-%m-%dT%H:%M}",
-                "--port",
-                str(port),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        exchange = start_fake_exchange(SYMBOLS, SPEED, f"{ms_to_datetime(START):%Y-%m-%dT%H:%M}", port)
         feed = Feed(
             settings,
             feed_settings,

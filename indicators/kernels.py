@@ -110,9 +110,7 @@ class SourceKernel:
         return [out * self.scale if self.scale != 1.0 else out]
 
     def step(self, bar: BarTuple) -> tuple[float, ...]:
-        value = bar[self.index] if self.index is not None else source_value(bar, self.source)
-        handle = self.stage.handle
-        out = handle.update(value) if handle is not None else self.stage.step(value)[0]
+        (out,) = self.stage.step(bar[self.index] if self.index is not None else source_value(bar, self.source))
         return (out * self.scale if self.scale != 1.0 else out,)
 
 
@@ -131,8 +129,7 @@ class HlcKernel:
         return [out * self.scale if self.scale != 1.0 else out]
 
     def step(self, bar: BarTuple) -> tuple[float, ...]:
-        handle = self.stage.handle
-        out = handle.update(bar[1], bar[2], bar[3]) if handle is not None else self.stage.step(*bar[1:4])[0]
+        (out,) = self.stage.step(bar[1], bar[2], bar[3])
         return (out * self.scale if self.scale != 1.0 else out,)
 
 

@@ -278,7 +278,6 @@ class Instance:
     params: dict[str, Any]
     names: tuple[str, ...]
     history: int  # bars to open from so that values match the whole history within 1e-12
-    fast: bool
 
     @property
     def anchored(self) -> bool:
@@ -339,4 +338,4 @@ def parse_common(instance_id: int, indicator: str, tf: str, tf_minutes: int, raw
     if spec.source and source != "close":
         names = tuple(f"{source.upper()}_{n}" for n in names)
     history = spec.history(params, tf_minutes)
-    return Instance(instance_id, indicator, tf, params, names, history, fast=True)
+    return Instance(instance_id, indicator, tf, params, names, history)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cache
 
 import numpy as np
 import talib
+import talib.abstract
 import talib.stream
 
 NAN = math.nan
@@ -28,11 +30,23 @@ def leading_nans(inputs: Sequence[np.ndarray]) -> int:
     return int(hits[0]) if len(hits) else len(finite)
 
 
+@cache
+def bars_needed(function: str, params: tuple[tuple[str, float], ...]) -> int:
+    """TA-Lib's lookback + 1: the fewest bars a handle opens from.
+
+    Opening is only tried from there on: below it TA-Lib 0.8's KC open sometimes answers
+    TA_BAD_PARAM instead of InsufficientHistory (it reads past the short history)."""
+    abstract = talib.abstract.Function(function)
+    abstract.parameters = dict(params)
+    return abstract.lookback + 1
+
+
 class Stage:
-    __slots__ = ("handle", "n_out", "opener", "params", "young")
+    __slots__ = ("handle", "n_out", "needed", "opener", "params", "young")
 
     def __init__(self, function: str, n_out: int = 1, **params: float) -> None:
         self.opener = getattr(talib.stream, function).open_and_fill
+        self.needed = bars_needed(function, tuple(sorted(params.items())))
         self.params = params
         self.n_out = n_out
         self.handle = None
@@ -46,6 +60,8 @@ class Stage:
         self.handle, self.young = None, None
         outputs: tuple[np.ndarray, ...]
         try:
+            if len(history[0]) < self.needed:
+                raise talib.InsufficientHistory
             self.handle, raw = self.opener(*history, **self.params)
             outputs = tuple(np.asarray(o, dtype=np.float64) for o in (raw if isinstance(raw, tuple) else (raw,)))
         except talib.InsufficientHistory:
@@ -71,6 +87,8 @@ class Stage:
             self.young = [[] for _ in values]
         for column, value in zip(self.young, values):
             column.append(value)
+        if len(self.young[0]) < self.needed:
+            return (NAN,) * self.n_out
         try:
             self.handle, raw = self.opener(*(np.asarray(c, dtype=np.float64) for c in self.young), **self.params)
         except talib.InsufficientHistory:

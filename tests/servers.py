@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,14 @@ def setting(key: str) -> str:
     if not value:
         raise RuntimeError(f"{key} is unknown: run `make services` (or `make test`) first")
     return value
+
+
+def start_fake_exchange(symbols: int, speed: float, start: str, port: int, seed: int = 3) -> subprocess.Popen:
+    """The fake exchange with synthetic symbols, in its own process (for benchmarks)."""
+    command = [sys.executable, "-m", "fake_exchange", "--source", "synthetic", "--symbols", str(symbols)]
+    command += ["--seed", str(seed), "--speed", str(speed), "--start", start, "--port", str(port)]
+    project = Path(__file__).resolve().parents[1]
+    return subprocess.Popen(command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def free_port() -> int:

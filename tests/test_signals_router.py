@@ -341,6 +341,14 @@ async def test_listen_connection_killed_is_reconnected(h):
 # --------------------------------------------------------------------------- races and redelivery
 
 
+async def waiting_on_locks(h, count: int) -> bool:
+    """Exactly `count` sessions of this database are blocked on a lock."""
+    n = await h.pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    return n == count
+
+
 async def test_two_routers_of_one_group_race_on_one_uid_and_the_database_decides(h):
     """Two entries of one signal reach two consumers at once; both inserts wait on a
     transaction holding the uid, which then rolls back: exactly one wins."""
@@ -354,13 +362,7 @@ async def test_two_routers_of_one_group_race_on_one_uid_and_the_database_decides
         a = await h.run(consumer="a", batch=1)
         b = await h.run(consumer="b", batch=1)
 
-        async def both_waiting() -> bool:
-            n = await h.pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )
-            return n == 2
-
-        await until(both_waiting, what="both routers blocked on the uid")
+        await until(lambda: waiting_on_locks(h, 2), what="both routers blocked on the uid")
         await tx.rollback()
     finally:
         await blocker.close()
@@ -388,13 +390,7 @@ async def test_a_second_group_reading_the_same_entry_logs_and_delivers_it_once(h
         a = await h.run(consumer="a")
         b = await h.run(consumer="b", group="signal_processor_b")
 
-        async def both_waiting() -> bool:
-            n = await h.pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )
-            return n == 2
-
-        await until(both_waiting, what="both routers blocked on the entry")
+        await until(lambda: waiting_on_locks(h, 2), what="both routers blocked on the entry")
         await tx.rollback()
     finally:
         await blocker.close()
