@@ -770,6 +770,31 @@ async def get_mark_prices(redis: Redis, symbols: Sequence[str]) -> dict[str, str
     return dict(zip(symbols, values))
 
 
+# --------------------------------------------------------------------------- heartbeat
+
+HEARTBEAT_PREFIX = "heartbeat:"
+
+
+def heartbeat_key(host: str, pid: int) -> str:
+    return f"{HEARTBEAT_PREFIX}{host}:{pid}"
+
+
+async def write_heartbeat(redis: Redis, key: str, fields: Mapping[str, Any], ttl_s: int) -> None:
+    """One hash per daemon process; it expires when the process stops beating."""
+    await execute_packed(redis, [["HSET", key, *chain.from_iterable(fields.items())], ["EXPIRE", key, ttl_s]])
+
+
+async def read_heartbeats(redis: Redis) -> dict[str, dict[str, str]]:
+    """Every live daemon process's heartbeat, by key."""
+    keys = sorted([key async for key in redis.scan_iter(match=f"{HEARTBEAT_PREFIX}*", count=1000)])
+    if not keys:
+        return {}
+    pipe = redis.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    return {key: fields for key, fields in zip(keys, await pipe.execute()) if fields}
+
+
 # --------------------------------------------------------------------------- streams
 
 
