@@ -125,6 +125,7 @@ class TelegramAlerts:
         self.handler = _AlertHandler(self)
         self.stats = {"sent": 0, "deduplicated": 0, "suppressed": 0, "failed": 0, "dropped": 0}
         self.queue: deque[Alert] = deque()
+        self.sending = False
         self.seen: dict[str, tuple[float, int]] = {}  # dedup key -> (last sent, repeats since)
         self.unreported = {"suppressed": 0, "dropped": 0}  # told in the next message delivered
         self.session: aiohttp.ClientSession | None = None
@@ -190,11 +191,18 @@ class TelegramAlerts:
         while True:
             self._wake.clear()
             while self.queue:
+                self.sending = True
                 composed = self.compose(self.queue.popleft())
                 if composed is not None and await self.deliver(composed[0]):
                     for what, count in composed[1].items():
                         self.unreported[what] -= count
+            self.sending = False
             await self._wake.wait()
+
+    async def drain(self) -> None:
+        """At shutdown: let what is queued go out (the caller bounds the wait)."""
+        while self.queue or self.sending:
+            await asyncio.sleep(0.02)
 
     async def deliver(self, text: str) -> bool:
         """POST with bounded retries; 429 waits as Telegram asks. False once given up."""

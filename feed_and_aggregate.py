@@ -146,6 +146,7 @@ class CandleIntake:
         self.recent_m1: dict[str, dict[int, Candle]] = {}
         self.recent_horizon = 0
         self.buckets_wake = asyncio.Event()
+        self.aggregating = False
 
     async def store_m1(self, candles: Sequence[Candle]) -> list[Candle]:
         """Returns the candles that were new or changed (announced)."""
@@ -222,11 +223,14 @@ class CandleIntake:
             await self.buckets_wake.wait()
             self.buckets_wake.clear()
             due, self.buckets_due = self.buckets_due, set()
+            self.aggregating = True
             try:
                 await self.aggregate(due)
             except BaseException:
                 self.buckets_due |= due
                 raise
+            finally:
+                self.aggregating = False
 
     async def _cache_and_announce(self, candles: Sequence[Candle], tf: str) -> None:
         await core_io.write_candles(self.store, candles)
@@ -683,6 +687,8 @@ class Feed:
         self.bad_frames = RateLimitedLog("FEED")
         self._tasks: set[asyncio.Task] = set()
         self.reconciled = False
+        self.storing = False  # the intake holds a batch it has not stored yet
+        self.last_close_at = time.monotonic()  # local clock: the watchdog's measure of a live feed
 
     # ---- frames (synchronous: called for every frame, must stay cheap)
 
@@ -702,6 +708,7 @@ class Feed:
             self.stats.event_time = max(self.stats.event_time, message.event_time)
             if message.closed:
                 self.stats.closes += 1
+                self.last_close_at = time.monotonic()
                 self.new_gaps += [(symbol, t) for t in self.tracker.on_close(symbol, message.open_time)]
                 self.closed.put_nowait(message.candle)
         elif isinstance(message, MarkPrices):
@@ -728,10 +735,12 @@ class Feed:
                 batch.append(await self.closed.get())
             while not self.closed.empty() and len(batch) < 5000:
                 batch.append(self.closed.get_nowait())
+            self.storing = True
             try:
                 await self._flush_gaps()
                 await self.intake.store_m1(batch)
                 batch = []
+                self.storing = False
                 backoff.reset()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 delay = backoff.next_delay()
@@ -886,7 +895,20 @@ class Feed:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.rest.close()
 
+    async def drain(self) -> None:
+        """At shutdown, once the sources are stopped: store every close received, log
+        the gaps found, build the buckets due and write the last mark prices."""
+        while not self.closed.empty() or self.storing:
+            await asyncio.sleep(0.01)
+        await self._flush_gaps()
+        while self.intake.buckets_due or self.intake.aggregating:
+            await asyncio.sleep(0.01)
+        if self.prices:
+            prices, self.prices = self.prices, {}
+            await core_io.set_mark_prices(self.redis, prices)
+
     def workers(self) -> dict[str, Callable[[], Any]]:
+        """By name; those in SOURCES take data in and are stopped first at shutdown."""
         return {
             "FEED_CONNECTIONS": self.run_connections,
             "FEED_TICKERS": self.follow_tickers,
@@ -897,3 +919,5 @@ class Feed:
             "FEED_BACKFILL": self.backfiller.run,
             "FEED_PRICES": self.flush_prices,
         }
+
+    SOURCES = ("FEED_CONNECTIONS", "FEED_TICKERS", "FEED_CATCH_UP", "FEED_BACKFILL")

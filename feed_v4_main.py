@@ -2,10 +2,13 @@
 
     python feed_v4_main.py            run the daemon
     python feed_v4_main.py migrate    apply the SQL migrations and exit
+    python feed_v4_main.py status     print the state from Redis and PostgreSQL (--json)
 
-Boot order: settings, PostgreSQL, Redis, migrations, tickers from SYMBOLS, restore of
-the Redis cache; then the workers, each under `run_safe_loop`. A config or boot
-problem stops the process with exit code 2 and one line on stderr.
+Boot order: settings (every option checked before any connection), PostgreSQL,
+Redis, migrations, tickers from SYMBOLS, restore of the Redis cache; then the workers,
+each under `run_safe_loop`, with a heartbeat and a watchdog. A config or boot problem
+stops the process with exit code 2 and one line on stderr; a stale feed ends it with
+exit code 3 so the platform restarts it; SIGTERM/SIGINT end it with 0.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import asyncpg
+import uvloop
 from redis.asyncio import Redis
 
 import core_io
+from alerts import TelegramAlerts
 from feed_and_aggregate import Feed, FeedSettings
 from indicators_main import IndicatorOptions, IndicatorWorker
 from infra import (
@@ -33,6 +40,7 @@ from infra import (
     connect_pg,
     connect_redis,
     env_bool,
+    env_number,
     load_settings,
     log_system_event,
     run_safe_loop,
@@ -41,12 +49,41 @@ from infra import (
 )
 from migrations import apply_migrations
 from restore_redis_from_pg import restore_redis_from_pg
-from signals_v4_main import SignalRouter, load_router_options
+from signals_v4_main import RouterOptions, SignalRouter, load_router_options
+from status_report import run_status
 
 log = logging.getLogger("MAIN")
 
 EXIT_BOOT_FAILURE = 2
-SHUTDOWN_FLUSH_TIMEOUT_S = 5.0
+EXIT_STALE_FEED = 3
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    """What this process runs and how it watches itself; all read before connecting."""
+
+    feed: FeedSettings | None
+    indicators: IndicatorOptions | None
+    router: RouterOptions | None
+    heartbeat_interval_s: float = 2.0
+    heartbeat_ttl_s: int = 30
+    watchdog_stale_s: float = 180.0
+    shutdown_timeout_s: float = 9.0
+    worker_retry_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, settings: Settings, env: Mapping[str, str] | None = None) -> DaemonOptions:
+        env = os.environ if env is None else env
+        return cls(
+            feed=FeedSettings.from_env(settings, env) if env_bool(env, "FEED_ENABLED", True) else None,
+            indicators=IndicatorOptions.from_env(env) if env_bool(env, "INDICATORS_ENABLED", True) else None,
+            router=load_router_options(env) if env_bool(env, "SIGNALS_ENABLED", True) else None,
+            heartbeat_interval_s=env_number(env, "HEARTBEAT_INTERVAL_S", 2.0, float, 0.1, 60.0),
+            heartbeat_ttl_s=env_number(env, "HEARTBEAT_TTL_S", 30, int, 2, 3600),
+            watchdog_stale_s=env_number(env, "WATCHDOG_STALE_S", 180.0, float, 0.0, 86_400.0),
+            shutdown_timeout_s=env_number(env, "SHUTDOWN_TIMEOUT_S", 9.0, float, 1.0, 60.0),
+            worker_retry_s=env_number(env, "WORKER_RETRY_S", 5.0, float, 0.1, 600.0),
+        )
 
 
 @dataclass
@@ -58,11 +95,13 @@ class Runtime:
     redis: Redis
     store: core_io.CandleStore
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(system_event_log.flush(self.pool)), SHUTDOWN_FLUSH_TIMEOUT_S)
-        await self.redis.aclose()
-        await self.pool.close()
+            await asyncio.wait_for(asyncio.shield(system_event_log.flush(self.pool)), timeout_s)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.redis.aclose(), 1.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.pool.close(), 1.0)
 
 
 async def boot(settings: Settings) -> Runtime:
@@ -84,56 +123,169 @@ async def boot(settings: Settings) -> Runtime:
 Worker = Callable[[], Awaitable[None]]
 
 
-def workers_for(runtime: Runtime) -> tuple[dict[str, Worker], list[Callable[[], None]]]:
-    """The guarded workers of this process by name, and how to ask them to stop."""
+class Daemon:
+    """The workers of this process, their liveness signals and their orderly stop."""
 
-    async def system_log_flusher() -> None:
-        await system_event_log.run_flusher(runtime.pool)
+    def __init__(self, runtime: Runtime, options: DaemonOptions, alerts: TelegramAlerts | None = None) -> None:
+        self.runtime, self.options, self.alerts = runtime, options, alerts
+        settings, pool, redis = runtime.settings, runtime.pool, runtime.redis
+        self.feed = Feed(settings, options.feed, pool, redis, runtime.store) if options.feed else None
+        self.indicators = IndicatorWorker(settings, pool, redis, options.indicators) if options.indicators else None
+        self.router = SignalRouter(settings, pool, options.router) if options.router else None
+        self.stop_requested = asyncio.Event()
+        self.exit_code = 0
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.started_ms = int(time.time() * 1000)
+        self.heartbeat_key = core_io.heartbeat_key(socket.gethostname(), os.getpid())
 
-    workers: dict[str, Worker] = {"SYSTEM_LOG": system_log_flusher}
-    stoppers: list[Callable[[], None]] = []
-    if env_bool(os.environ, "FEED_ENABLED", True):
-        feed = Feed(
-            runtime.settings, FeedSettings.from_env(runtime.settings), runtime.pool, runtime.redis, runtime.store
-        )
-        workers.update(feed.workers())
-    if env_bool(os.environ, "INDICATORS_ENABLED", True):
-        indicators = IndicatorWorker(runtime.settings, runtime.pool, runtime.redis, IndicatorOptions.from_env())
-        workers.update(indicators.workers())
-        stoppers.append(indicators.close)
-    if env_bool(os.environ, "SIGNALS_ENABLED", True):
-        router = SignalRouter(runtime.settings, runtime.pool, load_router_options())
-        workers["SIGNALS"] = router.run
-        stoppers.append(router.stop)
-    return workers, stoppers
+    def workers(self) -> dict[str, Worker]:
+        workers: dict[str, Worker] = {"SYSTEM_LOG": lambda: system_event_log.run_flusher(self.runtime.pool)}
+        if self.feed:
+            workers.update(self.feed.workers())
+            if self.options.watchdog_stale_s > 0:
+                workers["WATCHDOG"] = self.watch_feed
+        if self.indicators:
+            workers.update(self.indicators.workers())
+        if self.router:
+            workers["SIGNALS"] = self.router.run
+        if self.alerts:
+            workers["ALERTS"] = self.alerts.run
+        workers["HEARTBEAT"] = self.beat
+        return workers
+
+    def start(self) -> None:
+        for name, fn in self.workers().items():
+            self.tasks[name] = asyncio.create_task(run_safe_loop(fn, name, self.options.worker_retry_s), name=name)
+        log_system_event("INFO", "MAIN", "daemon started", {"workers": sorted(self.tasks)})
+
+    def request_stop(self, exit_code: int = 0) -> None:
+        if not self.stop_requested.is_set():
+            self.exit_code = exit_code
+            self.stop_requested.set()
+
+    # ---- liveness
+
+    def heartbeat_fields(self) -> dict[str, str | int]:
+        feed_stats = self.feed.stats if self.feed else None
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_ms,
+            "updated_at": int(time.time() * 1000),
+            "exchange_time": feed_stats.event_time if feed_stats and feed_stats.event_time else "",
+            "workers": ",".join(sorted(self.tasks)),
+            "candles_stored": self.feed.intake.stored_m1 if self.feed else 0,
+            "indicator_bars": self.indicators.stats["bars"] if self.indicators else 0,
+        }
+
+    async def beat(self) -> None:
+        """Liveness for RedisInsight and `status`: a hash that expires unless refreshed."""
+        while True:
+            with contextlib.suppress(*core_io.REDIS_RETRY_ERRORS):
+                await core_io.write_heartbeat(
+                    self.runtime.redis, self.heartbeat_key, self.heartbeat_fields(), self.options.heartbeat_ttl_s
+                )
+            await asyncio.sleep(self.options.heartbeat_interval_s)
+
+    async def watch_feed(self) -> None:
+        """No closed kline for too long while symbols are followed: end the process
+        (exit 3) so the platform restarts it on a fresh connection."""
+        assert self.feed is not None
+        limit = self.options.watchdog_stale_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            silent_for = time.monotonic() - self.feed.last_close_at
+            if not self.feed.symbols:
+                self.feed.last_close_at = time.monotonic()
+            elif silent_for > limit:
+                log_system_event(
+                    "CRITICAL",
+                    "WATCHDOG",
+                    f"no closed kline for {silent_for:.0f}s (limit WATCHDOG_STALE_S={limit:g}); "
+                    f"exiting with code {EXIT_STALE_FEED} so the worker is restarted",
+                    {"symbols": len(self.feed.symbols), "closes": self.feed.stats.closes},
+                )
+                self.request_stop(EXIT_STALE_FEED)
+                return
+
+    # ---- shutdown
+
+    async def shutdown(self) -> None:
+        """Stop intake, store what was received, let the indicators finish and persist
+        what the streams hold, let the router ack its batch; all within the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.shutdown_timeout_s
+
+        def left(reserve: float) -> float:
+            return max(0.0, deadline - reserve - loop.time())
+
+        if self.feed:
+            await self._cancel(Feed.SOURCES)
+            await self._bounded("storing received candles", self.feed.drain(), left(4.0))
+            await self._cancel([name for name in self.tasks if name.startswith("FEED_")])
+        if self.router:
+            self.router.stop()
+        if self.indicators:
+            self.indicators.stop()
+            if task := self.tasks.get("INDICATORS"):
+                await self._bounded("computing the last indicators", asyncio.shield(task), left(2.5))
+            await self._bounded("persisting indicator values", self.indicators.flush(), left(1.5))
+        if task := self.tasks.get("SIGNALS"):
+            await self._bounded("routing the signals in hand", asyncio.shield(task), left(1.5))
+        if self.alerts:
+            await self._bounded("sending the queued alerts", self.alerts.drain(), min(2.0, left(1.0)))
+        await self._cancel(list(self.tasks))
+        if self.indicators:
+            self.indicators.close()
+        with contextlib.suppress(Exception):
+            await self.runtime.redis.delete(self.heartbeat_key)
+        log_system_event("INFO", "MAIN", "daemon stopped", {"exit_code": self.exit_code})
+        await self.runtime.close(left(0.3))
+        if self.alerts:
+            logging.getLogger().removeHandler(self.alerts.handler)
+            await self.alerts.close()
+
+    async def _bounded(self, what: str, awaitable: Awaitable, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(awaitable, timeout_s)
+        except TimeoutError:
+            log_system_event("WARNING", "MAIN", f"shutdown: gave up {what} after {timeout_s:.1f}s")
+        except Exception as exc:
+            log_system_event("WARNING", "MAIN", f"shutdown: {what} failed: {exc!r}")
+
+    async def _cancel(self, names: list[str] | tuple[str, ...]) -> None:
+        tasks = [self.tasks[name] for name in names if name in self.tasks and not self.tasks[name].done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
 
 
 async def run_daemon(settings: Settings) -> int:
-    stop = asyncio.Event()
+    options = DaemonOptions.from_env(settings)
+    alerts = TelegramAlerts.from_settings(settings)
+    if alerts:
+        logging.getLogger().addHandler(alerts.handler)
+    daemon_stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, daemon_stop.set)
     runtime = await boot(settings)
     # What boot allocated lives for the whole run: keep the cyclic collector from
     # rescanning it (a full collection over it stalled the loop for ~0.4 s at bar close).
     gc.collect()
     gc.freeze()
-    workers, stoppers = workers_for(runtime)
-    tasks = [asyncio.create_task(run_safe_loop(fn, name), name=name) for name, fn in workers.items()]
-    log_system_event("INFO", "MAIN", "daemon started", {"workers": sorted(workers)})
-    try:
-        await stop.wait()
+    daemon = Daemon(runtime, options, alerts)
+    daemon.start()
+    signalled = asyncio.create_task(daemon_stop.wait())
+    watchdog = asyncio.create_task(daemon.stop_requested.wait())
+    await asyncio.wait([signalled, watchdog], return_when=asyncio.FIRST_COMPLETED)
+    for waiter in (signalled, watchdog):
+        waiter.cancel()
+    if daemon_stop.is_set():
         log.info("stop requested; shutting down")
-    finally:
-        for request_stop in stoppers:
-            request_stop()  # e.g. the router finishes and acks the batch in hand
-        await asyncio.sleep(0.2)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        log_system_event("INFO", "MAIN", "daemon stopped")
-        await runtime.close()
-    return 0
+    await daemon.shutdown()
+    return daemon.exit_code
 
 
 async def run_migrate(settings: Settings) -> int:
@@ -146,7 +298,11 @@ async def run_migrate(settings: Settings) -> int:
     return 0
 
 
-COMMANDS = {"run": run_daemon, "migrate": run_migrate}
+async def run_status_command(settings: Settings) -> int:
+    return await run_status(settings, sys.argv[2:])
+
+
+COMMANDS = {"run": run_daemon, "migrate": run_migrate, "status": run_status_command}
 
 
 def main(argv: list[str]) -> int:
@@ -157,7 +313,7 @@ def main(argv: list[str]) -> int:
     try:
         settings = load_settings()
         setup_logging(settings.debug_mode)
-        return asyncio.run(COMMANDS[command](settings))
+        return asyncio.run(COMMANDS[command](settings), loop_factory=uvloop.new_event_loop)
     except (ConfigError, BootError) as exc:
         print(f"feed_v4: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILURE

@@ -216,6 +216,7 @@ class IndicatorWorker:
         self.stats = {"bars": 0, "corrections": 0, "opened": 0, "persisted_rows": 0, "bad_events": 0}
         self.last_compute_s = 0.0
         self.ready = asyncio.Event()  # set once the series are open and events flow
+        self.stopping = False
         self.last_batch_at = 0.0
         self._announce: list[tuple[str, str, int]] = []
         self._latest: dict[tuple[str, str], tuple[int, Sequence[str], list[float]]] = {}
@@ -446,7 +447,7 @@ class IndicatorWorker:
                 next_reload = time.monotonic() + self.options.reload_s
                 if await self.load_config():
                     await self._reopen_all()
-            while self.pending_rows > self.options.persist_max_rows:
+            while self.pending_rows > self.options.persist_max_rows and not self.stopping:
                 self.persisted_event.clear()
                 await self.persisted_event.wait()
             entries = await self._read(backlog)
@@ -455,6 +456,13 @@ class IndicatorWorker:
                 continue
             if entries:
                 await self.handle(entries)
+            elif self.stopping:
+                return
+
+    def stop(self) -> None:
+        """Shutdown: handle what the streams hold (the feed has drained into them), then return."""
+        self.stopping = True
+        self.persisted_event.set()
 
     async def _reopen_all(self) -> None:
         """After a configuration change: every series rebuilt where it stands; new
@@ -474,7 +482,7 @@ class IndicatorWorker:
             self.options.consumer,
             streams,
             self.options.read_count,
-            self.options.block_ms,
+            None if self.stopping else self.options.block_ms,
             start,
         )
 

@@ -9,10 +9,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from aiohttp import web
 
 from infra import read_local_services
 
@@ -125,3 +128,41 @@ async def drop_database(base_url: str, name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+class FakeTelegram:
+    """Records each sendMessage call; answers from `script` (status, body, headers), then 200."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.script: deque[tuple[int, dict[str, Any], dict[str, str]]] = deque()
+        self.port = 0
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def texts(self) -> list[str]:
+        return [r["json"]["text"] for r in self.requests]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append({"path": request.path, "json": await request.json(), "at": time.monotonic()})
+        status, body, headers = self.script.popleft() if self.script else (200, {"ok": True, "result": {}}, {})
+        if status >= 500:  # echo the path, as a proxy error page might: the token must not reach the log
+            body = {"ok": False, "description": f"upstream failed for {request.path}"}
+        return web.json_response(body, status=status, headers=headers)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.port = self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None

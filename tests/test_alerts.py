@@ -7,13 +7,11 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
-from typing import Any
 
 import pytest
-from aiohttp import web
+from servers import FakeTelegram
 
 from alerts import MAX_TEXT, Alert, TelegramAlerts, TokenBucket, dedup_key, format_alert, retry_after
 from infra import ConfigError, load_settings, log_system_event
@@ -21,44 +19,6 @@ from infra import ConfigError, load_settings, log_system_event
 TOKEN = "123456:SECRET-bot-token"
 CHAT = "-100777"
 SERVERS = {"REDIS_URL": "redis://127.0.0.1:6390/0", "POSTGRES_URL": "postgresql://postgres@127.0.0.1:5432/feed_v4"}
-
-
-class FakeTelegram:
-    """Records each sendMessage call; answers from `script` (status, body, headers), then 200."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.script: deque[tuple[int, dict[str, Any], dict[str, str]]] = deque()
-        self.port = 0
-        self.runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def texts(self) -> list[str]:
-        return [r["json"]["text"] for r in self.requests]
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append({"path": request.path, "json": await request.json(), "at": time.monotonic()})
-        status, body, headers = self.script.popleft() if self.script else (200, {"ok": True, "result": {}}, {})
-        if status >= 500:  # echo the path, as a proxy error page might: the token must not reach the log
-            body = {"ok": False, "description": f"upstream failed for {request.path}"}
-        return web.json_response(body, status=status, headers=headers)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.port = self.runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
 
 
 class Clock:
