@@ -4,8 +4,9 @@ SHELL := /bin/bash
 VENV := .venv/bin
 ENV := source .local/services.env &&
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: setup services test lint bench migrate stop-services clean
+.PHONY: setup services test lint bench migrate run demo stop-services clean
 
 # Create .venv (Python 3.12+) and install requirements when they changed.
 setup:
@@ -30,6 +31,17 @@ bench: setup services
 # Apply database migrations.
 migrate: setup services
 	$(ENV) $(VENV)/python feed_v4_main.py migrate
+
+# Run the daemon against Binance itself (needs internet), with the local services' database.
+# SYMBOLS from the environment, else BTCUSDT,ETHUSDT.
+run: setup services
+	$(ENV) SYMBOLS=$${SYMBOLS:-BTCUSDT,ETHUSDT} $(VENV)/python feed_v4_main.py
+
+# The daemon against the built-in fake exchange (no internet), in its own database
+# feed_v4_demo and Redis db 1, with progress every 2 s until Ctrl-C.
+# DEMO_ARGS: e.g. "--seconds 60", "--speed 300", "--fresh" (scripts/demo.py --help).
+demo: setup services
+	$(ENV) $(VENV)/python scripts/demo.py $(DEMO_ARGS)
 
 # Stop the Redis daemon and private PostgreSQL started by `make services`.
 stop-services:

@@ -1,0 +1,224 @@
+"""render.yaml against Render's Blueprint rules, and against what the daemon reads (no server).
+
+The rules are the subset of Render's Blueprint YAML reference (https://render.com/docs/blueprint-spec;
+JSON Schema at https://render.com/schema/render.yaml.json) that a Python background worker touches,
+embedded here so the test never fetches anything.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from infra import load_settings
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+# --- the Blueprint rules (Render's reference, the parts a worker uses) -------------------
+ROOT_KEYS = {"services", "databases", "envVarGroups", "projects", "ungrouped", "previews"}
+SERVICE_TYPES = {"web", "pserv", "worker", "cron", "keyvalue", "redis"}
+RUNTIMES = {"node", "python", "elixir", "go", "ruby", "rust", "docker", "image", "static"}
+REGIONS = {"oregon", "ohio", "virginia", "frankfurt", "singapore"}
+WORKER_PLANS = {"starter", "standard", "pro", "pro plus", "pro max", "pro ultra"}  # no `free` for workers
+AUTO_DEPLOY_TRIGGERS = {"commit", "checksPass", "off"}
+# Fields valid on a background worker, with their YAML types. Web-only (domains,
+# healthCheckPath), cron-only (schedule), static-only (staticPublishPath, headers, routes)
+# and Key Value fields (ipAllowList, maxmemoryPolicy, previewPlan) are not.
+WORKER_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "type": str,
+    "name": str,
+    "runtime": str,
+    "plan": str,
+    "region": str,
+    "repo": str,
+    "branch": str,
+    "rootDir": str,
+    "buildCommand": str,
+    "startCommand": str,
+    "preDeployCommand": str,
+    "autoDeployTrigger": str,
+    "maxShutdownDelaySeconds": int,
+    "numInstances": int,
+    "scaling": dict,
+    "buildFilter": dict,
+    "disk": dict,
+    "envVars": list,
+    "previews": dict,
+    "dockerCommand": str,
+    "dockerfilePath": str,
+    "dockerContext": str,
+    "registryCredential": dict,
+    "image": dict,
+}
+DEPRECATED_FIELDS = {"env", "autoDeploy", "pullRequestPreviewsEnabled", "previewsEnabled"}
+# An envVars entry: `fromGroup` alone, or `key` with exactly one source.
+ENV_SOURCES = {"value", "sync", "generateValue", "fromDatabase", "fromService"}
+FROM_DATABASE_PROPERTIES = {"connectionString", "host", "port", "user", "password", "database"}
+# Read by Render's Python build, not by the daemon.
+PLATFORM_VARS = {"PYTHON_VERSION"}
+SECRETS = {"REDIS_URL", "POSTGRES_URL"}
+
+
+def load_blueprint() -> dict[str, Any]:
+    return yaml.safe_load((PROJECT / "render.yaml").read_text())
+
+
+def the_worker(blueprint: dict[str, Any]) -> dict[str, Any]:
+    workers = [s for s in blueprint["services"] if s.get("type") == "worker"]
+    assert len(workers) == 1, "exactly one background worker"
+    return workers[0]
+
+
+def env_vars(blueprint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {entry["key"]: entry for entry in the_worker(blueprint)["envVars"] if "key" in entry}
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def daemon_sources() -> str:
+    """The daemon's own code: top-level modules and its packages (not tests, tools, benches)."""
+    skip = {".venv", "tests", "bench", "scripts", "fake_exchange"}
+    files = [p for p in PROJECT.rglob("*.py") if not skip & set(p.relative_to(PROJECT).parts)]
+    assert files
+    return "\n".join(p.read_text() for p in files)
+
+
+# --- structure ----------------------------------------------------------------------------
+
+
+def check_structure(blueprint: dict[str, Any]) -> None:
+    assert isinstance(blueprint, dict) and set(blueprint) <= ROOT_KEYS
+    assert isinstance(blueprint["services"], list) and len(blueprint["services"]) == 1
+    for service in blueprint["services"]:
+        assert isinstance(service, dict)
+        assert service["type"] in SERVICE_TYPES
+    worker = the_worker(blueprint)
+    unknown = set(worker) - set(WORKER_FIELDS)
+    assert not unknown, f"fields a worker does not take: {sorted(unknown)}"
+    assert not DEPRECATED_FIELDS & set(worker)
+    for field, kind in WORKER_FIELDS.items():
+        if field in worker:
+            assert isinstance(worker[field], kind) and not isinstance(worker[field], bool), field
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", worker["name"])
+    assert worker["name"] == "feed-v4"
+    assert worker["runtime"] in RUNTIMES and worker["runtime"] == "python"
+    assert worker["plan"] in WORKER_PLANS and worker["plan"] == "starter"
+    assert worker.get("region", "oregon") in REGIONS
+    assert worker.get("autoDeployTrigger", "commit") in AUTO_DEPLOY_TRIGGERS
+    assert 1 <= worker.get("maxShutdownDelaySeconds", 30) <= 300
+    assert worker.get("numInstances", 1) == 1  # one daemon: it is the single writer of its streams
+
+
+def test_root_and_service_follow_the_blueprint_spec():
+    check_structure(load_blueprint())
+
+
+def test_worker_builds_and_starts_the_daemon():
+    worker = the_worker(load_blueprint())
+    # Native runtimes need both commands (Docker ones use dockerCommand instead).
+    assert worker["buildCommand"] == "pip install -r requirements.txt"
+    assert (PROJECT / "requirements.txt").is_file()
+    command = shlex.split(worker["startCommand"])
+    assert command[0] == "python" and command[1] == "feed_v4_main.py"
+    assert command[2:] == [], "the daemon itself, not `migrate` or `status`"
+    assert (PROJECT / command[1]).is_file()
+
+
+def test_every_env_var_has_a_key_and_exactly_one_source():
+    entries = the_worker(load_blueprint())["envVars"]
+    keys = [entry.get("key") for entry in entries]
+    assert len(keys) == len(set(keys)), "duplicate keys"
+    for entry in entries:
+        assert isinstance(entry, dict)
+        if "fromGroup" in entry:
+            assert set(entry) == {"fromGroup"}, entry
+            continue
+        assert isinstance(entry.get("key"), str) and re.fullmatch(r"[A-Z][A-Z0-9_]*", entry["key"]), entry
+        sources = set(entry) - {"key"}
+        assert len(sources) == 1 and sources <= ENV_SOURCES, f"{entry['key']}: one of {sorted(ENV_SOURCES)}"
+        (source,) = sources
+        if source == "value":
+            assert isinstance(entry["value"], str), f"{entry['key']}: quote the value (the env gets text)"
+        elif source == "sync":
+            assert entry["sync"] is False, f"{entry['key']}: only `sync: false` means something"
+        elif source == "generateValue":
+            assert entry["generateValue"] is True
+        elif source == "fromDatabase":
+            ref = entry["fromDatabase"]
+            assert set(ref) == {"name", "property"} and ref["property"] in FROM_DATABASE_PROPERTIES
+        else:
+            ref = entry["fromService"]
+            assert {"name", "type"} <= set(ref) and len({"property", "envVarKey"} & set(ref)) == 1
+
+
+def test_server_urls_and_tokens_are_secrets_asked_in_the_dashboard():
+    variables = env_vars(load_blueprint())
+    for key in (*SECRETS, "TELEGRAM_BOT_TOKEN", "TELEGRAM_CHAT_ID"):
+        assert variables[key] == {"key": key, "sync": False}, key
+    hardcoded = " ".join(v.get("value", "") for v in variables.values())
+    assert "redis://" not in hardcoded and "postgres" not in hardcoded  # no credentials in git
+
+
+def test_every_env_var_is_one_the_daemon_reads():
+    code = daemon_sources()
+    for key in env_vars(load_blueprint()):
+        if key in PLATFORM_VARS:
+            continue
+        assert f'"{key}"' in code, f"{key} is set in render.yaml but read nowhere in the daemon"
+
+
+def test_the_values_boot_the_daemon_with_the_documented_defaults():
+    """The blueprint's values go through the daemon's own settings parser unchanged."""
+    variables = env_vars(load_blueprint())
+    env = {k: v["value"] for k, v in variables.items() if "value" in v}
+    env |= {"REDIS_URL": "redis://red-example:6379", "POSTGRES_URL": "postgresql://u:p@dpg-example/feed_v4"}
+    settings = load_settings(env)
+    assert settings.debug_mode is False
+    assert settings.symbols == ("BTCUSDT", "ETHUSDT")
+    assert settings.redis_candles == 250
+    assert settings.binance_ws_url == "wss://fstream.binance.com/market"
+    assert settings.binance_rest_url == "https://fapi.binance.com"
+    assert settings.candle_store == "auto"
+
+
+# --- Python version -----------------------------------------------------------------------
+
+
+def requires_python() -> tuple[int, ...]:
+    spec = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["requires-python"]
+    match = re.fullmatch(r">=\s*(\d+(?:\.\d+)*)", spec.strip())
+    assert match, f"requires-python {spec!r}: this test understands only >=X.Y"
+    return version_tuple(match.group(1))
+
+
+def test_pinned_python_satisfies_the_project():
+    minimum = requires_python()
+    pinned = env_vars(load_blueprint())["PYTHON_VERSION"]["value"]
+    # Render takes PYTHON_VERSION only fully qualified (x.y.z); it wins over .python-version.
+    assert re.fullmatch(r"3\.\d+\.\d+", pinned), pinned
+    assert version_tuple(pinned) >= minimum
+    file_version = (PROJECT / ".python-version").read_text().strip()
+    assert re.fullmatch(r"3\.\d+(\.\d+)?", file_version), file_version
+    assert version_tuple(file_version) >= minimum
+    assert version_tuple(pinned)[:2] == version_tuple(file_version)[:2], "the two pins disagree"
+
+
+@pytest.mark.parametrize("bad", ["env: python", "healthCheckPath: /", "schedule: '0 * * * *'", "plan: free"])
+def test_the_checks_catch_a_broken_worker(bad: str):
+    """Guard against a vacuous check: typical mistakes make the structure check fail."""
+    text = (PROJECT / "render.yaml").read_text()
+    if bad.startswith("plan:"):
+        broken = text.replace("plan: starter", bad)
+    else:
+        broken = text.replace("    runtime: python\n", f"    runtime: python\n    {bad}\n")
+    assert broken != text
+    with pytest.raises(AssertionError):
+        check_structure(yaml.safe_load(broken))
