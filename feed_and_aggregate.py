@@ -534,7 +534,8 @@ class StreamConnection:
                 self.backoff.reset()
                 await self._serve(ws)
             except asyncio.CancelledError:
-                await self._close(self.ws)
+                # Stopping: a courtesy close, not worth waiting for a slow peer's TCP close.
+                await self._close(self.ws, timeout_s=0.3)
                 raise
             except (OSError, ConnectionLost, websockets.WebSocketException, TimeoutError) as exc:
                 delay = self.backoff.next_delay()
@@ -636,10 +637,10 @@ class StreamConnection:
                 pass
 
     @staticmethod
-    async def _close(ws: Any) -> None:
+    async def _close(ws: Any, timeout_s: float = 2.0) -> None:
         if ws is not None:
             try:
-                await asyncio.wait_for(ws.close(), 2)
+                await asyncio.wait_for(ws.close(), timeout_s)
             except Exception:
                 pass
 
@@ -890,10 +891,10 @@ class Feed:
         try:
             await asyncio.Event().wait()
         finally:
+            await self.rest.close()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self.rest.close()
 
     async def drain(self) -> None:
         """At shutdown, once the sources are stopped: store every close received, log

@@ -214,44 +214,53 @@ class Daemon:
         """Stop intake, store what was received, let the indicators finish and persist
         what the streams hold, let the router ack its batch; all within the deadline."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.shutdown_timeout_s
+        began = loop.time()
+        deadline = began + self.options.shutdown_timeout_s
+        phases: dict[str, float] = {}
 
         def left(reserve: float) -> float:
             return max(0.0, deadline - reserve - loop.time())
 
+        async def phase(what: str, awaitable: Awaitable, timeout_s: float) -> None:
+            started = loop.time()
+            try:
+                await asyncio.wait_for(awaitable, timeout_s)
+            except TimeoutError:
+                log_system_event("WARNING", "MAIN", f"shutdown: gave up {what} after {timeout_s:.1f}s")
+            except Exception as exc:
+                log_system_event("WARNING", "MAIN", f"shutdown: {what} failed: {exc!r}")
+            phases[what] = round(loop.time() - started, 3)
+
         if self.feed:
-            await self._cancel(Feed.SOURCES)
-            await self._bounded("storing received candles", self.feed.drain(), left(4.0))
+            await phase("closing the connections", self._cancel(Feed.SOURCES), left(6.0))
+            await phase("storing received candles", self.feed.drain(), left(4.0))
             await self._cancel([name for name in self.tasks if name.startswith("FEED_")])
         if self.router:
             self.router.stop()
         if self.indicators:
             self.indicators.stop()
             if task := self.tasks.get("INDICATORS"):
-                await self._bounded("computing the last indicators", asyncio.shield(task), left(2.5))
-            await self._bounded("persisting indicator values", self.indicators.flush(), left(1.5))
+                await phase("computing the last indicators", asyncio.shield(task), left(2.5))
+            await phase("persisting indicator values", self.indicators.flush(), left(1.5))
         if task := self.tasks.get("SIGNALS"):
-            await self._bounded("routing the signals in hand", asyncio.shield(task), left(1.5))
+            await phase("routing the signals in hand", asyncio.shield(task), left(1.5))
         if self.alerts:
-            await self._bounded("sending the queued alerts", self.alerts.drain(), min(2.0, left(1.0)))
-        await self._cancel(list(self.tasks))
+            await phase("sending the queued alerts", self.alerts.drain(), min(2.0, left(1.0)))
+        await phase("stopping the other workers", self._cancel(list(self.tasks)), left(0.5))
         if self.indicators:
             self.indicators.close()
         with contextlib.suppress(Exception):
             await self.runtime.redis.delete(self.heartbeat_key)
-        log_system_event("INFO", "MAIN", "daemon stopped", {"exit_code": self.exit_code})
+        log_system_event(
+            "INFO",
+            "MAIN",
+            f"daemon stopped in {loop.time() - began:.2f}s (exit code {self.exit_code})",
+            {"exit_code": self.exit_code, "phases_s": phases},
+        )
         await self.runtime.close(left(0.3))
         if self.alerts:
             logging.getLogger().removeHandler(self.alerts.handler)
             await self.alerts.close()
-
-    async def _bounded(self, what: str, awaitable: Awaitable, timeout_s: float) -> None:
-        try:
-            await asyncio.wait_for(awaitable, timeout_s)
-        except TimeoutError:
-            log_system_event("WARNING", "MAIN", f"shutdown: gave up {what} after {timeout_s:.1f}s")
-        except Exception as exc:
-            log_system_event("WARNING", "MAIN", f"shutdown: {what} failed: {exc!r}")
 
     async def _cancel(self, names: list[str] | tuple[str, ...]) -> None:
         tasks = [self.tasks[name] for name in names if name in self.tasks and not self.tasks[name].done()]

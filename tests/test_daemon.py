@@ -157,6 +157,7 @@ async def test_sigterm_in_the_middle_of_a_burst_loses_nothing(pool, redis, redis
         took = time.monotonic() - stopped
         assert took < 10, f"shutdown took {took:.1f}s"
         print(f"indicator group at SIGTERM: {backlog}; shutdown took {took:.2f}s")
+        print(await pool.fetchval("SELECT details::text FROM system_log_v4 WHERE message LIKE 'daemon stopped%'"))
         # Without a restart: every close stored is bucketed, announced, computed and persisted.
         stored = await pool.fetch("SELECT symbol, max(open_time) AS last FROM ohlcv4_m1 GROUP BY symbol")
         last_closed = min(datetime_to_ms(r["last"]) for r in stored)
