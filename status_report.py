@@ -92,14 +92,26 @@ def _int_or_none(raw: Any) -> int | None:
         return None
 
 
-def choose_now(daemons: Sequence[Mapping[str, Any]], local_now_ms: int) -> tuple[int, str]:
-    """The exchange's clock as the daemons last saw it, else the local clock.
+REPLAY_SKEW_MS = 6 * 3_600_000  # exchange time this far from the local clock: a replay
 
-    Lags are measured against the exchange (SPEC section 4), which also keeps them right
-    when the daemon follows an accelerated fake exchange living months in the past.
+
+def workers_summary(workers: Sequence[str]) -> str:
+    """`FEED(8) INDICATORS(4) SIGNALS ...`: the full list is in --json."""
+    groups: dict[str, int] = {}
+    for name in workers:
+        prefix = name.split("_")[0]
+        groups[prefix] = groups.get(prefix, 0) + 1
+    return " ".join(f"{g}({n})" if n > 1 else g for g, n in groups.items()) or "-"
+
+
+def choose_now(daemons: Sequence[Mapping[str, Any]], local_now_ms: int) -> tuple[int, str]:
+    """The local clock for a live feed; the exchange's clock as the daemons last saw it
+    when that is far from the local one (an accelerated fake exchange living months in
+    the past), so lags stay right there too. A live feed that stalls keeps aging on the
+    local clock instead of freezing "now" with it.
     """
     seen = [d["exchange_time_ms"] for d in daemons if d.get("exchange_time_ms")]
-    if seen:
+    if seen and abs(local_now_ms - max(seen)) > REPLAY_SKEW_MS:
         return max(seen), "exchange"
     return local_now_ms, "local"
 
@@ -272,6 +284,9 @@ def build_report(
     daemons = [parse_heartbeat(key, fields, local_now_ms) for key, fields in sorted(heartbeats.items())]
     if now_ms is None:
         now_ms, source = choose_now(daemons, local_now_ms)
+        if source == "exchange":  # the heartbeat is up to a beat old: a stored close proves a later now
+            closes = [t + TF_MS["m1"] for row in pg.tickers if (t := row.last_open_ms.get("m1")) is not None]
+            now_ms = max([now_ms, *closes])
     else:
         source = "given"
     tickers = []
@@ -468,7 +483,7 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
                 format_duration(d["age_s"]),
                 format_duration(d["uptime_s"]),
                 format_time(d["exchange_time_ms"]),
-                ",".join(d["workers"]) or "-",
+                workers_summary(d["workers"]),
                 "-" if d["candles_stored"] is None else d["candles_stored"],
                 "-" if d["indicator_bars"] is None else d["indicator_bars"],
             ]

@@ -81,6 +81,20 @@ def test_now_is_the_newest_exchange_time_else_the_local_clock():
     assert daemons[2]["host"] == "c" and daemons[2]["pid"] is None and daemons[2]["workers"] == []
 
 
+def test_a_live_feed_is_measured_on_the_local_clock_so_a_stalled_one_keeps_aging():
+    local = NOW + 90_000  # exchange time a beat behind, or frozen by a stalled feed
+    daemons = [sr.parse_heartbeat("heartbeat:a:1", {"exchange_time": str(NOW)}, local)]
+    assert sr.choose_now(daemons, local) == (local, "local")
+    far = NOW + sr.REPLAY_SKEW_MS + 1  # a replay months in the past
+    assert sr.choose_now(daemons, far) == (NOW, "exchange")
+
+
+def test_workers_are_summarised_by_prefix():
+    names = ["FEED_INTAKE", "FEED_GAPS", "INDICATORS", "INDICATORS_PERSIST", "SIGNALS", "HEARTBEAT"]
+    assert sr.workers_summary(names) == "FEED(2) INDICATORS(2) SIGNALS HEARTBEAT"
+    assert sr.workers_summary([]) == "-"
+
+
 def make_pg_state(symbol_lags_s: dict[str, float | None], **extra) -> sr.PgState:
     """PostgreSQL as if each symbol's newest M1 had this lag against NOW (None: no M1)."""
     rows = [
