@@ -68,7 +68,7 @@ class DaemonOptions:
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: int = 30
     watchdog_stale_s: float = 180.0
-    shutdown_timeout_s: float = 9.0
+    shutdown_timeout_s: float = 8.0
     worker_retry_s: float = 5.0
 
     @classmethod
@@ -81,7 +81,7 @@ class DaemonOptions:
             heartbeat_interval_s=env_number(env, "HEARTBEAT_INTERVAL_S", 2.0, float, 0.1, 60.0),
             heartbeat_ttl_s=env_number(env, "HEARTBEAT_TTL_S", 30, int, 2, 3600),
             watchdog_stale_s=env_number(env, "WATCHDOG_STALE_S", 180.0, float, 0.0, 86_400.0),
-            shutdown_timeout_s=env_number(env, "SHUTDOWN_TIMEOUT_S", 9.0, float, 1.0, 60.0),
+            shutdown_timeout_s=env_number(env, "SHUTDOWN_TIMEOUT_S", 8.0, float, 1.0, 60.0),
             worker_retry_s=env_number(env, "WORKER_RETRY_S", 5.0, float, 0.1, 600.0),
         )
 
@@ -99,9 +99,11 @@ class Runtime:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(system_event_log.flush(self.pool)), timeout_s)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.redis.aclose(), 1.0)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.pool.close(), 1.0)
+            await asyncio.wait_for(self.redis.aclose(), 0.5)
+        try:
+            await asyncio.wait_for(self.pool.close(), 0.5)
+        except Exception:
+            self.pool.terminate()  # a connection still busy: no more waiting
 
 
 async def boot(settings: Settings) -> Runtime:
@@ -126,13 +128,19 @@ Worker = Callable[[], Awaitable[None]]
 class Daemon:
     """The workers of this process, their liveness signals and their orderly stop."""
 
-    def __init__(self, runtime: Runtime, options: DaemonOptions, alerts: TelegramAlerts | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        options: DaemonOptions,
+        alerts: TelegramAlerts | None = None,
+        stop_requested: asyncio.Event | None = None,
+    ) -> None:
         self.runtime, self.options, self.alerts = runtime, options, alerts
         settings, pool, redis = runtime.settings, runtime.pool, runtime.redis
         self.feed = Feed(settings, options.feed, pool, redis, runtime.store) if options.feed else None
         self.indicators = IndicatorWorker(settings, pool, redis, options.indicators) if options.indicators else None
         self.router = SignalRouter(settings, pool, options.router) if options.router else None
-        self.stop_requested = asyncio.Event()
+        self.stop_requested = stop_requested or asyncio.Event()
         self.exit_code = 0
         self.tasks: dict[str, asyncio.Task] = {}
         self.started_ms = int(time.time() * 1000)
@@ -275,24 +283,29 @@ async def run_daemon(settings: Settings) -> int:
     alerts = TelegramAlerts.from_settings(settings)
     if alerts:
         logging.getLogger().addHandler(alerts.handler)
-    daemon_stop = asyncio.Event()
+    stop = asyncio.Event()  # set by SIGTERM/SIGINT (exit 0) or the watchdog (exit 3)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon_stop.set)
-    runtime = await boot(settings)
+        loop.add_signal_handler(sig, stop.set)
+    # A stop during boot (which may wait BOOT_WAIT_S for a server) ends it at once.
+    booting = asyncio.create_task(boot(settings))
+    signalled = asyncio.create_task(stop.wait())
+    await asyncio.wait([booting, signalled], return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    if not booting.done():
+        booting.cancel()
+        await asyncio.gather(booting, return_exceptions=True)
+        log.info("stop requested during boot; exiting")
+        return 0
+    runtime = booting.result()
     # What boot allocated lives for the whole run: keep the cyclic collector from
     # rescanning it (a full collection over it stalled the loop for ~0.4 s at bar close).
     gc.collect()
     gc.freeze()
-    daemon = Daemon(runtime, options, alerts)
+    daemon = Daemon(runtime, options, alerts, stop)
     daemon.start()
-    signalled = asyncio.create_task(daemon_stop.wait())
-    watchdog = asyncio.create_task(daemon.stop_requested.wait())
-    await asyncio.wait([signalled, watchdog], return_when=asyncio.FIRST_COMPLETED)
-    for waiter in (signalled, watchdog):
-        waiter.cancel()
-    if daemon_stop.is_set():
-        log.info("stop requested; shutting down")
+    await stop.wait()
+    log.info("stop requested; shutting down")
     await daemon.shutdown()
     return daemon.exit_code
 

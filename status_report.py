@@ -229,8 +229,19 @@ async def read_pg_state(pool: asyncpg.Pool, local_now_ms: int) -> PgState:
     return PgState(tickers, totals, oldest, errors, counts)
 
 
-def stream_info(length: Any, groups: Any) -> dict[str, Any]:
-    """XLEN and XINFO GROUPS replies as report data; a missing stream is empty, not an error."""
+def _entry_id(text: Any) -> tuple[int, int] | None:
+    try:
+        ms, _, seq = str(text).partition("-")
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return None
+
+
+def stream_info(length: Any, groups: Any, newest: Any = None) -> dict[str, Any]:
+    """XLEN, XINFO GROUPS and XREVRANGE COUNT 1 replies as report data; a missing stream
+    is empty, not an error. A group that was given the newest entry has no lag, whatever
+    Redis says: its `lag` counter goes wrong once the stream was trimmed or recreated."""
+    newest_id = _entry_id(newest[0][0]) if isinstance(newest, list) and newest else None
     info: dict[str, Any] = {"length": 0, "groups": {}}
     problems = [r for r in (length, groups) if isinstance(r, Exception) and "no such key" not in str(r).lower()]
     if problems:
@@ -239,9 +250,11 @@ def stream_info(length: Any, groups: Any) -> dict[str, Any]:
         info["length"] = length
     if isinstance(groups, list):
         for group in groups:
+            delivered = _entry_id(group.get("last-delivered-id"))
+            caught_up = newest_id is not None and delivered is not None and delivered >= newest_id
             info["groups"][str(group["name"])] = {
                 "pending": int(group.get("pending") or 0),
-                "lag": group.get("lag"),  # None when the server cannot tell (or before Redis 7)
+                "lag": 0 if caught_up else group.get("lag"),  # None when the server cannot tell
                 "consumers": int(group.get("consumers") or 0),
                 "last_delivered_id": group.get("last-delivered-id"),
             }
@@ -256,12 +269,13 @@ async def read_redis_state(
     for stream in STREAMS:
         pipe.xlen(stream)
         pipe.xinfo_groups(stream)
+        pipe.xrevrange(stream, count=1)
     keys = [(symbol, tf) for symbol in symbols for tf in TIMEFRAMES]
     for symbol, tf in keys:
         pipe.hget(core_io.indicator_key(symbol, tf), "open_time")
     replies = await pipe.execute(raise_on_error=False)
-    streams = {stream: stream_info(replies[2 * i], replies[2 * i + 1]) for i, stream in enumerate(STREAMS)}
-    tail = replies[2 * len(STREAMS) :]
+    streams = {stream: stream_info(*replies[3 * i : 3 * i + 3]) for i, stream in enumerate(STREAMS)}
+    tail = replies[3 * len(STREAMS) :]
     indicators = {key: None if isinstance(raw, Exception) else _int_or_none(raw) for key, raw in zip(keys, tail)}
     return streams, indicators
 

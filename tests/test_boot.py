@@ -106,3 +106,20 @@ async def _logged(pg_url: str) -> bool:
         return await conn.fetchval("SELECT count(*) FROM signals_v2_log WHERE status = 'ignored'") == 1
     finally:
         await conn.close()
+
+
+def test_sigterm_while_boot_waits_for_a_server_exits_0_at_once(pg_url):
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL")}
+    env.update({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "POSTGRES_URL": pg_url, "BOOT_WAIT_S": "60"})
+    process = subprocess.Popen([sys.executable, MAIN], env=env, cwd=PROJECT, stderr=subprocess.PIPE, text=True)
+    output = []
+    for line in process.stderr:  # boot is now retrying Redis, for up to a minute
+        output.append(line)
+        if "not reachable yet" in line:
+            break
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=10)
+    assert process.returncode == 0, "".join(output) + rest
+    assert time.monotonic() - signalled < 3
+    assert "stop requested during boot" in rest
