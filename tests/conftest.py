@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -98,3 +99,11 @@ async def store(
     await client.flushall()
     yield core_io.make_candle_store(client, use_ts, bars_kept=250)
     await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """A leaked client or transport is reported by the test that leaked it, not by
+    whichever later test the collector happens to run in."""
+    yield
+    gc.collect()
