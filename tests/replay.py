@@ -127,6 +127,20 @@ async def assert_every_candle_announced(pool, redis) -> None:
             assert datetime_to_ms(row["open_time"]) in announced[row["symbol"]], f"{tf} {row['symbol']} not announced"
 
 
+async def pause_mid_minute(exchange: FakeExchange) -> int:
+    """Pause the exchange 21-50 s into a minute and return the newest closed minute.
+
+    Every close of that minute is out by then (they go out at most 2 s after it), and
+    the kline updates 19.3 s in have carried the event time past its end plus the gap
+    grace, so a close held back by a fault is already a detected gap. Pausing at a random instant could freeze the clock
+    between a minute's end and its close: never sent, never overdue.
+    """
+    while not 21_000 <= exchange.clock.now_ms() % M1 <= 50_000:
+        await asyncio.sleep(0.002)
+    exchange.clock.pause()
+    return (exchange.clock.now_ms() - M1) // M1 * M1
+
+
 async def flushed_redis_url(server) -> str:
     client = make_redis(server.url)
     await client.flushall()
