@@ -846,6 +846,12 @@ async def ensure_groups(redis: Redis, groups: Mapping[str, Sequence[str]] = CONS
 StreamEntry = tuple[str, str, dict[str, str]]  # (stream, entry id, fields)
 
 
+def stream_id(text: str) -> tuple[int, int]:
+    """An entry id as (ms, seq), so ids compare in stream order."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 async def read_group(
     redis: Redis,
     group: str,

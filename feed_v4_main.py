@@ -34,6 +34,7 @@ from alerts import TelegramAlerts
 from feed_and_aggregate import Feed, FeedSettings
 from indicators_main import IndicatorOptions, IndicatorWorker
 from infra import (
+    REDIS_RETRY_ERRORS,
     BootError,
     ConfigError,
     Settings,
@@ -144,7 +145,8 @@ class Daemon:
         self.exit_code = 0
         self.tasks: dict[str, asyncio.Task] = {}
         self.started_ms = int(time.time() * 1000)
-        self.heartbeat_key = core_io.heartbeat_key(socket.gethostname(), os.getpid())
+        self.host = socket.gethostname()
+        self.heartbeat_key = core_io.heartbeat_key(self.host, os.getpid())
 
     def workers(self) -> dict[str, Worker]:
         workers: dict[str, Worker] = {"SYSTEM_LOG": lambda: system_event_log.run_flusher(self.runtime.pool)}
@@ -176,7 +178,7 @@ class Daemon:
     def heartbeat_fields(self) -> dict[str, str | int]:
         feed_stats = self.feed.stats if self.feed else None
         return {
-            "host": socket.gethostname(),
+            "host": self.host,
             "pid": os.getpid(),
             "started_at": self.started_ms,
             "updated_at": int(time.time() * 1000),
@@ -189,7 +191,7 @@ class Daemon:
     async def beat(self) -> None:
         """Liveness for RedisInsight and `status`: a hash that expires unless refreshed."""
         while True:
-            with contextlib.suppress(*core_io.REDIS_RETRY_ERRORS):
+            with contextlib.suppress(*REDIS_RETRY_ERRORS):
                 await core_io.write_heartbeat(
                     self.runtime.redis, self.heartbeat_key, self.heartbeat_fields(), self.options.heartbeat_ttl_s
                 )
@@ -200,12 +202,14 @@ class Daemon:
         (exit 3) so the platform restarts it on a fresh connection."""
         assert self.feed is not None
         limit = self.options.watchdog_stale_s
+        followed_since = time.monotonic()  # closes are only expected while symbols are followed
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
-            silent_for = time.monotonic() - self.feed.last_close_at
             if not self.feed.symbols:
-                self.feed.last_close_at = time.monotonic()
-            elif silent_for > limit:
+                followed_since = time.monotonic()
+                continue
+            silent_for = time.monotonic() - max(self.feed.last_close_at, followed_since)
+            if silent_for > limit:
                 log_system_event(
                     "CRITICAL",
                     "WATCHDOG",

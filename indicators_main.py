@@ -84,11 +84,6 @@ class IndicatorOptions:
         )
 
 
-def stream_id(text: str) -> tuple[int, int]:
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
 # --------------------------------------------------------------------------- configuration
 
 
@@ -274,7 +269,10 @@ class IndicatorWorker:
         for stream in core_io.CANDLE_STREAMS.values():
             pipe.xrevrange(stream, count=1)
         replies = await pipe.execute()
-        return {tf: stream_id(reply[0][0]) if reply else (0, 0) for tf, reply in zip(core_io.CANDLE_STREAMS, replies)}
+        return {
+            tf: core_io.stream_id(reply[0][0]) if reply else (0, 0)
+            for tf, reply in zip(core_io.CANDLE_STREAMS, replies)
+        }
 
     async def open_series(
         self,
@@ -508,7 +506,7 @@ class IndicatorWorker:
                 continue
             if tf is None:
                 continue
-            by_series.setdefault((symbol, tf), []).append((stream_id(entry_id), bar))
+            by_series.setdefault((symbol, tf), []).append((core_io.stream_id(entry_id), bar))
         new = [key for key in by_series if key not in self.series]
         if new:
             await self.open_series(new)

@@ -229,19 +229,11 @@ async def read_pg_state(pool: asyncpg.Pool, local_now_ms: int) -> PgState:
     return PgState(tickers, totals, oldest, errors, counts)
 
 
-def _entry_id(text: Any) -> tuple[int, int] | None:
-    try:
-        ms, _, seq = str(text).partition("-")
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return None
-
-
 def stream_info(length: Any, groups: Any, newest: Any = None) -> dict[str, Any]:
     """XLEN, XINFO GROUPS and XREVRANGE COUNT 1 replies as report data; a missing stream
     is empty, not an error. A group that was given the newest entry has no lag, whatever
     Redis says: its `lag` counter goes wrong once the stream was trimmed or recreated."""
-    newest_id = _entry_id(newest[0][0]) if isinstance(newest, list) and newest else None
+    newest_id = core_io.stream_id(newest[0][0]) if isinstance(newest, list) and newest else None
     info: dict[str, Any] = {"length": 0, "groups": {}}
     problems = [r for r in (length, groups) if isinstance(r, Exception) and "no such key" not in str(r).lower()]
     if problems:
@@ -250,8 +242,8 @@ def stream_info(length: Any, groups: Any, newest: Any = None) -> dict[str, Any]:
         info["length"] = length
     if isinstance(groups, list):
         for group in groups:
-            delivered = _entry_id(group.get("last-delivered-id"))
-            caught_up = newest_id is not None and delivered is not None and delivered >= newest_id
+            delivered = group.get("last-delivered-id")
+            caught_up = newest_id is not None and delivered and core_io.stream_id(delivered) >= newest_id
             info["groups"][str(group["name"])] = {
                 "pending": int(group.get("pending") or 0),
                 "lag": 0 if caught_up else group.get("lag"),  # None when the server cannot tell

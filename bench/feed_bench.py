@@ -34,7 +34,14 @@ from feed_and_aggregate import Feed, FeedSettings  # noqa: E402
 from infra import load_settings, make_redis, run_safe_loop  # noqa: E402
 from market_data import read_archive  # noqa: E402
 from migrations import apply_migrations  # noqa: E402
-from tests.servers import RedisServer, free_port, recreate_database, setting, start_fake_exchange  # noqa: E402
+from tests.servers import (  # noqa: E402
+    RedisServer,
+    free_port,
+    recreate_database,
+    setting,
+    start_fake_exchange,
+    time_closes,
+)
 
 SYMBOLS = 500
 M1 = 60_000
@@ -122,14 +129,7 @@ async def main() -> None:
         redis,
         core_io.make_candle_store(redis, True, settings.redis_candles),
     )
-    received: dict[tuple[str, int], float] = {}
-    enqueue = feed.closed.put_nowait
-
-    def timed_put(candle) -> None:
-        received.setdefault((candle.symbol, candle.open_time), time.time())
-        enqueue(candle)
-
-    feed.closed.put_nowait = timed_put  # type: ignore[method-assign]
+    received = time_closes(feed)
     await asyncio.sleep(1.0)  # the exchange process starts
     started = time.monotonic()
     tasks = [asyncio.create_task(run_safe_loop(fn, name, 1.0)) for name, fn in feed.workers().items()]

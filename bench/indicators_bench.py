@@ -47,7 +47,14 @@ from indicators.registry import parse_common  # noqa: E402
 from infra import load_settings, make_redis, run_safe_loop  # noqa: E402
 from market_data import archive_symbols, read_archive  # noqa: E402
 from migrations import apply_migrations  # noqa: E402
-from tests.servers import RedisServer, free_port, recreate_database, setting, start_fake_exchange  # noqa: E402
+from tests.servers import (  # noqa: E402
+    RedisServer,
+    free_port,
+    recreate_database,
+    setting,
+    start_fake_exchange,
+    time_closes,
+)
 
 SYMBOLS = 500
 M1 = 60_000
@@ -399,14 +406,7 @@ async def bench_end_to_end() -> None:
             redis,
             core_io.make_candle_store(redis, True, settings.redis_candles),
         )
-        received: dict[tuple[str, int], float] = {}
-        enqueue = feed.closed.put_nowait
-
-        def timed_put(candle) -> None:
-            received.setdefault((candle.symbol, candle.open_time), time.time())
-            enqueue(candle)
-
-        feed.closed.put_nowait = timed_put  # type: ignore[method-assign]
+        received = time_closes(feed)
         worker = indicators_main.IndicatorWorker(settings, pool, redis, indicators_main.IndicatorOptions())
         batches: list[tuple[float, int, float]] = []  # (time, entries, compute s)
         handle = worker.handle

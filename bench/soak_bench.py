@@ -289,14 +289,9 @@ async def indicator_backlog(redis, cap: int = BACKLOG_CAP) -> int | None:
         total += int(group.get("pending") or 0)
         delivered = group.get("last-delivered-id") or "0-0"
         last = ((await redis.xrevrange(stream, count=1)) or [(delivered, {})])[0][0]
-        if stream_id(last) > stream_id(delivered):
+        if core_io.stream_id(last) > core_io.stream_id(delivered):
             total += len(await redis.xrange(stream, min=f"({delivered}", max="+", count=cap))
     return total
-
-
-def stream_id(text: str) -> tuple[int, int]:
-    ms_part, _, seq = text.partition("-")
-    return int(ms_part), int(seq or 0)
 
 
 async def indicator_edge(redis, symbols: list[str]) -> tuple[int, int | None]:

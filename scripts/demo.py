@@ -46,8 +46,9 @@ if str(PROJECT_DIR) not in sys.path:  # `python scripts/demo.py` puts scripts/ f
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 
+import core_io  # noqa: E402
 from candles import datetime_to_ms, ms_to_datetime  # noqa: E402
-from infra import make_redis, mask_url, read_local_services  # noqa: E402
+from infra import ConfigError, load_settings, make_redis, mask_url  # noqa: E402
 from market_data import ARCHIVE_DIR, archive_symbols  # noqa: E402
 
 DEFAULT_DATABASE = "feed_v4_demo"
@@ -300,13 +301,13 @@ def free_port() -> int:
 
 
 def live_urls(env: Mapping[str, str]) -> tuple[str, str]:
-    """The operator's servers: environment first, then what `make services` wrote."""
-    local = read_local_services()
-    redis_url = env.get("REDIS_URL") or local.get("REDIS_URL")
-    pg_url = env.get("POSTGRES_URL") or env.get("DATABASE_URL") or local.get("POSTGRES_URL")
-    if not redis_url or not pg_url:
-        raise SetupError("REDIS_URL / POSTGRES_URL are unknown: run `make services` (or use `make demo`)")
-    return redis_url, pg_url
+    """The operator's servers, found as the daemon finds them (environment, then what
+    `make services` wrote)."""
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        raise SetupError(str(exc)) from None
+    return settings.redis_url, settings.postgres_url
 
 
 # --------------------------------------------------------------------------- servers
@@ -344,12 +345,7 @@ async def newest_stored_m1(pg_url: str, symbols: Sequence[str]) -> int | None:
     try:
         if not await conn.fetchval("SELECT to_regclass('ohlcv4_m1') IS NOT NULL"):
             return None
-        newest = await conn.fetchval(
-            "SELECT max(m) FROM (SELECT (SELECT max(open_time) FROM ohlcv4_m1 WHERE symbol = s) AS m"
-            " FROM unnest($1::text[]) AS s) t",
-            list(symbols),
-        )
-        return datetime_to_ms(newest) if newest is not None else None
+        return max((await core_io.last_m1_open_times(conn, symbols)).values(), default=None)
     finally:
         await conn.close()
 

@@ -10,11 +10,22 @@ import tempfile
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
+MAIN = str(PROJECT / "feed_v4_main.py")
+SERVER_URLS = ("REDIS_URL", "POSTGRES_URL", "DATABASE_URL")
+
+
+def run_main(env_overrides: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python feed_v4_main.py ARGS` to completion, with only the servers it is given."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_URLS}
+    env.update({"BOOT_WAIT_S": "1", **env_overrides})
+    return subprocess.run(
+        [sys.executable, MAIN, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=PROJECT
+    )
 
 
 class DaemonProcess:
     def __init__(self, env: dict[str, str]) -> None:
-        self.env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL", "DATABASE_URL")}
+        self.env = {k: v for k, v in os.environ.items() if k not in SERVER_URLS}
         self.env.update(env)
         self.log_path = Path(tempfile.mkstemp(prefix="feed_v4_daemon_", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
@@ -23,7 +34,7 @@ class DaemonProcess:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(PROJECT / "feed_v4_main.py")],
+                [sys.executable, MAIN],
                 env=self.env,
                 cwd=PROJECT,
                 stdout=log,

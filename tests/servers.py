@@ -36,6 +36,20 @@ def start_fake_exchange(symbols: int, speed: float, start: str, port: int, seed:
     return subprocess.Popen(command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def time_closes(feed) -> dict[tuple[str, int], float]:
+    """When (wall clock) each closed kline reached the feed's intake queue, by (symbol, open
+    time): the start of the latency the benchmarks measure."""
+    received: dict[tuple[str, int], float] = {}
+    enqueue = feed.closed.put_nowait
+
+    def timed_put(candle) -> None:
+        received.setdefault((candle.symbol, candle.open_time), time.time())
+        enqueue(candle)
+
+    feed.closed.put_nowait = timed_put
+    return received
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,22 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import asyncpg
 import redis
+from daemon import MAIN, PROJECT, run_main
 from servers import free_port
-
-PROJECT = Path(__file__).resolve().parents[1]
-MAIN = str(PROJECT / "feed_v4_main.py")
-
-
-def run_main(env_overrides: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL", "DATABASE_URL")}
-    env.update({"BOOT_WAIT_S": "1", **env_overrides})
-    return subprocess.run(
-        [sys.executable, MAIN, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=PROJECT
-    )
 
 
 def assert_one_line_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from daemon import PROJECT, DaemonProcess
+from daemon import DaemonProcess, run_main
 from replay import (
     HISTORY_M1,
     M1,
@@ -81,12 +78,10 @@ async def test_a_raising_worker_is_restarted_while_the_others_go_on(pool, redis,
         assert calls[1] > calls[0], "the feed stopped while the indicator worker was down"
         newest = int((await redis.hgetall(core_io.indicator_key("LINKUSDT", "m1")))["open_time"])
         await until(
-            lambda: redis.hget(core_io.indicator_key("LINKUSDT", "m1"), "open_time"),
-            10,
-            "indicators after the restart",
-        )
-        await until(
-            lambda: _newer(redis, "LINKUSDT", newest), 20, "indicator values newer than the crash", interval=0.1
+            lambda: _indicators_at(redis, ["LINKUSDT"], newest + M1),
+            20,
+            "indicator values newer than the crash",
+            interval=0.1,
         )
         assert not daemon.stop_requested.is_set()
     finally:
@@ -95,10 +90,6 @@ async def test_a_raising_worker_is_restarted_while_the_others_go_on(pool, redis,
     crashes = await logged(pool, "ERROR", "INDICATORS")
     assert len(crashes) == 1 and "worker crashed: RuntimeError: injected fault" in crashes[0]
     assert await assert_values_match_talib(pool, symbols) > 0
-
-
-async def _newer(redis, symbol: str, than: int) -> bool:
-    return int(await redis.hget(core_io.indicator_key(symbol, "m1"), "open_time") or 0) > than
 
 
 @pytest.mark.timeout(90)
@@ -183,17 +174,6 @@ async def test_sigterm_in_the_middle_of_a_burst_loses_nothing(pool, redis, redis
         await exchange.stop()
 
 
-def run_status(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(PROJECT / "feed_v4_main.py"), "status", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=PROJECT,
-    )
-
-
 @pytest.mark.timeout(480)
 async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url, pg_url):
     day = 24 * 60
@@ -238,7 +218,7 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
             raise
         await asyncio.sleep(3)  # a heartbeat carries the final exchange time
 
-        status = run_status(env, "--json")
+        status = run_main(env, "status", "--json")
         assert status.returncode == 0, status.stdout + status.stderr
         report = json.loads(status.stdout)
         assert report["healthy"] and report["now_source"] == "exchange", report["unhealthy"]
@@ -253,7 +233,7 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
         assert report["gaps"]["missing"] == 0 and report["gaps"]["backfilled"] >= exchange.stats.closes_dropped > 0
         m1_stream = report["streams"][core_io.CANDLE_STREAMS["m1"]]
         assert m1_stream["length"] > 0 and m1_stream["groups"][core_io.INDICATOR_GROUP]["pending"] == 0
-        text = run_status(env)
+        text = run_main(env, "status")
         assert text.returncode == 0 and "HEALTHY" in text.stdout and all(s in text.stdout for s in SYMBOLS)
 
         stopped = time.monotonic()
@@ -270,7 +250,7 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
         assert injected and injected <= gap_log
         assert await assert_values_match_talib(pool, SYMBOLS) > len(SYMBOLS) * day * 40
 
-        after = run_status(env, "--json")  # the daemon is gone: its heartbeat with it
+        after = run_main(env, "status", "--json")  # the daemon is gone: its heartbeat with it
         assert after.returncode == 1 and any("heartbeat" in r for r in json.loads(after.stdout)["unhealthy"])
     finally:
         daemon.cleanup()

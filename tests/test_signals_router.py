@@ -6,11 +6,12 @@ Every test polls with a deadline; none uses a sleep as an assertion.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -88,6 +89,21 @@ class Harness:
         self.routers.append((router, task))
         await until(lambda: _ready(router, task), what="router start")
         return router
+
+    @contextlib.asynccontextmanager
+    async def router_behind_pg_proxy(self) -> AsyncIterator[tuple[SignalRouter, TcpProxy]]:
+        """A router whose PostgreSQL goes through a proxy the test can cut; all stopped after."""
+        parts = urlsplit(self.pg_url)
+        proxy = await TcpProxy(parts.hostname, parts.port or 5432).start()
+        proxied_url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+        pool = await asyncpg.create_pool(proxied_url, min_size=1, max_size=3, timeout=2)
+        try:
+            settings = replace(self.settings, postgres_url=proxied_url)
+            yield await self.run(pool=pool, settings=settings, pg_timeout_s=2.0), proxy
+        finally:
+            await self.stop_all()
+            await pool.close()
+            await proxy.close()
 
     async def run(self, cls=SignalRouter, group: str = GROUP, pool=None, settings=None, **options) -> SignalRouter:
         router = cls(settings or self.settings, pool or self.pool, fast_options(**options), group=group)
@@ -524,13 +540,7 @@ async def test_redis_down_at_delivery_holds_the_batch_until_it_is_back(h):
 
 
 async def test_postgres_outage_holds_entries_and_logs_them_once_back(h):
-    parts = urlsplit(h.pg_url)
-    proxy = await TcpProxy(parts.hostname, parts.port or 5432).start()
-    proxied_url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
-    proxied_pool = await asyncpg.create_pool(proxied_url, min_size=1, max_size=3, timeout=2)
-    settings = replace(h.settings, postgres_url=proxied_url)
-    try:
-        router = await h.run(pool=proxied_pool, settings=settings, pg_timeout_s=2.0)
+    async with h.router_behind_pg_proxy() as (router, proxy):
         await h.xadd(signal_fields())
         await until(lambda: h.settled(1))
         proxy.set_mode("down")
@@ -542,10 +552,6 @@ async def test_postgres_outage_holds_entries_and_logs_them_once_back(h):
         assert len(await h.rows()) == 1
         proxy.set_mode("pass")
         await until(lambda: h.settled(51), timeout=20)
-    finally:
-        await h.stop_all()
-        await proxied_pool.close()
-        await proxy.close()
     rows = await h.rows()
     assert [r["status"] for r in rows].count("new") == 41 and [r["status"] for r in rows].count("duplicate") == 10
     assert len(await h.routed(2)) == 40
@@ -557,13 +563,7 @@ async def test_postgres_outage_holds_entries_and_logs_them_once_back(h):
 async def test_batch_held_through_a_postgres_outage_survives_a_redis_wipe_too(h):
     """Both servers fail at once: the router keeps the batch it read, and once
     PostgreSQL is back logs it and delivers it into the restarted (empty) Redis."""
-    parts = urlsplit(h.pg_url)
-    proxy = await TcpProxy(parts.hostname, parts.port or 5432).start()
-    proxied_url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
-    proxied_pool = await asyncpg.create_pool(proxied_url, min_size=1, max_size=3, timeout=2)
-    settings = replace(h.settings, postgres_url=proxied_url)
-    try:
-        router = await h.run(pool=proxied_pool, settings=settings, pg_timeout_s=2.0)
+    async with h.router_behind_pg_proxy() as (router, proxy):
         proxy.set_mode("down")
         await h.xadd(*(signal_fields("Close all", bar=BAR_MS + i * 60_000) for i in range(5)))
         await until(lambda: _async(router._pg_outage.active), what="PostgreSQL outage noticed")
@@ -577,10 +577,6 @@ async def test_batch_held_through_a_postgres_outage_survives_a_redis_wipe_too(h)
         await until(lambda: _async_call(lambda: h.routed(2), lambda r: len(r) == 5), timeout=20, what="deliveries")
         await h.xadd(signal_fields())  # the group is recreated and routing goes on
         await until(lambda: h.settled(6), timeout=10)
-    finally:
-        await h.stop_all()
-        await proxied_pool.close()
-        await proxy.close()
     assert [r["status"] for r in await h.rows()] == ["new"] * 6
     assert len(await h.routed(1)) == 6
 
