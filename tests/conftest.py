@@ -107,3 +107,13 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     whichever later test the collector happens to run in."""
     yield
     gc.collect()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault scenarios' table: what was done to the daemon and what it kept."""
+    from faults import SUMMARY, summary_lines
+
+    if SUMMARY:
+        terminalreporter.section("fault scenarios")
+        for line in summary_lines():
+            terminalreporter.write_line(line)

@@ -147,6 +147,13 @@ async def stored_series(pool, tf: str, symbol: str = "LINKUSDT") -> BarArrays:
 async def assert_values_match_talib(pool, symbols: list[str]) -> int:
     """Every stored value of every symbol equals the reference over the whole stored
     series (1e-9 relative, 1e-9 absolute near zero); returns how many were checked."""
+    checked, wrong = await talib_mismatches(pool, symbols)
+    assert not wrong, f"{len(wrong)} of {checked} values differ, e.g. {sorted(wrong)[:10]}"
+    return checked
+
+
+async def talib_mismatches(pool, symbols: list[str]) -> tuple[int, list[tuple]]:
+    """(values checked, the values that differ or are missing at the newest bar)."""
     instances = await pool.fetch("SELECT id, indicator, timeframe FROM indicator_instances_v4 ORDER BY id")
     params_rows = await pool.fetch("SELECT instance_id, param, value FROM indicator_parameters_v4")
     checked = 0
@@ -174,5 +181,4 @@ async def assert_values_match_talib(pool, symbols: list[str]) -> int:
                     if not (np.isfinite(want) and close_enough(r["value"], want)):
                         wrong.append((symbol, tf, r["param_name"], r["open_time"].isoformat(), r["value"], float(want)))
                     checked += 1
-    assert not wrong, f"{len(wrong)} of {checked} values differ, e.g. {sorted(wrong)[:10]}"
-    return checked
+    return checked, wrong

@@ -1,7 +1,9 @@
-"""Real servers for the tests: private Redis instances and a scratch PostgreSQL database."""
+"""Real servers for the tests: private Redis instances, a private PostgreSQL cluster and
+scratch databases."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -117,6 +119,51 @@ class RedisServer:
 
     def cleanup(self) -> None:
         self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster (initdb, trust), for the faults that stop or restart
+    the server: the shared one stays untouched. Run as root, it runs as `postgres`."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="feed_v4_pg_"))
+        self.data = self.dir / "data"
+        self.bindir = self._find_bindir()
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+
+    @staticmethod
+    def _find_bindir() -> Path:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+        initdb = str(found[-1]) if found else shutil.which("initdb")
+        if not initdb:
+            raise RuntimeError("no initdb: install PostgreSQL's server package")
+        return Path(initdb).parent
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, program: str, *args: str) -> None:
+        command = [str(self.bindir / program), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "pg.log"), "-o", options, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """`immediate` is a crash: no checkpoint, recovery at the next start."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -1,0 +1,245 @@
+"""The fault-injection harness: the whole daemon, as a process, replays real market data
+with its Redis and PostgreSQL behind TCP proxies; afterwards every stored candle,
+indicator value, gap-log row and announcement is compared with the archive and TA-Lib,
+and each scenario adds a row to the summary table printed at the end of the run."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from daemon import DaemonProcess
+from redis.asyncio import Redis
+from replay import HISTORY_M1, M1, START, SYMBOLS, daemon_env, diagnose, pause_mid_minute, until, until_sim
+from tcp_proxy import TcpProxy
+
+import core_io
+from aggregation import aggregate
+from candles import TF_MS, Candle, datetime_to_ms
+from fake_exchange import ArchiveSource, FakeExchange
+from tests.indicator_reference import COMMON_CASES, configure, talib_mismatches
+
+SUMMARY: list[dict[str, object]] = []  # printed by conftest's pytest_terminal_summary
+
+
+def proxied(url: str, proxy: TcpProxy) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+async def start_proxy(url: str) -> TcpProxy:
+    parts = urlsplit(url)
+    return await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 0).start()
+
+
+@dataclass
+class FaultRun:
+    """One scenario: the daemon, the exchange, the proxies, and what was done to them."""
+
+    name: str
+    source: ArchiveSource
+    exchange: FakeExchange
+    daemon: DaemonProcess
+    pool: asyncpg.Pool
+    redis: Redis
+    redis_proxy: TcpProxy
+    pg_proxy: TcpProxy
+    symbols: list[str]
+    faults: list[str] = field(default_factory=list)
+    recoveries: list[float] = field(default_factory=list)
+    announced_since: int = 0  # candles older than this may have been wiped from the streams
+    other_mismatches: list[tuple] = field(default_factory=list)  # a scenario's own checks (e.g. signals)
+
+    def inject(self, description: str) -> None:
+        self.faults.append(description)
+
+    async def at_minute(self, minute: int) -> None:
+        """Wait until the exchange's clock reaches START + minute (the daemon must be up)."""
+        await until_sim(self.exchange, START + minute * M1, self.daemon)
+
+    async def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.daemon.alive(), self.daemon.output()[-3000:]
+            await asyncio.sleep(0.1)
+
+    async def caught_up(self) -> bool:
+        """Every symbol stored the newest closed minute and computed its indicators."""
+        target = (self.exchange.clock.now_ms() - 5_000) // M1 * M1 - M1
+        newest = await core_io.last_m1_open_times(self.pool, self.symbols)
+        if any(newest.get(s, 0) < target for s in self.symbols):
+            return False
+        if await self.pool.fetchval("SELECT count(*) FROM missing_m1_log_v4 WHERE status = 'missing'"):
+            return False
+        for symbol in self.symbols:
+            if int(await self.redis.hget(core_io.indicator_key(symbol, "m1"), "open_time") or 0) < target:
+                return False
+        return True
+
+    async def ready(self, timeout: float = 90) -> None:
+        """The daemon is up, has its history and keeps up (not a recovery: not recorded)."""
+        await until(self.caught_up, timeout, f"{self.name}: the daemon to be ready", interval=0.1)
+
+    async def recovered(self, since: float | None = None, timeout: float = 120) -> float:
+        """Seconds from `since` (default now) until the daemon caught up; recorded."""
+        started = time.monotonic() if since is None else since
+        await until(self.caught_up, timeout, f"{self.name}: the daemon to catch up", interval=0.1)
+        took = time.monotonic() - started
+        self.recoveries.append(took)
+        return took
+
+    async def finish(self) -> None:
+        """Stop the exchange mid-minute, let the daemon settle, stop it with SIGTERM,
+        compare everything and record the row; any mismatch fails the scenario."""
+        last_closed = await pause_mid_minute(self.exchange)
+        try:
+            await until(lambda: _settled(self, last_closed), 120, f"{self.name}: the daemon to settle")
+        except AssertionError:
+            print(await diagnose(self.pool, self.daemon, last_closed))
+            raise
+        try:
+            code = self.daemon.terminate()
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, f"SIGTERM gave {code}:\n{self.daemon.output()[-6000:]}"
+        expected, stored, mismatches = await compare_with_source(self, last_closed)
+        mismatches += self.other_mismatches
+        SUMMARY.append(
+            {
+                "scenario": self.name,
+                "faults": "; ".join(self.faults),
+                "expected": expected,
+                "stored": stored,
+                "mismatches": len(mismatches),
+                "recovery_s": max(self.recoveries) if self.recoveries else None,
+            }
+        )
+        assert not mismatches, f"{len(mismatches)} mismatches, e.g. {mismatches[:10]}"
+        assert expected == stored
+
+
+async def _settled(run: FaultRun, last_closed: int) -> bool:
+    newest = await core_io.last_m1_open_times(run.pool, run.symbols)
+    if any(newest.get(s, 0) < last_closed for s in run.symbols):
+        return False
+    if await run.pool.fetchval("SELECT count(*) FROM missing_m1_log_v4 WHERE status = 'missing'"):
+        return False
+    for symbol in run.symbols:
+        if int(await run.redis.hget(core_io.indicator_key(symbol, "m1"), "open_time") or 0) < last_closed:
+            return False
+    return True
+
+
+def expected_candles(source: ArchiveSource, symbol: str, first: int, last_closed: int) -> dict[str, list[Candle]]:
+    """What the archive says every timeframe must hold from `first` to `last_closed`."""
+    m1 = [c for t in range(first, last_closed + M1, M1) if (c := source.candle(symbol, t)) is not None]
+    by_time = {c.open_time: c for c in m1}
+    result = {"m1": m1}
+    for tf in ("m5", "m15"):
+        size = TF_MS[tf]
+        start = -(-first // size) * size
+        result[tf] = [
+            aggregate(tf, bucket, [by_time[t] for t in range(bucket, bucket + size, M1)])
+            for bucket in range(start, last_closed + M1 - size + 1, size)
+        ]
+    return result
+
+
+async def compare_with_source(run: FaultRun, last_closed: int) -> tuple[int, int, list[tuple]]:
+    """(candles expected, candles stored, every mismatch) over PostgreSQL and Redis."""
+    expected_total = stored_total = 0
+    wrong: list[tuple] = []
+    caches = core_io.TimeSeriesCandleStore(run.redis, 250)
+    for symbol in run.symbols:
+        first = datetime_to_ms(await run.pool.fetchval("SELECT min(open_time) FROM ohlcv4_m1 WHERE symbol = $1", symbol))
+        for tf, expected in expected_candles(run.source, symbol, first, last_closed).items():
+            stored = await core_io.fetch_candles(run.pool, symbol, tf, first, last_closed + M1)
+            stored = [c for c in stored if c.open_time + TF_MS[tf] <= last_closed + M1]
+            expected_total += len(expected)
+            stored_total += len(stored)
+            want = {c.open_time: c for c in expected}
+            got = {c.open_time: c for c in stored}
+            wrong += [(symbol, tf, t, "missing") for t in want.keys() - got.keys()]
+            wrong += [(symbol, tf, t, "extra") for t in got.keys() - want.keys()]
+            wrong += [(symbol, tf, t, "differs") for t in want.keys() & got.keys() if want[t] != got[t]]
+            cached = (await caches.read_last_many([(symbol, tf)], 250))[(symbol, tf)]
+            if cached != [c.to_bar() for c in stored[-250:]]:
+                wrong.append((symbol, tf, "Redis candle cache differs from PostgreSQL"))
+            newest_value = int(await run.redis.hget(core_io.indicator_key(symbol, tf), "open_time") or 0)
+            if stored and newest_value != stored[-1].open_time:
+                wrong.append((symbol, tf, "Redis indicators are not at the newest bar", newest_value))
+    for tf, stream in core_io.CANDLE_STREAMS.items():
+        announced = defaultdict(set)
+        for _, fields in await run.redis.xrange(stream):
+            announced[fields["symbol"]].add(int(fields["open_time"]))
+        rows = await run.pool.fetch(
+            f"SELECT symbol, open_time FROM {core_io.candle_table(tf)} WHERE open_time >= to_timestamp($1 / 1000.0)",
+            run.announced_since,
+        )
+        wrong += [(r["symbol"], tf, r["open_time"], "not announced") for r in rows if datetime_to_ms(r["open_time"]) not in announced[r["symbol"]]]
+    gaps = await run.pool.fetch("SELECT symbol, open_time, status FROM missing_m1_log_v4 WHERE status <> 'backfilled'")
+    wrong += [(r["symbol"], r["open_time"], f"gap left {r['status']}") for r in gaps]
+    _, indicator_wrong = await talib_mismatches(run.pool, run.symbols)
+    return expected_total, stored_total, wrong + indicator_wrong
+
+
+@asynccontextmanager
+async def fault_run(
+    name: str,
+    pool: asyncpg.Pool,
+    redis: Redis,
+    redis_url: str,
+    pg_url: str,
+    *,
+    minutes: int,
+    speed: float = 60,
+    seed: int = 21,
+    symbols: list[str] = SYMBOLS,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[FaultRun]:
+    """The daemon (not yet started) with its servers behind proxies, the exchange running."""
+    source = ArchiveSource(symbols, start_ms=START - (HISTORY_M1 + 30) * M1, end_ms=START + minutes * M1)
+    exchange = FakeExchange(source, start_ms=START, speed=speed, seed=seed)
+    await exchange.start()
+    await configure(pool, COMMON_CASES)
+    redis_proxy = await start_proxy(redis_url)
+    pg_proxy = await start_proxy(pg_url)
+    daemon_settings = daemon_env(exchange, proxied(redis_url, redis_proxy), proxied(pg_url, pg_proxy), symbols)
+    daemon = DaemonProcess({**daemon_settings, **(env or {})})
+    run = FaultRun(name, source, exchange, daemon, pool, redis, redis_proxy, pg_proxy, list(symbols))
+    try:
+        yield run
+    finally:
+        daemon.cleanup()
+        await redis_proxy.close()
+        await pg_proxy.close()
+        await exchange.stop()
+
+
+def summary_lines() -> list[str]:
+    header = ("scenario", "faults injected", "candles expected", "stored", "mismatches", "recovery")
+    rows = [
+        (
+            str(r["scenario"]),
+            str(r["faults"]),
+            str(r["expected"]),
+            str(r["stored"]),
+            str(r["mismatches"]),
+            "-" if r["recovery_s"] is None else f"{r['recovery_s']:.1f} s",
+        )
+        for r in SUMMARY
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        lines.append(" | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
+    return lines
