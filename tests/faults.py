@@ -160,7 +160,8 @@ async def compare_with_source(run: FaultRun, last_closed: int) -> tuple[int, int
     wrong: list[tuple] = []
     caches = core_io.TimeSeriesCandleStore(run.redis, 250)
     for symbol in run.symbols:
-        first = datetime_to_ms(await run.pool.fetchval("SELECT min(open_time) FROM ohlcv4_m1 WHERE symbol = $1", symbol))
+        oldest = await run.pool.fetchval("SELECT min(open_time) FROM ohlcv4_m1 WHERE symbol = $1", symbol)
+        first = datetime_to_ms(oldest)
         for tf, expected in expected_candles(run.source, symbol, first, last_closed).items():
             stored = await core_io.fetch_candles(run.pool, symbol, tf, first, last_closed + M1)
             stored = [c for c in stored if c.open_time + TF_MS[tf] <= last_closed + M1]
@@ -185,7 +186,9 @@ async def compare_with_source(run: FaultRun, last_closed: int) -> tuple[int, int
             f"SELECT symbol, open_time FROM {core_io.candle_table(tf)} WHERE open_time >= to_timestamp($1 / 1000.0)",
             run.announced_since,
         )
-        wrong += [(r["symbol"], tf, r["open_time"], "not announced") for r in rows if datetime_to_ms(r["open_time"]) not in announced[r["symbol"]]]
+        for r in rows:
+            if datetime_to_ms(r["open_time"]) not in announced[r["symbol"]]:
+                wrong.append((r["symbol"], tf, r["open_time"], "not announced"))
     gaps = await run.pool.fetch("SELECT symbol, open_time, status FROM missing_m1_log_v4 WHERE status <> 'backfilled'")
     wrong += [(r["symbol"], r["open_time"], f"gap left {r['status']}") for r in gaps]
     _, indicator_wrong = await talib_mismatches(run.pool, run.symbols)

@@ -3,8 +3,6 @@ may be lost, doubled or computed wrong (see tests/faults.py for the checks)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from faults import fault_run
 from replay import flushed_redis_url
