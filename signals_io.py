@@ -58,14 +58,25 @@ async def load_snapshot(pool: asyncpg.Pool, timeout: float) -> RoutingSnapshot:
 
 # --------------------------------------------------------------------------- the signal log
 
+# Log ids are drawn in stream order, but the rows go in in uid order: two routers whose
+# batches share uids (repeats of one signal read by both) then wait for each other in one
+# direction only, instead of deadlocking when they hold the shared uids in opposite
+# orders (PostgreSQL would break that after deadlock_timeout, stalling both routers).
 _INSERT_LOG_SQL = """
+    WITH u AS (
+        SELECT *
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
+                    $7::text[], $8::text[], $9::text[], $10::text[])
+             WITH ORDINALITY AS u(uid, symbol, message, action, bar_time, sent_at, status, reason, raw, stream_id, n)
+    ), numbered AS (
+        SELECT nextval('signals_v2_log_id_seq') AS id, s.*
+        FROM (SELECT * FROM u ORDER BY n) s
+    )
     INSERT INTO signals_v2_log
-        (uid, symbol, message, action, bar_time, sent_at, status, reason, raw, stream_id)
-    SELECT u.uid, u.symbol, u.message, u.action, u.bar_time, u.sent_at, u.status, u.reason, u.raw::jsonb, u.stream_id
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[],
-                $7::text[], $8::text[], $9::text[], $10::text[])
-         WITH ORDINALITY AS u(uid, symbol, message, action, bar_time, sent_at, status, reason, raw, stream_id, n)
-    ORDER BY u.n
+        (id, uid, symbol, message, action, bar_time, sent_at, status, reason, raw, stream_id)
+    SELECT id, uid, symbol, message, action, bar_time, sent_at, status, reason, raw::jsonb, stream_id
+    FROM numbered
+    ORDER BY uid, n
     ON CONFLICT DO NOTHING
     RETURNING id, stream_id
 """

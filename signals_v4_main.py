@@ -413,8 +413,9 @@ class SignalRouter:
                 try:
                     return await signals_io.commit_batch(self.pool, decisions, timeout)
                 except asyncpg.exceptions.TransactionRollbackError as exc:
-                    # Two routers inserting the same uids in opposite orders: PostgreSQL
-                    # aborts one; nothing was committed, so simply run it again.
+                    # Rows go in in uid order (signals_io), so routers racing on shared
+                    # uids do not deadlock each other; should PostgreSQL still abort the
+                    # batch, nothing was committed, so simply run it again.
                     if attempt == DEADLOCK_RETRIES:
                         raise
                     log.info("batch of %d rolled back (%s); retrying", len(decisions), exc)
