@@ -106,8 +106,8 @@ class FaultRun:
         except AssertionError:
             print(await diagnose(self.pool, self.daemon, last_closed))
             raise
-        try:
-            code = self.daemon.terminate()
+        try:  # in a thread: the proxies live on this event loop and must keep serving
+            code = await asyncio.to_thread(self.daemon.terminate)
         except subprocess.TimeoutExpired:
             code = None
         assert code == 0, f"SIGTERM gave {code}:\n{self.daemon.output()[-6000:]}"
