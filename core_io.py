@@ -773,6 +773,9 @@ async def get_mark_prices(redis: Redis, symbols: Sequence[str]) -> dict[str, str
 # --------------------------------------------------------------------------- heartbeat
 
 HEARTBEAT_PREFIX = "heartbeat:"
+# Set once Redis holds what PostgreSQL has; its absence means Redis lost its data
+# (a restart without persistence, FLUSHALL) and must be refilled.
+RESTORED_KEY = "feed_v4:restored_at"
 
 
 def heartbeat_key(host: str, pid: int) -> str:

@@ -43,7 +43,15 @@ from binance_protocol import (
     request_message,
 )
 from candles import TF_MS, Candle, bucket_start, datetime_to_ms, ms_to_datetime
-from infra import Settings, env_number, log_system_event, run_safe_loop
+from infra import (
+    PG_DOWN_ERRORS,
+    REDIS_DOWN_ERRORS,
+    Outage,
+    Settings,
+    env_number,
+    log_system_event,
+    run_safe_loop,
+)
 
 M1_MS = TF_MS["m1"]
 log = logging.getLogger("FEED")
@@ -66,6 +74,8 @@ class FeedSettings:
     backoff_max_s: float = 60.0
     subscribe_batch: int = 50
     reconcile_window_m1: int = 120
+    buffer_max_candles: int = 100_000
+    rest_fallback_s: float = 30.0
 
     @classmethod
     def from_env(cls, settings: Settings, env: Mapping[str, str] | None = None) -> FeedSettings:
@@ -83,6 +93,8 @@ class FeedSettings:
             ticker_refresh_s=env_number(env, "TICKER_REFRESH_S", 5.0, float, 0.05, 3600),
             backoff_max_s=env_number(env, "WS_BACKOFF_MAX_S", 60.0, float, 0.1, 3600),
             reconcile_window_m1=env_number(env, "RECONCILE_WINDOW_M1", 120, int, 15, 100_000),
+            buffer_max_candles=env_number(env, "FEED_BUFFER_MAX_CANDLES", 100_000, int, 100, 10_000_000),
+            rest_fallback_s=env_number(env, "REST_FALLBACK_S", 30.0, float, 1, 3600),
         )
 
 
@@ -134,6 +146,7 @@ class CandleIntake:
         store: core_io.CandleStore,
         stream_maxlen: int,
         defer_aggregation: bool = False,
+        held_max: int = 100_000,
     ) -> None:
         self.pool, self.redis, self.store, self.maxlen = pool, redis, store, stream_maxlen
         self.stored_m1 = 0
@@ -147,12 +160,26 @@ class CandleIntake:
         self.recent_horizon = 0
         self.buckets_wake = asyncio.Event()
         self.aggregating = False
+        # Stored in PostgreSQL, not yet cached and announced in Redis: in order, bounded.
+        # Past `held_max` the oldest are let go and re-announced from PostgreSQL later.
+        self.held: deque[tuple[str, list[Candle]]] = deque()
+        self.held_candles = 0
+        self.held_max = held_max
+        self.reannounce_since: int | None = None
+        self.publish_lock = asyncio.Lock()
+        self.publish_wake = asyncio.Event()
+        self.redis_outage = Outage("INTAKE", "Redis")
+        self.pg_outage = Outage("INTAKE", "PostgreSQL")
+        # Candles of a write that failed: PostgreSQL may still have committed it (a reply
+        # lost, a black-holed connection delivering late), so the retry cannot rely on
+        # "changed" to decide what to announce. They are announced anyway (at least once).
+        self.unsure: set[tuple[str, str, int]] = set()
 
     async def store_m1(self, candles: Sequence[Candle]) -> list[Candle]:
         """Returns the candles that were new or changed (announced)."""
         if not candles:
             return []
-        changed = {(s, t) for s, _, t in await core_io.upsert_candles(self.pool, candles)}
+        changed = {(s, t) for s, _, t in await self._upsert(candles)}
         unique = {(c.symbol, c.open_time): c for c in candles}
         fresh = sorted((c for key, c in unique.items() if key in changed), key=lambda c: c.open_time)
         self._remember(list(unique.values()))
@@ -174,9 +201,10 @@ class CandleIntake:
         and Redis): rebuild the buckets of the recent minutes and announce every recent
         candle the streams lack. Announcements are at least once; consumers are idempotent."""
         newest = await core_io.newest_m1_time(self.pool)
-        if newest is None:
-            return
-        cutoff = newest - window_ms
+        if newest is not None:
+            await self.reconcile_since(newest - window_ms)
+
+    async def reconcile_since(self, cutoff: int) -> None:
         cutoff -= cutoff % TF_MS["m15"]
         recent = await self.pool.fetch(
             "SELECT symbol, open_time FROM ohlcv4_m1 WHERE open_time >= $1", ms_to_datetime(cutoff)
@@ -199,8 +227,22 @@ class CandleIntake:
                 "WARNING",
                 "INTAKE",
                 f"announced {repaired} candles a previous run stored but did not announce",
-                {"window_ms": window_ms},
+                {"since": cutoff},
             )
+
+    async def _upsert(self, candles: Sequence[Candle]) -> set[tuple[str, str, int]]:
+        """The (symbol, tf, open_time) of the candles that are new or changed, or unsure."""
+        keys = {(c.symbol, c.tf, c.open_time) for c in candles}
+        try:
+            changed = set(await core_io.upsert_candles(self.pool, candles))
+        except BaseException:
+            if len(self.unsure) < 1_000_000:
+                self.unsure |= keys
+            raise
+        if self.unsure:
+            changed |= keys & self.unsure
+            self.unsure -= keys
+        return changed
 
     def _remember(self, candles: Sequence[Candle]) -> None:
         for c in candles:
@@ -219,6 +261,7 @@ class CandleIntake:
 
     async def run_aggregator(self) -> None:
         """Builds the buckets `store_m1` left due, all that piled up in one go."""
+        backoff = Backoff(0.2, 5.0)
         while True:
             await self.buckets_wake.wait()
             self.buckets_wake.clear()
@@ -226,17 +269,97 @@ class CandleIntake:
             self.aggregating = True
             try:
                 await self.aggregate(due)
+                backoff.reset()
+            except PG_DOWN_ERRORS as exc:
+                self.buckets_due |= due
+                self.buckets_wake.set()
+                self.pg_outage.fail(exc, "building M5/M15 buckets")
+                await asyncio.sleep(backoff.next_delay())
             except BaseException:
                 self.buckets_due |= due
                 raise
             finally:
                 self.aggregating = False
 
+    INLINE_PUBLISH_S = 2.0  # longer, and the publisher worker takes over: PostgreSQL writes never wait on Redis
+
     async def _cache_and_announce(self, candles: Sequence[Candle], tf: str) -> None:
-        await core_io.write_candles(self.store, candles)
-        await core_io.publish(
-            self.redis, core_io.CANDLE_STREAMS[tf], [core_io.candle_event(c) for c in candles], self.maxlen
-        )
+        """Hold the candles for Redis and publish at once, unless Redis is away or busy:
+        then `run_publisher` sends everything held, in order, when it can."""
+        self._hold(tf, candles)
+        if self.redis_outage.active or self.publish_lock.locked():
+            self.publish_wake.set()
+            return
+        try:
+            await asyncio.wait_for(self.publish_held(), self.INLINE_PUBLISH_S)
+        except TimeoutError:
+            self.publish_wake.set()  # slow, not necessarily away: the rest goes in the background
+        except REDIS_DOWN_ERRORS as exc:
+            self.redis_outage.fail(exc, "caching and announcing candles", {"held": self.held_candles})
+            self.publish_wake.set()
+
+    def _hold(self, tf: str, candles: Sequence[Candle]) -> None:
+        self.held.append((tf, list(candles)))
+        self.held_candles += len(candles)
+        while self.held_candles > self.held_max and len(self.held) > 1:
+            _, dropped = self.held.popleft()
+            self.held_candles -= len(dropped)
+            oldest = min(c.open_time for c in dropped)
+            if self.reannounce_since is None:
+                log_system_event(
+                    "WARNING",
+                    "INTAKE",
+                    f"more than {self.held_max} candles held for Redis: the oldest will be re-read "
+                    "from PostgreSQL when Redis is back",
+                )
+            self.reannounce_since = min(oldest, self.reannounce_since or oldest)
+
+    async def publish_held(self) -> int:
+        """Cache and announce what is held, oldest first; a failure keeps the rest."""
+        published = 0
+        async with self.publish_lock:
+            while self.held:
+                tf, candles = self.held[0]
+                await core_io.write_candles(self.store, candles)
+                await core_io.publish(
+                    self.redis, core_io.CANDLE_STREAMS[tf], [core_io.candle_event(c) for c in candles], self.maxlen
+                )
+                self.held.popleft()
+                self.held_candles -= len(candles)
+                published += len(candles)
+        return published
+
+    async def run_publisher(self) -> None:
+        """Sends what was held while Redis was away, then what was let go (from PostgreSQL)."""
+        backoff = Backoff(0.2, 5.0)
+        published = 0
+        while True:
+            await self.publish_wake.wait()
+            self.publish_wake.clear()
+            try:
+                published += await self.publish_held()
+                if self.reannounce_since is not None:
+                    since, self.reannounce_since = self.reannounce_since, None
+                    try:
+                        await self.reconcile_since(since)
+                    except BaseException:
+                        self.reannounce_since = min(since, self.reannounce_since or since)
+                        raise
+                    published += await self.publish_held()
+            except REDIS_DOWN_ERRORS as exc:
+                self.redis_outage.fail(exc, "caching and announcing candles", {"held": self.held_candles})
+                self.publish_wake.set()
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            except PG_DOWN_ERRORS as exc:
+                self.pg_outage.fail(exc, "re-reading candles to announce")
+                self.publish_wake.set()
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            if not self.held:
+                self.redis_outage.ok({"published": published})
+                published = 0
 
     async def aggregate(self, buckets: set[tuple[str, str, int]]) -> list[Candle]:
         """Build every bucket whose minutes are all stored or unfillable; announce changes."""
@@ -261,7 +384,7 @@ class CandleIntake:
                 built.append(aggregate(tf, bucket, members))
         if not built:
             return []
-        changed = {(s, tf, t) for s, tf, t in await core_io.upsert_candles(self.pool, built)}
+        changed = await self._upsert(built)
         fresh = [c for c in built if (c.symbol, c.tf, c.open_time) in changed]
         for tf in AGGREGATED_TFS:
             of_tf = sorted((c for c in fresh if c.tf == tf), key=lambda c: c.open_time)
@@ -401,6 +524,7 @@ class Backfiller:
         self.history_outstanding: dict[str, int] = {}  # symbol -> first-history ranges not yet stored
         self.semaphore = asyncio.Semaphore(concurrency)
         self.fetched = 0
+        self.last_stored_at = 0.0  # local clock: REST keeps the feed alive too (the watchdog)
 
     def request_history(self, symbol: str, first: int, last: int) -> None:
         if symbol in self.history_outstanding:
@@ -411,13 +535,20 @@ class Backfiller:
         self.wake.set()
 
     async def run(self) -> None:
+        outage = Outage("BACKFILL", "PostgreSQL")
         while True:
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout=5.0)
             except TimeoutError:
                 pass
             self.wake.clear()
-            await self.fill_once()
+            try:
+                if await self.fill_once():
+                    self.last_stored_at = time.monotonic()
+                outage.ok()
+            except PG_DOWN_ERRORS as exc:
+                outage.fail(exc, "backfilling")
+                await asyncio.sleep(1.0)
 
     STORE_BATCH = 20_000  # fetched candles stored together
 
@@ -465,7 +596,11 @@ class Backfiller:
     async def _store(self, ready: list[tuple[tuple[str, int, int], bool, list[Candle]]], server_now: int) -> int:
         """Store the fetched candles, then settle the gap log of each range."""
         candles = [c for _, _, batch in ready for c in batch]
-        await self.intake.store_m1(candles)
+        try:
+            await self.intake.store_m1(candles)
+        except BaseException:
+            self.history.extend(run for run, logged, _ in ready if not logged)  # fetched again next round
+            raise
         self.fetched += len(candles)
         lost: list[tuple[str, int]] = []
         for (symbol, first, last), logged, batch in ready:
@@ -672,7 +807,12 @@ class Feed:
 
     def __post_init__(self) -> None:
         self.intake = CandleIntake(
-            self.pool, self.redis, self.store, self.settings.stream_maxlen, defer_aggregation=True
+            self.pool,
+            self.redis,
+            self.store,
+            self.settings.stream_maxlen,
+            defer_aggregation=True,
+            held_max=self.feed_settings.buffer_max_candles,
         )
         limiter = WeightLimiter(self.feed_settings.rest_weight_limit, self.feed_settings.rest_weight_window_s)
         self.rest = RestClient(self.settings.binance_rest_url, limiter)
@@ -690,6 +830,11 @@ class Feed:
         self.reconciled = False
         self.storing = False  # the intake holds a batch it has not stored yet
         self.last_close_at = time.monotonic()  # local clock: the watchdog's measure of a live feed
+        self.last_ws_close_at = time.monotonic()
+        # Closes let go while PostgreSQL was away and the buffer full: (first, last) per
+        # symbol, logged as gaps (and fetched over REST) once it is back.
+        self.dropped: dict[str, tuple[int, int]] = {}
+        self.rest_fallback = False
 
     # ---- frames (synchronous: called for every frame, must stay cheap)
 
@@ -709,9 +854,12 @@ class Feed:
             self.stats.event_time = max(self.stats.event_time, message.event_time)
             if message.closed:
                 self.stats.closes += 1
-                self.last_close_at = time.monotonic()
+                self.last_close_at = self.last_ws_close_at = time.monotonic()
                 self.new_gaps += [(symbol, t) for t in self.tracker.on_close(symbol, message.open_time)]
-                self.closed.put_nowait(message.candle)
+                if self.closed.qsize() < self.feed_settings.buffer_max_candles:
+                    self.closed.put_nowait(message.candle)
+                else:
+                    self._drop(symbol, message.open_time)
         elif isinstance(message, MarkPrices):
             self.stats.event_time = max(self.stats.event_time, message.event_time)
             for symbol, price in message.prices.items():
@@ -719,6 +867,17 @@ class Feed:
                     self.prices[symbol] = price
         elif isinstance(message, Reply) and message.error:
             log_system_event("ERROR", "FEED", f"request {message.request_id} refused: {message.error}")
+
+    def _drop(self, symbol: str, open_time: int) -> None:
+        if not self.dropped:
+            log_system_event(
+                "WARNING",
+                "INTAKE",
+                f"{self.feed_settings.buffer_max_candles} closes wait for PostgreSQL: newer ones are "
+                "let go and fetched over REST once it is back",
+            )
+        first, last = self.dropped.get(symbol, (open_time, open_time))
+        self.dropped[symbol] = (min(first, open_time), max(last, open_time))
 
     def handle_connected(self, streams: set[str]) -> None:
         """After every (re)connect: catch up what the disconnection may have missed."""
@@ -730,7 +889,8 @@ class Feed:
     async def intake_loop(self) -> None:
         """Drain closed klines in batches; a failed batch is retried, never dropped."""
         batch: list[Candle] = []
-        backoff = Backoff(0.2, 10.0)
+        backoff = Backoff(0.2, 5.0)
+        outage = self.intake.pg_outage
         while True:
             if not batch:
                 batch.append(await self.closed.get())
@@ -740,15 +900,25 @@ class Feed:
             try:
                 await self._flush_gaps()
                 await self.intake.store_m1(batch)
+                if self.dropped:
+                    await self._log_dropped()
                 batch = []
                 self.storing = False
                 backoff.reset()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                delay = backoff.next_delay()
-                log_system_event(
-                    "ERROR", "INTAKE", f"storing {len(batch)} candles failed ({exc}); retrying in {delay:.1f}s"
-                )
-                await asyncio.sleep(delay)
+                outage.ok({"waiting": self.closed.qsize()})
+            except (*PG_DOWN_ERRORS, asyncpg.PostgresError) as exc:
+                outage.fail(exc, f"storing {len(batch)} candles", {"waiting": self.closed.qsize()})
+                await asyncio.sleep(backoff.next_delay())
+
+    async def _log_dropped(self) -> None:
+        dropped, self.dropped = self.dropped, {}
+        try:
+            await self._log_gaps([(s, t) for s, (a, b) in dropped.items() for t in range(a, b + 1, M1_MS)])
+        except BaseException:
+            for symbol, (first, last) in dropped.items():
+                self._drop(symbol, first)
+                self._drop(symbol, last)
+            raise
 
     async def _flush_gaps(self) -> None:
         """Log the gaps found so far; on failure they stay queued, in order."""
@@ -781,12 +951,47 @@ class Feed:
                 await self._flush_gaps()
 
     async def flush_prices(self) -> None:
+        """Latest mark prices; while Redis is away only the newest per symbol is kept."""
         while True:
             await asyncio.sleep(0.5)
             if self.prices:
                 prices, self.prices = self.prices, {}
-                await core_io.set_mark_prices(self.redis, prices)
+                try:
+                    await core_io.set_mark_prices(self.redis, prices)
+                except REDIS_DOWN_ERRORS:
+                    self.prices = prices | self.prices
+                    await asyncio.sleep(2.0)
+                    continue
                 self.stats.mark_prices += len(prices)
+
+    async def watch_rest_fallback(self) -> None:
+        """No closed kline over the WebSocket for REST_FALLBACK_S while symbols are
+        followed (a dead or silent route, e.g. a legacy URL): closed minutes are fetched
+        over REST every REST_FALLBACK_S until the WebSocket delivers again."""
+        limit = self.feed_settings.rest_fallback_s
+        followed_since = time.monotonic()
+        while True:
+            await asyncio.sleep(limit)
+            if not self.symbols:
+                followed_since = time.monotonic()
+                continue
+            silent_for = time.monotonic() - max(self.last_ws_close_at, followed_since)
+            if silent_for < limit:
+                if self.rest_fallback:
+                    self.rest_fallback = False
+                    log_system_event("INFO", "FEED", "the WebSocket delivers closes again: REST fallback off")
+                continue
+            if not self.rest_fallback:
+                self.rest_fallback = True
+                log_system_event(
+                    "ERROR",
+                    "FEED",
+                    f"no closed kline over the WebSocket for {silent_for:.0f}s: closed minutes are fetched "
+                    f"over REST every {limit:g}s until it is back (check BINANCE_WS_URL: the /market route)",
+                    {"url": self.settings.binance_ws_url},
+                )
+            self.catch_up_pending |= self.symbols
+            self.catch_up_wake.set()
 
     async def catch_up(self) -> None:
         """From the last stored M1 to the exchange's now: gaps are logged and backfilled;
@@ -822,7 +1027,11 @@ class Feed:
     async def follow_tickers(self) -> None:
         """Apply `tickers` changes to the live connections."""
         while True:
-            wanted = set(await core_io.enabled_symbols(self.pool))
+            try:
+                wanted = set(await core_io.enabled_symbols(self.pool))
+            except PG_DOWN_ERRORS:
+                await asyncio.sleep(self.feed_settings.ticker_refresh_s)
+                continue  # the intake logs the outage
             added, removed = wanted - self.symbols, self.symbols - wanted
             if added or removed:
                 self.symbols = wanted
@@ -904,6 +1113,8 @@ class Feed:
         await self._flush_gaps()
         while self.intake.buckets_due or self.intake.aggregating:
             await asyncio.sleep(0.01)
+        while self.intake.held and not self.intake.redis_outage.active:
+            await asyncio.sleep(0.01)  # (what Redis does not take now, the next boot re-announces)
         if self.prices:
             prices, self.prices = self.prices, {}
             await core_io.set_mark_prices(self.redis, prices)
@@ -919,6 +1130,8 @@ class Feed:
             "FEED_GAPS": self.watch_gaps,
             "FEED_BACKFILL": self.backfiller.run,
             "FEED_PRICES": self.flush_prices,
+            "FEED_PUBLISH": self.intake.run_publisher,
+            "FEED_REST_FALLBACK": self.watch_rest_fallback,
         }
 
-    SOURCES = ("FEED_CONNECTIONS", "FEED_TICKERS", "FEED_CATCH_UP", "FEED_BACKFILL")
+    SOURCES = ("FEED_CONNECTIONS", "FEED_TICKERS", "FEED_CATCH_UP", "FEED_BACKFILL", "FEED_REST_FALLBACK")

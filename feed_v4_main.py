@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -34,6 +35,7 @@ from alerts import TelegramAlerts
 from feed_and_aggregate import Feed, FeedSettings
 from indicators_main import IndicatorOptions, IndicatorWorker
 from infra import (
+    REDIS_DOWN_ERRORS,
     REDIS_RETRY_ERRORS,
     BootError,
     ConfigError,
@@ -161,6 +163,8 @@ class Daemon:
         if self.alerts:
             workers["ALERTS"] = self.alerts.run
         workers["HEARTBEAT"] = self.beat
+        if self.feed or self.indicators:
+            workers["REDIS_GUARD"] = self.guard_redis
         return workers
 
     def start(self) -> None:
@@ -197,6 +201,22 @@ class Daemon:
                 )
             await asyncio.sleep(self.options.heartbeat_interval_s)
 
+    async def guard_redis(self) -> None:
+        """Redis came back empty (restarted without persistence, or FLUSHALL): refill it
+        from PostgreSQL, the source of truth, as at boot."""
+        runtime = self.runtime
+        while True:
+            await asyncio.sleep(self.options.heartbeat_interval_s)
+            try:
+                if await runtime.redis.exists(core_io.RESTORED_KEY):
+                    continue
+            except REDIS_DOWN_ERRORS:
+                continue  # away: the feed and the workers hold their writes meanwhile
+            log_system_event("WARNING", "MAIN", "Redis lost its data (restart, FLUSHALL): refilling it from PostgreSQL")
+            settings = runtime.settings
+            report = await restore_redis_from_pg(runtime.pool, runtime.redis, runtime.store, settings.redis_candles)
+            log_system_event("INFO", "MAIN", "Redis refilled from PostgreSQL", dataclasses.asdict(report))
+
     async def watch_feed(self) -> None:
         """No closed kline for too long while symbols are followed: end the process
         (exit 3) so the platform restarts it on a fresh connection."""
@@ -208,12 +228,13 @@ class Daemon:
             if not self.feed.symbols:
                 followed_since = time.monotonic()
                 continue
-            silent_for = time.monotonic() - max(self.feed.last_close_at, followed_since)
+            newest = max(self.feed.last_close_at, self.feed.backfiller.last_stored_at, followed_since)
+            silent_for = time.monotonic() - newest
             if silent_for > limit:
                 log_system_event(
                     "CRITICAL",
                     "WATCHDOG",
-                    f"no closed kline for {silent_for:.0f}s (limit WATCHDOG_STALE_S={limit:g}); "
+                    f"no closed kline (WebSocket or REST) for {silent_for:.0f}s (limit WATCHDOG_STALE_S={limit:g}); "
                     f"exiting with code {EXIT_STALE_FEED} so the worker is restarted",
                     {"symbols": len(self.feed.symbols), "closes": self.feed.stats.closes},
                 )
@@ -262,7 +283,7 @@ class Daemon:
         if self.indicators:
             self.indicators.close()
         with contextlib.suppress(Exception):
-            await self.runtime.redis.delete(self.heartbeat_key)
+            await asyncio.wait_for(self.runtime.redis.delete(self.heartbeat_key), left(0.3))
         log_system_event(
             "INFO",
             "MAIN",

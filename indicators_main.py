@@ -33,13 +33,14 @@ from typing import Any
 import asyncpg
 import numpy as np
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 import core_io
 from candles import TF_MS, TIMEFRAMES
 from indicators import slow
 from indicators.kernels import BarArrays, BarTuple, Kernel
 from indicators.registry import IndicatorConfigError, Instance, parse_common
-from infra import Settings, env_number, log_system_event
+from infra import PG_DOWN_ERRORS, REDIS_DOWN_ERRORS, Outage, Settings, env_number, log_system_event
 
 log = logging.getLogger("INDICATORS")
 
@@ -212,6 +213,8 @@ class IndicatorWorker:
         self.last_compute_s = 0.0
         self.ready = asyncio.Event()  # set once the series are open and events flow
         self.stopping = False
+        self.redis_outage = Outage(MODULE, "Redis")
+        self.pg_outage = Outage(MODULE, "PostgreSQL")
         self.last_batch_at = 0.0
         self._announce: list[tuple[str, str, int]] = []
         self._latest: dict[tuple[str, str], tuple[int, Sequence[str], list[float]]] = {}
@@ -448,13 +451,27 @@ class IndicatorWorker:
             while self.pending_rows > self.options.persist_max_rows and not self.stopping:
                 self.persisted_event.clear()
                 await self.persisted_event.wait()
-            entries = await self._read(backlog)
+            try:
+                entries = await self._read(backlog)
+                if entries:
+                    await self.handle(entries)
+                elif self._latest or self._announce:
+                    await self._flush_redis([])  # what a failed round left
+                self.redis_outage.ok()
+                self.pg_outage.ok()
+            except (*REDIS_DOWN_ERRORS, *PG_DOWN_ERRORS) as exc:
+                # What was computed stays queued; the unacknowledged entries come back
+                # from the backlog and are skipped as already held.
+                outage = self.redis_outage if isinstance(exc, RedisError) else self.pg_outage
+                outage.fail(exc, "reading candles and writing values")
+                backlog = "0"
+                if self.stopping:
+                    return
+                await asyncio.sleep(1.0)
+                continue
             if backlog == "0" and not entries:
                 backlog = ">"
-                continue
-            if entries:
-                await self.handle(entries)
-            elif self.stopping:
+            elif not entries and self.stopping:
                 return
 
     def stop(self) -> None:
@@ -633,10 +650,16 @@ class IndicatorWorker:
                 values = [result[n] for n in names]
                 self._add_pending((symbol, tf, t, instance.id), (instance.id,) * len(names), names, values)
                 latest.setdefault((symbol, tf, t), {}).update(result)
-            await self.cache.write(
-                ((symbol, tf, t, values.items()) for (symbol, tf, t), values in latest.items()),
-                [self._announcement(symbol, tf, t, set="pandas-ta") for symbol, tf, t in latest],
-            )
+            while True:
+                try:
+                    await self.cache.write(
+                        ((symbol, tf, t, values.items()) for (symbol, tf, t), values in latest.items()),
+                        [self._announcement(symbol, tf, t, set="pandas-ta") for symbol, tf, t in latest],
+                    )
+                    break
+                except REDIS_DOWN_ERRORS as exc:
+                    self.redis_outage.fail(exc, "writing pandas-ta values")
+                    await asyncio.sleep(1.0)
 
     # ----------------------------------------------------------------- PostgreSQL
 
@@ -656,7 +679,12 @@ class IndicatorWorker:
                     await asyncio.sleep(PERSIST_QUIET_S / 2)
                     waited += PERSIST_QUIET_S / 2
                 while self.pending:
-                    await self.persist_once()
+                    try:
+                        await self.persist_once()
+                        self.pg_outage.ok()
+                    except PG_DOWN_ERRORS as exc:
+                        self.pg_outage.fail(exc, f"writing {self.pending_rows} indicator values")
+                        await asyncio.sleep(1.0)
                     await asyncio.sleep(0)
         finally:
             if self.pending:

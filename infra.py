@@ -51,6 +51,18 @@ REDIS_RETRY_ERRORS: tuple[type[BaseException], ...] = (
     RuntimeError,
 )
 
+# A server that is away (down, restarting, black-holed, or our connection killed), as
+# opposed to a bug or a refused request: what is being written is held and retried.
+REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (*REDIS_RETRY_ERRORS, OSError)
+PG_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # shut down, restarting, pg_terminate_backend
+)
+REDIS_SOCKET_TIMEOUT_S = 5.0  # a black-holed Redis fails a command instead of hanging it
+
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message says how to fix it."""
@@ -236,6 +248,8 @@ def setup_logging(debug: bool = False, stream=None) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("asyncio", "websockets", "aiohttp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Its reconnect attempts during an outage, with tracebacks: the workers log the outage once.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- system log
@@ -374,17 +388,55 @@ async def run_safe_loop(
         delay = min(delay * 2, max_delay)
 
 
+class Outage:
+    """Logs a server fault once when it starts and once when it ends, not on every retry."""
+
+    def __init__(self, module: str, what: str) -> None:
+        self.module, self.what = module, what
+        self.since: float | None = None
+        self.retries = 0
+
+    def fail(self, exc: BaseException, doing: str, details: dict | None = None) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log_system_event(
+                "WARNING",
+                self.module,
+                f"{self.what} unreachable while {doing} ({type(exc).__name__}: {exc}); holding and retrying",
+                {"server": self.what, "doing": doing, "error": repr(exc), **(details or {})},
+            )
+        self.retries += 1
+
+    def ok(self, details: dict | None = None) -> None:
+        if self.since is not None:
+            seconds = time.monotonic() - self.since
+            log_system_event(
+                "INFO",
+                self.module,
+                f"{self.what} back after {seconds:.1f} s ({self.retries} retries)",
+                {"server": self.what, "seconds": round(seconds, 3), "retries": self.retries, **(details or {})},
+            )
+            self.since, self.retries = None, 0
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+
 # --------------------------------------------------------------------------- clients
 
 
 def make_redis(url: str, **overrides: Any) -> Redis:
     """Asyncio Redis client whose retries survive the redis-py 8.1 reset-connection bug."""
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=6, supported_errors=REDIS_RETRY_ERRORS)
+    # Two retries: enough for the reset-connection bug; a server that is away is the
+    # caller's to handle (hold and retry), not something to sit out inside one call.
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2, supported_errors=REDIS_RETRY_ERRORS)
     options: dict[str, Any] = dict(
         decode_responses=True,
         retry=retry,
         retry_on_error=list(REDIS_RETRY_ERRORS),
         socket_connect_timeout=5,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
         socket_keepalive=True,
         health_check_interval=15,
     )
@@ -455,7 +507,7 @@ async def connect_redis(settings: Settings) -> tuple[Redis, bool]:
 async def connect_pg(settings: Settings, **pool_options: Any) -> asyncpg.Pool:
     """Create the asyncpg pool at boot, waiting a bounded time for the server."""
     options: dict[str, Any] = dict(
-        min_size=1, max_size=settings.pg_pool_max, command_timeout=60, max_inactive_connection_lifetime=300
+        min_size=1, max_size=settings.pg_pool_max, command_timeout=20, max_inactive_connection_lifetime=300
     )
     options.update(pool_options)
 

@@ -66,6 +66,7 @@ async def restore_redis_from_pg(
     jobs = [_restore_indicators(pool, cache, chunk, tf) for tf in TIMEFRAMES for chunk in chunks]
     report.indicator_values = sum(await asyncio.gather(*jobs))
     report.seconds = time.perf_counter() - started
+    await redis.set(core_io.RESTORED_KEY, int(time.time() * 1000))
     log.info(
         "restored %d candles and %d indicator values for %d symbols in %.2f s",
         report.candles,

@@ -61,4 +61,5 @@ class DaemonProcess:
 
     def cleanup(self) -> None:
         self.kill()
-        self.log_path.unlink(missing_ok=True)
+        if not os.environ.get("KEEP_DAEMON_LOGS"):  # for a post-mortem of a failed scenario
+            self.log_path.unlink(missing_ok=True)
