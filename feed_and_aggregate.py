@@ -828,7 +828,7 @@ class Feed:
         self.bad_frames = RateLimitedLog("FEED")
         self._tasks: set[asyncio.Task] = set()
         self.reconciled = False
-        self.storing = False  # the intake holds a batch it has not stored yet
+        self.batch: list[Candle] = []  # taken from `closed`, not stored yet
         self.last_close_at = time.monotonic()  # local clock: the watchdog's measure of a live feed
         self.last_ws_close_at = time.monotonic()
         # Closes let go while PostgreSQL was away and the buffer full: (first, last) per
@@ -887,27 +887,25 @@ class Feed:
     # ---- workers
 
     async def intake_loop(self) -> None:
-        """Drain closed klines in batches; a failed batch is retried, never dropped."""
-        batch: list[Candle] = []
+        """Drain closed klines in batches; a failed batch is retried, never dropped (it
+        is kept on the feed, so even a crash of this worker keeps it)."""
         backoff = Backoff(0.2, 5.0)
         outage = self.intake.pg_outage
         while True:
-            if not batch:
-                batch.append(await self.closed.get())
-            while not self.closed.empty() and len(batch) < 5000:
-                batch.append(self.closed.get_nowait())
-            self.storing = True
+            if not self.batch:
+                self.batch.append(await self.closed.get())
+            while not self.closed.empty() and len(self.batch) < 5000:
+                self.batch.append(self.closed.get_nowait())
             try:
                 await self._flush_gaps()
-                await self.intake.store_m1(batch)
+                await self.intake.store_m1(self.batch)
                 if self.dropped:
                     await self._log_dropped()
-                batch = []
-                self.storing = False
+                self.batch = []
                 backoff.reset()
                 outage.ok({"waiting": self.closed.qsize()})
             except (*PG_DOWN_ERRORS, asyncpg.PostgresError) as exc:
-                outage.fail(exc, f"storing {len(batch)} candles", {"waiting": self.closed.qsize()})
+                outage.fail(exc, f"storing {len(self.batch)} candles", {"waiting": self.closed.qsize()})
                 await asyncio.sleep(backoff.next_delay())
 
     async def _log_dropped(self) -> None:
@@ -1108,7 +1106,7 @@ class Feed:
     async def drain(self) -> None:
         """At shutdown, once the sources are stopped: store every close received, log
         the gaps found, build the buckets due and write the last mark prices."""
-        while not self.closed.empty() or self.storing:
+        while not self.closed.empty() or self.batch:
             await asyncio.sleep(0.01)
         await self._flush_gaps()
         while self.intake.buckets_due or self.intake.aggregating:

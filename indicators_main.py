@@ -215,6 +215,7 @@ class IndicatorWorker:
         self.stopping = False
         self.redis_outage = Outage(MODULE, "Redis")
         self.pg_outage = Outage(MODULE, "PostgreSQL")
+        self.persist_outage = Outage(MODULE, "PostgreSQL")
         self.last_batch_at = 0.0
         self._announce: list[tuple[str, str, int]] = []
         self._latest: dict[tuple[str, str], tuple[int, Sequence[str], list[float]]] = {}
@@ -444,14 +445,14 @@ class IndicatorWorker:
         backlog = "0"
         next_reload = time.monotonic() + self.options.reload_s
         while True:
-            if time.monotonic() >= next_reload:
-                next_reload = time.monotonic() + self.options.reload_s
-                if await self.load_config():
-                    await self._reopen_all()
             while self.pending_rows > self.options.persist_max_rows and not self.stopping:
                 self.persisted_event.clear()
                 await self.persisted_event.wait()
             try:
+                if time.monotonic() >= next_reload:
+                    if await self.load_config():
+                        await self._reopen_all()
+                    next_reload = time.monotonic() + self.options.reload_s
                 entries = await self._read(backlog)
                 if entries:
                     await self.handle(entries)
@@ -681,9 +682,9 @@ class IndicatorWorker:
                 while self.pending:
                     try:
                         await self.persist_once()
-                        self.pg_outage.ok()
+                        self.persist_outage.ok()
                     except PG_DOWN_ERRORS as exc:
-                        self.pg_outage.fail(exc, f"writing {self.pending_rows} indicator values")
+                        self.persist_outage.fail(exc, f"writing {self.pending_rows} indicator values")
                         await asyncio.sleep(1.0)
                     await asyncio.sleep(0)
         finally:

@@ -60,6 +60,7 @@ PG_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,  # shut down, restarting, pg_terminate_backend
+    asyncpg.InternalClientError,  # a connection confused by a reset in the middle of an operation
 )
 REDIS_SOCKET_TIMEOUT_S = 5.0  # a black-holed Redis fails a command instead of hanging it
 
