@@ -124,7 +124,7 @@ def load_router_options(env: Mapping[str, str] | None = None) -> RouterOptions:
     return RouterOptions(
         reload_s=env_number(env, "SIGNAL_RELOAD_S", 300.0, float, 1.0, 86_400.0),
         batch=env_number(env, "SIGNAL_BATCH", 200, int, 1, 10_000),
-        block_ms=env_number(env, "SIGNAL_BLOCK_MS", 1000, int, 10, 60_000),
+        block_ms=env_number(env, "SIGNAL_BLOCK_MS", 1000, int, 10, 4000),  # under the Redis socket timeout
         claim_idle_ms=env_number(env, "SIGNAL_CLAIM_IDLE_MS", 60_000, int, 1000, 86_400_000),
         claim_every_s=env_number(env, "SIGNAL_CLAIM_EVERY_S", 30.0, float, 1.0, 86_400.0),
         mark_ttl_s=env_number(env, "SIGNAL_MARK_TTL_S", 86_400, int, 60, 30 * 86_400),
