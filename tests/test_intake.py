@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from itertools import islice
+
+from replay import until
+from tcp_proxy import TcpProxy
 
 import core_io
 from aggregation import aggregate
 from feed_and_aggregate import CandleIntake
+from infra import make_redis
 from market_data import read_archive
 
 T0 = 1_769_904_000_000  # 2026-02-01 00:00 UTC, aligned to M15
@@ -31,3 +36,40 @@ async def test_reconcile_builds_and_announces_what_a_killed_run_left_undone(pool
     await intake.reconcile(window_ms=60 * 60_000)  # a second boot finds nothing to do
     assert await redis.xlen(core_io.CANDLE_STREAMS["m1"]) == 30
     assert await redis.xlen(core_io.CANDLE_STREAMS["m15"]) == 2
+
+
+async def test_candles_stored_while_redis_is_away_are_held_bounded_and_published_in_order(
+    pool, redis, redis_stack_server
+):
+    m1 = list(islice(read_archive("NEARUSDT"), 60))
+    proxy = await TcpProxy("127.0.0.1", redis_stack_server.port).start()
+    client = make_redis(f"redis://127.0.0.1:{proxy.port}/0")
+    intake = CandleIntake(pool, client, core_io.make_candle_store(client, True, 250), 10_000, held_max=25)
+    publisher = asyncio.create_task(intake.run_publisher())
+    try:
+        await intake.store_m1(m1[:10])
+        proxy.set_mode("down")
+        for start in range(10, 60, 10):
+            await intake.store_m1(m1[start : start + 10])  # PostgreSQL takes them; Redis is away
+        assert await core_io.fetch_candles(pool, "NEARUSDT", "m1", T0, T0 + 60 * 60_000) == m1
+        assert intake.redis_outage.active
+        assert intake.held_candles <= 25 + 10  # bounded: the oldest were let go...
+        assert intake.reannounce_since is not None  # ...to be re-read from PostgreSQL
+        held_m1 = [c.open_time for tf, batch in intake.held if tf == "m1" for c in batch]
+        assert held_m1 and held_m1 == sorted(held_m1)
+        proxy.set_mode("pass")
+        intake.publish_wake.set()
+        await until(lambda: not intake.held and intake.reannounce_since is None, 30, "the held candles published")
+        events = [int(f["open_time"]) for _, f in await redis.xrange(core_io.CANDLE_STREAMS["m1"])]
+        assert set(events) == {c.open_time for c in m1}  # every candle announced, none lost
+        first_held = events.index(held_m1[0])
+        assert events[first_held : first_held + len(held_m1)] == held_m1  # what was held went out in order...
+        assert set(events[first_held + len(held_m1) :]) <= {c.open_time for c in m1[10:50]}  # ...then the rest
+        cached = await core_io.TimeSeriesCandleStore(redis, 250).read_last_many([("NEARUSDT", "m1")], 250)
+        assert cached[("NEARUSDT", "m1")] == [c.to_bar() for c in m1]
+        assert not intake.redis_outage.active
+    finally:
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
+        await client.aclose()
+        await proxy.close()
