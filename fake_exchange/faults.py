@@ -19,6 +19,7 @@ class Faults:
     late_close: float = 0.0  # a close is delayed by late_close_delay_ms of sim time (out of order)
     late_close_delay_ms: int = 90_000
     malformed_frame: float = 0.0  # per kline frame: inject a garbage frame before it
+    unknown_frame: float = 0.0  # per kline frame: inject a valid frame the client never asked for before it
     silent: bool = False  # connections stay open, answer pings and requests, send no market data
     rest_429_count: int = 0  # the next N klines requests get 429 (Retry-After: retry_after_s)
     rest_418_after_429: bool = False  # ...then the next one gets 418 (Retry-After: ban_retry_after_s)
@@ -46,6 +47,8 @@ class Stats:
     closes_duplicated: int = 0
     closes_delayed: int = 0
     malformed_sent: int = 0
+    unknown_sent: int = 0
+    unknown_kinds: Counter[str] = field(default_factory=Counter)  # unknown frames sent, per kind
     mark_events: int = 0  # mark price objects/arrays published
     connections_opened: int = 0
     connections_closed: int = 0

@@ -203,6 +203,72 @@ def garbage(kind: str, symbol: str, event_ms: int) -> tuple[bytes, str | None]:
     return orjson.dumps(payload), f"{lower}@kline_1m"
 
 
+UNKNOWN_KINDS = ("agg_trade", "book_ticker", "kline_5m", "unknown_stream", "unfollowed_symbol", "stray_reply")
+
+
+def unknown_frame(kind: str, symbol: str, event_ms: int, other_symbol: str) -> tuple[bytes, str | None]:
+    """A well-formed frame the client did not ask for: (payload, stream name to wrap it in;
+    None = send verbatim). `other_symbol` is one the exchange does not list.
+
+    agg_trade / book_ticker: other event types on their own streams; kline_5m: a closed
+    5-minute kline (with values no minute has) on the `@kline_5m` stream; unknown_stream:
+    a depth update wrapped in a stream nobody subscribed to; unfollowed_symbol: a closed
+    kline for `other_symbol`; stray_reply: an answer to a request never made.
+    """
+    lower = symbol.lower()
+    if kind == "agg_trade":
+        trade = first_trade_id(symbol, event_ms - event_ms % MINUTE_MS)
+        payload = {
+            "e": "aggTrade",
+            "E": event_ms,
+            "s": symbol,
+            "a": trade,
+            "p": "1.0000",
+            "q": "1.000",
+            "f": trade,
+            "l": trade,
+            "T": event_ms,
+            "m": True,
+        }
+        return orjson.dumps(payload), f"{lower}@aggTrade"
+    if kind == "book_ticker":
+        payload = {
+            "e": "bookTicker",
+            "u": event_ms,
+            "s": symbol,
+            "b": "1.0000",
+            "B": "10",
+            "a": "1.0001",
+            "A": "10",
+            "T": event_ms,
+            "E": event_ms,
+        }
+        return orjson.dumps(payload), f"{lower}@bookTicker"
+    if kind == "kline_5m":
+        open_time = event_ms - event_ms % (5 * MINUTE_MS)
+        frame = orjson.loads(foreign_kline(symbol, event_ms))
+        frame["k"].update({"t": open_time, "T": open_time + 5 * MINUTE_MS - 1, "i": "5m"})
+        return orjson.dumps(frame), f"{lower}@kline_5m"
+    if kind == "unknown_stream":
+        payload = {
+            "e": "depthUpdate",
+            "E": event_ms,
+            "T": event_ms,
+            "s": symbol,
+            "U": event_ms,
+            "u": event_ms + 1,
+            "pu": event_ms - 1,
+            "b": [["1.0000", "10"]],
+            "a": [["1.0001", "10"]],
+        }
+        return orjson.dumps(payload), f"{lower}@depth5@100ms"
+    if kind == "unfollowed_symbol":
+        return foreign_kline(other_symbol, event_ms), f"{other_symbol.lower()}@kline_1m"
+    if kind == "stray_reply":
+        return reply(event_ms % 1_000_000 + 1_000_000, None), None
+    raise ValueError(f"unknown kind {kind!r}")
+
+
 def foreign_kline(symbol: str, event_ms: int) -> bytes:
     """A well-formed kline for a symbol the client never subscribed to."""
     open_time = event_ms - event_ms % MINUTE_MS

@@ -24,7 +24,16 @@ from candles import Candle
 
 from .clock import SimClock
 from .faults import Faults, Stats
-from .frames import GARBAGE_KINDS, MINUTE_MS, garbage, kline_event, mark_price_object, partial_candle
+from .frames import (
+    GARBAGE_KINDS,
+    MINUTE_MS,
+    UNKNOWN_KINDS,
+    garbage,
+    kline_event,
+    mark_price_object,
+    partial_candle,
+    unknown_frame,
+)
 from .hub import StreamHub
 from .sources import CandleSource
 
@@ -84,6 +93,8 @@ class Scheduler:
             s: (f"{s.lower()}@kline_1m", f"{s.lower()}@markPrice@1s", f"{s.lower()}@markPrice") for s in source.symbols
         }
         self._offsets = update_offsets(config.updates_per_minute)
+        listed = set(source.symbols)
+        self._other_symbol = next(s for s in ("BTCUSDT", "ETHUSDT", "XRPUSDT", "ZZZUSDT") if s not in listed)
         self._heap: list[tuple[int, int, Callable[..., None], tuple[object, ...]]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -242,6 +253,12 @@ class Scheduler:
             payload, wrap_as = garbage(faults.rng.choice(GARBAGE_KINDS), symbol, due)
             self.hub.publish(stream, payload, wrap_as=wrap_as, verbatim=wrap_as is None)
             self.stats.malformed_sent += 1
+        if faults.chance(faults.unknown_frame):
+            kind = faults.rng.choice(UNKNOWN_KINDS)
+            payload, wrap_as = unknown_frame(kind, symbol, due, self._other_symbol)
+            self.hub.publish(stream, payload, wrap_as=wrap_as, verbatim=wrap_as is None)
+            self.stats.unknown_sent += 1
+            self.stats.unknown_kinds[kind] += 1
         self.hub.publish(stream, data)
         self.stats.kline_events += 1
 

@@ -358,6 +358,39 @@ async def test_malformed_frames_and_silence(archive: ArchiveSource) -> None:
             assert (await recv(ws))["stream"] in ("algousdt@kline_1m", "!markPrice@arr@1s")
 
 
+async def test_unknown_frames_are_valid_json_the_client_did_not_ask_for(archive: ArchiveSource) -> None:
+    async with FakeExchange(archive, start_ms=T0, speed=600) as ex:
+        ex.faults.unknown_frame = 0.5
+        async with connect(f"{ex.ws_url}/stream?streams=algousdt@kline_1m") as ws:
+            raw = [await asyncio.wait_for(ws.recv(), 2) for _ in range(80)]
+        assert ex.stats.unknown_sent >= 10 and ex.stats.malformed_sent == 0
+        assert sum(ex.stats.unknown_kinds.values()) == ex.stats.unknown_sent
+        seen = Counter()
+        for text in raw:
+            msg = orjson.loads(text)  # never garbage
+            if "id" in msg:
+                assert msg["result"] is None and msg["id"] >= 1_000_000
+                seen["stray_reply"] += 1
+                continue
+            stream, data = msg["stream"], msg["data"]
+            if stream == "algousdt@kline_1m":
+                assert data["e"] == "kline" and data["k"]["i"] == "1m" and data["s"] == "ALGOUSDT"
+                continue
+            kind = {
+                "algousdt@aggTrade": "agg_trade",
+                "algousdt@bookTicker": "book_ticker",
+                "algousdt@kline_5m": "kline_5m",
+                "algousdt@depth5@100ms": "unknown_stream",
+                "btcusdt@kline_1m": "unfollowed_symbol",
+            }[stream]
+            seen[kind] += 1
+            if kind == "kline_5m":
+                assert data["k"]["i"] == "5m" and data["k"]["t"] % (5 * MIN) == 0 and data["k"]["x"] is True
+            if kind == "unfollowed_symbol":
+                assert data["s"] == data["k"]["s"] == "BTCUSDT" and data["k"]["i"] == "1m"
+        assert len(seen) >= 4 and set(seen) <= set(ex.stats.unknown_kinds)
+
+
 async def test_missing_minutes_are_absent_from_ws_and_rest(archive: ArchiveSource) -> None:
     async with FakeExchange(archive, start_ms=T0, speed=1200) as ex:
         ex.faults.missing_minutes = {("NEARUSDT", T0 + 2 * MIN), ("NEARUSDT", T0 + 3 * MIN)}
