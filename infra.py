@@ -53,7 +53,9 @@ REDIS_RETRY_ERRORS: tuple[type[BaseException], ...] = (
 
 # A server that is away (down, restarting, black-holed, or our connection killed), as
 # opposed to a bug or a refused request: what is being written is held and retried.
-REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (*REDIS_RETRY_ERRORS, OSError)
+# (Not the redis-py bug's AttributeError/TypeError/RuntimeError: the client's retry
+# handles those, and a worker must not mistake a bug of its own for an outage.)
+REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 PG_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
