@@ -44,6 +44,7 @@ from infra import (
     REDIS_RETRY_ERRORS,
     BootError,
     ConfigError,
+    Outage,
     Settings,
     connect_pg,
     connect_redis,
@@ -140,42 +141,6 @@ def default_consumer() -> str:
 # --------------------------------------------------------------------------- faults
 
 
-class Outage:
-    """Logs a fault once when it starts and once when it ends, not on every retry."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.since: float | None = None
-        self.retries = 0
-
-    def fail(self, exc: BaseException, doing: str) -> None:
-        loop = asyncio.get_running_loop()
-        if self.since is None:
-            self.since = loop.time()
-            log_system_event(
-                "WARNING",
-                MODULE,
-                f"{self.what} unreachable while {doing} ({type(exc).__name__}: {exc}); retrying",
-                {"server": self.what, "doing": doing, "error": repr(exc)},
-            )
-        self.retries += 1
-
-    def ok(self) -> None:
-        if self.since is not None:
-            seconds = asyncio.get_running_loop().time() - self.since
-            log_system_event(
-                "INFO",
-                MODULE,
-                f"{self.what} back after {seconds:.1f} s ({self.retries} retries)",
-                {"server": self.what, "seconds": round(seconds, 3), "retries": self.retries},
-            )
-            self.since, self.retries = None, 0
-
-    @property
-    def active(self) -> bool:
-        return self.since is not None
-
-
 class Stopped(Exception):
     """Stop was requested while a call was being retried."""
 
@@ -219,10 +184,10 @@ class SignalRouter:
         self._started = False
         self._resume_pending = True
         self._next_claim_at = 0.0
-        self._redis_outage = Outage("Redis")
-        self._pg_outage = Outage("PostgreSQL")
-        self._config_outage = Outage("PostgreSQL (routing tables)")
-        self._listen_outage = Outage("PostgreSQL (LISTEN)")
+        self._redis_outage = Outage(MODULE, "Redis")
+        self._pg_outage = Outage(MODULE, "PostgreSQL")
+        self._config_outage = Outage(MODULE, "PostgreSQL (routing tables)")
+        self._listen_outage = Outage(MODULE, "PostgreSQL (LISTEN)")
 
     # ----------------------------------------------------------------- lifecycle
 
