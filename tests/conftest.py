@@ -81,6 +81,15 @@ async def redis(redis_stack_server: RedisServer) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
+async def redis_url(redis_stack_server: RedisServer) -> str:
+    """The Redis Stack server's URL, flushed, for a daemon process to use."""
+    client = make_redis(redis_stack_server.url)
+    await client.flushall()
+    await client.aclose()
+    return redis_stack_server.url
+
+
+@pytest.fixture
 async def plain_redis(plain_redis_server: RedisServer) -> AsyncIterator[Redis]:
     client = make_redis(plain_redis_server.url)
     await client.flushall()

@@ -14,7 +14,6 @@ import core_io
 from aggregation import aggregate
 from candles import TF_MS, Candle, datetime_to_ms
 from fake_exchange import ArchiveSource, FakeExchange
-from infra import make_redis
 
 M1 = 60_000
 START = 1_770_163_200_000  # 2026-02-04 00:00 UTC
@@ -139,10 +138,3 @@ async def pause_mid_minute(exchange: FakeExchange) -> int:
         await asyncio.sleep(0.002)
     exchange.clock.pause()
     return (exchange.clock.now_ms() - M1) // M1 * M1
-
-
-async def flushed_redis_url(server) -> str:
-    client = make_redis(server.url)
-    await client.flushall()
-    await client.aclose()
-    return server.url

@@ -20,7 +20,6 @@ from replay import (
     complete,
     daemon_env,
     diagnose,
-    flushed_redis_url,
     pause_mid_minute,
     until,
     until_sim,
@@ -33,11 +32,6 @@ from fake_exchange import ArchiveSource, FakeExchange
 from feed_v4_main import EXIT_STALE_FEED, Daemon, DaemonOptions, boot
 from infra import load_settings, system_event_log
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
-
-
-@pytest.fixture
-async def redis_url(redis_stack_server):
-    return await flushed_redis_url(redis_stack_server)
 
 
 def archive(symbols: list[str], minutes: int) -> ArchiveSource:

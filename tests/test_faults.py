@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 from faults import fault_run
-from replay import M1, flushed_redis_url
+from replay import M1
 from servers import PostgresServer, recreate_database
 
 from migrations import apply_migrations
@@ -16,33 +16,17 @@ from migrations import apply_migrations
 OUTAGE_S = 60
 
 
-@pytest.fixture
-async def redis_url(redis_stack_server):
-    return await flushed_redis_url(redis_stack_server)
-
-
 @pytest.mark.timeout(300)
-async def test_redis_black_holed_for_a_minute(pool, redis, redis_url, pg_url):
-    async with fault_run("redis-blackhole", pool, redis, redis_url, pg_url, minutes=240) as run:
+@pytest.mark.parametrize("server", ["Redis", "PostgreSQL"])
+async def test_a_server_black_holed_for_a_minute(server, pool, redis, redis_url, pg_url):
+    async with fault_run(f"{server}-blackhole", pool, redis, redis_url, pg_url, minutes=240) as run:
+        proxy = run.redis_proxy if server == "Redis" else run.pg_proxy
         run.daemon.start()
         await run.ready()
-        run.redis_proxy.set_mode("blackhole")
-        run.inject(f"Redis black-holed {OUTAGE_S} s")
+        proxy.set_mode("blackhole")  # connections accepted, nothing answered: not refused
+        run.inject(f"{server} black-holed {OUTAGE_S} s")
         await run.sleep(OUTAGE_S)
-        run.redis_proxy.set_mode("pass")
-        await run.recovered()
-        await run.finish()
-
-
-@pytest.mark.timeout(300)
-async def test_postgres_black_holed_for_a_minute(pool, redis, redis_url, pg_url):
-    async with fault_run("pg-blackhole", pool, redis, redis_url, pg_url, minutes=240) as run:
-        run.daemon.start()
-        await run.ready()
-        run.pg_proxy.set_mode("blackhole")
-        run.inject(f"PostgreSQL black-holed {OUTAGE_S} s")
-        await run.sleep(OUTAGE_S)
-        run.pg_proxy.set_mode("pass")
+        proxy.set_mode("pass")
         await run.recovered()
         await run.finish()
 

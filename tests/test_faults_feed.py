@@ -16,17 +16,11 @@ import time
 
 import pytest
 from faults import FaultRun, fault_run
-from replay import M1, START, SYMBOLS, flushed_redis_url, until, until_sim
+from replay import M1, START, SYMBOLS, until, until_sim
 
 from binance_protocol import kline_stream
 from candles import datetime_to_ms
 from fake_exchange.frames import UNKNOWN_KINDS
-
-
-@pytest.fixture
-async def redis_url(redis_stack_server):
-    return await flushed_redis_url(redis_stack_server)
-
 
 # ---------------------------------------------------------------------------- helpers
 

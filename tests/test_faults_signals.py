@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from faults import FaultRun, fault_run
-from replay import START, flushed_redis_url
+from replay import START
 
 import core_io
 import signals_io
@@ -412,11 +412,6 @@ async def signal_mismatches(run: FaultRun, signals: list[Signal], entries: list[
 
 
 # --------------------------------------------------------------------------- the scenario
-
-
-@pytest.fixture
-async def redis_url(redis_stack_server):
-    return await flushed_redis_url(redis_stack_server)
 
 
 @pytest.mark.timeout(300)

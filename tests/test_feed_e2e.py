@@ -17,7 +17,6 @@ from replay import (
     complete,
     daemon_env,
     diagnose,
-    flushed_redis_url,
     pause_mid_minute,
     until,
     until_sim,
@@ -27,11 +26,6 @@ import core_io
 from candles import datetime_to_ms
 from fake_exchange import ArchiveSource, FakeExchange
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
-
-
-@pytest.fixture
-async def redis_url(redis_stack_server):
-    return await flushed_redis_url(redis_stack_server)
 
 
 @pytest.mark.timeout(300)
