@@ -19,7 +19,7 @@ OUTAGE_S = 60
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("server", ["Redis", "PostgreSQL"])
 async def test_a_server_black_holed_for_a_minute(server, pool, redis, redis_url, pg_url):
-    async with fault_run(f"{server}-blackhole", pool, redis, redis_url, pg_url, minutes=240) as run:
+    async with fault_run(f"{server.lower()}-blackhole", pool, redis, redis_url, pg_url, minutes=240) as run:
         proxy = run.redis_proxy if server == "Redis" else run.pg_proxy
         run.daemon.start()
         await run.ready()

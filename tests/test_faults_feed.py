@@ -105,7 +105,7 @@ async def test_kill_9_at_five_random_moments_then_restart(pool, redis, redis_url
             killed_at, killed_sim = time.monotonic(), run.exchange.clock.now_ms()
             run.daemon.kill()
             kills.append(killed_sim)
-            run.inject(f"kill -9 at {sim_label(killed_sim)} ({kind}, aimed at {sim_label(target)})")
+            run.inject(f"kill -9 at {sim_label(killed_sim)} ({kind})")
             run.daemon.start()
             await recovered_from(run, killed_sim, killed_at)
         await run.finish()
