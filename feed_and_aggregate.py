@@ -74,7 +74,7 @@ class FeedSettings:
     backoff_max_s: float = 60.0
     subscribe_batch: int = 50
     reconcile_window_m1: int = 120
-    buffer_max_candles: int = 100_000
+    buffer_max_candles: int = 50_000
     rest_fallback_s: float = 30.0
 
     @classmethod
@@ -93,7 +93,7 @@ class FeedSettings:
             ticker_refresh_s=env_number(env, "TICKER_REFRESH_S", 5.0, float, 0.05, 3600),
             backoff_max_s=env_number(env, "WS_BACKOFF_MAX_S", 60.0, float, 0.1, 3600),
             reconcile_window_m1=env_number(env, "RECONCILE_WINDOW_M1", 120, int, 15, 100_000),
-            buffer_max_candles=env_number(env, "FEED_BUFFER_MAX_CANDLES", 100_000, int, 100, 10_000_000),
+            buffer_max_candles=env_number(env, "FEED_BUFFER_MAX_CANDLES", 50_000, int, 100, 10_000_000),
             rest_fallback_s=env_number(env, "REST_FALLBACK_S", 30.0, float, 1, 3600),
         )
 
@@ -146,7 +146,7 @@ class CandleIntake:
         store: core_io.CandleStore,
         stream_maxlen: int,
         defer_aggregation: bool = False,
-        held_max: int = 100_000,
+        held_max: int = 50_000,
     ) -> None:
         self.pool, self.redis, self.store, self.maxlen = pool, redis, store, stream_maxlen
         self.stored_m1 = 0
