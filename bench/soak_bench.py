@@ -42,6 +42,31 @@ its arrival time on the Redis server, same host).
 Budgets at live pace: daemon CPU < 25 % of one core (mean); RSS < 400 MB and flat.
 Latency budgets of the other benches: frame -> ohlcv_m1_ready p99 <= 100 ms,
 frame -> indicators_ready_stream p99 <= 250 ms. Verdicts are printed, never asserted.
+
+Redis outage (day mode, `--redis-outage-min N`, real minutes):
+
+    .venv/bin/python bench/soak_bench.py --mode day --redis-outage-min 3
+
+The daemon's REDIS_URL then goes through a TcpProxy (tests/tcp_proxy.py) running on an
+event loop of its own in a thread of the bench (so nothing the bench's main loop does
+delays the daemon's Redis traffic; the bench's CPU figure includes it); the bench's own
+probes go to Redis directly. In the middle of the measured day (centred) the proxy black-
+holes for N real minutes (connections stay open, nothing is forwarded, like a network
+dropping packets), then passes again. At 60x, 3 real minutes are 180 simulated minutes x
+500 symbols = 90,000 M1 + 18,000 M5 + 6,000 M15 candles stored in PostgreSQL and held for
+Redis: past FEED_BUFFER_MAX_CANDLES (50,000 by default since 4020d9f, 100,000 before) the
+oldest are let go and re-announced from PostgreSQL when Redis is back.
+
+Reported: the daemon's RSS before/during/after the outage and the slopes; how long after
+the outage it caught up (every symbol's newest M1 in PostgreSQL and its
+`indicator:<SYMBOL>:m1` hash at the live edge, the indicator group's backlog drained;
+polled every real second); and at the end a completeness check: no hole in any symbol's
+M1 rows, every M1 bar stored from the outage on announced on `ohlcv_m1_ready` (checked
+against the bench's own follower of the stream, whose reads are counted against the
+stream's entries-added, and against XRANGE 20 s after the catch-up and at the end, each
+over the window the STREAM_MAXLEN trim leaves), and no 'missing' row in
+missing_m1_log_v4. Bars closing from the outage start until the catch-up are left out of
+the latency figures. Figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -54,9 +79,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -69,7 +95,8 @@ sys.path.insert(0, str(ROOT))
 
 import core_io  # noqa: E402
 from candles import TF_MS, TIMEFRAMES  # noqa: E402
-from infra import make_redis  # noqa: E402
+from feed_and_aggregate import FeedSettings  # noqa: E402
+from infra import Settings, make_redis  # noqa: E402
 from tests.daemon import DaemonProcess  # noqa: E402
 from tests.servers import (  # noqa: E402
     RedisServer,
@@ -79,6 +106,7 @@ from tests.servers import (  # noqa: E402
     setting,
     start_fake_exchange,
 )
+from tests.tcp_proxy import TcpProxy  # noqa: E402
 
 M1 = 60_000
 SYMBOLS = 500
@@ -335,6 +363,11 @@ class Latency:
     m1_ready: dict[tuple[str, int], int] = field(default_factory=dict)  # (symbol, open) -> entry ms
     ind_ready: dict[tuple[str, str, int], int] = field(default_factory=dict)  # (symbol, tf, open) -> entry ms
     listener_errors: int = 0
+    # Accounting of the follower's reads of ohlcv_m1_ready against XINFO STREAM entries-added:
+    # what was added and never read was trimmed before the follower got to it.
+    m1_added0: int | None = None  # entries-added when following began
+    m1_last: str = "0-0"  # the last entry read
+    m1_read: int = 0  # entries read
 
 
 async def listen_closes(ws_base: str, symbols: list[str], latency: Latency) -> None:
@@ -365,21 +398,50 @@ async def read_announcements(redis_url: str, latency: Latency) -> None:
 
 
 async def follow_announcements(redis, latency: Latency) -> None:
-    streams = [core_io.CANDLE_STREAMS["m1"], core_io.INDICATORS_READY_STREAM]
-    last = {s: ((await redis.xrevrange(s, count=1)) or [("0-0", {})])[0][0] for s in streams}
+    m1_stream = core_io.CANDLE_STREAMS["m1"]
+    info = await redis.xinfo_stream(m1_stream)  # the restore created it (with the group)
+    latency.m1_added0, latency.m1_last = int(info["entries-added"]), info["last-generated-id"]
+    last = {
+        m1_stream: latency.m1_last,
+        core_io.INDICATORS_READY_STREAM: (
+            (await redis.xrevrange(core_io.INDICATORS_READY_STREAM, count=1)) or [("0-0", {})]
+        )[0][0],
+    }
     while True:
         reply = await redis.xread(last, count=20_000, block=1000)
         for stream, entries in reply or []:
-            for entry_id, fields in entries:
-                last[stream] = entry_id
-                arrived = int(entry_id.split("-", 1)[0])
-                symbol, tf, open_time = fields.get("symbol"), fields.get("tf", "m1"), int(fields.get("open_time", 0))
-                if tf not in TF_MS or open_time + TF_MS[tf] < latency.since_sim:
-                    continue
-                if stream == core_io.INDICATORS_READY_STREAM:
-                    latency.ind_ready.setdefault((symbol, tf, open_time), arrived)
-                else:
-                    latency.m1_ready.setdefault((symbol, open_time), arrived)
+            last[stream] = entries[-1][0]
+            take_announcements(latency, stream, entries)
+
+
+def take_announcements(latency: Latency, stream: str, entries: list) -> None:
+    for entry_id, fields in entries:
+        arrived = int(entry_id.split("-", 1)[0])
+        if stream == core_io.CANDLE_STREAMS["m1"]:
+            latency.m1_last = entry_id
+            latency.m1_read += 1
+        symbol, tf, open_time = fields.get("symbol"), fields.get("tf", "m1"), int(fields.get("open_time", 0))
+        if tf not in TF_MS or open_time + TF_MS[tf] < latency.since_sim:
+            continue
+        if stream == core_io.INDICATORS_READY_STREAM:
+            latency.ind_ready.setdefault((symbol, tf, open_time), arrived)
+        else:
+            latency.m1_ready.setdefault((symbol, open_time), arrived)
+
+
+async def drain_m1_announcements(redis, latency: Latency) -> int:
+    """After the follower stopped: read what it had not read yet, up to the stream's last id
+    now; returns how many entries were added since following began and never read."""
+    stream = core_io.CANDLE_STREAMS["m1"]
+    info = await redis.xinfo_stream(stream)
+    upto = info["last-generated-id"]
+    while core_io.stream_id(latency.m1_last) < core_io.stream_id(upto):
+        entries = await redis.xrange(stream, min=f"({latency.m1_last}", max=upto, count=10_000)
+        if not entries:
+            break
+        take_announcements(latency, stream, entries)
+        latency.m1_last = entries[-1][0]
+    return int(info["entries-added"]) - (latency.m1_added0 or 0) - latency.m1_read
 
 
 def figures(values: list[float]) -> str:
@@ -435,6 +497,432 @@ def report_latency(latency: Latency, clock: ExchangeClock, listened: int) -> Non
     print(f"  ohlcv_m1_ready -> indicators_ready_stream [m1] (indicator worker's share): {figures(worker)}")
     if latency.listener_errors:
         print(f"  (the bench's WebSocket listener reconnected {latency.listener_errors} time(s))")
+
+
+# --------------------------------------------------------------------------- Redis outage
+
+# The daemon inherits the bench's environment; else the product's defaults.
+HELD_BOUND = int(os.environ.get("FEED_BUFFER_MAX_CANDLES", FeedSettings.buffer_max_candles))
+STREAM_MAXLEN = int(os.environ.get("STREAM_MAXLEN", Settings.stream_maxlen))  # approximate ("~"): at least this many
+SNAPSHOT_DELAY_S = 20.0  # real seconds after the catch-up: the re-announcement from PostgreSQL is in by then
+
+
+class ProxyThread:
+    """A TcpProxy on an event loop of its own, in a thread: nothing the bench's main loop does
+    (parsing 20,000 stream entries at once, waiting on PostgreSQL) delays the daemon's Redis
+    traffic, which all goes through it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="redis-proxy", daemon=True)
+        self.proxy: TcpProxy | None = None
+
+    async def start(self) -> int:
+        self.thread.start()
+        future = asyncio.run_coroutine_threadsafe(TcpProxy(*self.target).start(), self.loop)
+        self.proxy = await asyncio.wrap_future(future)
+        return self.proxy.port
+
+    def set_mode(self, mode: str) -> None:
+        assert self.proxy is not None
+        self.loop.call_soon_threadsafe(self.proxy.set_mode, mode)
+
+    def links(self) -> int:
+        """Pump tasks alive (two per proxied connection)."""
+        return len(self.proxy._links) if self.proxy is not None else 0
+
+    async def close(self) -> None:
+        if not self.thread.is_alive():
+            return
+        if self.proxy is not None:
+            with contextlib.suppress(Exception):
+                future = asyncio.run_coroutine_threadsafe(self.proxy.close(), self.loop)
+                await asyncio.wait_for(asyncio.wrap_future(future), 10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self.thread.join, 10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+@dataclass
+class StreamSnapshot:
+    """The M1 announcements XRANGE finds in ohlcv_m1_ready at one moment."""
+
+    elapsed: float  # real s after t0
+    entries: int
+    keys: set[tuple[str, int]]
+    first_arrival: int | None  # ms part of the first (oldest) entry id: the trim's edge
+    newest_open: int | None
+
+
+async def snapshot_m1_stream(redis, elapsed: float) -> StreamSnapshot:
+    stream = core_io.CANDLE_STREAMS["m1"]
+    snap = StreamSnapshot(elapsed, 0, set(), None, None)
+    start = "-"
+    while True:
+        page = await redis.xrange(stream, min=start, count=10_000)
+        for entry_id, fields in page:
+            if snap.first_arrival is None:
+                snap.first_arrival = int(entry_id.split("-", 1)[0])
+            snap.entries += 1
+            if "symbol" in fields and "open_time" in fields:
+                open_time = int(fields["open_time"])
+                snap.keys.add((fields["symbol"], open_time))
+                snap.newest_open = max(open_time, snap.newest_open or open_time)
+        if len(page) < 10_000:
+            return snap
+        start = "(" + page[-1][0]
+
+
+def snapshot_window(snap: StreamSnapshot, clock: ExchangeClock) -> tuple[int, int] | None:
+    """Open times whose announcement this snapshot must hold, if one was made.
+
+    From: a bar closing (exchange clock, mapped to local time) after the oldest entry left by
+    the trim arrived cannot have been announced before it (+1 bar for the clock mapping).
+    To: two bars before the newest open time in the snapshot (held candles go out in order)."""
+    if snap.first_arrival is None or snap.newest_open is None:
+        return None
+    edge_sim = clock.sim0 + (snap.first_arrival - clock.wall0) * clock.speed
+    return int(edge_sim) // M1 * M1 + M1, snap.newest_open - 2 * M1
+
+
+@dataclass
+class OutagePlan:
+    start_s: float  # real seconds after t0 (the sampling baseline, at ready)
+    duration_s: float
+    started: float | None = None  # real s after t0: when the proxy black-holed
+    ended: float | None = None  # ... and passed again
+    start_sim: int | None = None
+    end_sim: int | None = None
+    start_ts: datetime | None = None  # local wall time, for system_log_v4
+    proxy_links: int = 0  # the proxy's pump tasks when it passed again (two per connection held)
+    # After the outage (real s after t0; polled every real second), the first moment when:
+    m1_at: float | None = None  # every symbol's newest M1 in PostgreSQL is at the live edge,
+    ind_at: float | None = None  # every symbol's indicator:<S>:m1 hash is at the live edge,
+    backlog_at: float | None = None  # the indicator group's backlog is below two events per symbol,
+    caught_up_at: float | None = None  # all three at once
+    caught_up_sim: int | None = None
+    caught_up_ts: datetime | None = None
+    snapshot: StreamSnapshot | None = None
+
+
+async def run_outage(
+    plan: OutagePlan,
+    proxy: ProxyThread,
+    t0: float,
+    mode: Mode,
+    pool: asyncpg.Pool,
+    redis,
+    clock: ExchangeClock,
+    symbols: list[str],
+) -> None:
+    await asyncio.sleep(max(0.0, t0 + plan.start_s - time.monotonic()))
+    proxy.set_mode("blackhole")
+    plan.started, plan.start_ts = time.monotonic() - t0, datetime.now(UTC)
+    plan.start_sim = await clock.now()
+    print(
+        f"  >>> +{plan.started:.0f} s, sim {sim_text(plan.start_sim)}, {plan.start_ts:%H:%M:%S} UTC: the daemon's "
+        f"Redis proxy black-holes for {plan.duration_s:.0f} s",
+        flush=True,
+    )
+    await asyncio.sleep(max(0.0, t0 + plan.start_s + plan.duration_s - time.monotonic()))
+    plan.proxy_links = proxy.links()
+    proxy.set_mode("pass")
+    plan.ended = time.monotonic() - t0
+    plan.end_sim = await clock.now()
+    print(
+        f"  >>> +{plan.ended:.0f} s, sim {sim_text(plan.end_sim)}, {datetime.now(UTC):%H:%M:%S} UTC: the proxy passes "
+        f"again ({plan.proxy_links // 2} connections were held open in the black hole)",
+        flush=True,
+    )
+    edge = 62 + mode.speed  # one bar + the close delay + one real second, as "stale" in lag_line
+    settled = min(2 * len(symbols), BACKLOG_CAP)
+    last_print = plan.ended
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            sim = await clock.now()
+            elapsed = time.monotonic() - t0
+            _, worst_m1, _ = await m1_edge(pool)
+            _, worst_ind = await indicator_edge(redis, symbols)
+            backlog = await indicator_backlog(redis)
+        except Exception as exc:
+            print(f"  >>> catch-up probe failed: {exc!r}", flush=True)
+            continue
+        m1_lag, ind_lag = lag_s(sim, worst_m1), lag_s(sim, worst_ind)
+        m1_ok = m1_lag is not None and m1_lag <= edge
+        ind_ok = ind_lag is not None and ind_lag <= edge
+        backlog_ok = backlog is not None and backlog < settled
+        if m1_ok and plan.m1_at is None:
+            plan.m1_at = elapsed
+        if ind_ok and plan.ind_at is None:
+            plan.ind_at = elapsed
+        if backlog_ok and plan.backlog_at is None:
+            plan.backlog_at = elapsed
+        if m1_ok and ind_ok and backlog_ok:
+            plan.caught_up_at, plan.caught_up_sim, plan.caught_up_ts = elapsed, sim, datetime.now(UTC)
+            print(
+                f"  >>> +{elapsed:.0f} s, {plan.caught_up_ts:%H:%M:%S} UTC: caught up {elapsed - plan.ended:.1f} s "
+                f"after the outage (M1 worst lag {m1_lag:.0f} s, indicator lag {ind_lag:.0f} s, backlog {backlog})",
+                flush=True,
+            )
+            break
+        if elapsed - last_print >= 10:
+            last_print = elapsed
+            print(
+                f"  >>> +{elapsed:.0f} s, {elapsed - plan.ended:.0f} s after the outage: M1 worst lag "
+                f"{fmt(m1_lag, '.0f')} s, indicator lag {fmt(ind_lag, '.0f')} s, backlog {backlog} events",
+                flush=True,
+            )
+    await asyncio.sleep(SNAPSHOT_DELAY_S)
+    plan.snapshot = await snapshot_m1_stream(redis, time.monotonic() - t0)
+    print(f"  >>> XRANGE ohlcv_m1_ready {SNAPSHOT_DELAY_S:.0f} s after the catch-up: {plan.snapshot.entries:,} entries")
+
+
+def lsq_slope(samples: list[Sample]) -> float | None:
+    """Least-squares RSS slope, MB per real hour."""
+    if len(samples) < 3:
+        return None
+    xs = [s.elapsed / 3600 for s in samples]
+    ys = [s.rss for s in samples]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return None if den == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den
+
+
+def slope_text(samples: list[Sample], speed: float) -> str:
+    slope = lsq_slope(samples)
+    if slope is None:
+        return "too few samples"
+    span = samples[-1].elapsed - samples[0].elapsed
+    return (
+        f"{slope:+.1f} MB per real hour = {slope * 24 / speed:+.1f} MB per simulated day "
+        f"({len(samples)} samples over {span:.0f} s)"
+    )
+
+
+def rss_max_text(samples: list[Sample]) -> str:
+    if not samples:
+        return "no samples"
+    top = max(samples, key=lambda s: s.rss)
+    return f"{top.rss:.1f} MB (at +{top.elapsed:.0f} s)"
+
+
+def minute_ranges(times: list[int]) -> str:
+    """Sorted open times (ms) as "HH:MM-HH:MM" runs."""
+    runs: list[list[int]] = []
+    for t in times:
+        if runs and t == runs[-1][1] + M1:
+            runs[-1][1] = t
+        else:
+            runs.append([t, t])
+    return ", ".join(sim_text(a)[:-3] + ("" if a == b else "-" + sim_text(b)[6:-3]) for a, b in runs)
+
+
+def describe_missing(missing: set[tuple[str, int]]) -> str:
+    if not missing:
+        return "none"
+    minutes: dict[int, int] = {}
+    for _, t in missing:
+        minutes[t] = minutes.get(t, 0) + 1
+    symbols = len({s for s, _ in missing})
+    example = ", ".join(f"{sim_text(t)[:-3]} x{n}" for t, n in sorted(minutes.items())[:6])
+    return (
+        f"{len(missing):,} bars of {symbols} symbols in {len(minutes)} minutes "
+        f"({minute_ranges(sorted(minutes))[:300]}); per minute: {example}"
+    )
+
+
+HOLES_SQL = """
+SELECT symbol, min(open_time) AS first, max(open_time) AS last, count(*) AS n
+FROM ohlcv4_m1 WHERE open_time <= $1 GROUP BY symbol
+"""
+MISSING_MINUTES_SQL = """
+SELECT g FROM generate_series($2::timestamptz, $3::timestamptz, interval '1 minute') g
+WHERE NOT EXISTS (SELECT 1 FROM ohlcv4_m1 m WHERE m.symbol = $1 AND m.open_time = g) ORDER BY g
+"""
+STORED_SQL = """
+SELECT symbol, (extract(epoch FROM open_time) * 1000)::bigint AS t FROM ohlcv4_m1 WHERE open_time BETWEEN $1 AND $2
+"""
+
+
+async def report_outage(
+    plan: OutagePlan,
+    samples: list[Sample],
+    mode: Mode,
+    pool: asyncpg.Pool,
+    redis,
+    latency: Latency,
+    clock: ExchangeClock,
+    symbols: list[str],
+) -> None:
+    print(f"--- Redis outage ({mode.name}, {len(samples)} samples)")
+    if plan.started is None or plan.ended is None or plan.start_sim is None or plan.end_sim is None:
+        print("  the outage did not complete before the run ended")
+        return
+    table: list[tuple[str, str]] = []
+
+    def add(name: str, value: str) -> None:
+        table.append((name, value))
+        print(f"  {name:<44} {value}", flush=True)
+
+    sim_min = plan.duration_s * mode.speed / 60
+    m1_n = int(sim_min) * mode.symbols
+    total = m1_n + m1_n // 5 + m1_n // 15
+    add(
+        "outage (proxy black hole)",
+        f"+{plan.started:.0f} s to +{plan.ended:.0f} s after ready: {plan.ended - plan.started:.0f} s real = "
+        f"{sim_min:.0f} simulated min (sim {sim_text(plan.start_sim)} to {sim_text(plan.end_sim)})",
+    )
+    add(
+        "candles to hold for Redis (estimate)",
+        f"~{m1_n:,} M1 + {m1_n // 5:,} M5 + {m1_n // 15:,} M15 = {total:,} (bound {HELD_BOUND:,}: "
+        + (f"~{total - HELD_BOUND:,} let go, to be re-announced from PostgreSQL)" if total > HELD_BOUND else "within)"),
+    )
+    add("connections held in the black hole", f"{plan.proxy_links // 2}")
+    before = [s for s in samples if s.elapsed < plan.started]
+    during = [s for s in samples if plan.started <= s.elapsed <= plan.ended]
+    after = [s for s in samples if s.elapsed > plan.ended]
+    settled = [s for s in samples if plan.caught_up_at is not None and s.elapsed >= plan.caught_up_at]
+    if before:
+        add(
+            "RSS before the outage (last sample)",
+            f"{before[-1].rss:.1f} MB (before: min {min(s.rss for s in before):.1f}, "
+            f"max {max(s.rss for s in before):.1f})",
+        )
+    add("RSS max during the outage", rss_max_text(during))
+    add("RSS max after the outage", rss_max_text(after))
+    add("RSS at the end", f"{samples[-1].rss:.1f} MB (at +{samples[-1].elapsed:.0f} s)")
+    add("RSS slope before the outage", slope_text(before, mode.speed))
+    add("RSS slope from the catch-up to the end", slope_text(settled, mode.speed))
+    add("RSS slope over the whole run", slope_text(samples, mode.speed))
+    m1_during = [s.m1_worst for s in during if s.m1_worst is not None]
+    ind_during = [s.ind_lag for s in during + after if s.ind_lag is not None]
+    add(
+        "M1 worst lag (PostgreSQL) during outage",
+        f"max {max(m1_during):.0f} s simulated (5 s samples)" if m1_during else "no samples",
+    )
+    add("indicator lag (Redis hash), max from outage", f"{max(ind_during):.0f} s simulated" if ind_during else "-")
+
+    def after_text(at: float | None) -> str:
+        return f"+{at - plan.ended:.1f} s real" if at is not None else "NOT by the end of the run"
+
+    add("caught up: every newest M1 in PG at edge", after_text(plan.m1_at))
+    add("caught up: every M1 indicator hash at edge", after_text(plan.ind_at))
+    add("caught up: indicator backlog settled", after_text(plan.backlog_at))
+    add(
+        "CAUGHT UP after the outage (all three)",
+        after_text(plan.caught_up_at)
+        + (
+            f" = {(plan.caught_up_at - plan.ended) * mode.speed / 60:.0f} simulated min"
+            if plan.caught_up_at is not None
+            else ""
+        ),
+    )
+
+    # Completeness, up to three bars before the exchange clock now.
+    now_sim = await clock.now()
+    hi = now_sim // M1 * M1 - 3 * M1
+    rows = await pool.fetch(HOLES_SQL, datetime_from_ms(hi))
+    by_symbol = {r["symbol"]: r for r in rows}
+    absent = [s for s in symbols if s not in by_symbol]
+    holed: list[tuple[str, int, int, int]] = []  # symbol, first, last, missing inside
+    tails = 0
+    for symbol in symbols:
+        r = by_symbol.get(symbol)
+        if r is None:
+            continue
+        first, last = ms(r["first"]), ms(r["last"])
+        assert first is not None and last is not None
+        inside = (last - first) // M1 + 1 - r["n"]
+        if inside:
+            holed.append((symbol, first, last, inside))
+        if last < hi:
+            tails += 1
+    firsts = [ms(r["first"]) for r in rows]
+    span = f"{sim_text(min(firsts))[:-3]} .. {sim_text(max(firsts))[:-3]}" if firsts else "-"
+    add(
+        "M1 holes, every symbol, up to " + sim_text(hi)[:-3],
+        f"{'OK' if not holed and not absent and not tails else 'FAIL'}: {len(holed)} symbols with holes "
+        f"({sum(h[3] for h in holed):,} minutes), {len(absent)} absent, {tails} short of the end; "
+        f"first bars {span}",
+    )
+    for symbol, first, last, _ in holed[:10]:
+        gaps = await pool.fetch(MISSING_MINUTES_SQL, symbol, datetime_from_ms(first), datetime_from_ms(last))
+        print(f"      {symbol}: missing {minute_ranges([ms(g['g']) or 0 for g in gaps])[:400]}")
+
+    # Announcements: every M1 stored from two bars before the outage on.
+    print(
+        f"  (ohlcv_m1_ready is trimmed to ~{STREAM_MAXLEN:,} entries: an XRANGE vouches only for the bars the trim "
+        "left, given below; the bench's follower read every entry as it came, counted against entries-added)"
+    )
+    lo = plan.start_sim // M1 * M1 - 2 * M1
+    stored = {(r["symbol"], r["t"]) for r in await pool.fetch(STORED_SQL, datetime_from_ms(lo), datetime_from_ms(hi))}
+    missed = await drain_m1_announcements(redis, latency)
+    unseen = stored - latency.m1_ready.keys()
+    add(
+        f"M1 stored {sim_text(lo)[:-3]} .. {sim_text(hi)[:-3]}",
+        f"{len(stored):,} bars (expected {((hi - lo) // M1 + 1) * len(symbols):,})",
+    )
+    add(
+        "  announced (bench's follower of the stream)",
+        f"{'OK' if not unseen and missed == 0 else 'FAIL'}: not announced {describe_missing(unseen)}; "
+        f"the follower read {latency.m1_read:,} entries, {missed:,} added were trimmed before it read them",
+    )
+    for name, snap in (
+        (f"XRANGE {SNAPSHOT_DELAY_S:.0f} s after catch-up", plan.snapshot),
+        ("XRANGE at the end", await snapshot_m1_stream(redis, time.monotonic())),
+    ):
+        window = None if snap is None else snapshot_window(snap, clock)
+        if snap is None or window is None:
+            add(f"  announced ({name})", "no snapshot")
+            continue
+        a, b = max(lo, window[0]), min(hi, window[1])
+        if a > b:
+            add(
+                f"  announced ({name})",
+                f"{snap.entries:,} entries cover bars {sim_text(window[0])[:-3]} .. {sim_text(window[1])[:-3]}: "
+                "nothing from the outage on left by the trim",
+            )
+            continue
+        checked = {k for k in stored if a <= k[1] <= b}
+        absent_in = checked - snap.keys
+        add(
+            f"  announced ({name})",
+            f"{'OK' if not absent_in else 'FAIL'}: {len(checked):,} bars {sim_text(a)[:-3]} .. {sim_text(b)[:-3]} "
+            f"(the {snap.entries:,} entries the trim left cover from {sim_text(window[0])[:-3]}); not in the stream: "
+            f"{describe_missing(absent_in)}",
+        )
+    gaps = await pool.fetch("SELECT status, count(*) FROM missing_m1_log_v4 GROUP BY 1 ORDER BY 1")
+    counts = {r[0]: r[1] for r in gaps}
+    add(
+        "missing_m1_log_v4",
+        f"{'OK' if not counts.get('missing') else 'FAIL'}: {counts.get('missing', 0)} 'missing' rows "
+        f"(by status: {', '.join(f'{k} {v}' for k, v in counts.items()) or 'empty'})",
+    )
+    intake = await pool.fetchrow(
+        "SELECT count(*) FILTER (WHERE message LIKE 'more than % candles held%') AS let_go, "
+        "count(*) FILTER (WHERE message LIKE 'announced % candles a previous run%') AS rounds, "
+        "coalesce(sum(substring(message FROM '^announced ([0-9]+) candles')::bigint), 0) AS reannounced "
+        "FROM system_log_v4 WHERE module = 'INTAKE' AND ts >= $1",
+        plan.start_ts,
+    )
+    add(
+        "INTAKE from the outage on (system_log_v4)",
+        f"held bound exceeded {intake['let_go']} time(s); {intake['reannounced']:,} candles re-announced from "
+        f"PostgreSQL in {intake['rounds']} round(s)",
+    )
+    until = plan.caught_up_ts or datetime.now(UTC)
+    logged = await pool.fetch(
+        "SELECT ts, level, module, message, left(details::text, 220) AS details FROM system_log_v4 "
+        "WHERE ts BETWEEN $1 AND $2 ORDER BY ts LIMIT 40",
+        plan.start_ts - timedelta(seconds=5) if plan.start_ts else until,
+        until + timedelta(seconds=SNAPSHOT_DELAY_S + 60),
+    )
+    print(f"  system_log_v4 from the outage to {SNAPSHOT_DELAY_S + 60:.0f} s after the catch-up ({len(logged)} rows):")
+    for r in logged:
+        print(f"    {r['ts']:%H:%M:%S} {r['level']} {r['module']}: {r['message'][:160]} {r['details'] or ''}")
 
 
 # --------------------------------------------------------------------------- one mode
@@ -502,6 +990,7 @@ class Mode:
     sample_s: float
     duration_s: float  # real seconds measured after ready
     symbols: int
+    outage_s: float = 0.0  # real seconds of Redis black hole in the middle (day mode)
 
 
 async def run_mode(mode: Mode) -> None:
@@ -510,7 +999,8 @@ async def run_mode(mode: Mode) -> None:
     print(
         f"\n=== {mode.name}: {mode.symbols} synthetic symbols at speed {mode.speed:g}, {mode.duration_s / 60:.1f} real "
         f"min ({sim_minutes / 60:.2f} simulated h) after ready; exchange starts at {START}Z; "
-        f"INITIAL_HISTORY_M1={HISTORY_M1}",
+        f"INITIAL_HISTORY_M1={HISTORY_M1}"
+        + (f"; Redis outage of {mode.outage_s:.0f} s real in the middle" if mode.outage_s else ""),
         flush=True,
     )
     base_url = setting("POSTGRES_URL")
@@ -520,11 +1010,16 @@ async def run_mode(mode: Mode) -> None:
     pool: asyncpg.Pool | None = None
     redis = None
     session: aiohttp.ClientSession | None = None
+    proxy: ProxyThread | None = None
     tasks: list[asyncio.Task] = []
     try:
-        redis_server.start()
+        await asyncio.to_thread(redis_server.start)
+        daemon_redis_url = redis_server.url
+        if mode.outage_s:
+            proxy = ProxyThread("127.0.0.1", redis_server.port)
+            daemon_redis_url = f"redis://127.0.0.1:{await proxy.start()}/0"
         url = await recreate_database(base_url, database)
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=2, server_settings={"application_name": APP_NAME})
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=3, server_settings={"application_name": APP_NAME})
         redis = make_redis(redis_server.url)
         port = free_port()
         exchange = start_fake_exchange(mode.symbols, mode.speed, START, port, seed=3)
@@ -536,7 +1031,7 @@ async def run_mode(mode: Mode) -> None:
         ws_base = f"ws://127.0.0.1:{port}/market"
         daemon = DaemonProcess(
             {
-                "REDIS_URL": redis_server.url,
+                "REDIS_URL": daemon_redis_url,
                 "POSTGRES_URL": url,
                 "BINANCE_WS_URL": ws_base,
                 "BINANCE_REST_URL": clock.rest_url,
@@ -552,7 +1047,8 @@ async def run_mode(mode: Mode) -> None:
         pid = daemon.process.pid
         print(
             f"servers: redis pid {redis_server.process.pid if redis_server.process else '?'}, fake exchange pid "
-            f"{exchange.pid} (clock calibrated, RTT {rtt:.1f} ms), daemon pid {pid} (log {daemon.log_path})",
+            f"{exchange.pid} (clock calibrated, RTT {rtt:.1f} ms), daemon pid {pid} (log {daemon.log_path})"
+            + (f"; the daemon's Redis goes through the bench's proxy ({daemon_redis_url})" if proxy else ""),
             flush=True,
         )
         ready_at_sim = await wait_ready(mode, daemon, pool, redis, clock, symbols, started)
@@ -576,18 +1072,31 @@ async def run_mode(mode: Mode) -> None:
             asyncio.create_task(listen_closes(ws_base, listened, latency)),
             asyncio.create_task(read_announcements(redis_server.url, latency)),
         ]
-        samples = await sample_loop(mode, daemon, pool, redis, clock, symbols, database, exchange, redis_server)
+        t0 = time.monotonic()
+        plan: OutagePlan | None = None
+        if proxy is not None:
+            plan = OutagePlan((mode.duration_s - mode.outage_s) / 2, mode.outage_s)
+            tasks.append(asyncio.create_task(run_outage(plan, proxy, t0, mode, pool, redis, clock, symbols)))
+        samples = await sample_loop(mode, daemon, pool, redis, clock, symbols, database, exchange, redis_server, t0)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for task, result in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True)):
+            if isinstance(result, Exception):
+                print(f"  a bench task failed: {task.get_coro().__name__}: {result!r}")  # type: ignore[union-attr]
         tasks = []
         after = await table_counts(pool)
-        await summarise(mode, samples, before, after, pool, latency, clock, len(listened), daemon, ready_ts)
+        exclude = None
+        if plan is not None and plan.start_sim is not None:
+            end_sim = samples[-1].sim if samples else plan.start_sim
+            exclude = (plan.start_sim, plan.caught_up_sim or end_sim)
+        await summarise(mode, samples, before, after, pool, latency, clock, len(listened), daemon, ready_ts, exclude)
+        if plan is not None and samples:
+            await report_outage(plan, samples, mode, pool, redis, latency, clock, symbols)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await cleanup(daemon, exchange, redis_server, pool, redis, session, base_url, database)
+        await cleanup(daemon, exchange, redis_server, pool, redis, session, base_url, database, proxy)
 
 
 async def wait_ready(
@@ -674,6 +1183,7 @@ async def sample_loop(
     database: str,
     exchange: subprocess.Popen,
     redis_server: RedisServer,
+    t0: float,
 ) -> list[Sample]:
     assert daemon.process is not None and redis_server.process is not None
     pid = daemon.process.pid
@@ -692,7 +1202,6 @@ async def sample_loop(
     )
     print(HEADER, flush=True)
     samples: list[Sample] = []
-    t0 = time.monotonic()
     n = 0
     while True:
         n += 1
@@ -763,6 +1272,7 @@ async def summarise(
     listened: int,
     daemon: DaemonProcess,
     ready_ts: datetime,
+    exclude: tuple[int, int] | None = None,
 ) -> None:
     print(f"--- summary {mode.name} (speed {mode.speed:g}, {len(samples)} samples)")
     if not samples:
@@ -822,6 +1332,20 @@ async def summarise(
             f"  indicator group backlog (candle events unread or unacknowledged): "
             f"p50 {statistics.median(backlogs):.0f}, max {max(backlogs)}"
         )
+    if exclude is not None:
+        lo, hi = exclude
+        kept = Latency(
+            latency.since_sim,
+            latency.frames,
+            {k: v for k, v in latency.m1_ready.items() if not lo <= k[1] + M1 <= hi},
+            {k: v for k, v in latency.ind_ready.items() if not lo <= k[2] + TF_MS[k[1]] <= hi},
+            latency.listener_errors,
+        )
+        print(
+            f"  (latency figures leave out the {len(latency.m1_ready) - len(kept.m1_ready):,} M1 bars closing from the "
+            f"Redis outage's start to the catch-up, sim {sim_text(lo)} to {sim_text(hi)})"
+        )
+        latency = kept
     report_latency(latency, clock, listened)
     # Minutes that closed between ready and the last sample (less the exchange's close delay).
     closed_minutes = (samples[-1].sim - CLOSE_DELAY_MS[1]) // M1 - latency.since_sim // M1
@@ -885,8 +1409,10 @@ async def cleanup(
     session: aiohttp.ClientSession | None,
     base_url: str,
     database: str,
+    proxy: ProxyThread | None = None,
 ) -> None:
-    """Everything this mode started, whatever happened (also on Ctrl-C)."""
+    """Everything this mode started, whatever happened (also on Ctrl-C). Process waits go to a
+    thread, never on the event loop."""
     if daemon is not None and daemon.process is not None:
         try:
             if daemon.alive():
@@ -899,14 +1425,17 @@ async def cleanup(
         except BaseException as exc:
             print(f"  cleanup (daemon): {exc!r}")
         finally:
-            daemon.cleanup()
+            await asyncio.to_thread(daemon.cleanup)
+    if proxy is not None:
+        with contextlib.suppress(BaseException):
+            await proxy.close()
     if exchange is not None and exchange.poll() is None:
         exchange.terminate()
         try:
-            exchange.wait(10)
+            await asyncio.to_thread(exchange.wait, 10)
         except subprocess.TimeoutExpired:
             exchange.kill()
-            exchange.wait(5)
+            await asyncio.to_thread(exchange.wait, 5)
     if pool is not None:
         pool.terminate()  # at once: a query cut short by Ctrl-C may still hold a connection
     for closing in (
@@ -916,7 +1445,7 @@ async def cleanup(
         if closing is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(closing, 5)
-    redis_server.cleanup()
+    await asyncio.to_thread(redis_server.cleanup)
     try:
         await drop_database(base_url, database)
     except BaseException as exc:
@@ -932,7 +1461,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=10.0, help="live mode: real minutes after ready")
     parser.add_argument("--hours", type=float, default=24.0, help="day mode: simulated hours after ready (at 60x)")
     parser.add_argument("--symbols", type=int, default=SYMBOLS, help="synthetic symbols (default 500)")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--redis-outage-min",
+        type=float,
+        default=0.0,
+        help="day mode: real minutes the daemon's Redis is black-holed (through a proxy), in the middle of the day",
+    )
+    args = parser.parse_args(argv)
+    if args.redis_outage_min < 0:
+        parser.error("--redis-outage-min must be >= 0")
+    if args.redis_outage_min > 0:
+        if args.mode != "day":
+            parser.error("--redis-outage-min is for --mode day")
+        if args.redis_outage_min * 60 + 60 > args.hours * 3600 / DAY_SPEED:
+            parser.error("--redis-outage-min must leave at least a real minute of the day around it")
+    return args
 
 
 interrupted = False
@@ -955,7 +1498,8 @@ async def run(args: argparse.Namespace) -> None:
     if args.mode in ("live", "both"):
         modes.append(Mode("live", LIVE_SPEED, LIVE_SAMPLE_S, args.minutes * 60, args.symbols))
     if args.mode in ("day", "both"):
-        modes.append(Mode("day", DAY_SPEED, DAY_SAMPLE_S, args.hours * 3600 / DAY_SPEED, args.symbols))
+        day_s = args.hours * 3600 / DAY_SPEED
+        modes.append(Mode("day", DAY_SPEED, DAY_SAMPLE_S, day_s, args.symbols, args.redis_outage_min * 60))
     print(f"soak bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
     for mode in modes:
         await run_mode(mode)
