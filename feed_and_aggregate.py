@@ -165,7 +165,9 @@ class CandleIntake:
         self.held: deque[tuple[str, list[Candle]]] = deque()
         self.held_candles = 0
         self.held_max = held_max
-        self.reannounce_since: int | None = None
+        # What was let go, as (first, last) open time per (tf, symbol): re-read from
+        # PostgreSQL and published once the held ones are out (ranges stay small in memory).
+        self.let_go: dict[tuple[str, str], tuple[int, int]] = {}
         self.publish_lock = asyncio.Lock()
         self.publish_wake = asyncio.Event()
         self.redis_outage = Outage("INTAKE", "Redis")
@@ -201,10 +203,9 @@ class CandleIntake:
         and Redis): rebuild the buckets of the recent minutes and announce every recent
         candle the streams lack. Announcements are at least once; consumers are idempotent."""
         newest = await core_io.newest_m1_time(self.pool)
-        if newest is not None:
-            await self.reconcile_since(newest - window_ms)
-
-    async def reconcile_since(self, cutoff: int) -> None:
+        if newest is None:
+            return
+        cutoff = newest - window_ms
         cutoff -= cutoff % TF_MS["m15"]
         recent = await self.pool.fetch(
             "SELECT symbol, open_time FROM ohlcv4_m1 WHERE open_time >= $1", ms_to_datetime(cutoff)
@@ -227,7 +228,7 @@ class CandleIntake:
                 "WARNING",
                 "INTAKE",
                 f"announced {repaired} candles a previous run stored but did not announce",
-                {"since": cutoff},
+                {"window_ms": window_ms},
             )
 
     async def _upsert(self, candles: Sequence[Candle]) -> set[tuple[str, str, int]]:
@@ -302,17 +303,42 @@ class CandleIntake:
         self.held.append((tf, list(candles)))
         self.held_candles += len(candles)
         while self.held_candles > self.held_max and len(self.held) > 1:
-            _, dropped = self.held.popleft()
+            tf, dropped = self.held.popleft()
             self.held_candles -= len(dropped)
-            oldest = min(c.open_time for c in dropped)
-            if self.reannounce_since is None:
+            if not self.let_go:
                 log_system_event(
                     "WARNING",
                     "INTAKE",
                     f"more than {self.held_max} candles held for Redis: the oldest will be re-read "
-                    "from PostgreSQL when Redis is back",
+                    "from PostgreSQL when Redis takes them",
                 )
-            self.reannounce_since = min(oldest, self.reannounce_since or oldest)
+            for c in dropped:
+                self._let_go(tf, c.symbol, c.open_time, c.open_time)
+
+    def _let_go(self, tf: str, symbol: str, first: int, last: int) -> None:
+        old_first, old_last = self.let_go.get((tf, symbol), (first, last))
+        self.let_go[(tf, symbol)] = (min(first, old_first), max(last, old_last))
+
+    async def publish_let_go(self) -> int:
+        """Re-read what was let go from PostgreSQL and publish it (late, at least once)."""
+        published = 0
+        while self.let_go:
+            (tf, symbol), (first, last) = self.let_go.popitem()
+            try:
+                candles = await core_io.fetch_candles(self.pool, symbol, tf, first, last + 1)
+                for i in range(0, len(candles), 5000):
+                    await self._publish(tf, candles[i : i + 5000])
+            except BaseException:
+                self._let_go(tf, symbol, first, last)
+                raise
+            published += len(candles)
+        return published
+
+    async def _publish(self, tf: str, candles: Sequence[Candle]) -> None:
+        await core_io.write_candles(self.store, candles)
+        await core_io.publish(
+            self.redis, core_io.CANDLE_STREAMS[tf], [core_io.candle_event(c) for c in candles], self.maxlen
+        )
 
     async def publish_held(self) -> int:
         """Cache and announce what is held, oldest first; a failure keeps the rest."""
@@ -320,10 +346,7 @@ class CandleIntake:
         async with self.publish_lock:
             while self.held:
                 tf, candles = self.held[0]
-                await core_io.write_candles(self.store, candles)
-                await core_io.publish(
-                    self.redis, core_io.CANDLE_STREAMS[tf], [core_io.candle_event(c) for c in candles], self.maxlen
-                )
+                await self._publish(tf, candles)
                 self.held.popleft()
                 self.held_candles -= len(candles)
                 published += len(candles)
@@ -338,14 +361,9 @@ class CandleIntake:
             self.publish_wake.clear()
             try:
                 published += await self.publish_held()
-                if self.reannounce_since is not None:
-                    since, self.reannounce_since = self.reannounce_since, None
-                    try:
-                        await self.reconcile_since(since)
-                    except BaseException:
-                        self.reannounce_since = min(since, self.reannounce_since or since)
-                        raise
-                    published += await self.publish_held()
+                if self.let_go:
+                    async with self.publish_lock:
+                        published += await self.publish_let_go()
             except REDIS_DOWN_ERRORS as exc:
                 self.redis_outage.fail(exc, "caching and announcing candles", {"held": self.held_candles})
                 self.publish_wake.set()
@@ -357,7 +375,7 @@ class CandleIntake:
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
-            if not self.held:
+            if not self.held and not self.let_go:
                 self.redis_outage.ok({"published": published})
                 published = 0
 

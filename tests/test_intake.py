@@ -54,12 +54,12 @@ async def test_candles_stored_while_redis_is_away_are_held_bounded_and_published
         assert await core_io.fetch_candles(pool, "NEARUSDT", "m1", T0, T0 + 60 * 60_000) == m1
         assert intake.redis_outage.active
         assert intake.held_candles <= 25 + 10  # bounded: the oldest were let go...
-        assert intake.reannounce_since is not None  # ...to be re-read from PostgreSQL
+        assert ("m1", "NEARUSDT") in intake.let_go  # ...to be re-read from PostgreSQL
         held_m1 = [c.open_time for tf, batch in intake.held if tf == "m1" for c in batch]
         assert held_m1 and held_m1 == sorted(held_m1)
         proxy.set_mode("pass")
         intake.publish_wake.set()
-        await until(lambda: not intake.held and intake.reannounce_since is None, 30, "the held candles published")
+        await until(lambda: not intake.held and not intake.let_go, 30, "the held candles published")
         events = [int(f["open_time"]) for _, f in await redis.xrange(core_io.CANDLE_STREAMS["m1"])]
         assert set(events) == {c.open_time for c in m1}  # every candle announced, none lost
         first_held = events.index(held_m1[0])
