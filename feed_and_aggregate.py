@@ -135,6 +135,13 @@ class RateLimitedLog:
 # --------------------------------------------------------------------------- storing candles
 
 
+def widen(ranges: dict[Any, tuple[int, int]], key: Any, first: int, last: int) -> None:
+    """Grow the (first, last) open-time range kept for `key` to cover first..last:
+    what a full buffer lets go is remembered in constant memory per series."""
+    old_first, old_last = ranges.get(key, (first, last))
+    ranges[key] = (min(first, old_first), max(last, old_last))
+
+
 class CandleIntake:
     """Stores M1 candles (PostgreSQL first, then Redis, then the announcement) and
     builds the M5/M15 buckets they complete."""
@@ -233,14 +240,14 @@ class CandleIntake:
 
     async def _upsert(self, candles: Sequence[Candle]) -> set[tuple[str, str, int]]:
         """The (symbol, tf, open_time) of the candles that are new or changed, or unsure."""
-        keys = {(c.symbol, c.tf, c.open_time) for c in candles}
         try:
             changed = set(await core_io.upsert_candles(self.pool, candles))
         except BaseException:
             if len(self.unsure) < 1_000_000:
-                self.unsure |= keys
+                self.unsure.update((c.symbol, c.tf, c.open_time) for c in candles)
             raise
-        if self.unsure:
+        if self.unsure:  # only after a failure: the usual batch builds no key set
+            keys = {(c.symbol, c.tf, c.open_time) for c in candles}
             changed |= keys & self.unsure
             self.unsure -= keys
         return changed
@@ -313,11 +320,7 @@ class CandleIntake:
                     "from PostgreSQL when Redis takes them",
                 )
             for c in dropped:
-                self._let_go(tf, c.symbol, c.open_time, c.open_time)
-
-    def _let_go(self, tf: str, symbol: str, first: int, last: int) -> None:
-        old_first, old_last = self.let_go.get((tf, symbol), (first, last))
-        self.let_go[(tf, symbol)] = (min(first, old_first), max(last, old_last))
+                widen(self.let_go, (tf, c.symbol), c.open_time, c.open_time)
 
     async def publish_let_go(self) -> int:
         """Re-read what was let go from PostgreSQL and publish it (late, at least once)."""
@@ -329,7 +332,7 @@ class CandleIntake:
                 for i in range(0, len(candles), 5000):
                     await self._publish(tf, candles[i : i + 5000])
             except BaseException:
-                self._let_go(tf, symbol, first, last)
+                widen(self.let_go, (tf, symbol), first, last)
                 raise
             published += len(candles)
         return published
@@ -894,8 +897,7 @@ class Feed:
                 f"{self.feed_settings.buffer_max_candles} closes wait for PostgreSQL: newer ones are "
                 "let go and fetched over REST once it is back",
             )
-        first, last = self.dropped.get(symbol, (open_time, open_time))
-        self.dropped[symbol] = (min(first, open_time), max(last, open_time))
+        widen(self.dropped, symbol, open_time, open_time)
 
     def handle_connected(self, streams: set[str]) -> None:
         """After every (re)connect: catch up what the disconnection may have missed."""
@@ -932,8 +934,7 @@ class Feed:
             await self._log_gaps([(s, t) for s, (a, b) in dropped.items() for t in range(a, b + 1, M1_MS)])
         except BaseException:
             for symbol, (first, last) in dropped.items():
-                self._drop(symbol, first)
-                self._drop(symbol, last)
+                widen(self.dropped, symbol, first, last)
             raise
 
     async def _flush_gaps(self) -> None:

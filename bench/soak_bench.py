@@ -964,14 +964,7 @@ def row(s: Sample) -> str:
 
 def slope_mb_per_h(samples: list[Sample]) -> float | None:
     """Least-squares RSS slope (MB per real hour) over the second half of the run."""
-    half = samples[len(samples) // 2 :]
-    if len(half) < 3:
-        return None
-    xs = [s.elapsed / 3600 for s in half]
-    ys = [s.rss for s in half]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    den = sum((x - mx) ** 2 for x in xs)
-    return None if den == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den
+    return lsq_slope(samples[len(samples) // 2 :])
 
 
 def log_level_counts(text: str) -> dict[str, int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,12 +16,23 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from daemon import DaemonProcess
 from redis.asyncio import Redis
-from replay import HISTORY_M1, M1, START, SYMBOLS, daemon_env, diagnose, pause_mid_minute, until, until_sim
+from replay import (
+    HISTORY_M1,
+    M1,
+    START,
+    SYMBOLS,
+    candle_mismatches,
+    daemon_env,
+    diagnose,
+    pause_mid_minute,
+    unannounced,
+    until,
+    until_sim,
+)
 from tcp_proxy import TcpProxy
 
 import core_io
-from aggregation import aggregate
-from candles import TF_MS, Candle, datetime_to_ms
+from candles import datetime_to_ms
 from fake_exchange import ArchiveSource, FakeExchange
 from tests.indicator_reference import COMMON_CASES, configure, talib_mismatches
 
@@ -134,60 +144,24 @@ async def _stored_up_to(run: FaultRun, last_closed: int) -> bool:
     return True
 
 
-def expected_candles(source: ArchiveSource, symbol: str, first: int, last_closed: int) -> dict[str, list[Candle]]:
-    """What the archive says every timeframe must hold from `first` to `last_closed`."""
-    m1 = [c for t in range(first, last_closed + M1, M1) if (c := source.candle(symbol, t)) is not None]
-    by_time = {c.open_time: c for c in m1}
-    result = {"m1": m1}
-    for tf in ("m5", "m15"):
-        size = TF_MS[tf]
-        start = -(-first // size) * size
-        result[tf] = [
-            aggregate(tf, bucket, [by_time[t] for t in range(bucket, bucket + size, M1)])
-            for bucket in range(start, last_closed + M1 - size + 1, size)
-        ]
-    return result
-
-
 async def compare_with_source(run: FaultRun, last_closed: int) -> tuple[int, int, list[tuple]]:
-    """(candles expected, candles stored, every mismatch) over PostgreSQL and Redis."""
-    expected_total = stored_total = 0
-    wrong: list[tuple] = []
-    caches = core_io.TimeSeriesCandleStore(run.redis, 250)
-    for symbol in run.symbols:
-        oldest = await run.pool.fetchval("SELECT min(open_time) FROM ohlcv4_m1 WHERE symbol = $1", symbol)
-        first = datetime_to_ms(oldest)
-        for tf, expected in expected_candles(run.source, symbol, first, last_closed).items():
-            stored = await core_io.fetch_candles(run.pool, symbol, tf, first, last_closed + M1)
-            stored = [c for c in stored if c.open_time + TF_MS[tf] <= last_closed + M1]
-            expected_total += len(expected)
-            stored_total += len(stored)
-            want = {c.open_time: c for c in expected}
-            got = {c.open_time: c for c in stored}
-            wrong += [(symbol, tf, t, "missing") for t in want.keys() - got.keys()]
-            wrong += [(symbol, tf, t, "extra") for t in got.keys() - want.keys()]
-            wrong += [(symbol, tf, t, "differs") for t in want.keys() & got.keys() if want[t] != got[t]]
-            cached = (await caches.read_last_many([(symbol, tf)], 250))[(symbol, tf)]
-            if cached != [c.to_bar() for c in stored[-250:]]:
-                wrong.append((symbol, tf, "Redis candle cache differs from PostgreSQL"))
-            newest_value = int(await run.redis.hget(core_io.indicator_key(symbol, tf), "open_time") or 0)
-            if stored and newest_value != stored[-1].open_time:
-                wrong.append((symbol, tf, "Redis indicators are not at the newest bar", newest_value))
-    for tf, stream in core_io.CANDLE_STREAMS.items():
-        announced = defaultdict(set)
-        for _, fields in await run.redis.xrange(stream):
-            announced[fields["symbol"]].add(int(fields["open_time"]))
-        rows = await run.pool.fetch(
-            f"SELECT symbol, open_time FROM {core_io.candle_table(tf)} WHERE open_time >= to_timestamp($1 / 1000.0)",
-            run.announced_since,
-        )
-        for r in rows:
-            if datetime_to_ms(r["open_time"]) not in announced[r["symbol"]]:
-                wrong.append((r["symbol"], tf, r["open_time"], "not announced"))
+    """(candles expected, candles stored, every mismatch): the candles and their Redis
+    caches, the newest indicator hashes, announcements, the gap log, TA-Lib."""
+    expected, stored, wrong = await candle_mismatches(run.pool, run.redis, run.source, run.symbols, last_closed)
+    newest = await run.pool.fetch(
+        "SELECT 'm1' AS tf, symbol, max(open_time) AS t FROM ohlcv4_m1 GROUP BY symbol UNION ALL "
+        "SELECT 'm5', symbol, max(open_time) FROM ohlcv4_m5 GROUP BY symbol UNION ALL "
+        "SELECT 'm15', symbol, max(open_time) FROM ohlcv4_m15 GROUP BY symbol"
+    )
+    for row in newest:
+        value_at = int(await run.redis.hget(core_io.indicator_key(row["symbol"], row["tf"]), "open_time") or 0)
+        if value_at != datetime_to_ms(row["t"]):
+            wrong.append((row["symbol"], row["tf"], "Redis indicators are not at the newest bar", value_at))
+    wrong += await unannounced(run.pool, run.redis, run.announced_since)
     gaps = await run.pool.fetch("SELECT symbol, open_time, status FROM missing_m1_log_v4 WHERE status <> 'backfilled'")
     wrong += [(r["symbol"], r["open_time"], f"gap left {r['status']}") for r in gaps]
     _, indicator_wrong = await talib_mismatches(run.pool, run.symbols)
-    return expected_total, stored_total, wrong + indicator_wrong
+    return expected, stored, wrong + indicator_wrong
 
 
 @asynccontextmanager

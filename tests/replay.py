@@ -12,7 +12,7 @@ from daemon import DaemonProcess
 
 import core_io
 from aggregation import aggregate
-from candles import TF_MS, Candle, datetime_to_ms
+from candles import TF_MS, Candle, datetime_to_ms, ms_to_datetime
 from fake_exchange import ArchiveSource, FakeExchange
 
 M1 = 60_000
@@ -83,47 +83,76 @@ async def diagnose(pool, daemon: DaemonProcess, last_closed: int) -> str:
     )
 
 
-async def assert_store_matches_source(pool, redis, source, symbols: list[str], last_closed: int) -> int:
-    """Every stored candle equals the exchange's archive; M5/M15 equal their M1s exactly."""
-    checked = 0
-    for symbol in symbols:
-        first = await pool.fetchval("SELECT min(open_time) FROM ohlcv4_m1 WHERE symbol = $1", symbol)
-        first_ms = datetime_to_ms(first)
-        stored = await core_io.fetch_candles(pool, symbol, "m1", first_ms, last_closed + M1)
-        expected = archive_m1(source, symbol, first_ms, last_closed)
-        assert stored == expected, f"{symbol}: M1 table differs from the archive"
-        assert (last_closed - first_ms) // M1 + 1 == len(stored), f"{symbol}: holes"
-        checked += len(stored)
-        by_time = {c.open_time: c for c in stored}
-        for tf in ("m5", "m15"):
-            size = TF_MS[tf]
-            buckets = await core_io.fetch_candles(pool, symbol, tf, first_ms, last_closed + M1)
-            full = range(
-                first_ms - first_ms % size + (size if first_ms % size else 0), last_closed + M1 - size + 1, size
-            )
-            assert [b.open_time for b in buckets if b.open_time in full] == list(full), f"{symbol} {tf} missing"
-            for bucket in buckets:
-                members = [by_time[t] for t in range(bucket.open_time, bucket.open_time + size, M1) if t in by_time]
-                assert bucket == aggregate(tf, bucket.open_time, members), f"{symbol} {tf} {bucket.open_time}"
-                assert bucket.m1_count == size // M1
-            checked += len(buckets)
-            cached = (await core_io.TimeSeriesCandleStore(redis, 250).read_last_many([(symbol, tf)], 250))[(symbol, tf)]
-            assert cached == [b.to_bar() for b in buckets[-250:]], f"{symbol} {tf}: Redis differs"
-        cached_m1 = (await core_io.TimeSeriesCandleStore(redis, 250).read_last_many([(symbol, "m1")], 250))[
-            (symbol, "m1")
+def expected_candles(source: ArchiveSource, symbol: str, first: int, last_closed: int) -> dict[str, list[Candle]]:
+    """What the archive says every timeframe must hold from `first` to `last_closed`."""
+    m1 = archive_m1(source, symbol, first, last_closed)
+    by_time = {c.open_time: c for c in m1}
+    result = {"m1": m1}
+    for tf in ("m5", "m15"):
+        size = TF_MS[tf]
+        result[tf] = [
+            aggregate(tf, bucket, [by_time[t] for t in range(bucket, bucket + size, M1) if t in by_time])
+            for bucket in range(-(-first // size) * size, last_closed + M1 - size + 1, size)
         ]
-        assert cached_m1 == [c.to_bar() for c in stored[-250:]]
-    return checked
+    return result
 
 
-async def assert_every_candle_announced(pool, redis) -> None:
+async def candle_mismatches(
+    pool, redis, source: ArchiveSource, symbols: list[str], last_closed: int
+) -> tuple[int, int, list[tuple]]:
+    """(candles expected, candles stored, every difference): each M1/M5/M15 row from a
+    symbol's first M1 to `last_closed` against the archive, with no hole, and the Redis
+    candle caches against PostgreSQL."""
+    expected_total = stored_total = 0
+    wrong: list[tuple] = []
+    caches = core_io.TimeSeriesCandleStore(redis, 250)
+    for symbol in symbols:
+        first = datetime_to_ms(await pool.fetchval("SELECT min(open_time) FROM ohlcv4_m1 WHERE symbol = $1", symbol))
+        for tf, expected in expected_candles(source, symbol, first, last_closed).items():
+            stored = await core_io.fetch_candles(pool, symbol, tf, first, last_closed + M1)
+            stored = [c for c in stored if c.open_time + TF_MS[tf] <= last_closed + M1]
+            expected_total += len(expected)
+            stored_total += len(stored)
+            want = {c.open_time: c for c in expected}
+            got = {c.open_time: c for c in stored}
+            wrong += [(symbol, tf, t, "missing") for t in want.keys() - got.keys()]
+            wrong += [(symbol, tf, t, "extra") for t in got.keys() - want.keys()]
+            wrong += [(symbol, tf, t, "differs") for t in want.keys() & got.keys() if want[t] != got[t]]
+            if tf == "m1" and len(expected) != (last_closed - first) // M1 + 1:
+                wrong.append((symbol, tf, "holes in the archive's window"))
+            cached = (await caches.read_last_many([(symbol, tf)], 250))[(symbol, tf)]
+            if cached != [c.to_bar() for c in stored[-250:]]:
+                wrong.append((symbol, tf, "Redis candle cache differs from PostgreSQL"))
+    return expected_total, stored_total, wrong
+
+
+async def unannounced(pool, redis, since_ms: int = 0) -> list[tuple]:
+    """Stored candles (opened at or after `since_ms`) missing from their stream."""
+    wrong: list[tuple] = []
     for tf, stream in core_io.CANDLE_STREAMS.items():
         announced = defaultdict(set)
         for _, fields in await redis.xrange(stream):
             announced[fields["symbol"]].add(int(fields["open_time"]))
-        rows = await pool.fetch(f"SELECT symbol, open_time FROM {core_io.candle_table(tf)}")
-        for row in rows:
-            assert datetime_to_ms(row["open_time"]) in announced[row["symbol"]], f"{tf} {row['symbol']} not announced"
+        rows = await pool.fetch(
+            f"SELECT symbol, open_time FROM {core_io.candle_table(tf)} WHERE open_time >= $1", ms_to_datetime(since_ms)
+        )
+        for r in rows:
+            if datetime_to_ms(r["open_time"]) not in announced[r["symbol"]]:
+                wrong.append((r["symbol"], tf, r["open_time"], "not announced"))
+    return wrong
+
+
+async def assert_store_matches_source(pool, redis, source, symbols: list[str], last_closed: int) -> int:
+    """Every stored candle equals the exchange's archive; M5/M15 equal their M1s exactly."""
+    expected, stored, wrong = await candle_mismatches(pool, redis, source, symbols, last_closed)
+    assert not wrong, f"{len(wrong)} candles differ from the archive, e.g. {sorted(map(str, wrong))[:10]}"
+    assert stored == expected
+    return stored
+
+
+async def assert_every_candle_announced(pool, redis) -> None:
+    wrong = await unannounced(pool, redis)
+    assert not wrong, f"{len(wrong)} not announced, e.g. {wrong[:10]}"
 
 
 async def pause_mid_minute(exchange: FakeExchange) -> int:
