@@ -19,7 +19,7 @@ from binance_protocol import (
     parse_frame,
 )
 from candles import bucket_start
-from feed_and_aggregate import contiguous_ranges
+from feed_and_aggregate import contiguous_ranges, widen
 from market_data import SHARED_DATA_DIR, read_archive
 
 FRAMES = SHARED_DATA_DIR / "ws_frames"
@@ -161,3 +161,12 @@ def test_contiguous_ranges_split_at_holes_and_limits():
         ("B", T0, T0),
     ]
     assert len(contiguous_ranges([("A", T0 + i * 60_000) for i in range(3001)], 1500)) == 3
+
+
+def test_what_is_let_go_is_kept_as_one_range_per_series():
+    ranges: dict = {}
+    for t in (300, 120, 600, 180):
+        widen(ranges, "NEARUSDT", t, t)
+    widen(ranges, "LINKUSDT", 60, 120)
+    widen(ranges, "NEARUSDT", 60, 90)  # a range put back after a failed write
+    assert ranges == {"NEARUSDT": (60, 600), "LINKUSDT": (60, 120)}
