@@ -524,7 +524,15 @@ class DemoFiles:
     def prepare(cls, directory: Path, redis_url: str, pg_url: str) -> DemoFiles:
         directory.mkdir(parents=True, exist_ok=True)
         files = cls(directory, directory / "exchange.log", directory / "daemon.log", directory / "demo.env")
-        files.env_file.write_text(env_file_text(redis_url, pg_url))
+        # Owner-only (0600): the URLs may hold passwords. The umask covers a new file, the
+        # fchmod (before any byte is written) one left by an earlier run with a wider mode.
+        old_umask = os.umask(0o077)
+        try:
+            with open(files.env_file, "w") as handle:
+                os.fchmod(handle.fileno(), 0o600)
+                handle.write(env_file_text(redis_url, pg_url))
+        finally:
+            os.umask(old_umask)
         for log in (files.exchange_log, files.daemon_log):
             log.write_text("")  # this run's only: the URLs parsed and the last ERROR shown are from now
         return files

@@ -20,6 +20,15 @@ STACK_VERSION=0.1.8
 die() { echo "services: $*" >&2; exit 1; }
 say() { echo "services: $*"; }
 is_root() { [ "$(id -u)" -eq 0 ]; }
+# mask_url URL: the URL fit for a screen or a log: the userinfo password (scheme://user:PW@host;
+# PW runs to the last @ before any ? or #, so an unescaped / in it, as base64 has, is hidden too)
+# and the value of any password= or sslpassword= parameter (URL query or libpq key=value
+# string) become ***.
+mask_url() {
+    printf '%s\n' "$1" | sed -E \
+        -e 's,^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*):[^?#]*@,\1:***@,' \
+        -e "s,(^|[?&;[:space:]])(([Ss][Ss][Ll])?[Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd])=('[^']*'|[^&;#[:space:]]*),\\1\\2=***,g"
+}
 
 mkdir -p "$LOCAL"
 # Serialise concurrent start-ups (e.g. make -j); cheap when uncontended. Daemons are
@@ -272,7 +281,11 @@ else
 fi
 
 # ---------------------------------------------------------------- d. services.env
+# Owner-only (0600): REDIS_URL / POSTGRES_URL taken from the environment may hold passwords.
 env_file=$LOCAL/services.env
+saved_umask=$(umask)
+umask 077
+rm -f "$env_file.tmp"
 {
     echo "# Written by scripts/services.sh; source it: . .local/services.env"
     printf 'export REDIS_URL=%q\n' "$redis_url"
@@ -281,8 +294,12 @@ env_file=$LOCAL/services.env
     printf 'export REDIS_TS_MODULE=%q\n' "$REDIS_TS_MODULE"
     printf 'export REDIS_LD_LIBRARY_PATH=%q\n' "$REDIS_LD"
 } >"$env_file.tmp"
+chmod 600 "$env_file.tmp"
 mv -f "$env_file.tmp" "$env_file"
+chmod 600 "$env_file"
+umask "$saved_umask"
 
-echo "REDIS_URL=$redis_url"
-echo "POSTGRES_URL=$pg_url"
+# On screen without their passwords (the file above has them).
+echo "REDIS_URL=$(mask_url "$redis_url")"
+echo "POSTGRES_URL=$(mask_url "$pg_url")"
 echo "hint: source .local/services.env to use them; 'scripts/services.sh stop' stops what was started here"

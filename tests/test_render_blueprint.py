@@ -124,8 +124,13 @@ def test_root_and_service_follow_the_blueprint_spec():
 def test_worker_builds_and_starts_the_daemon():
     worker = the_worker(load_blueprint())
     # Native runtimes need both commands (Docker ones use dockerCommand instead).
-    assert worker["buildCommand"] == "pip install -r requirements.txt"
+    build = shlex.split(worker["buildCommand"])
+    assert build[:2] == ["pip", "install"], worker["buildCommand"]
+    # Exactly the hashed runtime lock, hash-checked: no other requirement file, package or index.
+    assert sorted(build[2:]) == sorted(["--require-hashes", "-r", "requirements.txt"]), worker["buildCommand"]
+    assert build[build.index("-r") + 1] == "requirements.txt"
     assert (PROJECT / "requirements.txt").is_file()
+    assert_hashed_lock((PROJECT / "requirements.txt").read_text())
     command = shlex.split(worker["startCommand"])
     assert command[0] == "python" and command[1] == "feed_v4_main.py"
     assert command[2:] == [], "the daemon itself, not `migrate` or `status`"
@@ -187,6 +192,137 @@ def test_the_values_boot_the_daemon_with_the_documented_defaults():
     assert settings.binance_ws_url == "wss://fstream.binance.com/market"
     assert settings.binance_rest_url == "https://fapi.binance.com"
     assert settings.candle_store == "auto"
+
+
+# --- the hashed lock files (scripts/lock.sh) ---------------------------------------------
+
+LOCK_FILES = {"requirements.txt": "requirements.in", "requirements-dev.txt": "requirements-dev.in"}
+PIN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.!+_-]+)")
+HASH = re.compile(r"--hash=sha256:[0-9a-f]{64}")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def logical_lines(text: str) -> list[str]:
+    """pip's view of a requirements file: comments dropped, backslash continuations joined."""
+    lines: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = (pending + line).strip()
+        pending = ""
+        if line:
+            lines.append(line)
+    assert not pending.strip(), "a continuation runs off the end of the file"
+    return lines
+
+
+def assert_hashed_lock(text: str) -> dict[str, tuple[str, frozenset[str]]]:
+    """Every line that names a package pins it with == and carries sha256 hashes; nothing else.
+
+    Returns {canonical name: (version, hashes)}."""
+    pins: dict[str, tuple[str, frozenset[str]]] = {}
+    for line in logical_lines(text):
+        assert not line.startswith("-"), f"an option line in a lock file ({line!r}): pip-compile writes none"
+        requirement, *options = line.split()
+        match = PIN.fullmatch(requirement)
+        assert match, f"{requirement!r} is not pinned with == (no extras, no URL, no range)"
+        hashes = frozenset(options)
+        assert hashes, f"{requirement} carries no --hash"
+        assert all(HASH.fullmatch(option) for option in hashes), f"{requirement}: only --hash=sha256:... may follow"
+        name = canonical(match.group(1))
+        assert name not in pins, f"{name} listed twice"
+        pins[name] = (match.group(2), hashes)
+    assert pins, "no package at all"
+    return pins
+
+
+def direct_pins(in_file: str) -> dict[str, str]:
+    """The hand-pinned direct dependencies of a .in file (extras stripped, like --strip-extras)."""
+    pins: dict[str, str] = {}
+    for line in logical_lines((PROJECT / in_file).read_text()):
+        if line.startswith("-c ") or line.startswith("-r "):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==(\S+)", line)
+        assert match, f"{in_file}: {line!r} should pin one version with =="
+        pins[canonical(match.group(1))] = match.group(2)
+    return pins
+
+
+@pytest.mark.parametrize("lock", sorted(LOCK_FILES))
+def test_every_package_in_the_lock_files_is_pinned_with_hashes(lock: str):
+    text = (PROJECT / lock).read_text()
+    assert_hashed_lock(text)
+    head = "\n".join(text.splitlines()[:12])
+    # The header says how to regenerate it: the script and pip-compile's exact command.
+    assert "scripts/lock.sh" in head, head
+    command = rf"#\s+pip-compile .*--generate-hashes .*--output-file={re.escape(lock)} .*{re.escape(LOCK_FILES[lock])}"
+    assert re.search(command, head), head
+
+
+@pytest.mark.parametrize("lock", sorted(LOCK_FILES))
+def test_the_lock_files_keep_the_hand_pinned_versions(lock: str):
+    locked = assert_hashed_lock((PROJECT / lock).read_text())
+    for name, version in direct_pins(LOCK_FILES[lock]).items():
+        assert name in locked, f"{name} is in {LOCK_FILES[lock]} but not in {lock}: run scripts/lock.sh"
+        assert locked[name][0] == version, f"{name}: {LOCK_FILES[lock]} says {version}, {lock} {locked[name][0]}"
+
+
+def test_runtime_and_dev_locks_agree_on_shared_packages():
+    runtime = assert_hashed_lock((PROJECT / "requirements.txt").read_text())
+    dev = assert_hashed_lock((PROJECT / "requirements-dev.txt").read_text())
+    assert "-c requirements.txt" in logical_lines((PROJECT / "requirements-dev.in").read_text())
+    for name in runtime.keys() & dev.keys():
+        assert runtime[name] == dev[name], f"{name}: the two lock files pin it differently"
+
+
+def test_no_installed_dependency_floats_outside_the_lock():
+    """Every dependency (markers evaluated here) of a locked package that is installed is locked too."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    locked: dict[str, str] = {}
+    for lock in LOCK_FILES:
+        locked |= {name: version for name, (version, _) in assert_hashed_lock((PROJECT / lock).read_text()).items()}
+    checked = 0
+    for name, version in locked.items():
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if dist.version != version:
+            continue  # another version installed here: its metadata says nothing about the lock
+        checked += 1
+        for spec in dist.requires or []:
+            requirement = Requirement(spec)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            assert canonical(requirement.name) in locked, f"{name} needs {requirement.name}, which no lock file pins"
+    if not checked:
+        pytest.skip("none of the locked versions is installed in this environment")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "pytest==9.2.0\n",  # pinned, no hash: what requirements-dev.txt held before the lock
+        "redis[hiredis]==8.1.0 \\\n    --hash=sha256:" + "0" * 64 + "\n",  # extras
+        "idna>=3.20 \\\n    --hash=sha256:" + "0" * 64 + "\n",  # a range
+        "idna==3.20 \\\n    --hash=md5:" + "0" * 32 + "\n",  # not sha256
+        "idna==3.20 \\\n    --hash=sha256:" + "0" * 64 + "\n-e git+https://example.org/x.git#egg=x\n",
+        "idna==3.20 --hash=sha256:" + "0" * 64 + "\nidna==3.20 --hash=sha256:" + "1" * 64 + "\n",  # twice
+    ],
+)
+def test_the_lock_check_catches_an_unhashed_or_loose_line(bad: str):
+    """Guard against a vacuous check: each of these would let pip install something unchecked."""
+    with pytest.raises(AssertionError):
+        assert_hashed_lock(bad)
 
 
 # --- Python version -----------------------------------------------------------------------
