@@ -16,7 +16,8 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servers import RedisServer, drop_database, recreate_database, setting
+from hosted import PrivateCA, RestrictedRedisServer, SslPostgresServer, TlsRedisServer
+from servers import PostgresServer, RedisServer, drop_database, recreate_database, setting
 
 import core_io
 from infra import make_redis
@@ -97,6 +98,44 @@ async def plain_redis(plain_redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+# Hosted-style servers (tests/hosted.py), shared by the hosted-server suites.
+
+
+@pytest.fixture(scope="session")
+def ca() -> Iterator[PrivateCA]:
+    with PrivateCA() as made:
+        yield made
+
+
+@pytest.fixture(scope="session")
+def tls_redis(ca: PrivateCA) -> Iterator[TlsRedisServer]:
+    with TlsRedisServer(ca) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def restricted_redis() -> Iterator[RestrictedRedisServer]:
+    with RestrictedRedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ssl_pg(ca: PrivateCA) -> Iterator[SslPostgresServer]:
+    with SslPostgresServer(ca) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def plain_pg() -> Iterator[PostgresServer]:
+    """A private cluster without SSL (the shared one may have Debian's snakeoil SSL on)."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
 @pytest.fixture(params=["timeseries", "zset"])
 async def store(
     request, redis_stack_server: RedisServer, plain_redis_server: RedisServer
@@ -116,6 +155,31 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     whichever later test the collector happens to run in."""
     yield
     gc.collect()
+
+
+LIVE_PACE_RUN = pytest.StashKey[object]()
+
+
+def pytest_collection_finish(session) -> None:
+    """The real-speed run starts as soon as its test is collected and goes on while the
+    rest of the suite runs (it needs minutes of wall time, not CPU)."""
+    if any(item.path.name == "test_live_pace.py" for item in session.items):
+        from live_pace import LivePaceRun
+
+        run = LivePaceRun()
+        session.config.stash[LIVE_PACE_RUN] = run
+        run.start()
+
+
+def pytest_sessionfinish(session) -> None:
+    run = session.config.stash.get(LIVE_PACE_RUN, None)
+    if run is not None:
+        run.cleanup()
+
+
+@pytest.fixture(scope="session")
+def live_pace_run(request):
+    return request.config.stash[LIVE_PACE_RUN]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
