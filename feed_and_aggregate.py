@@ -12,41 +12,42 @@ Pure logic lives in binance_protocol.py and aggregation.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import asyncpg
-import orjson
-import websockets
 from redis.asyncio import Redis
 
 import core_io
 from aggregation import AGGREGATED_TFS, GapTracker, affected_buckets, aggregate, bucket_minutes, buildable
-from binance_protocol import (
+from backfill import Backfiller
+from binance.clock import ExchangeClock
+from binance.protocol import (
     MARK_PRICE_ALL_STREAM,
-    REST_KLINES_MAX_LIMIT,
     FrameError,
     KlineUpdate,
     MarkPrices,
     Reply,
-    closed_rest_klines,
     kline_stream,
-    klines_weight,
     parse_frame,
-    request_message,
 )
+from binance.rest import RestClient, RestError, WeightLimiter
+from binance.streams import Backoff, StreamConnection
+from binance.symbols import TickerFilter, parse_listing
 from candles import TF_MS, Candle, bucket_start, datetime_to_ms, ms_to_datetime
 from infra import (
     PG_DOWN_ERRORS,
+    PG_REJECTED_ERRORS,
     REDIS_DOWN_ERRORS,
     Outage,
+    RateLimitedLog,
     Settings,
     env_number,
     log_system_event,
@@ -76,6 +77,8 @@ class FeedSettings:
     reconcile_window_m1: int = 120
     buffer_max_candles: int = 50_000
     rest_fallback_s: float = 30.0
+    frame_time_tolerance_s: float = 3600.0
+    exchange_info_refresh_s: float = 3600.0
 
     @classmethod
     def from_env(cls, settings: Settings, env: Mapping[str, str] | None = None) -> FeedSettings:
@@ -95,41 +98,9 @@ class FeedSettings:
             reconcile_window_m1=env_number(env, "RECONCILE_WINDOW_M1", 120, int, 15, 100_000),
             buffer_max_candles=env_number(env, "FEED_BUFFER_MAX_CANDLES", 50_000, int, 100, 10_000_000),
             rest_fallback_s=env_number(env, "REST_FALLBACK_S", 30.0, float, 1, 3600),
+            frame_time_tolerance_s=env_number(env, "FRAME_TIME_TOLERANCE_S", 3600.0, float, 60, 30 * 86_400),
+            exchange_info_refresh_s=env_number(env, "EXCHANGE_INFO_REFRESH_S", 3600.0, float, 60, 7 * 86_400),
         )
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter; reset after a healthy connection."""
-
-    def __init__(self, base_s: float = 0.5, cap_s: float = 60.0) -> None:
-        self.base_s, self.cap_s, self.failures = base_s, cap_s, 0
-
-    def next_delay(self) -> float:
-        self.failures += 1
-        return random.uniform(self.base_s, min(self.cap_s, self.base_s * 2**self.failures))
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
-class RateLimitedLog:
-    """One console/system-log line per reason per interval, with a count of the rest."""
-
-    def __init__(self, module: str, interval_s: float = 60.0) -> None:
-        self.module, self.interval_s = module, interval_s
-        self.last: dict[str, float] = {}
-        self.suppressed: dict[str, int] = {}
-
-    def warn(self, reason: str, message: str, details: dict | None = None) -> None:
-        now = time.monotonic()
-        key = reason[:80]
-        if now - self.last.get(key, -1e9) < self.interval_s:
-            self.suppressed[key] = self.suppressed.get(key, 0) + 1
-            return
-        skipped = self.suppressed.pop(key, 0)
-        self.last[key] = now
-        suffix = f" ({skipped} more since the last report)" if skipped else ""
-        log_system_event("WARNING", self.module, message + suffix, details)
 
 
 # --------------------------------------------------------------------------- storing candles
@@ -183,13 +154,23 @@ class CandleIntake:
         # lost, a black-holed connection delivering late), so the retry cannot rely on
         # "changed" to decide what to announce. They are announced anyway (at least once).
         self.unsure: set[tuple[str, str, int]] = set()
+        self.rejected_count = 0  # candles PostgreSQL refused (see _upsert)
+        self.rejections = RateLimitedLog("INTAKE", level="ERROR")
+        self.last_stored_at = time.monotonic()  # local clock: the watchdog's measure of a live feed
 
-    async def store_m1(self, candles: Sequence[Candle]) -> list[Candle]:
-        """Returns the candles that were new or changed (announced)."""
+    async def store_m1(self, candles: Sequence[Candle], rejected: list[Candle] | None = None) -> list[Candle]:
+        """Returns the candles that were new or changed (announced); those PostgreSQL
+        refused go to `rejected`."""
         if not candles:
             return []
-        changed = {(s, t) for s, _, t in await self._upsert(candles)}
+        refused: list[Candle] = []
+        changed = {(s, t) for s, _, t in await self._upsert(candles, refused)}
+        self.last_stored_at = time.monotonic()
         unique = {(c.symbol, c.open_time): c for c in candles}
+        for candle in refused:  # not stored: never remembered for a bucket, nor settled
+            unique.pop((candle.symbol, candle.open_time), None)
+        if rejected is not None:
+            rejected += refused
         fresh = sorted((c for key, c in unique.items() if key in changed), key=lambda c: c.open_time)
         self._remember(list(unique.values()))
         if fresh:
@@ -238,10 +219,22 @@ class CandleIntake:
                 {"window_ms": window_ms},
             )
 
-    async def _upsert(self, candles: Sequence[Candle]) -> set[tuple[str, str, int]]:
-        """The (symbol, tf, open_time) of the candles that are new or changed, or unsure."""
+    async def _upsert(
+        self, candles: Sequence[Candle], rejected: list[Candle] | None = None
+    ) -> set[tuple[str, str, int]]:
+        """The (symbol, tf, open_time) of the candles that are new or changed, or unsure.
+
+        Rows PostgreSQL refuses (a value it cannot store) are isolated by halving the
+        batch, logged and added to `rejected`; the rest is stored: one bad candle never
+        holds up the others, and retrying it would only fail again."""
         try:
             changed = set(await core_io.upsert_candles(self.pool, candles))
+        except PG_REJECTED_ERRORS as exc:
+            if len(candles) == 1:
+                self._reject(candles[0], exc, rejected)
+                return set()
+            half = len(candles) // 2
+            return await self._upsert(candles[:half], rejected) | await self._upsert(candles[half:], rejected)
         except BaseException:
             if len(self.unsure) < 1_000_000:
                 self.unsure.update((c.symbol, c.tf, c.open_time) for c in candles)
@@ -251,6 +244,16 @@ class CandleIntake:
             changed |= keys & self.unsure
             self.unsure -= keys
         return changed
+
+    def _reject(self, candle: Candle, exc: BaseException, rejected: list[Candle] | None) -> None:
+        self.rejected_count += 1
+        if rejected is not None:
+            rejected.append(candle)
+        self.rejections.warn(
+            f"{type(exc).__name__}",
+            f"PostgreSQL refused the {candle.tf} candle {candle.symbol} {candle.open_time}: {exc}",
+            {"candle": [str(v) for v in dataclasses.astuple(candle)]},
+        )
 
     def _remember(self, candles: Sequence[Candle]) -> None:
         for c in candles:
@@ -414,393 +417,6 @@ class CandleIntake:
         return fresh
 
 
-# --------------------------------------------------------------------------- REST
-
-
-class RestError(Exception):
-    pass
-
-
-class WeightLimiter:
-    """Keeps our request weight within the exchange's limit over a sliding window and
-    honours Retry-After (429, and 418 bans)."""
-
-    def __init__(self, limit: int, window_s: float) -> None:
-        self.limit, self.window_s = limit, window_s
-        self.spent: deque[tuple[float, int]] = deque()
-        self.blocked_until = 0.0
-        self._lock = asyncio.Lock()
-
-    def _used(self, now: float) -> int:
-        while self.spent and now - self.spent[0][0] >= self.window_s:
-            self.spent.popleft()
-        return sum(w for _, w in self.spent)
-
-    async def acquire(self, weight: int) -> None:
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                if now < self.blocked_until:
-                    await asyncio.sleep(self.blocked_until - now)
-                    continue
-                if self._used(now) + weight <= self.limit:
-                    self.spent.append((now, weight))
-                    return
-                await asyncio.sleep(max(0.005, self.spent[0][0] + self.window_s - now))
-
-    def block_for(self, seconds: float) -> None:
-        self.blocked_until = max(self.blocked_until, time.monotonic() + seconds)
-
-    def observe(self, used_header: str | None) -> None:
-        """The exchange counts all our IP's requests; if it saw more than we did, catch up."""
-        if used_header and used_header.isdigit():
-            gap = int(used_header) - self._used(time.monotonic())
-            if gap > 0:
-                self.spent.append((time.monotonic(), gap))
-
-
-class RestClient:
-    def __init__(self, base_url: str, limiter: WeightLimiter, attempts: int = 6) -> None:
-        self.base_url, self.limiter, self.attempts = base_url, limiter, attempts
-        self._session: aiohttp.ClientSession | None = None
-        self.requests = 0
-
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
-        return self._session
-
-    async def close(self) -> None:
-        if self._session:
-            await self._session.close()
-
-    async def get(self, path: str, params: dict[str, Any], weight: int) -> Any:
-        backoff = Backoff(0.5, 10.0)
-        last_error: Exception | None = None
-        for _ in range(self.attempts):
-            await self.limiter.acquire(weight)
-            self.requests += 1
-            try:
-                session = await self.session()
-                async with session.get(self.base_url + path, params=params) as response:
-                    self.limiter.observe(response.headers.get("X-MBX-USED-WEIGHT-1M"))
-                    if response.status in (418, 429):
-                        retry_after = float(response.headers.get("Retry-After", "60") or 60)
-                        self.limiter.block_for(retry_after)
-                        log_system_event(
-                            "WARNING",
-                            "REST",
-                            f"HTTP {response.status} on {path}: waiting {retry_after:.0f}s",
-                            {"retry_after_s": retry_after},
-                        )
-                        last_error = RestError(f"HTTP {response.status}")
-                        continue
-                    body = await response.read()
-                    if response.status >= 500:
-                        raise RestError(f"HTTP {response.status}")
-                    payload = orjson.loads(body)
-                    if response.status >= 400:
-                        raise RestError(f"HTTP {response.status}: {payload}")
-                    return payload
-            except RestError as exc:
-                if "HTTP 4" in str(exc):
-                    raise
-                last_error = exc
-            except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
-                last_error = exc  # dropped connection, slow answer, truncated body
-            await asyncio.sleep(backoff.next_delay())
-        raise RestError(f"{path} failed {self.attempts} times: {last_error}")
-
-    async def server_time(self) -> int:
-        return int((await self.get("/fapi/v1/time", {}, 1))["serverTime"])
-
-    async def klines(self, symbol: str, start_ms: int, end_ms: int, limit: int) -> list:
-        params = {"symbol": symbol, "interval": "1m", "startTime": start_ms, "endTime": end_ms, "limit": limit}
-        return await self.get("/fapi/v1/klines", params, klines_weight(limit))
-
-
-# --------------------------------------------------------------------------- backfill
-
-
-def contiguous_ranges(minutes: Sequence[tuple[str, int]], max_len: int) -> list[tuple[str, int, int]]:
-    """(symbol, first, last) runs of consecutive minutes, at most `max_len` long."""
-    runs: list[tuple[str, int, int]] = []
-    for symbol, t in sorted(minutes):
-        if runs and runs[-1][0] == symbol and t == runs[-1][2] + M1_MS and (t - runs[-1][1]) // M1_MS < max_len:
-            runs[-1] = (symbol, runs[-1][1], t)
-        else:
-            runs.append((symbol, t, t))
-    return runs
-
-
-class Backfiller:
-    """Fetches minutes logged 'missing' (and first history, which is not a gap) over REST."""
-
-    UNFILLABLE_AFTER_MS = 60_000  # a minute the exchange still lacks this long after its close
-
-    def __init__(self, pool: asyncpg.Pool, intake: CandleIntake, rest: RestClient, concurrency: int) -> None:
-        self.pool, self.intake, self.rest = pool, intake, rest
-        self.wake = asyncio.Event()
-        self.history: deque[tuple[str, int, int]] = deque()
-        self.history_outstanding: dict[str, int] = {}  # symbol -> first-history ranges not yet stored
-        self.semaphore = asyncio.Semaphore(concurrency)
-        self.fetched = 0
-        self.last_stored_at = 0.0  # local clock: REST keeps the feed alive too (the watchdog)
-
-    def request_history(self, symbol: str, first: int, last: int) -> None:
-        if symbol in self.history_outstanding:
-            return
-        for start in range(first, last + M1_MS, REST_KLINES_MAX_LIMIT * M1_MS):
-            self.history.append((symbol, start, min(last, start + (REST_KLINES_MAX_LIMIT - 1) * M1_MS)))
-            self.history_outstanding[symbol] = self.history_outstanding.get(symbol, 0) + 1
-        self.wake.set()
-
-    async def run(self) -> None:
-        outage = Outage("BACKFILL", "PostgreSQL")
-        while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=5.0)
-            except TimeoutError:
-                pass
-            self.wake.clear()
-            try:
-                if await self.fill_once():
-                    self.last_stored_at = time.monotonic()
-                outage.ok()
-            except PG_DOWN_ERRORS as exc:
-                outage.fail(exc, "backfilling")
-                await asyncio.sleep(1.0)
-
-    STORE_BATCH = 20_000  # fetched candles stored together
-
-    async def fill_once(self) -> int:
-        """Fetch every logged gap and pending history range; the REST calls run
-        concurrently and their candles are stored in large batches, not per request."""
-        missing = await core_io.fetch_missing_m1(self.pool)
-        if not missing and not self.history:
-            return 0
-        server_now = await self.rest.server_time()
-        jobs = [(r, True) for r in contiguous_ranges(missing, REST_KLINES_MAX_LIMIT)]
-        while self.history:
-            jobs.append((self.history.popleft(), False))
-        ready: list[tuple[tuple[str, int, int], bool, list[Candle]]] = []
-        stored = 0
-        for next_done in asyncio.as_completed([self._fetch(run, logged, server_now) for run, logged in jobs]):
-            run, logged, result = await next_done
-            if isinstance(result, Exception):
-                if not logged:
-                    self.history.append(run)  # first history is retried on the next round
-                log_system_event(
-                    "ERROR",
-                    "BACKFILL",
-                    f"klines for {run[0]} failed: {result}",
-                    {"symbol": run[0], "from": run[1], "to": run[2]},
-                )
-                continue
-            ready.append((run, logged, result))
-            if sum(len(candles) for _, _, candles in ready) >= self.STORE_BATCH:
-                stored += await self._store(ready, server_now)
-                ready = []
-        return stored + await self._store(ready, server_now)
-
-    async def _fetch(self, run: tuple[str, int, int], logged: bool, server_now: int):
-        symbol, first, last = run
-        try:
-            async with self.semaphore:
-                limit = (last - first) // M1_MS + 1
-                rows = await self.rest.klines(symbol, first, last + M1_MS - 1, limit)
-            candles = [c for c in closed_rest_klines(symbol, rows, server_now) if first <= c.open_time <= last]
-        except (RestError, FrameError, OSError, TimeoutError) as exc:
-            return run, logged, exc
-        return run, logged, candles
-
-    async def _store(self, ready: list[tuple[tuple[str, int, int], bool, list[Candle]]], server_now: int) -> int:
-        """Store the fetched candles, then settle the gap log of each range."""
-        candles = [c for _, _, batch in ready for c in batch]
-        try:
-            await self.intake.store_m1(candles)
-        except BaseException:
-            self.history.extend(run for run, logged, _ in ready if not logged)  # fetched again next round
-            raise
-        self.fetched += len(candles)
-        lost: list[tuple[str, int]] = []
-        for (symbol, first, last), logged, batch in ready:
-            if not logged:
-                left = self.history_outstanding.get(symbol, 1) - 1
-                if left <= 0:
-                    self.history_outstanding.pop(symbol, None)
-                else:
-                    self.history_outstanding[symbol] = left
-                continue
-            got = {c.open_time for c in batch}
-            lost += [
-                (symbol, t)
-                for t in range(first, last + M1_MS, M1_MS)
-                if t not in got and t + M1_MS + self.UNFILLABLE_AFTER_MS <= server_now
-            ]
-        if lost:
-            await core_io.set_missing_status(self.pool, lost, "unfillable")
-            log_system_event(
-                "WARNING",
-                "BACKFILL",
-                f"{len(lost)} minutes the exchange does not have",
-                {"first": list(lost[0]), "last": list(lost[-1])},
-            )
-            await self.intake.aggregate(affected_buckets(lost))
-        return len(candles)
-
-
-# --------------------------------------------------------------------------- WebSocket
-
-
-class ConnectionLost(Exception):
-    pass
-
-
-class StreamConnection:
-    """One combined-stream connection: reconnects with backoff, replaces itself before
-    the 24-hour cut (make before break), subscribes and unsubscribes live."""
-
-    def __init__(
-        self,
-        conn_id: int,
-        base_url: str,
-        settings: FeedSettings,
-        on_frame: Callable[[str | bytes], None],
-        on_connected: Callable[[set[str]], None],
-    ) -> None:
-        self.conn_id, self.base_url, self.settings = conn_id, base_url, settings
-        self.on_frame, self.on_connected = on_frame, on_connected
-        self.streams: set[str] = set()
-        self.ws: Any = None
-        self.request_id = 0
-        self.backoff = Backoff(0.5, settings.backoff_max_s)
-        self.log = logging.getLogger(f"WS{conn_id}")
-
-    def url(self, streams: set[str]) -> str:
-        return f"{self.base_url}/stream?streams={'/'.join(sorted(streams))}"
-
-    async def run(self) -> None:
-        while True:
-            if not self.streams:
-                await asyncio.sleep(0.2)
-                continue
-            try:
-                ws = await self._open()
-                self.backoff.reset()
-                await self._serve(ws)
-            except asyncio.CancelledError:
-                # Stopping: a courtesy close, not worth waiting for a slow peer's TCP close.
-                await self._close(self.ws, timeout_s=0.3)
-                raise
-            except (OSError, ConnectionLost, websockets.WebSocketException, TimeoutError) as exc:
-                delay = self.backoff.next_delay()
-                log_system_event(
-                    "WARNING",
-                    f"WS{self.conn_id}",
-                    f"connection lost ({type(exc).__name__}: {exc}); reconnecting in {delay:.1f}s",
-                    {"streams": len(self.streams)},
-                )
-                await self._close(self.ws)
-                self.ws = None
-                await asyncio.sleep(delay)
-
-    async def _open(self) -> Any:
-        """Connect and wait for the first data frame: the legacy routes acknowledge and
-        then stay silent, so no data in time is an error, not a quiet market."""
-        streams = set(self.streams)
-        ws = await websockets.connect(
-            self.url(streams), max_size=2**24, ping_interval=None, open_timeout=10, close_timeout=2
-        )
-        try:
-            deadline = time.monotonic() + self.settings.first_data_timeout_s
-            while True:
-                raw = await asyncio.wait_for(ws.recv(), timeout=max(0.01, deadline - time.monotonic()))
-                self.on_frame(raw)
-                if not raw.startswith(('{"result"', '{"id"')):
-                    break
-        except TimeoutError:
-            await self._close(ws)
-            raise ConnectionLost(
-                f"no data within {self.settings.first_data_timeout_s:.0f}s of subscribing "
-                f"(is BINANCE_WS_URL the /market route?)"
-            ) from None
-        except BaseException:
-            await self._close(ws)
-            raise
-        self.on_connected({s for s in streams})
-        missing = self.streams - streams
-        if missing:
-            await self._request(ws, "SUBSCRIBE", sorted(missing))
-        return ws
-
-    async def _serve(self, ws: Any) -> None:
-        self.ws = ws
-        opened = time.monotonic()
-        while True:
-            if time.monotonic() - opened > self.settings.connection_max_age_s:
-                ws = await self._replace(ws)
-                opened = time.monotonic()
-                continue
-            try:
-                raw = await asyncio.wait_for(ws.recv(), timeout=self.settings.silence_s)
-            except TimeoutError:
-                raise ConnectionLost(f"silent for {self.settings.silence_s:.0f}s") from None
-            self.on_frame(raw)
-
-    async def _replace(self, old: Any) -> Any:
-        """Open the successor first, drain the old one meanwhile, then close it."""
-        drain = asyncio.create_task(self._drain(old))
-        try:
-            new = await self._open()
-        finally:
-            drain.cancel()
-        await self._close(old)
-        self.ws = new
-        log_system_event("INFO", f"WS{self.conn_id}", "connection replaced before the 24-hour cut")
-        return new
-
-    async def _drain(self, ws: Any) -> None:
-        try:
-            while True:
-                self.on_frame(await ws.recv())
-        except (websockets.WebSocketException, OSError):
-            return
-
-    async def _request(self, ws: Any, method: str, streams: list[str]) -> None:
-        """Batched and paced: Binance allows 10 incoming messages a second."""
-        for i in range(0, len(streams), self.settings.subscribe_batch):
-            self.request_id += 1
-            await ws.send(request_message(method, streams[i : i + self.settings.subscribe_batch], self.request_id))
-            await asyncio.sleep(0.25)
-
-    async def subscribe(self, streams: set[str]) -> None:
-        new = streams - self.streams
-        self.streams |= new
-        if new and self.ws is not None:
-            try:
-                await self._request(self.ws, "SUBSCRIBE", sorted(new))
-            except websockets.WebSocketException:
-                pass  # the reconnect subscribes everything in self.streams
-
-    async def unsubscribe(self, streams: set[str]) -> None:
-        gone = streams & self.streams
-        self.streams -= gone
-        if gone and self.ws is not None:
-            try:
-                await self._request(self.ws, "UNSUBSCRIBE", sorted(gone))
-            except websockets.WebSocketException:
-                pass
-
-    @staticmethod
-    async def _close(ws: Any, timeout_s: float = 2.0) -> None:
-        if ws is not None:
-            try:
-                await asyncio.wait_for(ws.close(), timeout_s)
-            except Exception:
-                pass
-
-
 # --------------------------------------------------------------------------- the feed
 
 
@@ -837,7 +453,19 @@ class Feed:
         )
         limiter = WeightLimiter(self.feed_settings.rest_weight_limit, self.feed_settings.rest_weight_window_s)
         self.rest = RestClient(self.settings.binance_rest_url, limiter)
-        self.backfiller = Backfiller(self.pool, self.intake, self.rest, self.feed_settings.rest_concurrency)
+        self.clock = ExchangeClock(int(self.feed_settings.frame_time_tolerance_s * 1000))
+        self.rest.on_server_time.append(self._synced)
+        self.ahead: deque[str | bytes] = deque()  # frames the clock could not judge yet
+        self.clock_wake = asyncio.Event()
+        self.backfiller = Backfiller(
+            self.pool,
+            self.intake,
+            self.rest,
+            self.feed_settings.rest_concurrency,
+            followed=lambda: self.symbols,
+            on_invalid_symbol=self.refused_by_rest,
+        )
+        self.tickers = TickerFilter(self.feed_settings.exchange_info_refresh_s)
         self.tracker = GapTracker(grace_ms=self.feed_settings.gap_grace_ms)
         self.closed: asyncio.Queue[Candle] = asyncio.Queue()
         self.new_gaps: list[tuple[str, int]] = []
@@ -847,47 +475,83 @@ class Feed:
         self.needs_history: set[str] = set()  # added symbols that had no candles at all
         self.catch_up_wake = asyncio.Event()
         self.bad_frames = RateLimitedLog("FEED")
+        self.store_errors = RateLimitedLog("INTAKE", level="ERROR")
+        self.tickers_wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self.reconciled = False
         self.batch: list[Candle] = []  # taken from `closed`, not stored yet
-        self.last_close_at = time.monotonic()  # local clock: the watchdog's measure of a live feed
-        self.last_ws_close_at = time.monotonic()
+        self.last_ws_data_at = time.monotonic()  # local clock: a route that delivers nothing
         # Closes let go while PostgreSQL was away and the buffer full: (first, last) per
         # symbol, logged as gaps (and fetched over REST) once it is back.
         self.dropped: dict[str, tuple[int, int]] = {}
         self.rest_fallback = False
+        self.fallback_fetched_at = 0.0
+        self.listing_errors = RateLimitedLog("FEED", interval_s=600)
 
     # ---- frames (synchronous: called for every frame, must stay cheap)
 
-    def handle_frame(self, raw: str | bytes) -> None:
-        self.stats.frames += 1
+    def handle_frame(self, raw: str | bytes, held: bool = False) -> None:
+        if not held:
+            self.stats.frames += 1
         try:
             message = parse_frame(raw)
         except FrameError as exc:
-            self.stats.bad_frames += 1
-            self.bad_frames.warn(str(exc), f"skipped a bad frame: {exc}", {"frame": str(raw)[:300]})
+            self._bad_frame(str(exc), raw)
             return
+        if isinstance(message, KlineUpdate | MarkPrices):
+            if not self.clock.plausible(message.event_time):
+                if held:  # the exchange's own time says it is too far ahead
+                    ahead = f"event time {message.event_time} is ahead of the exchange's {self.clock.now_ms}"
+                    self._bad_frame(ahead, raw)
+                else:
+                    self._hold(raw)
+                return
+            self.clock.advance(message.event_time)
+            self.stats.event_time = self.clock.now_ms
+            self.last_ws_data_at = time.monotonic()
         if isinstance(message, KlineUpdate):
             symbol = message.symbol
             if symbol not in self.symbols:
-                self.bad_frames.warn(f"unknown {symbol}", f"skipped a kline for unfollowed symbol {symbol!r}")
+                self.bad_frames.warn("unfollowed", f"skipped a kline for unfollowed symbol {symbol[:40]!r}")
                 return
-            self.stats.event_time = max(self.stats.event_time, message.event_time)
             if message.closed:
                 self.stats.closes += 1
-                self.last_close_at = self.last_ws_close_at = time.monotonic()
                 self.new_gaps += [(symbol, t) for t in self.tracker.on_close(symbol, message.open_time)]
                 if self.closed.qsize() < self.feed_settings.buffer_max_candles:
                     self.closed.put_nowait(message.candle)
                 else:
                     self._drop(symbol, message.open_time)
         elif isinstance(message, MarkPrices):
-            self.stats.event_time = max(self.stats.event_time, message.event_time)
             for symbol, price in message.prices.items():
                 if symbol in self.symbols:
                     self.prices[symbol] = price
         elif isinstance(message, Reply) and message.error:
-            log_system_event("ERROR", "FEED", f"request {message.request_id} refused: {message.error}")
+            log_system_event("ERROR", "FEED", f"request {message.request_id} refused: {str(message.error)[:300]}")
+
+    def _bad_frame(self, reason: str, raw: str | bytes) -> None:
+        self.stats.bad_frames += 1
+        self.bad_frames.warn(reason, f"skipped a bad frame: {reason}", {"frame": str(raw[:300])})
+
+    HELD_FRAMES_MAX = 20_000
+
+    def _hold(self, raw: str | bytes) -> None:
+        """A frame stamped later than the clock trusts: kept (bounded) until the
+        exchange's /fapi/v1/time says whether the clock or the frame is wrong. A close
+        let go here becomes an overdue minute, fetched over REST."""
+        if len(self.ahead) < self.HELD_FRAMES_MAX:
+            self.ahead.append(raw)
+        else:
+            self._bad_frame("too many frames ahead of the exchange's clock", raw)
+        self.clock_wake.set()
+
+    def _synced(self, server_ms: int) -> None:
+        self.clock.sync(server_ms)
+        self.stats.event_time = self.clock.now_ms
+
+    def refused_by_rest(self, symbol: str) -> None:
+        """GET /fapi/v1/klines answered -1121 (invalid symbol): stop following it."""
+        self.tickers.refused(symbol)
+        self.tickers_wake.set()
 
     def _drop(self, symbol: str, open_time: int) -> None:
         if not self.dropped:
@@ -924,8 +588,13 @@ class Feed:
                 self.batch = []
                 backoff.reset()
                 outage.ok({"waiting": self.closed.qsize()})
-            except (*PG_DOWN_ERRORS, asyncpg.PostgresError) as exc:
+            except PG_DOWN_ERRORS as exc:
                 outage.fail(exc, f"storing {len(self.batch)} candles", {"waiting": self.closed.qsize()})
+                await asyncio.sleep(backoff.next_delay())
+            except asyncpg.PostgresError as exc:  # up but unusable (permissions, read-only, disk full)
+                self.store_errors.warn(
+                    type(exc).__name__, f"PostgreSQL refused to store {len(self.batch)} candles: {exc}; retrying"
+                )
                 await asyncio.sleep(backoff.next_delay())
 
     async def _log_dropped(self) -> None:
@@ -961,11 +630,32 @@ class Feed:
         """Minutes whose close is overdue on event time become gaps."""
         while True:
             await asyncio.sleep(0.5)
-            if self.stats.event_time:
-                for symbol, minutes in self.tracker.overdue(self.stats.event_time).items():
+            if self.clock.now_ms:
+                for symbol, minutes in self.tracker.overdue(self.clock.now_ms).items():
                     self.new_gaps += [(symbol, t) for t in minutes]
             if self.closed.empty():  # else the intake logs them before its next batch
                 await self._flush_gaps()
+
+    async def keep_clock(self) -> None:
+        """Frames stamped ahead of the clock wait here for the exchange's /fapi/v1/time,
+        then are judged again: a real jump (a long reconnect, a fast replay) is taken,
+        a frame still ahead of the exchange's own time is refused."""
+        backoff = Backoff(0.5, 10.0)
+        outage = Outage("FEED", "REST /fapi/v1/time")
+        while True:
+            await self.clock_wake.wait()
+            try:
+                await self.rest.server_time()  # syncs the clock (RestClient.on_server_time)
+            except (RestError, OSError, TimeoutError) as exc:
+                outage.fail(exc, f"checking the clock for {len(self.ahead)} frames")
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            outage.ok()
+            backoff.reset()
+            self.clock_wake.clear()
+            held, self.ahead = self.ahead, deque()
+            for raw in held:
+                self.handle_frame(raw, held=True)
 
     async def flush_prices(self) -> None:
         """Latest mark prices; while Redis is away only the newest per symbol is kept."""
@@ -982,31 +672,38 @@ class Feed:
                 self.stats.mark_prices += len(prices)
 
     async def watch_rest_fallback(self) -> None:
-        """No closed kline over the WebSocket for REST_FALLBACK_S while symbols are
+        """No data at all over the WebSocket for REST_FALLBACK_S while symbols are
         followed (a dead or silent route, e.g. a legacy URL): closed minutes are fetched
-        over REST every REST_FALLBACK_S until the WebSocket delivers again."""
+        over REST every REST_FALLBACK_S until the WebSocket delivers again.
+
+        Judged on any data (mark prices come every second), not on closes: those come
+        once a minute, and a close that is late while data flows is the gap watcher's
+        to find, on the exchange's clock."""
         limit = self.feed_settings.rest_fallback_s
         followed_since = time.monotonic()
         while True:
-            await asyncio.sleep(limit)
+            await asyncio.sleep(min(limit, 1.0))
             if not self.symbols:
                 followed_since = time.monotonic()
                 continue
-            silent_for = time.monotonic() - max(self.last_ws_close_at, followed_since)
+            silent_for = time.monotonic() - max(self.last_ws_data_at, followed_since)
             if silent_for < limit:
                 if self.rest_fallback:
                     self.rest_fallback = False
-                    log_system_event("INFO", "FEED", "the WebSocket delivers closes again: REST fallback off")
+                    log_system_event("INFO", "FEED", "the WebSocket delivers data again: REST fallback off")
                 continue
             if not self.rest_fallback:
                 self.rest_fallback = True
                 log_system_event(
                     "ERROR",
                     "FEED",
-                    f"no closed kline over the WebSocket for {silent_for:.0f}s: closed minutes are fetched "
+                    f"no data over the WebSocket for {silent_for:.0f}s: closed minutes are fetched "
                     f"over REST every {limit:g}s until it is back (check BINANCE_WS_URL: the /market route)",
                     {"url": self.settings.binance_ws_url},
                 )
+            elif time.monotonic() - self.fallback_fetched_at < limit:
+                continue
+            self.fallback_fetched_at = time.monotonic()
             self.catch_up_pending |= self.symbols
             self.catch_up_wake.set()
 
@@ -1042,28 +739,76 @@ class Feed:
         await self._log_gaps(gaps)
 
     async def follow_tickers(self) -> None:
-        """Apply `tickers` changes to the live connections."""
-        while True:
-            try:
-                wanted = set(await core_io.enabled_symbols(self.pool))
-            except PG_DOWN_ERRORS:
-                await asyncio.sleep(self.feed_settings.ticker_refresh_s)
-                continue  # the intake logs the outage
-            added, removed = wanted - self.symbols, self.symbols - wanted
-            if added or removed:
-                self.symbols = wanted
-                await self._apply(added, removed)
+        """Apply `tickers` changes to the live connections. Only tickers with a valid
+        name that the exchange lists as TRADING are followed; the others are recorded in
+        `tickers.problem` (shown by `status`) and logged once."""
+        listing_task: asyncio.Task | None = None
+        try:
+            while True:
+                try:
+                    enabled = set(await core_io.enabled_symbols(self.pool))
+                except PG_DOWN_ERRORS:
+                    await asyncio.sleep(self.feed_settings.ticker_refresh_s)
+                    continue  # the intake logs the outage
+                if (listing_task is None or listing_task.done()) and self.tickers.due(enabled, time.monotonic()):
+                    listing_task = asyncio.create_task(self._fetch_listing())
+                    if self.tickers.listing is None:  # the first: judged before anything is subscribed
+                        await asyncio.wait([listing_task], timeout=self.LISTING_WAIT_S)
+                wanted, problems = self.tickers.split(enabled)
+                added, removed = wanted - self.symbols, self.symbols - wanted
+                if added or removed:
+                    self.symbols = wanted
+                    await self._apply(added, removed)
+                    log_system_event(
+                        "INFO",
+                        "FEED",
+                        f"following {len(wanted)} symbols",
+                        {"added": sorted(added)[:100], "removed": sorted(removed)[:100]},
+                    )
+                if problems != self.tickers.recorded:
+                    with contextlib.suppress(*PG_DOWN_ERRORS):
+                        await self._record_problems(problems)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.tickers_wake.wait(), self.feed_settings.ticker_refresh_s)
+                self.tickers_wake.clear()
+        finally:
+            if listing_task is not None:
+                listing_task.cancel()
+                await asyncio.gather(listing_task, return_exceptions=True)
+
+    LISTING_WAIT_S = 5.0  # at start, how long following waits for the exchange's listing
+
+    async def _fetch_listing(self) -> None:
+        self.tickers.attempted(time.monotonic())
+        try:
+            listing = parse_listing(await self.rest.exchange_info())
+        except (RestError, ValueError, OSError, TimeoutError) as exc:
+            self.listing_errors.warn(
+                "exchangeInfo", f"cannot read the exchange's listing ({exc}): tickers are judged by name only"
+            )
+            return
+        self.tickers.update(listing, time.monotonic())
+        self.tickers_wake.set()
+
+    async def _record_problems(self, problems: dict[str, str]) -> None:
+        """Write who is not followed and why to `tickers`; their open gaps become
+        'unfillable' (the exchange will not fill them)."""
+        await core_io.set_ticker_problems(self.pool, problems)
+        new = {s: p for s, p in problems.items() if self.tickers.recorded.get(s) != p}
+        if new:
+            await core_io.close_missing_m1(self.pool, sorted(new))
+            for symbol, problem in sorted(new.items())[:20]:
                 log_system_event(
-                    "INFO",
-                    "FEED",
-                    f"following {len(wanted)} symbols",
-                    {"added": sorted(added), "removed": sorted(removed)},
+                    "WARNING", "FEED", f"ticker {symbol!r} is enabled but not followed: {problem}", {"symbol": symbol}
                 )
-            await asyncio.sleep(self.feed_settings.ticker_refresh_s)
+            if len(new) > 20:
+                log_system_event("WARNING", "FEED", f"{len(new) - 20} more enabled tickers are not followed")
+        self.tickers.recorded = problems
 
     async def _apply(self, added: set[str], removed: set[str]) -> None:
         for symbol in removed:
             self.tracker.forget(symbol)
+            self.backfiller.forget(symbol)
         # Seed gap detection before the first frame: after a restart the first live close
         # must reveal the minutes missed while the process was down.
         stored = await core_io.last_m1_open_times(self.pool, sorted(added))
@@ -1149,6 +894,14 @@ class Feed:
             "FEED_PRICES": self.flush_prices,
             "FEED_PUBLISH": self.intake.run_publisher,
             "FEED_REST_FALLBACK": self.watch_rest_fallback,
+            "FEED_CLOCK": self.keep_clock,
         }
 
-    SOURCES = ("FEED_CONNECTIONS", "FEED_TICKERS", "FEED_CATCH_UP", "FEED_BACKFILL", "FEED_REST_FALLBACK")
+    SOURCES = (
+        "FEED_CONNECTIONS",
+        "FEED_TICKERS",
+        "FEED_CATCH_UP",
+        "FEED_BACKFILL",
+        "FEED_REST_FALLBACK",
+        "FEED_CLOCK",
+    )

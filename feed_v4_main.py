@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 
 import core_io
 from alerts import TelegramAlerts
+from connections import connect_pg, connect_redis, refused_at_boot
 from feed_and_aggregate import Feed, FeedSettings
 from indicators_main import IndicatorOptions, IndicatorWorker
 from infra import (
@@ -40,8 +41,6 @@ from infra import (
     BootError,
     ConfigError,
     Settings,
-    connect_pg,
-    connect_redis,
     env_bool,
     env_number,
     load_settings,
@@ -52,6 +51,7 @@ from infra import (
 )
 from migrations import apply_migrations
 from restore_redis_from_pg import restore_redis_from_pg
+from retention import RetentionOptions, run_retention
 from signals_v4_main import RouterOptions, SignalRouter, load_router_options
 from status_report import run_status
 
@@ -68,6 +68,7 @@ class DaemonOptions:
     feed: FeedSettings | None
     indicators: IndicatorOptions | None
     router: RouterOptions | None
+    retention: RetentionOptions = dataclasses.field(default_factory=lambda: RetentionOptions.from_env({}))
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: int = 30
     watchdog_stale_s: float = 180.0
@@ -81,6 +82,7 @@ class DaemonOptions:
             feed=FeedSettings.from_env(settings, env) if env_bool(env, "FEED_ENABLED", True) else None,
             indicators=IndicatorOptions.from_env(env) if env_bool(env, "INDICATORS_ENABLED", True) else None,
             router=load_router_options(env) if env_bool(env, "SIGNALS_ENABLED", True) else None,
+            retention=RetentionOptions.from_env(env),
             heartbeat_interval_s=env_number(env, "HEARTBEAT_INTERVAL_S", 2.0, float, 0.1, 60.0),
             heartbeat_ttl_s=env_number(env, "HEARTBEAT_TTL_S", 30, int, 2, 3600),
             watchdog_stale_s=env_number(env, "WATCHDOG_STALE_S", 180.0, float, 0.0, 86_400.0),
@@ -111,16 +113,26 @@ class Runtime:
 
 async def boot(settings: Settings) -> Runtime:
     pool = await connect_pg(settings)
+    redis: Redis | None = None
     try:
         redis, use_ts = await connect_redis(settings)
+        runtime = Runtime(settings, pool, redis, core_io.make_candle_store(redis, use_ts, settings.redis_candles))
+        with refused_at_boot("applying the migrations"):
+            await apply_migrations(pool)
+        if settings.symbols:
+            with refused_at_boot("enabling SYMBOLS"):
+                disabled = await core_io.apply_symbols_setting(pool, settings.symbols)
+            if disabled:
+                log_system_event(
+                    "INFO", "MAIN", f"disabled {len(disabled)} tickers SYMBOLS no longer lists", {"symbols": disabled}
+                )
+        with refused_at_boot("restoring Redis from PostgreSQL"):
+            await restore_redis_from_pg(pool, redis, runtime.store, settings.redis_candles)
     except BaseException:
+        if redis is not None:
+            await redis.aclose()
         await pool.close()
         raise
-    runtime = Runtime(settings, pool, redis, core_io.make_candle_store(redis, use_ts, settings.redis_candles))
-    await apply_migrations(pool)
-    if settings.symbols:
-        await core_io.enable_symbols(pool, settings.symbols)
-    await restore_redis_from_pg(pool, redis, runtime.store, settings.redis_candles)
     log.info("booted: %s", settings.describe())
     return runtime
 
@@ -151,7 +163,10 @@ class Daemon:
         self.heartbeat_key = core_io.heartbeat_key(self.host, os.getpid())
 
     def workers(self) -> dict[str, Worker]:
-        workers: dict[str, Worker] = {"SYSTEM_LOG": lambda: system_event_log.run_flusher(self.runtime.pool)}
+        workers: dict[str, Worker] = {
+            "SYSTEM_LOG": lambda: system_event_log.run_flusher(self.runtime.pool),
+            "RETENTION": lambda: run_retention(self.runtime.pool, self.options.retention),
+        }
         if self.feed:
             workers.update(self.feed.workers())
             if self.options.watchdog_stale_s > 0:
@@ -218,24 +233,27 @@ class Daemon:
             log_system_event("INFO", "MAIN", "Redis refilled from PostgreSQL", dataclasses.asdict(report))
 
     async def watch_feed(self) -> None:
-        """No closed kline for too long while symbols are followed: end the process
-        (exit 3) so the platform restarts it on a fresh connection."""
+        """No closed kline stored (from the WebSocket or REST) for too long while symbols
+        are followed: end the process (exit 3) so the platform restarts it on a fresh
+        connection. Counted on what was stored, not received: a feed that receives but
+        cannot store is stuck too. While PostgreSQL is away the intake holds what it
+        receives (the documented outage behaviour), which is not a stall."""
         assert self.feed is not None
         limit = self.options.watchdog_stale_s
         followed_since = time.monotonic()  # closes are only expected while symbols are followed
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
-            if not self.feed.symbols:
+            if not self.feed.symbols or self.feed.intake.pg_outage.active:
                 followed_since = time.monotonic()
                 continue
-            newest = max(self.feed.last_close_at, self.feed.backfiller.last_stored_at, followed_since)
+            newest = max(self.feed.intake.last_stored_at, self.feed.backfiller.last_stored_at, followed_since)
             silent_for = time.monotonic() - newest
             if silent_for > limit:
                 log_system_event(
                     "CRITICAL",
                     "WATCHDOG",
-                    f"no closed kline (WebSocket or REST) for {silent_for:.0f}s (limit WATCHDOG_STALE_S={limit:g}); "
-                    f"exiting with code {EXIT_STALE_FEED} so the worker is restarted",
+                    f"no closed kline stored (WebSocket or REST) for {silent_for:.0f}s (limit "
+                    f"WATCHDOG_STALE_S={limit:g}); exiting with code {EXIT_STALE_FEED} so the worker is restarted",
                     {"symbols": len(self.feed.symbols), "closes": self.feed.stats.closes},
                 )
                 self.request_stop(EXIT_STALE_FEED)
@@ -275,7 +293,7 @@ class Daemon:
             if task := self.tasks.get("INDICATORS"):
                 await phase("computing the last indicators", asyncio.shield(task), left(2.5))
             await phase("persisting indicator values", self.indicators.flush(), left(1.5))
-        if task := self.tasks.get("SIGNALS"):
+        if (task := self.tasks.get("SIGNALS")) and self.router and self.router.running:
             await phase("routing the signals in hand", asyncio.shield(task), left(1.5))
         if self.alerts:
             await phase("sending the queued alerts", self.alerts.drain(), min(2.0, left(1.0)))
@@ -338,7 +356,8 @@ async def run_daemon(settings: Settings) -> int:
 async def run_migrate(settings: Settings) -> int:
     pool = await connect_pg(settings)
     try:
-        applied = await apply_migrations(pool)
+        with refused_at_boot("applying the migrations"):
+            applied = await apply_migrations(pool)
     finally:
         await pool.close()
     print(f"migrations applied: {', '.join(applied) if applied else 'none (schema up to date)'}")

@@ -17,6 +17,7 @@ Correctness rests on three rules:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import contextlib
 import logging
@@ -26,7 +27,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,15 @@ from candles import TF_MS, TIMEFRAMES
 from indicators import slow
 from indicators.kernels import BarArrays, BarTuple, Kernel
 from indicators.registry import IndicatorConfigError, Instance, parse_common
-from infra import PG_DOWN_ERRORS, REDIS_DOWN_ERRORS, Outage, Settings, env_number, log_system_event
+from infra import (
+    PG_DOWN_ERRORS,
+    REDIS_DOWN_ERRORS,
+    Outage,
+    RateLimitedLog,
+    Settings,
+    env_number,
+    log_system_event,
+)
 
 log = logging.getLogger("INDICATORS")
 
@@ -115,22 +124,33 @@ class Layout:
         return max((i.history for i in self.instances), default=2)
 
 
+class InstanceFailure(Exception):
+    """An instance's kernel raised (opening or stepping): it is disabled, the others run."""
+
+    def __init__(self, instance_id: int, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.instance_id = instance_id
+
+
 @dataclass
 class Series:
     symbol: str
     tf: str
     kernels: list[Kernel]
     seen: tuple[int, int]  # stream entries up to this id are already in the state
+    instance_ids: Sequence[int] = ()  # of each kernel
     last_time: int | None = None
     # The newest bars the state holds: an event repeating one of them (a re-announcement
     # after a crash or a Redis wipe) changes nothing; any other older bar is a correction.
     recent: deque[BarTuple] = field(default_factory=lambda: deque(maxlen=RECENT_BARS))
-    window: deque[BarTuple] = field(default_factory=deque)  # the bars pandas-ta sees (filled when it runs)
 
     def step(self, bar: BarTuple) -> list[float]:
         values: list[float] = []
-        for kernel in self.kernels:
-            values.extend(kernel.step(bar))
+        for index, kernel in enumerate(self.kernels):
+            try:
+                values.extend(kernel.step(bar))
+            except Exception as exc:
+                raise InstanceFailure(self.instance_ids[index], exc) from exc
         self.last_time = bar[5]
         self.recent.append(bar)
         return values
@@ -199,12 +219,17 @@ class IndicatorWorker:
         self.layouts: dict[str, Layout] = {tf: Layout([], []) for tf in TIMEFRAMES}
         self.config_key: Any = None
         self.config_errors: dict[int, str] = {}
+        self.config_rows: dict[int, str] = {}  # instance id -> its row, as text
+        self.errors_written: dict[int, str] | None = None  # what indicator_instances_v4.error holds
+        self.broken: dict[int, tuple[str, str]] = {}  # instance id -> (its row, why it was disabled)
         self.series: dict[tuple[str, str], Series] = {}
         # (symbol, tf, open_time, group) -> (ids, names, values, rewrite); group "" is the fast set
         self.pending: dict[tuple[str, str, int, Any], tuple[Sequence[int], Sequence[str], Sequence[float], bool]] = {}
         self.pending_rows = 0
         self.persisted_event = asyncio.Event()
-        self.slow_jobs: asyncio.Queue[tuple[str, str, int, tuple]] = asyncio.Queue()
+        self.slow_due: dict[tuple[str, str], tuple[int, int]] = {}  # series -> bars awaiting pandas-ta
+        self.slow_wake = asyncio.Event()
+        self.slow_errors = RateLimitedLog(MODULE, level="ERROR")
         self.slow_runner = SlowRunner(self.options.slow_workers)
         self.retention_ms = settings.indicator_retention_days * DAY_MS
         self.newest_ms = 0  # newest bar seen, for the retention cut-off
@@ -240,12 +265,18 @@ class IndicatorWorker:
         pandas_ta: dict[str, list[SlowInstance]] = {tf: [] for tf in TIMEFRAMES}
         errors: dict[int, str] = {}
         for instance_id, indicator, tf, raw in rows:
+            row_key = repr((indicator, tf, raw))
+            broken = self.broken.get(instance_id)
+            if broken is not None and broken[0] == row_key:
+                errors[instance_id] = broken[1]  # it failed as configured: not again until changed
+                continue
+            self.broken.pop(instance_id, None)
             try:
                 instance = parse_common(instance_id, indicator, tf, TF_MINUTES[tf], raw)
                 if instance is not None:
                     incremental[tf].append(instance)
                     continue
-                kwargs, names = await self.slow_runner.call(slow.describe, indicator, raw)
+                kwargs, names = await self._describe_slow(indicator, raw)
                 pandas_ta[tf].append(SlowInstance(instance_id, indicator, tf, kwargs, names))
             except IndicatorConfigError as exc:
                 errors[instance_id] = str(exc)
@@ -256,6 +287,10 @@ class IndicatorWorker:
                         f"indicator instance {instance_id} ({indicator} {tf}) skipped: {exc}",
                         {"instance_id": instance_id, "indicator": indicator, "timeframe": tf, "params": raw},
                     )
+        self.config_rows = {r[0]: repr((r[1], r[2], r[3])) for r in rows}
+        if errors != self.errors_written:
+            await core_io.set_instance_errors(self.pool, errors)
+            self.errors_written = errors
         layouts = {tf: Layout(incremental[tf], pandas_ta[tf]) for tf in TIMEFRAMES}
         self.layouts, self.config_key, self.config_errors = layouts, key, errors
         log.info(
@@ -265,6 +300,41 @@ class IndicatorWorker:
             ),
         )
         return True
+
+    DESCRIBE_TIMEOUT_S = 60.0
+
+    async def _describe_slow(self, indicator: str, raw: Mapping[str, str]) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """pandas-ta checks its own instance in the runner process; whatever goes wrong
+        there (a crash of the process, a hang) is this instance's error, not the worker's."""
+        try:
+            return await asyncio.wait_for(self.slow_runner.call(slow.describe, indicator, raw), self.DESCRIBE_TIMEOUT_S)
+        except IndicatorConfigError:
+            raise
+        except Exception as exc:
+            raise IndicatorConfigError(f"pandas-ta could not check it: {type(exc).__name__}: {exc}") from None
+
+    def _disable(self, failure: InstanceFailure) -> None:
+        """An instance whose kernel raised: skipped until its configuration changes."""
+        row_key = self.config_rows.get(failure.instance_id, "")
+        self.broken[failure.instance_id] = (row_key, f"failed while computing: {failure}")
+        log_system_event(
+            "ERROR",
+            MODULE,
+            f"indicator instance {failure.instance_id} disabled: it failed while computing ({failure}); "
+            "the other instances go on",
+            {"instance_id": failure.instance_id},
+        )
+        self.config_key = None  # the next load_config rebuilds the layouts without it
+
+    async def _isolating(self, action: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `action`; an instance that fails in it is disabled and the action re-run
+        with the others."""
+        while True:
+            try:
+                return await action()
+            except InstanceFailure as failure:
+                self._disable(failure)
+                await self.load_config()
 
     # ----------------------------------------------------------------- opening series
 
@@ -396,27 +466,28 @@ class IndicatorWorker:
         kernels: list[Kernel] = []
         outputs: list[np.ndarray] = []
         for instance in layout.instances:
-            kernel = instance.make_kernel()
-            if instance.anchored:
-                outputs += kernel.fill(bars, anchors.get((instance.id, symbol)))  # type: ignore[call-arg]
-            else:
-                outputs += kernel.fill(bars)
+            try:
+                kernel = instance.make_kernel()
+                if instance.anchored:
+                    outputs += kernel.fill(bars, anchors.get((instance.id, symbol)))  # type: ignore[call-arg]
+                else:
+                    outputs += kernel.fill(bars)
+            except Exception as exc:
+                raise InstanceFailure(instance.id, exc) from exc
             kernels.append(kernel)
         old = self.series.get(key)
-        series = Series(symbol, tf, kernels, seen, window=deque(maxlen=self.options.slow_window))
+        series = Series(symbol, tf, kernels, seen, [i.id for i in layout.instances])
         if bars.size:
             rows = bars_as_tuples(bars)
             series.last_time = rows[-1][5]
             series.recent.extend(rows[-RECENT_BARS:])
-            if layout.slow:
-                series.window.extend(rows[-self.options.slow_window :])
             if first is not None:
                 start = int(np.searchsorted(bars.open_time, first))
                 matrix = np.vstack(outputs) if outputs else np.empty((0, bars.size))
                 for index in range(start, bars.size):
                     self._emit(series, rows[index], matrix[:, index].tolist(), rewrite=True)
-                    if layout.slow:
-                        self._queue_slow(series, rows[max(0, index + 1 - self.options.slow_window) : index + 1])
+                if layout.slow and start < bars.size:
+                    self._queue_slow(key, rows[start][5], rows[-1][5])
         elif old is not None:
             series.last_time, series.recent = old.last_time, old.recent
         self.series[key] = series
@@ -432,7 +503,7 @@ class IndicatorWorker:
         keys = [(s, tf) for tf in TIMEFRAMES for s in symbols]
         started = time.monotonic()
         self.series.clear()
-        await self.open_series(keys)
+        await self._isolating(lambda: self.open_series(keys))
         await self._flush_redis([])
         log_system_event(
             "INFO",
@@ -451,7 +522,8 @@ class IndicatorWorker:
             try:
                 if time.monotonic() >= next_reload:
                     if await self.load_config():
-                        await self._reopen_all()
+                        await self._isolating(self._reopen_all)
+                    await self._forget_disabled_symbols()
                     next_reload = time.monotonic() + self.options.reload_s
                 entries = await self._read(backlog)
                 if entries:
@@ -460,6 +532,14 @@ class IndicatorWorker:
                     await self._flush_redis([])  # what a failed round left
                 self.redis_outage.ok()
                 self.pg_outage.ok()
+            except InstanceFailure as failure:
+                # Values queued before the failure stay queued; the batch is read again
+                # from the backlog and computed without the failed instance.
+                self._disable(failure)
+                await self.load_config()
+                await self._isolating(self._reopen_all)
+                backlog = "0"
+                continue
             except (*REDIS_DOWN_ERRORS, *PG_DOWN_ERRORS) as exc:
                 # What was computed stays queued; the unacknowledged entries come back
                 # from the backlog and are skipped as already held.
@@ -479,6 +559,13 @@ class IndicatorWorker:
         """Shutdown: handle what the streams hold (the feed has drained into them), then return."""
         self.stopping = True
         self.persisted_event.set()
+
+    async def _forget_disabled_symbols(self) -> None:
+        """Series of tickers no longer enabled are dropped (memory stays with the set)."""
+        enabled = set(await core_io.enabled_symbols(self.pool))
+        for key in [key for key in self.series if key[0] not in enabled]:
+            del self.series[key]
+            self.slow_due.pop(key, None)
 
     async def _reopen_all(self) -> None:
         """After a configuration change: every series rebuilt where it stands; new
@@ -565,8 +652,7 @@ class IndicatorWorker:
         self.stats["bars"] += 1
         self._emit(series, bar, values)
         if self.layouts[series.tf].slow:
-            series.window.append(bar)
-            self._queue_slow(series, series.window)
+            self._queue_slow((series.symbol, series.tf), bar[5], bar[5])
 
     async def _catch_up(self, series: Series, t: int) -> None:
         """Bars stored between the series' newest and `t` whose events never came."""
@@ -624,43 +710,87 @@ class IndicatorWorker:
 
     # ----------------------------------------------------------------- pandas-ta path
 
-    def _queue_slow(self, series: Series, window: Sequence[BarTuple]) -> None:
-        t = window[-1][5]
-        columns = tuple(zip(*window))  # o, h, l, c, v, t
-        self.slow_jobs.put_nowait((series.symbol, series.tf, t, columns))
+    SLOW_BARS_PER_ROUND = 256  # bars pandas-ta computes per round, all series together
+
+    def _queue_slow(self, key: tuple[str, str], first: int, last: int) -> None:
+        """Bars first..last of a series await their pandas-ta values. Kept as one range
+        per series, so a long backfill costs constant memory; the bars are read from
+        PostgreSQL when their turn comes."""
+        old_first, old_last = self.slow_due.pop(key, (first, last))
+        self.slow_due[key] = (min(first, old_first), max(last, old_last))
+        self.slow_wake.set()
+
+    def _take_slow(self) -> list[tuple[tuple[str, str], int, int]]:
+        """Up to SLOW_BARS_PER_ROUND of the due bars, oldest series first; a series with
+        more keeps the rest due, behind the others (round robin)."""
+        picked: list[tuple[tuple[str, str], int, int]] = []
+        budget = self.SLOW_BARS_PER_ROUND
+        while self.slow_due and budget > 0:
+            key = next(iter(self.slow_due))
+            first, last = self.slow_due.pop(key)
+            tf_ms = TF_MS[key[1]]
+            if (last - first) // tf_ms + 1 > budget:
+                cut = first + (budget - 1) * tf_ms
+                self.slow_due[key] = (cut + tf_ms, last)
+                last = cut
+            picked.append((key, first, last))
+            budget -= (last - first) // tf_ms + 1
+        return picked
 
     async def run_slow(self) -> None:
         while True:
-            jobs = [await self.slow_jobs.get()]
-            while not self.slow_jobs.empty() and len(jobs) < 256:
-                jobs.append(self.slow_jobs.get_nowait())
-            calls, owners = [], []
-            for symbol, tf, t, columns in jobs:
-                for instance in self.layouts[tf].slow:
-                    calls.append((instance.indicator, instance.kwargs, columns[5], columns[:5]))
-                    owners.append((symbol, tf, t, instance))
-            if not calls:
-                continue
-            results = await self.slow_runner.call(slow.compute_many, calls)
-            latest: dict[tuple[str, str, int], dict[str, float]] = {}
-            for (symbol, tf, t, instance), result in zip(owners, results):
-                if isinstance(result, str):
-                    log_system_event("ERROR", MODULE, f"instance {instance.id}: {result}", {"symbol": symbol})
-                    continue
-                names = tuple(result)
-                values = [result[n] for n in names]
-                self._add_pending((symbol, tf, t, instance.id), (instance.id,) * len(names), names, values)
-                latest.setdefault((symbol, tf, t), {}).update(result)
-            while True:
+            await self.slow_wake.wait()
+            self.slow_wake.clear()
+            while self.slow_due:
+                picked = self._take_slow()
                 try:
-                    await self.cache.write(
-                        ((symbol, tf, t, values.items()) for (symbol, tf, t), values in latest.items()),
-                        [self._announcement(symbol, tf, t, set="pandas-ta") for symbol, tf, t in latest],
-                    )
-                    break
-                except REDIS_DOWN_ERRORS as exc:
-                    self.redis_outage.fail(exc, "writing pandas-ta values")
+                    await self._slow_round(picked)
+                except PG_DOWN_ERRORS as exc:
+                    for key, first, last in picked:
+                        self._queue_slow(key, first, last)
+                    self.pg_outage.fail(exc, "reading bars for pandas-ta")
                     await asyncio.sleep(1.0)
+
+    async def _slow_round(self, picked: Sequence[tuple[tuple[str, str], int, int]]) -> None:
+        window = self.options.slow_window
+        calls, owners = [], []
+        for tf in TIMEFRAMES:
+            wanted = [(key[0], first, last) for key, first, last in picked if key[1] == tf]
+            instances = self.layouts[tf].slow
+            if not wanted or not instances:
+                continue
+            requests = [(s, last, (last - first) // TF_MS[tf] + window) for s, first, last in wanted]
+            history = await core_io.fetch_history(self.pool, tf, requests)
+            for symbol, first, _last in wanted:
+                t, *ohlcv = history.get(symbol, ([],))
+                for index in range(bisect.bisect_left(t, first), len(t)):
+                    lo = max(0, index + 1 - window)
+                    columns = tuple(column[lo : index + 1] for column in ohlcv)
+                    for instance in instances:
+                        calls.append((instance.indicator, instance.kwargs, t[lo : index + 1], columns))
+                        owners.append((symbol, tf, t[index], instance))
+        if not calls:
+            return
+        results = await self.slow_runner.call(slow.compute_many, calls)
+        latest: dict[tuple[str, str, int], dict[str, float]] = {}
+        for (symbol, tf, t, instance), result in zip(owners, results):
+            if isinstance(result, str):
+                self.slow_errors.warn(str(instance.id), f"instance {instance.id}: {result}", {"symbol": symbol})
+                continue
+            names = tuple(result)
+            values = [result[n] for n in names]
+            self._add_pending((symbol, tf, t, instance.id), (instance.id,) * len(names), names, values)
+            latest.setdefault((symbol, tf, t), {}).update(result)
+        while True:
+            try:
+                await self.cache.write(
+                    ((symbol, tf, t, values.items()) for (symbol, tf, t), values in latest.items()),
+                    [self._announcement(symbol, tf, t, set="pandas-ta") for symbol, tf, t in latest],
+                )
+                return
+            except REDIS_DOWN_ERRORS as exc:
+                self.redis_outage.fail(exc, "writing pandas-ta values")
+                await asyncio.sleep(1.0)
 
     # ----------------------------------------------------------------- PostgreSQL
 

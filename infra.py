@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import sys
 import time
 import traceback
@@ -30,13 +31,15 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from binance.protocol import valid_symbol
 
 PROJECT_DIR = Path(__file__).resolve().parent
 LOCAL_SERVICES_FILE = PROJECT_DIR / ".local" / "services.env"
 
 CANDLE_STORES = ("auto", "timeseries", "zset")
+PG_POOLER_MODES = ("auto", "yes", "no")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # redis-py 8.1 on 3.12 can surface a server-reset idle connection as AttributeError,
@@ -63,6 +66,15 @@ PG_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,  # shut down, restarting, pg_terminate_backend
     asyncpg.InternalClientError,  # a connection confused by a reset in the middle of an operation
+)
+# PostgreSQL refusing a value, not being away: retrying the same rows gives the same
+# answer, so the writer isolates the row and goes on. asyncpg has two DataErrors: the
+# server's (SQLSTATE 22) and the client's encoding one, which is an InterfaceError and
+# would otherwise pass for an outage (a trade count over 2^31 did).
+PG_REJECTED_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions._base.DataError,
+    asyncpg.IntegrityConstraintViolationError,
 )
 REDIS_SOCKET_TIMEOUT_S = 5.0  # a black-holed Redis fails a command instead of hanging it
 
@@ -98,6 +110,7 @@ class Settings:
     telegram_bot_token: str | None = field(default=None, repr=False)
     telegram_chat_id: str | None = None
     telegram_api_url: str = "https://api.telegram.org"
+    postgres_pooler: str = "auto"  # "auto" (detected), "yes" (PgBouncer/Supavisor in transaction mode), "no"
 
     def describe(self) -> str:
         """One log line with the servers in use, passwords masked."""
@@ -107,12 +120,21 @@ class Settings:
         )
 
 
+_SECRET_QUERY = re.compile(r"([?&;](?:password|pass|pwd|sslpassword|token|secret|api_?key)=)[^&;#]*", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
+    """The URL with its secrets replaced by ***, even when it does not parse (an
+    unencoded '@', '/' or '#' in a password): whatever lies between the user name and
+    the last '@' goes, and so do password-like query parameters."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        at = rest.rfind("@")
+        if at >= 0:
+            user, colon, _ = rest[:at].partition(":")
+            rest = f"{user}{':***' if colon else ''}{rest[at:]}"
+        url = scheme + sep + rest
+    return _SECRET_QUERY.sub(r"\1***", url)
 
 
 def read_local_services(path: Path = LOCAL_SERVICES_FILE) -> dict[str, str]:
@@ -152,21 +174,36 @@ def env_number(env: Mapping[str, str], key: str, default: float, kind: type, low
     return value
 
 
+ENCODE_HINT = "special characters in a user or password must be percent-encoded (@ %40, : %3A, / %2F, # %23, ? %3F)"
+
+
 def _checked_url(key: str, url: str, schemes: tuple[str, ...], hint: str) -> str:
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError on a malformed port
-    except ValueError as exc:
-        raise ConfigError(f"{key} is not a valid URL ({exc}): {hint}") from None
+    except ValueError:  # its text may hold the password: never shown
+        raise ConfigError(f"{key} is not a valid URL ({mask_url(url)!r}): {ENCODE_HINT}") from None
     if parts.scheme not in schemes:
         raise ConfigError(
             f"{key} must start with {' or '.join(s + '://' for s in schemes)}, got {mask_url(url)!r}: {hint}"
         )
+    if parts.netloc.count("@") > 1:
+        raise ConfigError(f"{key} has an unencoded '@' in its user or password ({mask_url(url)!r}): {ENCODE_HINT}")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"{key} has no host: {mask_url(url)!r}: {hint}")
     if port == 0:
         raise ConfigError(f"{key} has port 0: {hint}")
     return url
+
+
+def _checked_telegram_url(url: str) -> str:
+    """The bot token travels in the path: plain http only to this machine (tests)."""
+    parts = urlsplit(_checked_url("TELEGRAM_API_URL", url, ("https", "http"), "e.g. https://api.telegram.org"))
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError(
+            f"TELEGRAM_API_URL={mask_url(url)!r} is plain http: the bot token would travel in clear; use https://"
+        )
+    return url.rstrip("/")
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -185,8 +222,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"REDIS_CANDLE_STORE={candle_store!r}: use one of {', '.join(CANDLE_STORES)}")
     symbols = tuple(dict.fromkeys(s.strip().upper() for s in env.get("SYMBOLS", "").split(",") if s.strip()))
     for symbol in symbols:
-        if not symbol.isprintable() or " " in symbol or "/" in symbol or len(symbol) > 40:
-            raise ConfigError(f"SYMBOLS has an invalid symbol {symbol!r}")
+        if not valid_symbol(symbol):
+            raise ConfigError(
+                f"SYMBOLS has an invalid symbol {symbol[:50]!r}: letters, digits and '_' only, as Binance writes them"
+            )
+    pooler = env.get("POSTGRES_POOLER", "auto").strip().lower() or "auto"
+    if pooler not in PG_POOLER_MODES:
+        raise ConfigError(f"POSTGRES_POOLER={pooler!r}: use one of {', '.join(PG_POOLER_MODES)}")
     return Settings(
         redis_url=_checked_url("REDIS_URL", redis_url, ("redis", "rediss", "unix"), services_hint),
         postgres_url=_checked_url("POSTGRES_URL", postgres_url, ("postgres", "postgresql"), services_hint),
@@ -210,7 +252,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pg_pool_max=env_number(env, "PG_POOL_MAX", 10, int, 2, 200),
         telegram_bot_token=env.get("TELEGRAM_BOT_TOKEN") or None,
         telegram_chat_id=env.get("TELEGRAM_CHAT_ID") or None,
-        telegram_api_url=(env.get("TELEGRAM_API_URL") or Settings.telegram_api_url).rstrip("/"),
+        telegram_api_url=_checked_telegram_url(env.get("TELEGRAM_API_URL") or Settings.telegram_api_url),
+        postgres_pooler=pooler,
     )
 
 
@@ -280,14 +323,18 @@ class SystemEventLog:
         self.written = 0
         self._wake: asyncio.Event | None = None
 
+    MAX_MESSAGE_CHARS = 2000
+    MAX_DETAILS_CHARS = 16_000
+
     def record(self, level: str, module: str, message: str, details: Mapping[str, Any] | None = None) -> None:
         try:
             level = level.upper() if level.upper() in LOG_LEVELS else "INFO"
-            payload = None if details is None else orjson.dumps(details, default=str).decode()
+            payload = None if details is None else _safe_json(details, self.MAX_DETAILS_CHARS)
             if len(self.pending) >= self.capacity:
                 self.pending.popleft()
                 self.dropped += 1
-            self.pending.append((datetime.now(UTC), level, str(module), str(message), payload))
+            row = (datetime.now(UTC), level, _safe_text(module, 100), _safe_text(message, self.MAX_MESSAGE_CHARS))
+            self.pending.append((*row, payload))
             if self._wake is not None and len(self.pending) >= self.batch_size:
                 self._wake.set()
         except Exception:
@@ -309,13 +356,25 @@ class SystemEventLog:
             )
         while self.pending:
             batch = [self.pending[i] for i in range(min(self.batch_size, len(self.pending)))]
-            columns = list(zip(*batch))
-            await pool.execute(self.INSERT_SQL, *columns, timeout=10)
+            try:
+                await pool.execute(self.INSERT_SQL, *zip(*batch), timeout=10)
+            except PG_REJECTED_ERRORS:
+                await self._write_one_by_one(pool, batch)
             for _ in batch:
                 self.pending.popleft()
             total += len(batch)
         self.written += total
         return total
+
+    async def _write_one_by_one(self, pool: asyncpg.Pool, batch: list[tuple]) -> None:
+        """A row PostgreSQL refuses (whatever slipped past the sanitising) is replaced by
+        a note saying so: it must not hold up the log behind it."""
+        for row in batch:
+            try:
+                await pool.execute(self.INSERT_SQL, *([value] for value in row), timeout=10)
+            except PG_REJECTED_ERRORS as exc:
+                note = f"a {row[1]} log row from {row[2]} was refused by PostgreSQL ({type(exc).__name__})"
+                await pool.execute(self.INSERT_SQL, [row[0]], ["WARNING"], ["SYSTEM_LOG"], [note], [None], timeout=10)
 
     async def run_flusher(self, pool: asyncpg.Pool, interval_s: float = 0.5) -> None:
         """Flush forever; a PostgreSQL outage only slows the retries down."""
@@ -335,6 +394,20 @@ class SystemEventLog:
                 if delay == interval_s:
                     log.warning("cannot write system_log_v4 (%s); %d events buffered", exc, len(self.pending))
                 delay = min(delay * 2, 10.0)
+
+
+def _safe_text(text: Any, limit: int) -> str:
+    """Text PostgreSQL stores (no NUL), cut to `limit` characters."""
+    text = str(text)
+    return (text if len(text) <= limit else text[: limit - 1] + "…").replace("\x00", "\ufffd")
+
+
+def _safe_json(details: Mapping[str, Any], limit: int) -> str:
+    """`details` as JSON jsonb accepts (no \\u0000), at most `limit` characters."""
+    payload = orjson.dumps(details, default=str).decode().replace("\\u0000", "\\ufffd")
+    if len(payload) > limit:
+        payload = orjson.dumps({"truncated": payload[:limit]}).decode()
+    return payload
 
 
 system_event_log = SystemEventLog()
@@ -391,6 +464,37 @@ async def run_safe_loop(
         delay = min(delay * 2, max_delay)
 
 
+_DIGITS = re.compile(r"\d+")
+
+
+class RateLimitedLog:
+    """One console/system-log line per reason per interval, with a count of the rest.
+
+    Reasons are keyed with their digits folded (so "row 12" and "row 13" are one
+    reason) and at most `max_reasons` are tracked: text that varies cannot grow it."""
+
+    def __init__(self, module: str, interval_s: float = 60.0, level: str = "WARNING", max_reasons: int = 256) -> None:
+        self.module, self.interval_s, self.level, self.max_reasons = module, interval_s, level, max_reasons
+        self.last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def warn(self, reason: str, message: str, details: Mapping[str, Any] | None = None) -> None:
+        now = time.monotonic()
+        key = _DIGITS.sub("#", reason[:200])[:80]
+        if now - self.last.get(key, -1e9) < self.interval_s:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return
+        skipped = self.suppressed.pop(key, 0)
+        self.last.pop(key, None)
+        self.last[key] = now  # newest last: the oldest reason is the first to go
+        while len(self.last) > self.max_reasons:
+            oldest = next(iter(self.last))
+            del self.last[oldest]
+            self.suppressed.pop(oldest, None)
+        suffix = f" ({skipped} more since the last report)" if skipped else ""
+        log_system_event(self.level, self.module, message + suffix, details)
+
+
 class Outage:
     """Logs a server fault once when it starts and once when it ends, not on every retry."""
 
@@ -445,78 +549,3 @@ def make_redis(url: str, **overrides: Any) -> Redis:
     )
     options.update(overrides)
     return Redis.from_url(url, **options)
-
-
-async def redis_has_timeseries(redis: Redis) -> bool:
-    """Probe with a harmless command: MODULE LIST is disabled on some hosted servers."""
-    try:
-        await redis.execute_command("TS.INFO", "feed_v4:probe:timeseries")
-    except ResponseError as exc:
-        return "unknown command" not in str(exc).lower()
-    return True
-
-
-async def _wait_for(what: str, url: str, attempt: Callable[[], Awaitable[Any]], wait_s: float, hint: str) -> Any:
-    """Retry `attempt` until it succeeds or `wait_s` has passed, then raise BootError."""
-    log = logging.getLogger("BOOT")
-    deadline = time.monotonic() + wait_s
-    tries = 0
-    while True:
-        tries += 1
-        try:
-            return await attempt()
-        except (
-            TimeoutError,
-            OSError,
-            RedisConnectionError,
-            RedisTimeoutError,
-            asyncpg.CannotConnectNowError,
-            asyncpg.TooManyConnectionsError,
-        ) as exc:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BootError(
-                    f"{what} at {mask_url(url)} unreachable after {tries} tries ({type(exc).__name__}: {exc}): {hint}"
-                ) from None
-            log.warning("%s not reachable yet (%s); retrying for %.0f s more", what, exc, left)
-            await asyncio.sleep(min(1.0, max(left, 0.05)))
-        except (
-            asyncpg.InvalidCatalogNameError,
-            asyncpg.InvalidPasswordError,
-            asyncpg.InvalidAuthorizationSpecificationError,
-            ResponseError,
-        ) as exc:
-            raise BootError(f"{what} at {mask_url(url)} refused us ({exc}): {hint}") from None
-
-
-async def connect_redis(settings: Settings) -> tuple[Redis, bool]:
-    """Connect at boot; return the client and whether TimeSeries is to be used."""
-    redis = make_redis(settings.redis_url)
-    hint = "check REDIS_URL or run `make services`"
-    await _wait_for("Redis", settings.redis_url, redis.ping, settings.boot_wait_s, hint)
-    has_ts = await redis_has_timeseries(redis)
-    if settings.candle_store == "timeseries" and not has_ts:
-        await redis.aclose()
-        raise BootError(
-            f"Redis at {mask_url(settings.redis_url)} has no TimeSeries module and REDIS_CANDLE_STORE=timeseries: "
-            "load redistimeseries.so (Redis Stack), or set REDIS_CANDLE_STORE=auto to use the sorted-set store"
-        )
-    use_ts = has_ts and settings.candle_store != "zset"
-    if not use_ts:
-        log_system_event("WARNING", "BOOT", "Redis without TimeSeries in use: candles go to the sorted-set store")
-    return redis, use_ts
-
-
-async def connect_pg(settings: Settings, **pool_options: Any) -> asyncpg.Pool:
-    """Create the asyncpg pool at boot, waiting a bounded time for the server."""
-    options: dict[str, Any] = dict(
-        min_size=1, max_size=settings.pg_pool_max, command_timeout=20, max_inactive_connection_lifetime=300
-    )
-    options.update(pool_options)
-
-    async def attempt() -> asyncpg.Pool:
-        return await asyncpg.create_pool(settings.postgres_url, timeout=10, **options)
-
-    return await _wait_for(
-        "PostgreSQL", settings.postgres_url, attempt, settings.boot_wait_s, "check POSTGRES_URL or run `make services`"
-    )

@@ -1,7 +1,10 @@
 """Applies the numbered SQL files in `sql/`, once each, recorded in `schema_migrations`.
 
-A session-level advisory lock serialises concurrent runners (two daemons booting at
-once): the second waits, then finds everything applied.
+Each migration runs in its own transaction that first takes a transaction-level
+advisory lock, so concurrent runners (two daemons booting at once) apply each file
+once: the second waits, then finds it applied. Transaction-level, not session-level:
+behind PgBouncer/Supavisor in transaction mode a session lock would be taken on one
+server connection and released on another.
 """
 
 from __future__ import annotations
@@ -55,33 +58,33 @@ async def apply_migrations(pool_or_conn: asyncpg.Pool | asyncpg.Connection, sql_
     return await _apply(pool_or_conn, migrations)
 
 
+_CREATE_TABLE_SQL = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    text PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now())"""
+
+
 async def _apply(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
     applied_now: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
-    try:
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   version    text PRIMARY KEY,
-                   name       text NOT NULL,
-                   checksum   text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        done = {r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")}
-        for migration in migrations:
-            if migration.version in done:
-                if done[migration.version]["checksum"] != migration.checksum:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK_KEY)
+        await conn.execute(_CREATE_TABLE_SQL)
+    for migration in migrations:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK_KEY)
+            done = await conn.fetchrow("SELECT checksum FROM schema_migrations WHERE version = $1", migration.version)
+            if done is not None:
+                if done["checksum"] != migration.checksum:
                     log.warning("migration %s changed after it was applied; not re-run", migration.name)
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    migration.version,
-                    migration.name,
-                    migration.checksum,
-                )
-            log.info("applied migration %s", migration.name)
-            applied_now.append(migration.name)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                migration.version,
+                migration.name,
+                migration.checksum,
+            )
+        log.info("applied migration %s", migration.name)
+        applied_now.append(migration.name)
     return applied_now

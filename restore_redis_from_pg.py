@@ -19,7 +19,8 @@ from redis.asyncio import Redis
 
 import core_io
 from candles import TIMEFRAMES
-from infra import BootError, ConfigError, connect_pg, connect_redis, load_settings, setup_logging
+from connections import connect_pg, connect_redis
+from infra import BootError, ConfigError, load_settings, setup_logging
 
 log = logging.getLogger("RESTORE")
 

@@ -16,6 +16,11 @@ Normalisation rules (documented in the README):
   years 2000-2099 are accepted (a microsecond or nanosecond epoch fails that check).
 - uid = sha256("SYMBOL|message key|bar_time ms"). An entry too broken to have those
   three gets the sha256 of its raw fields instead (it is 'ignored' anyway).
+
+Entries arrive cut (`signals_io` reads them through a script that bounds every value,
+name and field count before anything leaves Redis); `Cuts` says what was cut, with the
+original length and SHA-1 of each cut value, so a cut entry is still judged right (a cut
+message is too long, a cut symbol or time is invalid) and still has a stable raw uid.
 """
 
 from __future__ import annotations
@@ -36,6 +41,16 @@ MAX_SYMBOL_CHARS = 40
 MAX_TIME_CHARS = 64
 MAX_RAW_FIELDS = 32
 MAX_RAW_VALUE_CHARS = 4096
+RAW_MAX_BYTES = 8192  # the whole signals_v2_log.raw (as PostgreSQL prints it), markers included
+
+# What the reading script keeps of an entry (bytes). A valid message (4096 characters of
+# up to 4 UTF-8 bytes) is never cut, and a cut one is longer than any valid message; the
+# other required values are invalid long before READ_VALUE_BYTES; other fields only feed
+# `raw`, which keeps MAX_RAW_VALUE_CHARS of a value and RAW_MAX_BYTES in all.
+READ_MESSAGE_BYTES = MAX_MESSAGE_CHARS * 4
+READ_VALUE_BYTES = 4096
+READ_NAME_BYTES = 256
+READ_EXTRA_FIELDS = MAX_RAW_FIELDS  # fields kept besides the required ones (which are always kept)
 
 REQUIRED_FIELDS: tuple[str, ...] = ("symbol", "message", "bar_time", "sent_at")
 OPEN_ACTIONS = frozenset({"open_long", "open_short"})
@@ -215,11 +230,51 @@ def signal_uid(symbol: str, message: str, bar_time_ms: int) -> str:
     return hashlib.sha256(f"{symbol}|{message_key(message)}|{bar_time_ms}".encode()).hexdigest()
 
 
-def raw_uid(fields: Mapping[bytes, bytes]) -> str:
-    """Identity of an entry too broken for `signal_uid`: its sorted raw fields."""
+@dataclass(frozen=True, slots=True)
+class Cuts:
+    """What the reader left out of one entry.
+
+    `values` maps a field name (as returned) to (original length in bytes, SHA-1 hex of
+    the whole value) for each value cut to its read limit; `names` the same for cut field
+    names (the key is the cut name); `dropped` fields were left out entirely
+    (`dropped_bytes` of names and values).
+    """
+
+    values: Mapping[bytes, tuple[int, str]] = field(default_factory=dict)
+    names: Mapping[bytes, tuple[int, str]] = field(default_factory=dict)
+    dropped: int = 0
+    dropped_bytes: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.values or self.names or self.dropped)
+
+    def original_bytes(self, fields: Mapping[bytes, bytes]) -> int:
+        """Size of the whole entry as written (names and values)."""
+        total = self.dropped_bytes
+        for key, value in fields.items():
+            total += self.names.get(key, (len(key),))[0] + self.values.get(key, (len(value),))[0]
+        return total
+
+
+NO_CUTS = Cuts()
+
+
+def _cut_token(size: int, sha1: str) -> bytes:
+    return f"\x00cut:{size}:{sha1}".encode()
+
+
+def raw_uid(fields: Mapping[bytes, bytes], cuts: Cuts = NO_CUTS) -> str:
+    """Identity of an entry too broken for `signal_uid`: its sorted raw fields. A cut
+    value or name counts by its original length and SHA-1, so the uid is the same at
+    every read of the entry; an entry read whole gets the sha256 of all its fields."""
     digest = hashlib.sha256()
     for key, value in sorted(fields.items()):
-        digest.update(len(key).to_bytes(4, "big") + key + len(value).to_bytes(8, "big") + value)
+        name_cut, value_cut = cuts.names.get(key), cuts.values.get(key)
+        name = key if name_cut is None else _cut_token(*name_cut)
+        data = value if value_cut is None else _cut_token(*value_cut)
+        digest.update(len(name).to_bytes(4, "big") + name + len(data).to_bytes(8, "big") + data)
+    if cuts.dropped:
+        digest.update(f"\x00dropped:{cuts.dropped}:{cuts.dropped_bytes}".encode())
     return digest.hexdigest()
 
 
@@ -269,33 +324,77 @@ def _clean(text: str, limit: int) -> str:
     return text[:limit].replace("\x00", "\ufffd")
 
 
-def raw_json(fields: Mapping[bytes, bytes]) -> str:
-    """The entry as a JSON object for `signals_v2_log.raw`: invalid UTF-8 replaced,
-    values cut to MAX_RAW_VALUE_CHARS, at most MAX_RAW_FIELDS fields."""
+def raw_json(fields: Mapping[bytes, bytes], cuts: Cuts = NO_CUTS) -> str:
+    """The entry as a JSON object for `signals_v2_log.raw`, at most RAW_MAX_BYTES in all:
+    invalid UTF-8 replaced, values cut to MAX_RAW_VALUE_CHARS (and shorter where the total
+    would not fit), at most MAX_RAW_FIELDS fields. What was cut is marked: `_truncated`
+    (values cut), `_dropped_fields` (fields left out) and `_entry_bytes` (the size of the
+    whole entry as written)."""
     out: dict[str, str | int] = {}
+    room = RAW_MAX_BYTES - _RAW_MARKER_ROOM
+    truncated = dropped = 0
     for index, (key, value) in enumerate(fields.items()):
         if index == MAX_RAW_FIELDS:
-            out["_dropped_fields"] = len(fields) - MAX_RAW_FIELDS
+            dropped += len(fields) - MAX_RAW_FIELDS
             break
+        name = _clean(key[:100].decode("utf-8", errors="replace"), 100)
         text = value[: MAX_RAW_VALUE_CHARS * 4].decode("utf-8", errors="replace")
-        if len(value) > MAX_RAW_VALUE_CHARS or len(text) > MAX_RAW_VALUE_CHARS:
-            out.setdefault("_truncated", 0)
-            out["_truncated"] = int(out["_truncated"]) + 1
-        out[_clean(key[:100].decode("utf-8", errors="replace"), 100)] = _clean(text, MAX_RAW_VALUE_CHARS)
+        cut = key in cuts.values or len(value) > MAX_RAW_VALUE_CHARS * 4 or len(text) > MAX_RAW_VALUE_CHARS
+        text = _clean(text, MAX_RAW_VALUE_CHARS)
+        # Bytes as PostgreSQL prints jsonb: "name": "value", (the separators with spaces).
+        cost = len(orjson.dumps(name)) + 4
+        size = len(orjson.dumps(text))
+        if name in out or cost + _RAW_MIN_VALUE > room:
+            dropped += 1
+            continue
+        if cost + size > room:
+            text = _fit_json(text, room - cost)
+            size = len(orjson.dumps(text))
+            cut = True
+        out[name] = text
+        room -= cost + size
+        truncated += cut
+    dropped += cuts.dropped
+    if truncated:
+        out["_truncated"] = truncated
+    if dropped:
+        out["_dropped_fields"] = dropped
+    if truncated or dropped:
+        out["_entry_bytes"] = cuts.original_bytes(fields)
     return orjson.dumps(out).decode()
 
 
-def _decode_fields(fields: Mapping[bytes, bytes]) -> tuple[dict[str, str], str | None]:
-    """The required fields as text, or the reason the entry is unusable."""
+_RAW_MARKER_ROOM = 128  # braces and the three markers with their values
+_RAW_MIN_VALUE = 16  # a field that would get less room than this is left out instead
+
+
+def _fit_json(text: str, limit: int) -> str:
+    """The longest prefix of `text` whose JSON string takes at most `limit` bytes."""
+    n = min(len(text), limit)
+    while n > 0:
+        over = len(orjson.dumps(text[:n])) - limit
+        if over <= 0:
+            break
+        n -= max(1, over // 6)  # a character takes 1 to 6 bytes in JSON
+    return text[: max(n, 0)]
+
+
+def _decode_fields(fields: Mapping[bytes, bytes], cuts: Cuts = NO_CUTS) -> tuple[dict[str, str], str | None]:
+    """The required fields as text, or the reason the entry is unusable. A value the
+    reader cut is judged by its length: a cut message is too long; a cut symbol or time
+    is decoded as far as it goes and fails its own length check."""
     values: dict[str, str] = {}
     for name in REQUIRED_FIELDS:
-        value = fields.get(name.encode())
-        if value is None or not value.strip():
+        key = name.encode()
+        value = fields.get(key)
+        cut = cuts.values.get(key)
+        if value is None or (cut is None and not value.strip()):
             return values, f"{REASON_MISSING} {name}"
-        if name == "message" and len(value) > MAX_MESSAGE_CHARS * 4:
-            return values, f"{REASON_TOO_LONG}: over {MAX_MESSAGE_CHARS} characters"
+        if name == "message" and (cut is not None or len(value) > MAX_MESSAGE_CHARS * 4):
+            size = len(value) if cut is None else cut[0]
+            return values, f"{REASON_TOO_LONG}: {size} bytes, over {MAX_MESSAGE_CHARS} characters"
         try:
-            text = value.decode("utf-8")
+            text = value.decode("utf-8") if cut is None else _decode_prefix(value)
         except UnicodeDecodeError:
             return values, f"field {name} is {REASON_NOT_UTF8}"
         if "\x00" in text:
@@ -306,6 +405,16 @@ def _decode_fields(fields: Mapping[bytes, bytes]) -> tuple[dict[str, str], str |
     return values, None
 
 
+def _decode_prefix(value: bytes) -> str:
+    """UTF-8 text of a value cut at a byte limit: a character split by the cut is dropped."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(value) - 3 or exc.reason != "unexpected end of data":
+            raise
+        return value[: exc.start].decode("utf-8")
+
+
 def _partial_text(fields: Mapping[bytes, bytes], name: str, limit: int) -> str | None:
     value = fields.get(name.encode())
     if value is None:
@@ -313,16 +422,19 @@ def _partial_text(fields: Mapping[bytes, bytes], name: str, limit: int) -> str |
     return _clean(value[: limit * 4].decode("utf-8", errors="replace").strip(), limit) or None
 
 
-def decide(entry_id: str, raw_fields: Mapping[bytes | str, bytes | str], snapshot: RoutingSnapshot) -> Decision:
-    """Validate one entry and route it against `snapshot` (see the module docstring)."""
+def decide(
+    entry_id: str, raw_fields: Mapping[bytes | str, bytes | str], snapshot: RoutingSnapshot, cuts: Cuts = NO_CUTS
+) -> Decision:
+    """Validate one entry and route it against `snapshot` (see the module docstring);
+    `cuts` says what the reader cut of it."""
     fields = {_as_bytes(k): _as_bytes(v) for k, v in raw_fields.items()}
-    raw = raw_json(fields)
-    values, problem = _decode_fields(fields)
+    raw = raw_json(fields, cuts)
+    values, problem = _decode_fields(fields, cuts)
 
     def ignored(reason: str, uid: str | None = None, **known) -> Decision:
         return Decision(
             entry_id=entry_id,
-            uid=uid or raw_uid(fields),
+            uid=uid or raw_uid(fields, cuts),
             status="ignored",
             reason=reason,
             symbol=known.get("symbol", _partial_text(fields, "symbol", MAX_SYMBOL_CHARS)),
@@ -382,15 +494,13 @@ def route(phrase: Phrase, snapshot: RoutingSnapshot) -> tuple[Target, ...]:
     return tuple(targets)
 
 
-def decide_batch(
-    entries: Sequence[tuple[str, Mapping[bytes | str, bytes | str]]], snapshot: RoutingSnapshot
-) -> list[Decision]:
-    """Decide every entry, in stream order; a later 'new' with a uid already seen in
-    the batch becomes 'duplicate'."""
+def decide_batch(entries: Sequence[tuple], snapshot: RoutingSnapshot) -> list[Decision]:
+    """Decide every entry, (entry id, fields) or (entry id, fields, cuts), in stream
+    order; a later 'new' with a uid already seen in the batch becomes 'duplicate'."""
     seen: set[str] = set()
     decisions: list[Decision] = []
-    for entry_id, fields in entries:
-        decision = decide(entry_id, fields, snapshot)
+    for entry_id, fields, *cuts in entries:
+        decision = decide(entry_id, fields, snapshot, *cuts)
         if decision.status == "new":
             if decision.uid in seen:
                 decision = as_duplicate(decision, REASON_REPEAT_IN_BATCH)

@@ -2,18 +2,25 @@
 
     python signals_v4_main.py        run the router alone (the daemon runs it as a worker)
 
-Per batch of entries read with the consumer group `signal_processor`:
+Per batch of entries read with the consumer group `signal_processor` (read by a script
+that cuts every entry and bounds the batch in bytes, `signals_io.StreamReader`; the
+router waits for writes by notification, `signals_io.StreamWatch`, never by reading):
   1. decide every entry against the routing snapshot (`signals_logic`, no I/O);
   2. ONE PostgreSQL transaction logs the batch: signals_v2_log rows ('new' decided by
      the partial unique index on uid, so two routers never both deliver a uid) and the
      signal_log_entries_v2 rows of each new signal;
   3. ONE Redis script call sends the new signals to `strategy_signals:<strategy_id>`,
-     guarded by a per-signal delivery mark so a signal is never sent twice;
-  4. XACK, only now that the log is committed and the deliveries written.
-A crash anywhere leaves the entries pending; they are read again (own pending entries
-at start, other consumers' through XAUTOCLAIM), recognised by (stream entry id, uid),
-sent if their mark is missing, and acknowledged. Redis or PostgreSQL faults pause the
-batch in hand (it is retried, never dropped) and are logged once per outage.
+     guarded by a per-signal delivery mark (no expiry yet) so a signal is never sent twice;
+  4. ONE PostgreSQL statement records the rows as sent (delivered_at) and the refused
+     deliveries as failed;
+  5. ONE script call gives the marks their expiry and XACKs the entries.
+Steps 4-5 of a batch run while the next batch is read and logged (at most one batch is
+finishing; its entries are never acknowledged before its record). A crash anywhere
+leaves the entries pending; they are read again (own pending entries at start, other
+consumers' through XAUTOCLAIM), recognised by (stream entry id, uid), sent unless
+PostgreSQL records them as sent or their mark is there, and acknowledged.
+Redis or PostgreSQL faults pause the batch in hand (it is retried, never dropped) and
+are logged once per outage.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import random
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -35,19 +42,17 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import core_io
 import signals_io
+from connections import behind_pooler, connect_pg, connect_redis, pg_connect_options
 from infra import (
     REDIS_RETRY_ERRORS,
     BootError,
     ConfigError,
     Outage,
     Settings,
-    connect_pg,
-    connect_redis,
     env_number,
     load_settings,
     log_system_event,
@@ -93,6 +98,7 @@ PG_REJECTS: tuple[type[BaseException], ...] = (
 
 RELOAD_DEBOUNCE_S = 0.1  # notifications within this window cause one reload
 LISTEN_PING_S = 15.0  # a silent LISTEN connection is probed this often
+CONFIG_POLL_S = 2.0  # behind a pooler (no LISTEN): how often the change counter is read
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 5.0
 STOP_GRACE_S = 8.0  # SIGTERM: time for the batch in hand before it is cancelled
@@ -107,11 +113,13 @@ class RouterOptions:
     """The router's settings (environment variables in brackets, see the README)."""
 
     reload_s: float = 300.0  # [SIGNAL_RELOAD_S] full reload of the routing tables
-    batch: int = 200  # [SIGNAL_BATCH] entries per XREADGROUP
-    block_ms: int = 1000  # [SIGNAL_BLOCK_MS] how long one XREADGROUP waits
+    batch: int = 200  # [SIGNAL_BATCH] entries per batch
+    batch_bytes: int = 1_048_576  # [SIGNAL_BATCH_BYTES] bytes per batch as read from Redis
+    block_ms: int = 1000  # [SIGNAL_BLOCK_MS] longest wait for a write notification before reading anyway
+    poll_ms: int = 20  # [SIGNAL_POLL_MS] read interval when Redis gives no write notifications
     claim_idle_ms: int = 60_000  # [SIGNAL_CLAIM_IDLE_MS] idle time before a pending entry is taken over
     claim_every_s: float = 30.0  # [SIGNAL_CLAIM_EVERY_S] how often XAUTOCLAIM runs
-    mark_ttl_s: int = 86_400  # [SIGNAL_MARK_TTL_S] lifetime of the delivery marks
+    mark_ttl_s: int = 86_400  # [SIGNAL_MARK_TTL_S] lifetime of a delivery mark once the delivery is recorded
     pg_timeout_s: float = 10.0  # [SIGNAL_PG_TIMEOUT_S] bound on every PostgreSQL call
     consumer: str = ""  # [SIGNAL_CONSUMER] consumer name; default <hostname>-<pid>
 
@@ -122,16 +130,26 @@ def load_router_options(env: Mapping[str, str] | None = None) -> RouterOptions:
     consumer = env.get("SIGNAL_CONSUMER", "").strip()
     if consumer and (len(consumer) > 100 or not consumer.isprintable() or " " in consumer):
         raise ConfigError(f"SIGNAL_CONSUMER={consumer!r}: use up to 100 printable characters without spaces")
-    return RouterOptions(
+    options = RouterOptions(
         reload_s=env_number(env, "SIGNAL_RELOAD_S", 300.0, float, 1.0, 86_400.0),
         batch=env_number(env, "SIGNAL_BATCH", 200, int, 1, 10_000),
-        block_ms=env_number(env, "SIGNAL_BLOCK_MS", 1000, int, 10, 4000),  # under the Redis socket timeout
+        # At least the most one cut entry can take (~180 KB), so every batch holds one.
+        batch_bytes=env_number(env, "SIGNAL_BATCH_BYTES", 1_048_576, int, 262_144, 268_435_456),
+        block_ms=env_number(env, "SIGNAL_BLOCK_MS", 1000, int, 10, 60_000),
+        poll_ms=env_number(env, "SIGNAL_POLL_MS", 20, int, 1, 10_000),
         claim_idle_ms=env_number(env, "SIGNAL_CLAIM_IDLE_MS", 60_000, int, 1000, 86_400_000),
         claim_every_s=env_number(env, "SIGNAL_CLAIM_EVERY_S", 30.0, float, 1.0, 86_400.0),
         mark_ttl_s=env_number(env, "SIGNAL_MARK_TTL_S", 86_400, int, 60, 30 * 86_400),
         pg_timeout_s=env_number(env, "SIGNAL_PG_TIMEOUT_S", 10.0, float, 0.5, 600.0),
         consumer=consumer,
     )
+    if options.mark_ttl_s * 1000 <= options.claim_idle_ms:
+        raise ConfigError(
+            f"SIGNAL_MARK_TTL_S={options.mark_ttl_s} ({options.mark_ttl_s * 1000} ms) must exceed "
+            f"SIGNAL_CLAIM_IDLE_MS={options.claim_idle_ms}: a delivery mark must outlive the wait before "
+            "a pending entry is taken over"
+        )
+    return options
 
 
 def default_consumer() -> str:
@@ -178,12 +196,19 @@ class SignalRouter:
         )
         self.redis: Redis | None = None
         self._deliverer: signals_io.Deliverer | None = None
+        self._reader: signals_io.StreamReader | None = None
+        self._watch: signals_io.StreamWatch | None = None
+        self._settler: signals_io.Settler | None = None
         self._stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._started = False
         self._resume_pending = True
+        self._drained = False  # the last read found no more entries: wait for a write first
         self._next_claim_at = 0.0
+        self._claim_cursor = "0-0"
+        self.largest_batch_bytes = 0  # the largest batch read, in reply bytes (bounded by batch_bytes)
+        self._finishing: asyncio.Task | None = None  # the previous batch's record and acknowledgement
         self._redis_outage = Outage(MODULE, "Redis")
         self._pg_outage = Outage(MODULE, "PostgreSQL")
         self._config_outage = Outage(MODULE, "PostgreSQL (routing tables)")
@@ -205,15 +230,23 @@ class SignalRouter:
             decode_responses=False,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2, supported_errors=REDIS_RETRY_ERRORS),
         )
-        self._deliverer = signals_io.Deliverer(self.redis, self.settings.stream_maxlen, self.options.mark_ttl_s * 1000)
+        self._deliverer = signals_io.Deliverer(self.redis, self.settings.stream_maxlen)
+        self._reader = signals_io.StreamReader(
+            self.redis, self.stream, self.group, self.consumer, self.options.batch_bytes
+        )
+        self._watch = signals_io.StreamWatch(self.redis, self.stream)
+        self._settler = signals_io.Settler(self.redis, self.stream, self.group, self.options.mark_ttl_s * 1000)
         self._started = True
         self._resume_pending = True
+        self._drained = False
         self._next_claim_at = 0.0
+        self._claim_cursor = "0-0"
         await self._retry_redis("creating the consumer group", self._ensure_group)
         await self._retry(self._config_outage, "loading the routing tables", lambda: self.reload("start"))
         self._tasks = [
             asyncio.create_task(self._listen_forever(), name="signals-listen"),
             asyncio.create_task(self._reload_forever(), name="signals-reload"),
+            asyncio.create_task(self._watch.run(), name="signals-watch"),
         ]
         log.info("router %s started on %s/%s: %s", self.consumer, self.stream, self.group, self.snapshot.counts())
 
@@ -222,17 +255,26 @@ class SignalRouter:
             await self.start()
             while not self._stop.is_set():
                 self._check_tasks()
-                entries = await self._next_entries()
-                if entries:
-                    await self.process(entries)
+                batch = await self._next_entries()
+                if batch:
+                    await self.process(batch.entries, batch.gone)
+            await self._finished()
         except Stopped:
             pass
         finally:
+            await self._drop_finishing()
             await self.close()
+
+    @property
+    def running(self) -> bool:
+        """Started and not closed (not waiting for run_safe_loop's restart after a crash)."""
+        return self._started
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from run()."""
         self._stop.set()
+        if self._watch is not None:
+            self._watch.changed.set()  # end a wait for writes at once
 
     async def close(self) -> None:
         """Cancel the helper tasks and close the Redis client (in reverse order)."""
@@ -253,10 +295,14 @@ class SignalRouter:
         log.info("router %s stopped: %s", self.consumer, self.stats)
 
     def _check_tasks(self) -> None:
-        """A helper task that died is a bug: surface it so run_safe_loop restarts us."""
+        """A helper task that died is a bug: surface it so run_safe_loop restarts us. A
+        batch whose record or acknowledgement failed raises what it raised."""
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise RuntimeError(f"{task.get_name()} crashed") from task.exception()
+        if self._finishing is not None and self._finishing.done():
+            task, self._finishing = self._finishing, None
+            task.result()
 
     # ----------------------------------------------------------------- retries
 
@@ -299,75 +345,109 @@ class SignalRouter:
 
     # ----------------------------------------------------------------- reading
 
-    async def _next_entries(self) -> list[signals_io.RawEntry]:
+    async def _next_entries(self) -> signals_io.ReadBatch:
         """Own pending entries first (after a start or a Redis fault), then entries
-        idle too long at other consumers (every claim_every_s), then new ones."""
+        idle too long at other consumers (every claim_every_s), then new ones; every read
+        bounded in entries and bytes (signals_io.StreamReader)."""
         loop = asyncio.get_running_loop()
         opts = self.options
+        reader = self._reader
+        if self._resume_pending or loop.time() >= self._next_claim_at:
+            await self._finished()  # its entries are pending until acknowledged: not to be read again
         if self._resume_pending:
-            entries = await self._retry_redis(
-                "reading pending entries",
-                lambda: self._read_guarded(
-                    signals_io.read_own_pending(self.redis, self.stream, self.group, self.consumer, opts.batch)
-                ),
-            )
-            if entries:
-                return entries
+            batch = await self._retry_redis("reading pending entries", lambda: reader.read_pending(opts.batch))
+            if batch:
+                return self._measured(batch)
             self._resume_pending = False
         if loop.time() >= self._next_claim_at:
-            claimed = await self._retry_redis(
+            batch = await self._retry_redis(
                 "reclaiming stale entries",
-                lambda: core_io.reclaim_stale(
-                    self.redis, self.stream, self.group, self.consumer, opts.claim_idle_ms, opts.batch
-                ),
+                lambda: reader.claim(opts.claim_idle_ms, opts.batch, self._claim_cursor),
             )
-            if claimed:
-                log.info("took over %d entries idle for %d ms at other consumers", len(claimed), opts.claim_idle_ms)
-                return [(_text(entry_id), fields) for _, entry_id, fields in claimed]
-            self._next_claim_at = loop.time() + opts.claim_every_s
-        entries = await self._retry_redis(
-            "reading signals_stream",
-            lambda: core_io.read_group(
-                self.redis, self.group, self.consumer, [self.stream], count=opts.batch, block_ms=opts.block_ms
-            ),
-        )
-        return [(_text(entry_id), fields) for _, entry_id, fields in entries]
+            self._claim_cursor = batch.cursor
+            if batch:
+                log.info(
+                    "took over %d entries idle for %d ms at other consumers",
+                    len(batch.entries) + len(batch.gone),
+                    opts.claim_idle_ms,
+                )
+                return self._measured(batch)
+            if batch.cursor == "0-0":  # every pending entry looked at: until the next round
+                self._next_claim_at = loop.time() + opts.claim_every_s
+            return batch  # nothing taken over yet: go on with the pending list at once
+        if self._drained:
+            await self._wait_for_writes()
+            if self._stop.is_set():
+                return signals_io.ReadBatch()
+        self._watch.changed.clear()  # a write from now on wakes the next wait
+        batch = await self._retry_redis("reading signals_stream", lambda: reader.read_new(opts.batch))
+        self._drained = not batch.more
+        return self._measured(batch)
 
-    async def _read_guarded(self, read: Awaitable[list[signals_io.RawEntry]]) -> list[signals_io.RawEntry]:
-        try:
-            return await read
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self._ensure_group()  # Redis lost the group (a wipe): nothing pending
-            return []
+    async def _wait_for_writes(self) -> None:
+        """Until signals_stream is written to (notified by StreamWatch), at most
+        block_ms (poll_ms when Redis gives no notifications) and not past the next
+        claim round. Reads nothing."""
+        watch = self._watch
+        timeout = (self.options.block_ms if watch.active else self.options.poll_ms) / 1000
+        timeout = min(timeout, max(0.0, self._next_claim_at - asyncio.get_running_loop().time()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watch.changed.wait(), timeout)
+
+    def _measured(self, batch: signals_io.ReadBatch) -> signals_io.ReadBatch:
+        self.largest_batch_bytes = max(self.largest_batch_bytes, batch.reply_bytes)
+        return batch
 
     # ----------------------------------------------------------------- one batch
 
-    async def process(self, entries: list[signals_io.RawEntry]) -> None:
-        """Decide, log, deliver, acknowledge one batch; faults retry the failed step."""
-        opts = self.options
-        gone = [entry_id for entry_id, fields in entries if not fields]  # trimmed while pending
-        live = [(entry_id, fields) for entry_id, fields in entries if fields]
-        decisions = decide_batch(live, self.snapshot)
+    async def process(self, entries: Sequence[signals_io.RawEntry], gone: Sequence[str] = ()) -> None:
+        """Decide, log, deliver one batch, then leave its record and acknowledgement to
+        a task that runs while the next batch is read (one such task at a time); faults
+        retry the failed step. `gone` are pending entries deleted from the stream
+        meanwhile (acknowledged)."""
+        decisions = decide_batch(entries, self.snapshot)
         batch = await self._retry(self._pg_outage, "logging signals", lambda: self._commit(decisions))
         report = await self._retry_redis("delivering signals", lambda: self._deliver(batch))
-        if report.failures:
-            for log_id, strategy_id, error in report.failures:
-                log_system_event(
-                    "ERROR",
-                    MODULE,
-                    f"delivery of log {log_id} to strategy {strategy_id} failed: {error}",
-                    {"log_id": log_id, "strategy_id": strategy_id, "error": error},
-                )
-            await self._retry(
-                self._pg_outage,
-                "logging failed deliveries",
-                lambda: signals_io.mark_failed(self.pool, report.failures, opts.pg_timeout_s),
+        for log_id, strategy_id, error in report.failures:
+            log_system_event(
+                "ERROR",
+                MODULE,
+                f"delivery of log {log_id} to strategy {strategy_id} failed: {error}",
+                {"log_id": log_id, "strategy_id": strategy_id, "error": error},
             )
-        ids = [entry_id for entry_id, _ in entries]
-        await self._retry_redis("acknowledging entries", lambda: self._ack(ids))
         self._count(decisions, batch, report, len(gone))
+        ids = [entry.entry_id for entry in entries] + list(gone)
+        marks = [signals_io.delivered_mark(d) for d in batch.deliveries + batch.recorded]
+        await self._finished()
+        self._finishing = asyncio.create_task(self._finish(batch, report, ids, marks), name="signals-finish")
+        self._finishing.add_done_callback(self._on_finished)
+
+    async def _finish(
+        self, batch: signals_io.BatchLog, report: signals_io.DeliveryReport, ids: list[str], marks: list[str]
+    ) -> None:
+        """PostgreSQL records the batch's signals as sent; then their marks get their
+        expiry and the entries are acknowledged."""
+        if batch.deliveries:
+            await self._retry(self._pg_outage, "recording deliveries", lambda: self._record(batch, report))
+        await self._retry_redis("acknowledging entries", lambda: self._ack(ids, marks))
+
+    def _on_finished(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and self._watch is not None:
+            self._watch.changed.set()  # wake a waiting loop: it raises the failure
+
+    async def _finished(self) -> None:
+        """Wait for the previous batch's record and acknowledgement (raises what it raised)."""
+        task, self._finishing = self._finishing, None
+        if task is not None:
+            await task
+
+    async def _drop_finishing(self) -> None:
+        """On the way out after a failure: the batch still finishing stays pending."""
+        task, self._finishing = self._finishing, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
     async def _commit(self, decisions: list[Decision]) -> signals_io.BatchLog:
         """Commit the batch; if PostgreSQL refuses a value, isolate the entry that
@@ -403,9 +483,15 @@ class SignalRouter:
     async def _deliver(self, batch: signals_io.BatchLog) -> signals_io.DeliveryReport:
         return await self._deliverer.deliver(batch.deliveries)
 
-    async def _ack(self, ids: list[str]) -> None:
-        if ids:
-            await core_io.ack(self.redis, self.group, [(self.stream, entry_id) for entry_id in ids])
+    async def _record(self, batch: signals_io.BatchLog, report: signals_io.DeliveryReport) -> None:
+        """PostgreSQL records the batch's signals as sent: from now on a replay of their
+        entries sends nothing, whatever Redis holds."""
+        log_ids = [d.log_id for d in batch.deliveries]
+        await signals_io.record_deliveries(self.pool, log_ids, report.failures, self.options.pg_timeout_s)
+
+    async def _ack(self, ids: list[str], marks: list[str]) -> None:
+        """The recorded deliveries' marks get their expiry, the entries are acknowledged."""
+        await self._settler.settle(ids, marks)
 
     def _count(self, decisions, batch: signals_io.BatchLog, report: signals_io.DeliveryReport, gone: int) -> None:
         stats = self.stats
@@ -475,16 +561,27 @@ class SignalRouter:
 
     async def _listen_forever(self) -> None:
         """Hold a dedicated connection LISTENing on feed_v4_config; reconnect when it
-        dies, and reload after each (re)connect to catch changes made meanwhile."""
+        dies, and reload after each (re)connect to catch changes made meanwhile. Behind
+        a connection pooler (transaction mode) LISTEN never delivers: the router polls
+        the change counter the same trigger bumps instead."""
         delay = BACKOFF_START_S
+        dsn, options, _ = pg_connect_options(self.settings.postgres_url)
+        options["timeout"] = self.options.pg_timeout_s
         while True:
             conn: asyncpg.Connection | None = None
             try:
+                if self.settings.postgres_pooler == "yes":
+                    await self._poll_config_version()
                 conn = await asyncpg.connect(
-                    self.settings.postgres_url,
-                    timeout=self.options.pg_timeout_s,
+                    dsn,
+                    statement_cache_size=0,
                     server_settings={"application_name": "feed_v4_signals_listen"},
+                    **options,
                 )
+                if self.settings.postgres_pooler == "auto" and await behind_pooler(conn):
+                    conn.terminate()
+                    conn = None
+                    await self._poll_config_version()
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(signals_io.CONFIG_CHANNEL, self._on_notify)
@@ -505,9 +602,27 @@ class SignalRouter:
                 if conn is not None:
                     conn.terminate()
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    async def _poll_config_version(self) -> None:
+        """Reload whenever config_version_v4 moves (every CONFIG_POLL_S); never returns."""
+        log_system_event(
+            "INFO",
+            MODULE,
+            f"PostgreSQL is behind a connection pooler: routing changes are polled every {CONFIG_POLL_S:g} s",
+        )
+        seen = None
+        while True:
+            try:
+                version = await self.pool.fetchval(
+                    "SELECT version FROM config_version_v4", timeout=self.options.pg_timeout_s
+                )
+                self._listen_outage.ok()
+            except PG_TRANSIENT as exc:
+                self._listen_outage.fail(exc, "polling for routing changes")
+            else:
+                if version != seen:
+                    seen = version
+                    self._reload_wanted.set()
+            await asyncio.sleep(CONFIG_POLL_S)
 
 
 # --------------------------------------------------------------------------- standalone

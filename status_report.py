@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -28,7 +28,8 @@ from redis.exceptions import ResponseError
 
 import core_io
 from candles import TF_MS, TIMEFRAMES, datetime_to_ms, ms_to_datetime
-from infra import REDIS_RETRY_ERRORS, BootError, Settings, connect_pg, env_number, make_redis, mask_url
+from connections import connect_pg
+from infra import REDIS_RETRY_ERRORS, BootError, Settings, env_number, make_redis, mask_url
 
 STREAMS: tuple[str, ...] = (*core_io.CANDLE_STREAMS.values(), core_io.INDICATORS_READY_STREAM, core_io.SIGNALS_STREAM)
 GAP_STATUSES: tuple[str, ...] = ("missing", "backfilled", "unfillable")
@@ -159,6 +160,8 @@ class PgState:
     oldest_gaps: list[tuple[str, int, int | None]]  # (symbol, open time ms, detected_at ms)
     recent_errors: list[tuple[int, str, str, str]]  # (ts ms, level, module, message), newest first
     level_counts: dict[str, int]  # last hour
+    not_followed: list[tuple[str, str]] = field(default_factory=list)  # (symbol, why), enabled
+    skipped_instances: list[tuple[int, str, str, str]] = field(default_factory=list)  # (id, indicator, tf, why)
 
 
 # Correlated subqueries, not GROUP BY: max(open_time) per symbol is then one backward
@@ -172,7 +175,15 @@ _TICKERS_SQL = (
     + ", g.open_gaps, g.oldest_gap FROM tickers t "
     "CROSS JOIN LATERAL (SELECT count(*) AS open_gaps, min(m.open_time) AS oldest_gap "
     "FROM missing_m1_log_v4 m WHERE m.symbol = t.symbol AND m.status = 'missing') g "
-    "WHERE t.status = 'enabled' ORDER BY t.symbol"
+    "WHERE t.status = 'enabled' AND t.problem IS NULL ORDER BY t.symbol"
+)
+
+_NOT_FOLLOWED_SQL = (
+    "SELECT symbol, problem FROM tickers WHERE status = 'enabled' AND problem IS NOT NULL ORDER BY symbol"
+)
+
+_SKIPPED_INSTANCES_SQL = (
+    "SELECT id, indicator, timeframe, error FROM indicator_instances_v4 WHERE enabled AND error IS NOT NULL ORDER BY id"
 )
 
 _GAP_TOTALS_SQL = (
@@ -226,7 +237,11 @@ async def read_pg_state(pool: asyncpg.Pool, local_now_ms: int) -> PgState:
                 _LEVEL_COUNTS_SQL, ms_to_datetime(local_now_ms - LEVEL_COUNT_WINDOW_MS), list(PROBLEM_LEVELS)
             )
         }
-    return PgState(tickers, totals, oldest, errors, counts)
+        not_followed = [(r["symbol"], r["problem"]) for r in await conn.fetch(_NOT_FOLLOWED_SQL)]
+        skipped = [
+            (r["id"], r["indicator"], r["timeframe"], r["error"]) for r in await conn.fetch(_SKIPPED_INSTANCES_SQL)
+        ]
+    return PgState(tickers, totals, oldest, errors, counts, not_followed, skipped)
 
 
 def stream_info(length: Any, groups: Any, newest: Any = None) -> dict[str, Any]:
@@ -338,6 +353,11 @@ def build_report(
                 for symbol, open_ms, detected_ms in pg.oldest_gaps
             ],
         },
+        "not_followed": [{"symbol": symbol, "problem": problem} for symbol, problem in pg.not_followed],
+        "skipped_instances": [
+            {"id": iid, "indicator": indicator, "timeframe": tf, "error": error}
+            for iid, indicator, tf, error in pg.skipped_instances
+        ],
         "errors": {
             "recent": [
                 {"ts_ms": ts, "ts": iso_ms(ts), "level": level, "module": module, "message": message}
@@ -348,7 +368,21 @@ def build_report(
     }
     report["unhealthy"] = unhealthy_reasons(report, max_lag_s, max_pending)
     report["healthy"] = not report["unhealthy"]
+    report["warnings"] = warnings(report)
     return report
+
+
+def warnings(report: Mapping[str, Any]) -> list[str]:
+    """Configuration the daemon runs without (it is healthy, but not doing all it was
+    asked): enabled tickers it cannot follow, indicator instances it skips."""
+    out = []
+    if report["not_followed"]:
+        named = [t["symbol"] for t in report["not_followed"]]
+        out.append(f"{len(named)} enabled ticker(s) not followed (see NOT FOLLOWED): {_names(named)}")
+    if report["skipped_instances"]:
+        named = [f"{i['id']} {i['indicator']} {i['timeframe']}" for i in report["skipped_instances"]]
+        out.append(f"{len(named)} indicator instance(s) skipped (see SKIPPED INSTANCES): {_names(named)}")
+    return out
 
 
 def ticker_sort_key(ticker: Mapping[str, Any]) -> tuple[int, float, str]:
@@ -476,6 +510,7 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
     )
     out = [f"feed_v4 status: {verdict}"]
     out += [_paint(f"  - {reason}", _RED, colour) for reason in report["unhealthy"]]
+    out += [_paint(f"  ! {warning}", _YELLOW, colour) for warning in report["warnings"]]
     out += [
         f"now      {format_time(now_ms)} UTC ({clock.get(report['now_source'], report['now_source'])})",
         f"daemons  {len(report['daemons'])} alive",
@@ -522,6 +557,14 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
         out += render_table(headers, rows, paint)
     else:
         out.append("  no enabled ticker in `tickers` (set SYMBOLS or enable rows)")
+
+    if report["not_followed"]:
+        out += ["", "NOT FOLLOWED (enabled in `tickers`, but the feed cannot follow them)"]
+        out += render_table(["SYMBOL", "WHY"], [[t["symbol"], t["problem"]] for t in report["not_followed"]])
+    if report["skipped_instances"]:
+        out += ["", "SKIPPED INSTANCES (indicator_instances_v4 rows that do not run)"]
+        rows = [[i["id"], i["indicator"], i["timeframe"], _one_line(i["error"])] for i in report["skipped_instances"]]
+        out += render_table(["ID", "INDICATOR", "TF", "WHY"], rows)
 
     out += ["", "STREAMS"]
     rows = []
@@ -579,7 +622,13 @@ async def collect_status(
     and build the report. `now_ms` defaults to the newest exchange time a heartbeat
     carries, else the local clock."""
     local_now_ms = local_clock_ms() if local_now_ms is None else local_now_ms
-    heartbeats, pg = await asyncio.gather(core_io.read_heartbeats(redis), read_pg_state(pool, local_now_ms))
+    try:
+        async with asyncio.TaskGroup() as group:  # a failure of one cancels the other
+            heartbeats_task = group.create_task(core_io.read_heartbeats(redis))
+            pg_task = group.create_task(read_pg_state(pool, local_now_ms))
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    heartbeats, pg = heartbeats_task.result(), pg_task.result()
     streams, indicator_times = await read_redis_state(redis, [t.symbol for t in pg.tickers])
     return build_report(
         heartbeats=heartbeats,
@@ -646,9 +695,9 @@ async def run_status(settings: Settings, argv: list[str], env: Mapping[str, str]
     try:
         await _ping_redis(redis, settings.redis_url)
         report = await collect_status(pool, redis, max_lag_s=max_lag_s, max_pending=max_pending)
-    except asyncpg.UndefinedTableError as exc:
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
         raise BootError(
-            f"PostgreSQL at {mask_url(settings.postgres_url)} has no feed_v4 schema ({exc}): "
+            f"PostgreSQL at {mask_url(settings.postgres_url)} has no feed_v4 schema, or an older one ({exc}): "
             "run `python feed_v4_main.py migrate` (or start the daemon once)"
         ) from None
     finally:

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import core_io  # noqa: E402
-from binance_protocol import parse_frame  # noqa: E402
+from binance.protocol import parse_frame  # noqa: E402
 from fake_exchange import SyntheticSource  # noqa: E402
 from feed_and_aggregate import Feed, FeedSettings  # noqa: E402
 from infra import load_settings, make_redis, run_safe_loop  # noqa: E402

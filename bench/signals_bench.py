@@ -8,11 +8,17 @@ burst:  20,000 signals XADDed as fast as possible while the router runs; the fig
         signals / (first XADD -> last entry logged, delivered and acknowledged).
 paced:  1,000 signals/s for 5 s; latency of each signal from its XADD to its delivery
         (both stamped by the Redis clock: the two stream entry ids).
+sparse: 200 signals one at a time, 20 ms apart (the router idle in between): the same
+        latency, i.e. how fast a waiting router wakes up.
+idle:   CPU of the router's process and of Redis over 10 s with nothing to route.
+sparse and idle run twice: woken by write notifications (CLIENT TRACKING, the default)
+and polling every SIGNAL_POLL_MS (what a server without notifications gets).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -34,6 +40,9 @@ TICKERS = 50
 BURST = 20_000
 PACED_RATE = 1000
 PACED_SECONDS = 5
+SPARSE = 200
+SPARSE_GAP_S = 0.02
+IDLE_S = 10.0
 PHRASES = [
     ("Buy", "open_long"),
     ("Sell", "open_short"),
@@ -105,6 +114,45 @@ def pct(values: list[int], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
+async def redis_cpu_s(redis) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+async def sparse_and_idle(router: SignalRouter, pool, redis, symbols: list[str], first: int, label: str) -> int:
+    """Signals one at a time (latency of a waiting router), then CPU while idle."""
+    last_id = await pool.fetchval("SELECT coalesce(max(id), 0) FROM signals_v2_log")
+    for n in range(SPARSE):
+        await produce(redis, [make_signal(first + n, symbols)], chunk=1, pause_s=SPARSE_GAP_S)
+    await wait_routed(router, first + SPARSE, timeout=60)
+    lat = await latencies_ms(pool, redis, last_id)
+    await asyncio.sleep(1.0)  # let the last batch settle
+    cpu0, redis0, wall0 = time.process_time(), await redis_cpu_s(redis), time.perf_counter()
+    await asyncio.sleep(IDLE_S)
+    wall = time.perf_counter() - wall0
+    cpu = (time.process_time() - cpu0) / wall * 100
+    redis_cpu = (await redis_cpu_s(redis) - redis0) / wall * 100
+    print(
+        f"{label}: sparse ({SPARSE} signals {SPARSE_GAP_S * 1000:.0f} ms apart): XADD->delivery "
+        f"p50 {pct(lat, 50):.0f} ms, p99 {pct(lat, 99):.0f} ms, max {max(lat)} ms; "
+        f"idle: router process {cpu:.2f}% of a core, Redis {redis_cpu:.2f}%"
+    )
+    return first + SPARSE
+
+
+async def run_router(settings, pool, **options) -> tuple[SignalRouter, asyncio.Task]:
+    router = SignalRouter(settings, pool, RouterOptions(consumer="bench", **options))
+    worker = asyncio.create_task(router.run())
+    while router.snapshot_version == 0:
+        await asyncio.sleep(0.01)
+    return router, worker
+
+
+async def stop_router(router: SignalRouter, worker: asyncio.Task) -> None:
+    router.stop()
+    await asyncio.wait_for(worker, 10)
+
+
 async def main() -> None:
     url = await recreate_database(setting("POSTGRES_URL"), "feed_v4_signals_bench")
     pool = await asyncpg.create_pool(url, min_size=2, max_size=4)
@@ -114,12 +162,9 @@ async def main() -> None:
     server.start()
     redis = make_redis(server.url)
     settings = load_settings({"REDIS_URL": server.url, "POSTGRES_URL": url, "STREAM_MAXLEN": "1000000"})
-    router = SignalRouter(settings, pool, RouterOptions(consumer="bench", block_ms=100))
-    worker = asyncio.create_task(router.run())
+    print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    router, worker = await run_router(settings, pool)
     try:
-        while router.snapshot_version == 0:
-            await asyncio.sleep(0.01)
-
         burst = [make_signal(n, symbols) for n in range(BURST)]
         started = time.perf_counter()
         await produce(redis, burst, chunk=500, pause_s=0)
@@ -144,15 +189,28 @@ async def main() -> None:
         paced_lat = await latencies_ms(pool, redis, last_id)
         print(
             f"paced: {paced_total} signals at ~{PACED_RATE}/s: XADD->delivery p50 {pct(paced_lat, 50):.0f} ms, "
-            f"p99 {pct(paced_lat, 99):.0f} ms, max {max(paced_lat)} ms"
+            f"p99 {pct(paced_lat, 99):.0f} ms, max {max(paced_lat)} ms; "
+            f"largest batch read {router.largest_batch_bytes:,} bytes"
         )
         print(f"router stats: {router.stats}")
+        total = await sparse_and_idle(router, pool, redis, symbols, BURST + paced_total, "notified")
+        await stop_router(router, worker)
+
+        # The same router on a server that gives no write notifications: it polls.
+        async def no_notifications(self) -> None:
+            self.active = False
+            await asyncio.Event().wait()
+
+        signals_io.StreamWatch.run = no_notifications
+        router, worker = await run_router(settings, pool)
+        router.stats["entries"] = total
+        await sparse_and_idle(router, pool, redis, symbols, total, f"polling every {router.options.poll_ms} ms")
     finally:
-        router.stop()
-        await asyncio.wait_for(worker, 10)
+        await stop_router(router, worker)
         await redis.aclose()
         server.cleanup()
         await pool.close()
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -42,17 +42,25 @@ class IndicatorConfigError(ValueError):
     """An instance that cannot run: unknown indicator, bad or missing parameter."""
 
 
+# Bounds on every numeric parameter: TA-Lib refuses periods over 100,000 and an absurd
+# value (1e300) would overflow or allocate without end. No indicator a trader runs on
+# M1-M15 bars needs a period beyond 10,000 bars, nor a multiplier beyond a million.
+MAX_PERIOD = 10_000
+MAX_NUMBER = 1e6
+
+
 @dataclass(frozen=True)
 class Param:
     kind: str  # "int" | "float" | "number" (int when integral) | "str"
     default: Any
     minimum: float | None = None
+    maximum: float | None = None
 
     def parse(self, name: str, text: str) -> Any:
         text = text.strip()
         try:
             if self.kind == "str":
-                if not text:
+                if not text or len(text) > 100:
                     raise ValueError
                 return text
             number = float(text)
@@ -62,6 +70,9 @@ class Param:
             raise IndicatorConfigError(f"parameter {name}={text!r} is not finite")
         if self.minimum is not None and number < self.minimum:
             raise IndicatorConfigError(f"parameter {name}={text!r} must be at least {self.minimum:g}")
+        maximum = self.maximum if self.maximum is not None else MAX_PERIOD if self.kind == "int" else MAX_NUMBER
+        if number > maximum:
+            raise IndicatorConfigError(f"parameter {name}={text!r} must be at most {maximum:g}")
         if self.kind == "int":
             if not number.is_integer():
                 raise IndicatorConfigError(f"parameter {name}={text!r} must be a whole number")
@@ -230,7 +241,11 @@ COMMON: dict[str, IndicatorSpec] = {
     ),
     "obv": IndicatorSpec({}, lambda p: ("OBV",), lambda n, p: ObvKernel(n[0]), lambda p, _tf: 2),
     "psar": IndicatorSpec(
-        {"af0": Param("float", 0.02, 0), "af": Param("float", 0.02, 0), "max_af": Param("float", 0.2, 0)},
+        {
+            "af0": Param("float", 0.02, 0, 1),
+            "af": Param("float", 0.02, 0, 1),
+            "max_af": Param("float", 0.2, 0, 1),
+        },
         _names("PSAR{}_{af0}_{max_af}", "l", "s"),
         lambda n, p: SarKernel(n, p["af0"], p["max_af"]),
         lambda p, _tf: 1000,  # path-dependent; settles after a few reversals
@@ -332,6 +347,8 @@ def parse_common(instance_id: int, indicator: str, tf: str, tf_minutes: int, raw
             return None
     if indicator == "psar" and params["af"] != params["af0"]:
         return None  # TA-Lib SAR has one acceleration for the start and the step
+    if indicator == "donchian" and min(params["lower_length"], params["upper_length"]) < 2:
+        return None  # TA-Lib MIN/MAX refuse a period of 1 (TA_BAD_PARAM); pandas-ta takes it
     if indicator == "macd" and params["fast"] >= params["slow"]:
         raise IndicatorConfigError(f"fast={params['fast']} must be below slow={params['slow']}")
     names = spec.names(params)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from indicators.registry import IndicatorConfigError
+from indicators.registry import MAX_NUMBER, IndicatorConfigError
 
 SERIES_ARGS = {"open_", "open", "high", "low", "close", "volume"}
 PROBE_BARS = 400
@@ -35,22 +35,27 @@ def indicator_names() -> set[str]:
 
 
 def _parse_value(text: str) -> Any:
+    """A parameter's text as pandas-ta takes it; numbers bounded like the incremental
+    set's (a length of 10^300 would make pandas-ta allocate or overflow)."""
     word = text.strip()
     lowered = word.lower()
+    if len(word) > 100:
+        raise IndicatorConfigError(f"value {text[:40]!r}... is longer than 100 characters")
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered in ("none", "null", ""):
         return None
     try:
-        return int(word)
+        number: float = int(word)
     except ValueError:
-        pass
-    try:
-        number = float(word)
-    except ValueError:
-        return word
+        try:
+            number = float(word)
+        except ValueError:
+            return word
     if not math.isfinite(number):
         raise IndicatorConfigError(f"value {text!r} is not finite")
+    if abs(number) > MAX_NUMBER:
+        raise IndicatorConfigError(f"value {text!r} is beyond {MAX_NUMBER:g}")
     return number
 
 

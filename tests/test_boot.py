@@ -50,7 +50,7 @@ def test_redis_without_timeseries_is_refused_when_the_fallback_is_off(plain_redi
 
 def test_unknown_database_stops_boot(redis_stack_server, pg_url):
     result = run_main({"REDIS_URL": redis_stack_server.url, "POSTGRES_URL": pg_url.rsplit("/", 1)[0] + "/nope_db"})
-    assert_one_line_failure(result, "refused us", "nope_db")
+    assert_one_line_failure(result, "does not exist", "nope_db", "create the database")
 
 
 def test_migrate_command_applies_and_reports(pg_url):

@@ -6,7 +6,8 @@ from itertools import islice
 
 import core_io
 from candles import Bar
-from infra import make_redis, redis_has_timeseries
+from connections import timeseries_problem
+from infra import make_redis
 from market_data import read_archive
 
 KEY = ("LINKUSDT", "m1")
@@ -79,5 +80,5 @@ async def test_timeseries_series_are_labelled_even_after_a_flush(redis):
 
 
 async def test_timeseries_is_detected(redis, plain_redis):
-    assert await redis_has_timeseries(redis) is True
-    assert await redis_has_timeseries(plain_redis) is False
+    assert await timeseries_problem(redis) is None
+    assert await timeseries_problem(plain_redis) == "no TimeSeries module"

@@ -112,9 +112,10 @@ async def test_the_watchdog_ends_the_process_when_the_feed_goes_silent_and_teleg
         await until(lambda: not daemon.alive(), 30, "the watchdog to end the daemon")
         assert daemon.process.returncode == EXIT_STALE_FEED, daemon.output()[-3000:]
         assert 4 <= time.monotonic() - silenced < 20
-        assert any("no closed kline (WebSocket or REST) for" in m for m in await logged(pool, "CRITICAL", "WATCHDOG"))
+        critical = await logged(pool, "CRITICAL", "WATCHDOG")
+        assert any("no closed kline stored (WebSocket or REST) for" in m for m in critical)
         watchdog_alerts = [t for t in telegram.texts if t.startswith("CRITICAL | WATCHDOG")]
-        assert len(watchdog_alerts) == 1 and "no closed kline (WebSocket" in watchdog_alerts[0], telegram.texts
+        assert len(watchdog_alerts) == 1 and "no closed kline stored (WebSocket" in watchdog_alerts[0], telegram.texts
         assert {r["path"] for r in telegram.requests} == {"/bot42:token/sendMessage"}
         assert {r["json"]["chat_id"] for r in telegram.requests} == {"-1001"}
     finally:

@@ -18,7 +18,7 @@ import pytest
 from faults import FaultRun, fault_run
 from replay import M1, START, SYMBOLS, until, until_sim
 
-from binance_protocol import kline_stream
+from binance.protocol import kline_stream
 from candles import datetime_to_ms
 from fake_exchange.frames import UNKNOWN_KINDS
 

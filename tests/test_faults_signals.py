@@ -37,6 +37,7 @@ MALFORMED = 1_500
 DUPLICATES = 1_500
 VALID = TOTAL - MALFORMED - DUPLICATES
 BURSTS = 4
+MB = 1024 * 1024
 
 # Strategies (id, name, enabled, archived, allow_open): 1 takes everything, 2 no opens,
 # 3 disabled, 4 archived. Phrases 1-6 are mapped to all four, 7 only to 3 and 4.
@@ -131,6 +132,8 @@ def valid_signals(symbols: list[str], rng: random.Random) -> list[Signal]:
         }
         if rng.random() < 0.1:
             fields["source"] = "tradingview"  # extra fields are kept in raw, not a fault
+        if i % 2000 == 1000:  # an attachment of megabytes: read cut, the signal routed as any other
+            fields["attachment"] = "z" * (2 * MB)
         sig.copies.append(Sent(fields, signal=i))
         signals.append(sig)
     return signals
@@ -141,6 +144,9 @@ def malformed_entry(n: int, symbols: list[str], rng: random.Random) -> Sent:
     bar = BAD_BAR0 + n * 60_000
     good = {"symbol": rng.choice(symbols), "message": "Close all", "bar_time": str(bar), "sent_at": str(bar + 1)}
     kind = rng.randrange(15)
+    if n % 300 == 150:  # now and then a message of megabytes: read cut, never whole
+        good["message"] = "Close all " + "x" * ((1 + n // 300 % 3) * MB)
+        return Sent(good, reason=sl.REASON_TOO_LONG)
     if kind == 0:
         name = rng.choice(sl.REQUIRED_FIELDS)
         del good[name]
@@ -320,8 +326,12 @@ async def signal_mismatches(run: FaultRun, signals: list[Signal], entries: list[
     """Every entry against what it must have become; one tuple per difference."""
     wrong: list[tuple] = []
     rows = await run.pool.fetch(
-        "SELECT id, stream_id, uid, status, reason, symbol, message, action, bar_time, sent_at FROM signals_v2_log"
+        "SELECT id, stream_id, uid, status, reason, symbol, message, action, bar_time, sent_at, "
+        "octet_length(raw::text) AS raw_bytes FROM signals_v2_log"
     )
+    wrong += [
+        ("signals", r["stream_id"], f"raw of {r['raw_bytes']} bytes") for r in rows if r["raw_bytes"] > sl.RAW_MAX_BYTES
+    ]
     by_entry: dict[str, list] = defaultdict(list)
     for row in rows:
         by_entry[row["stream_id"]].append(row)
@@ -426,7 +436,7 @@ async def test_signal_flood_with_two_routers_racing(pool, redis, redis_url, pg_u
             await run.ready()
             await second.start()
             await wait_for(run, second, lambda: _two_consumers(run), 30, "both routers reading the group")
-            run.inject(f"{TOTAL:,} signals, 30% malformed/duplicated, 2 routers")
+            run.inject(f"{TOTAL:,} signals, 30% malformed/duplicated, 8 of 1-3 MB, 2 routers")
             await send_in_bursts(run, entries)
             await wait_for(run, second, lambda: _drained(run), 60, "every signal logged and acknowledged")
             code = await second.terminate()

@@ -9,7 +9,8 @@ from itertools import islice
 import pytest
 
 from aggregation import GapTracker, affected_buckets, aggregate, buildable
-from binance_protocol import (
+from backfill import contiguous_ranges
+from binance.protocol import (
     FrameError,
     KlineUpdate,
     MarkPrices,
@@ -19,7 +20,7 @@ from binance_protocol import (
     parse_frame,
 )
 from candles import bucket_start
-from feed_and_aggregate import contiguous_ranges, widen
+from feed_and_aggregate import widen
 from market_data import SHARED_DATA_DIR, read_archive
 
 FRAMES = SHARED_DATA_DIR / "ws_frames"
@@ -61,7 +62,7 @@ def test_mark_price_frames_of_every_schema_parse():
 
 
 def test_dated_contract_mark_price_with_empty_funding_rate():
-    frame = '{"e":"markPriceUpdate","E":1,"s":"BTCUSDT_260327","p":"83000.1","r":"","T":0,"st":1,"zz":[1]}'
+    frame = '{"e":"markPriceUpdate","E":1769904030000,"s":"BTCUSDT_260327","p":"83000.1","r":"","T":0,"st":1,"zz":[1]}'
     assert parse_frame(frame).prices == {"BTCUSDT_260327": "83000.1"}
 
 
@@ -70,27 +71,27 @@ def test_dated_contract_mark_price_with_empty_funding_rate():
     [
         ("{not json", "not JSON"),
         ("[1,2]", "not a JSON object"),
-        ('{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1,"s":"BTCUSDT"}}', "without a 'k'"),
+        ('{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1769904030000,"s":"BTCUSDT"}}', "without a 'k'"),
         (
-            '{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1,"k":{"t":60000,"s":"BTCUSDT","x":true,'
+            '{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1769904030000,"k":{"t":1769904000000,"s":"BTCUSDT","x":true,'
             '"o":"1","h":"1","l":"1","c":"abc","v":"1","n":1}}}',
             "field c is not a decimal",
         ),
         (
-            '{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1,"k":{"t":60001,"s":"BTCUSDT","x":true}}}',
+            '{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1769904030000,"k":{"t":1769904000001,"s":"BTCUSDT","x":true}}}',
             "not a whole minute",
         ),
         (
-            '{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1,"k":{"t":60000,"s":"BTCUSDT","x":"yes"}}}',
+            '{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1769904030000,"k":{"t":1769904000000,"s":"BTCUSDT","x":"yes"}}}',
             "'x' is not a boolean",
         ),
         (
-            '{"stream":"ethusdt@kline_1m","data":{"e":"kline","E":1,"k":{"t":60000,"s":"BTCUSDT","x":true,'
+            '{"stream":"ethusdt@kline_1m","data":{"e":"kline","E":1769904030000,"k":{"t":1769904000000,"s":"BTCUSDT","x":true,'
             '"o":"1","h":"1","l":"1","c":"1","v":"1","n":1}}}',
             "on stream",
         ),
         ('{"stream":"btcusdt@depth","data":{"e":"depthUpdate"}}', "unknown event"),
-        ('{"stream":"x","data":{"e":"markPriceUpdate","s":"BTCUSDT","p":"NaN"}}', "not finite"),
+        ('{"stream":"x","data":{"e":"markPriceUpdate","s":"BTCUSDT","p":"NaN"}}', "out of range"),
     ],
 )
 def test_malformed_frames_are_rejected_with_a_reason(frame, reason):

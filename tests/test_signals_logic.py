@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -204,7 +205,8 @@ def test_bad_symbol_is_ignored():
 def test_raw_is_bounded_in_fields():
     fields = entry(**{f"extra{i}": "v" for i in range(100)})
     raw = json.loads(sl.decide("1-0", fields, snapshot()).raw)
-    assert len(raw) == sl.MAX_RAW_FIELDS + 1 and raw["_dropped_fields"] == 104 - sl.MAX_RAW_FIELDS
+    assert len(raw) == sl.MAX_RAW_FIELDS + 2 and raw["_dropped_fields"] == 104 - sl.MAX_RAW_FIELDS
+    assert raw["_entry_bytes"] == sum(len(k) + len(v) for k, v in fields.items())
 
 
 def test_text_keys_and_values_are_accepted_too():
@@ -276,3 +278,74 @@ def test_rejected_stand_in_is_plain_ascii():
     r = sl.as_rejected(d, "invalid byte sequence \x00 é")
     assert r.status == "ignored" and r.reason.isascii() and "\x00" not in r.reason
     assert r.symbol is None and r.uid == d.uid
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def _old_raw_uid(fields: dict[bytes, bytes]) -> str:
+    """raw_uid as it was before entries could arrive cut (uids already logged must not change)."""
+    digest = hashlib.sha256()
+    for key, value in sorted(fields.items()):
+        digest.update(len(key).to_bytes(4, "big") + key + len(value).to_bytes(8, "big") + value)
+    return digest.hexdigest()
+
+
+def test_raw_uid_of_an_entry_read_whole_is_unchanged():
+    fields = entry(bar_time="nope", extra="x")
+    assert sl.raw_uid(fields) == sl.raw_uid(fields, sl.NO_CUTS) == _old_raw_uid(fields)
+
+
+def test_raw_uid_of_a_cut_entry_depends_on_the_whole_values():
+    cut = {b"payload": b"a" * 10}
+    one = sl.Cuts(values={b"payload": (5_000_000, "1" * 40)})
+    other = sl.Cuts(values={b"payload": (5_000_000, "2" * 40)})
+    assert sl.raw_uid(cut, one) == sl.raw_uid(dict(cut), one)  # stable at every read
+    assert sl.raw_uid(cut, one) != sl.raw_uid(cut, other) != _old_raw_uid(cut)
+    dropped = sl.Cuts(values=one.values, dropped=3, dropped_bytes=12)
+    assert sl.raw_uid(cut, dropped) != sl.raw_uid(cut, one)
+
+
+def test_cut_values_are_judged_by_their_length():
+    message_cut = sl.Cuts(values={b"message": (5_000_000, "0" * 40)})
+    d = sl.decide("1-0", entry(message="Buy BTC" + "x" * 100), snapshot(), message_cut)
+    assert (d.status, d.reason) == ("ignored", "message too long: 5000000 bytes, over 4096 characters")
+    # A symbol cut in the middle of a character is no "invalid UTF-8": it is too long.
+    symbol = ("€" * 2000).encode()[: sl.READ_VALUE_BYTES]
+    d = sl.decide("1-0", entry(symbol=symbol), snapshot(), sl.Cuts(values={b"symbol": (6000, "0" * 40)}))
+    assert d.status == "ignored" and d.reason.startswith(sl.REASON_BAD_SYMBOL)
+    d = sl.decide("1-0", entry(bar_time=b"1" * 4096), snapshot(), sl.Cuts(values={b"bar_time": (10**6, "0" * 40)}))
+    assert d.status == "ignored" and d.reason.startswith(sl.REASON_BAD_BAR_TIME) and "too long" in d.reason
+    # A cut extra field does not matter to the signal.
+    d = sl.decide("1-0", entry(note="n" * 4096), snapshot(), sl.Cuts(values={b"note": (10**7, "0" * 40)}))
+    assert d.status == "new"
+    assert json.loads(d.raw)["_entry_bytes"] == sum(len(k) + len(v) for k, v in entry().items()) + 4 + 10**7
+
+
+def test_decide_batch_takes_what_the_reader_cut():
+    cuts = sl.Cuts(values={b"message": (99_999, "0" * 40)})
+    first, second = sl.decide_batch([("1-0", entry(), cuts), ("2-0", entry())], snapshot())
+    assert first.reason.startswith(sl.REASON_TOO_LONG) and second.status == "new"
+
+
+@pytest.mark.parametrize("value", ["v" * 4096, "é" * 4096, "\x01" * 4096, "𝄞" * 4096])
+def test_raw_is_bounded_in_total_with_markers(value):
+    fields = entry(**{f"extra{i}": value for i in range(40)})
+    raw = sl.decide("1-0", fields, snapshot()).raw
+    # PostgreSQL prints jsonb with a space after each colon and comma: bounded as printed.
+    printed = json.dumps(json.loads(raw), ensure_ascii=False)
+    assert len(printed.encode()) <= sl.RAW_MAX_BYTES
+    data = json.loads(raw)
+    assert data["_truncated"] >= 1 and data["_dropped_fields"] >= 40 + 4 - sl.MAX_RAW_FIELDS
+    assert data["_entry_bytes"] == sum(len(k) + len(v) for k, v in fields.items())
+    assert data["symbol"] == "BTCUSDT" and data["message"] == "Buy BTC"  # the first fields are whole
+
+
+def test_raw_of_a_small_entry_has_no_markers():
+    assert json.loads(sl.decide("1-0", entry(extra="kept"), snapshot()).raw) == {
+        "symbol": "BTCUSDT",
+        "message": "Buy BTC",
+        "bar_time": str(BAR_MS),
+        "sent_at": str(SENT_MS),
+        "extra": "kept",
+    }

@@ -203,6 +203,9 @@ async def test_xadd_is_logged_delivered_and_acked(h):
     ]
     assert await h.routed(2) == []
     assert router.stats["new"] == 1 and router.stats["sent"] == 1 and router.stats["skipped"] == 1
+    # PostgreSQL records the delivery; only then does the mark get its expiry.
+    assert row["delivered_at"] is not None
+    assert 0 < await h.redis.pttl(mark_key(row)) <= RouterOptions().mark_ttl_s * 1000
 
 
 async def test_archived_disabled_and_allow_open_strategies_are_filtered(h):
@@ -494,8 +497,21 @@ class CrashBeforeDelivery(SignalRouter):
 
 
 class CrashBeforeAck(SignalRouter):
-    async def _ack(self, ids):
+    async def _ack(self, ids, *marks):
         raise SimulatedCrash("after delivery")
+
+
+class CrashAfterDelivery(SignalRouter):
+    """Dies right after the delivery script: the log committed and the strategy streams
+    written, but the delivery neither recorded in PostgreSQL nor acknowledged."""
+
+    async def _deliver(self, batch):
+        await super()._deliver(batch)
+        raise SimulatedCrash("after the delivery script")
+
+
+def mark_key(row) -> str:
+    return f"{signals_io.DELIVERED_MARK_PREFIX}{row['id']}:{row['uid'][:16]}"
 
 
 @pytest.mark.parametrize("crashing", [CrashBeforeDelivery, CrashBeforeAck])
@@ -518,6 +534,53 @@ async def test_crash_between_log_and_ack_delivers_exactly_once(h, crashing):
         [sl.Delivery(row["id"], row["uid"], "BTCUSDT", "Close all", "close", BAR_MS, BAR_MS, (1, 2))]
     )
     assert (report.sent, report.already) == (0, 1)
+
+
+async def test_a_router_down_longer_than_the_mark_ttl_still_sends_once(h):
+    """The router dies right after sending, stays down longer than SIGNAL_MARK_TTL_S
+    (1 s here), and another router takes the entry over: the mark set by the script has
+    no expiry yet, so the signal does not go out a second time."""
+    crashy = CrashAfterDelivery(h.settings, h.pool, fast_options(consumer="crashy", mark_ttl_s=1))
+    task = asyncio.create_task(crashy.run())
+    await h.xadd(signal_fields("Close all"))
+    with pytest.raises(SimulatedCrash):
+        await asyncio.wait_for(task, 10)
+    assert len(await h.routed(1)) == len(await h.routed(2)) == 1 and await h.pending() == 1
+    await asyncio.sleep(1.5)  # the downtime: longer than the mark's 1 s lifetime
+    other = await h.run(consumer="other", mark_ttl_s=1, claim_idle_ms=1000, claim_every_s=0.1)
+    await until(lambda: h.settled(1))
+    assert len(await h.routed(1)) == len(await h.routed(2)) == 1  # not sent again
+    [row] = await h.rows()
+    assert other.stats["replayed"] == 1 and row["delivered_at"] is not None
+    assert 0 < await h.redis.pttl(mark_key(row)) <= 1000  # recorded now: the mark expires
+
+
+@pytest.mark.parametrize("mark", ["kept", "lost"])
+async def test_a_delivery_recorded_in_postgres_is_never_sent_again(h, mark):
+    """The router dies after PostgreSQL recorded the delivery, before the acknowledgement.
+    Read again, the entry is not sent, whether its mark is still there (it gets its
+    expiry now) or gone (expired, evicted, lost in a failover)."""
+    crashy = CrashBeforeAck(h.settings, h.pool, fast_options(consumer="crashy"))
+    task = asyncio.create_task(crashy.run())
+    await h.xadd(signal_fields("Close all"))
+    with pytest.raises(SimulatedCrash):
+        await asyncio.wait_for(task, 10)
+    [row] = await h.rows()
+    key = mark_key(row)
+    ttl_after_crash = await h.redis.pttl(key)
+    if mark == "lost":
+        await h.redis.delete(key)
+    again = await h.run(consumer="crashy")
+    await until(lambda: h.settled(1))
+    assert len(await h.routed(1)) == len(await h.routed(2)) == 1  # not sent again
+    assert again.stats["replayed"] == 1 and again.stats["sent"] == 0
+    assert ttl_after_crash == -1  # no expiry before the acknowledgement round
+    [row] = await h.rows()
+    assert row["delivered_at"] is not None
+    if mark == "kept":
+        assert 0 < await h.redis.pttl(key) <= RouterOptions().mark_ttl_s * 1000
+    else:
+        assert not await h.redis.exists(key)
 
 
 # --------------------------------------------------------------------------- faults
@@ -663,6 +726,22 @@ def test_router_settings_from_the_environment():
         load_router_options({"SIGNAL_BATCH": "0"})
     with pytest.raises(ConfigError, match="SIGNAL_CONSUMER"):
         load_router_options({"SIGNAL_CONSUMER": "two words"})
+    options = load_router_options({"SIGNAL_BATCH_BYTES": "2097152", "SIGNAL_POLL_MS": "5"})
+    assert (options.batch_bytes, options.poll_ms) == (2_097_152, 5)
+    with pytest.raises(ConfigError, match="SIGNAL_BATCH_BYTES='1000' is out of range"):
+        load_router_options({"SIGNAL_BATCH_BYTES": "1000"})  # under what one cut entry can take
+
+
+def test_a_mark_ttl_at_or_below_the_claim_idle_time_is_refused():
+    with pytest.raises(ConfigError) as caught:
+        load_router_options({"SIGNAL_MARK_TTL_S": "120", "SIGNAL_CLAIM_IDLE_MS": "120000"})
+    message = str(caught.value)
+    assert message.startswith("SIGNAL_MARK_TTL_S=120 (120000 ms) must exceed SIGNAL_CLAIM_IDLE_MS=120000")
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match="must exceed SIGNAL_CLAIM_IDLE_MS=86400000"):
+        load_router_options({"SIGNAL_CLAIM_IDLE_MS": "86400000"})  # the default TTL is one day
+    options = load_router_options({"SIGNAL_MARK_TTL_S": "121", "SIGNAL_CLAIM_IDLE_MS": "120000"})
+    assert (options.mark_ttl_s, options.claim_idle_ms) == (121, 120_000)
 
 
 async def _async(value: bool) -> bool:

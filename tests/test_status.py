@@ -358,6 +358,9 @@ async def test_json_and_text_output(pool, redis):
         "streams",
         "gaps",
         "errors",
+        "not_followed",
+        "skipped_instances",
+        "warnings",
     }
     assert set(parsed["tickers"][0]) == {"symbol", "m1", "m5", "m15", "indicators", "open_gaps", "oldest_gap"}
     assert parsed == report

@@ -2,7 +2,10 @@
 
 Pure functions, no I/O. Parsers tolerate unknown and missing optional fields (the
 schema grew `i`/`P` in 2020 and `ap`/`st` in 2026) and raise FrameError with a
-reason for anything that cannot become a candle or a price.
+reason for anything that cannot become a candle or a price. They also refuse what
+is well-formed but implausible (a negative volume, high below low, a time in
+microseconds, a trade count no minute has), since whatever passes here is stored,
+summed into M5/M15 and fed to the indicators.
 """
 
 from __future__ import annotations
@@ -20,9 +23,25 @@ MARK_PRICE_ALL_STREAM = "!markPrice@arr@1s"
 REST_KLINES_MAX_LIMIT = 1500
 M1_MS = 60_000
 
+# Plausibility. USDⓈ-M futures opened in September 2019; times are milliseconds.
+EARLIEST_MS = 1_567_296_000_000  # 2019-09-01
+LATEST_MS = 4_102_444_800_000  # 2100-01-01: a time in microseconds is far beyond
+MAX_EVENT_DELAY_MS = 86_400_000  # a kline event more than a day after its open time
+MAX_TRADES_PER_MINUTE = 100_000_000  # x 15 still fits PostgreSQL's integer in an M15
+MAX_DECIMAL = Decimal(10) ** 15
+MAX_DECIMAL_CHARS = 40  # "83084.90000000" is 14; PostgreSQL's numeric has its own limits
+
 
 class FrameError(ValueError):
     """A frame that cannot be used; the message is the reason logged."""
+
+
+def valid_symbol(symbol: str) -> bool:
+    """A name Binance could list: letters and digits (any script: symbols may be
+    non-ASCII) and '_' (dated contracts, BTCUSDT_260327), upper case, at most 40
+    characters. Anything else (a space, '#', '/', '@', lower case) would break or
+    inject stream names."""
+    return 0 < len(symbol) <= 40 and symbol[0] != "_" and symbol.replace("_", "").isalnum() and symbol == symbol.upper()
 
 
 def kline_stream(symbol: str) -> str:
@@ -75,15 +94,39 @@ FeedMessage = KlineUpdate | MarkPrices | Reply
 
 
 def _decimal(value: Any, name: str) -> Decimal:
-    if not isinstance(value, str):
-        raise FrameError(f"field {name} is not a decimal string: {value!r}")
+    """A non-negative decimal string of sane size (prices, quantities)."""
+    if not isinstance(value, str) or len(value) > MAX_DECIMAL_CHARS:
+        raise FrameError(f"field {name} is not a decimal string: {str(value)[:60]!r}")
     try:
         result = Decimal(value)
     except InvalidOperation:
         raise FrameError(f"field {name} is not a decimal: {value!r}") from None
-    if not result.is_finite():
-        raise FrameError(f"field {name} is not finite: {value!r}")
+    if not result.is_finite() or not 0 <= result < MAX_DECIMAL:
+        raise FrameError(f"field {name} is out of range: {value!r}")
     return result
+
+
+def check_time(value: Any, name: str) -> int:
+    if type(value) is not int or not EARLIEST_MS <= value < LATEST_MS:
+        raise FrameError(f"{name} {str(value)[:30]!r} is not a time in ms between 2019 and 2100")
+    return value
+
+
+def check_trades(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_TRADES_PER_MINUTE:
+        raise FrameError(f"kline trade count {str(value)[:30]!r} is out of range")
+    return value
+
+
+def check_candle(candle: Candle) -> Candle:
+    """Prices positive and ordered (low <= open, close <= high), taker parts within the totals."""
+    if candle.low <= 0:
+        raise FrameError(f"kline low {candle.low} is not positive")
+    if not candle.low <= min(candle.open, candle.close) <= max(candle.open, candle.close) <= candle.high:
+        raise FrameError(f"kline prices out of order: o={candle.open} h={candle.high} l={candle.low} c={candle.close}")
+    if candle.taker_buy_volume > candle.volume or candle.taker_buy_quote_volume > candle.quote_volume:
+        raise FrameError("kline taker buy volume exceeds its volume")
+    return candle
 
 
 def parse_kline(data: dict, forming_candle: bool = False) -> KlineUpdate:
@@ -100,19 +143,19 @@ def parse_kline(data: dict, forming_candle: bool = False) -> KlineUpdate:
         raise FrameError(f"kline event without field {exc.args[0]!r}") from None
     if interval != "1m":
         raise FrameError(f"kline interval {interval!r} is not 1m")
-    if not isinstance(symbol, str) or not symbol:
-        raise FrameError("kline without a symbol")
+    if not isinstance(symbol, str) or not valid_symbol(symbol):
+        raise FrameError(f"kline symbol {str(symbol)[:50]!r} is not a symbol name")
     if type(open_time) is not int or open_time % M1_MS:
-        raise FrameError(f"kline open time {open_time!r} is not a whole minute in ms")
+        raise FrameError(f"kline open time {str(open_time)[:30]!r} is not a whole minute in ms")
+    check_time(open_time, "kline open time")
     if type(closed) is not bool:
         raise FrameError(f"kline 'x' is not a boolean: {closed!r}")
-    if type(event_time) is not int:
-        raise FrameError(f"event time {event_time!r} is not an integer")
+    if event_time != 0:
+        check_time(event_time, "event time")
+        if not open_time <= event_time <= open_time + MAX_EVENT_DELAY_MS:
+            raise FrameError(f"event time {event_time} is implausible for a kline opening at {open_time}")
     if not closed and not forming_candle:
         return KlineUpdate(event_time, symbol, open_time, closed, None)
-    trades = k.get("n", 0)
-    if type(trades) is not int or trades < 0:
-        raise FrameError(f"kline trade count {trades!r} is not a non-negative integer")
     candle = Candle(
         symbol=symbol,
         tf="m1",
@@ -123,19 +166,22 @@ def parse_kline(data: dict, forming_candle: bool = False) -> KlineUpdate:
         close=_decimal(k.get("c"), "c"),
         volume=_decimal(k.get("v"), "v"),
         quote_volume=_decimal(k.get("q", "0"), "q"),
-        trades=trades,
+        trades=check_trades(k.get("n", 0)),
         taker_buy_volume=_decimal(k.get("V", "0"), "V"),
         taker_buy_quote_volume=_decimal(k.get("Q", "0"), "Q"),
     )
-    return KlineUpdate(event_time, symbol, open_time, closed, candle)
+    return KlineUpdate(event_time, symbol, open_time, closed, check_candle(candle))
 
 
 def _mark_price_item(item: Any) -> tuple[str, str, int]:
     if not isinstance(item, dict) or not isinstance(item.get("s"), str) or not isinstance(item.get("p"), str):
         raise FrameError("mark price update without 's' and 'p'")
-    _decimal(item["p"], "p")
+    if _decimal(item["p"], "p") <= 0:
+        raise FrameError(f"mark price {item['p']!r} is not positive")
     event_time = item.get("E", 0)
-    return item["s"], item["p"], event_time if type(event_time) is int else 0
+    if type(event_time) is not int:
+        return item["s"], item["p"], 0
+    return item["s"], item["p"], check_time(event_time, "event time") if event_time else 0
 
 
 def parse_mark_prices(data: Any) -> MarkPrices:
@@ -181,10 +227,11 @@ def parse_frame(raw: str | bytes, forming_candle: bool = False) -> FeedMessage:
 def parse_rest_kline(symbol: str, row: Any) -> tuple[Candle, int]:
     """A GET /fapi/v1/klines row to (candle, close time ms)."""
     if not isinstance(row, list) or len(row) < 11:
-        raise FrameError(f"kline row is not a 12-element array: {row!r}")
-    open_time, close_time, trades = row[0], row[6], row[8]
-    if type(open_time) is not int or open_time % M1_MS or type(close_time) is not int or type(trades) is not int:
-        raise FrameError(f"kline row has bad times or trade count: {row!r}")
+        raise FrameError(f"kline row is not a 12-element array: {str(row)[:200]}")
+    open_time, close_time = row[0], row[6]
+    if type(open_time) is not int or open_time % M1_MS or close_time != open_time + M1_MS - 1:
+        raise FrameError(f"kline row has bad times: {str(row)[:200]}")
+    check_time(open_time, "kline open time")
     candle = Candle(
         symbol=symbol,
         tf="m1",
@@ -195,18 +242,28 @@ def parse_rest_kline(symbol: str, row: Any) -> tuple[Candle, int]:
         close=_decimal(row[4], "close"),
         volume=_decimal(row[5], "volume"),
         quote_volume=_decimal(row[7], "quote_volume"),
-        trades=trades,
+        trades=check_trades(row[8]),
         taker_buy_volume=_decimal(row[9], "taker_buy_volume"),
         taker_buy_quote_volume=_decimal(row[10], "taker_buy_quote_volume"),
     )
-    return candle, close_time
+    return check_candle(candle), close_time
 
 
-def closed_rest_klines(symbol: str, rows: list, server_now_ms: int) -> list[Candle]:
-    """Only the closed rows: the last one may still be forming (close time not past)."""
+def closed_rest_klines(symbol: str, rows: list, server_now_ms: int, rejected: list[str] | None = None) -> list[Candle]:
+    """Only the closed rows: the last one may still be forming (close time not past).
+
+    A row that does not parse is left out (its minute stays missing, and becomes
+    unfillable if the exchange never gives a usable one); its reason goes to `rejected`.
+    """
     out = []
     for row in rows:
-        candle, close_time = parse_rest_kline(symbol, row)
+        try:
+            candle, close_time = parse_rest_kline(symbol, row)
+        except FrameError as exc:
+            if rejected is None:
+                raise
+            rejected.append(str(exc))
+            continue
         if close_time < server_now_ms:
             out.append(candle)
     return out

@@ -1,0 +1,206 @@
+"""One combined-stream WebSocket connection, for any route (`/market`, `/public`).
+
+Binance's rules it keeps: reconnect with capped, jittered backoff; replace a silent
+connection; open the successor before Binance's 24-hour cut; SUBSCRIBE/UNSUBSCRIBE in
+batches paced under 10 messages a second; treat "no data after subscribing" (the
+legacy routes acknowledge and stay silent) as an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import websockets
+
+from binance.protocol import request_message
+from infra import log_system_event
+
+
+class StreamSettings(Protocol):
+    silence_s: float
+    first_data_timeout_s: float
+    connection_max_age_s: float
+    backoff_max_s: float
+    subscribe_batch: int
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; reset after a healthy connection."""
+
+    def __init__(self, base_s: float = 0.5, cap_s: float = 60.0) -> None:
+        self.base_s, self.cap_s, self.failures = base_s, cap_s, 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return random.uniform(self.base_s, min(self.cap_s, self.base_s * 2 ** min(self.failures, 30)))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def stream_url(base_url: str, streams: Iterable[str]) -> str:
+    """The combined-stream URL; names are percent-encoded (symbols may be non-ASCII)."""
+    return f"{base_url}/stream?streams={'/'.join(quote(s, safe='@!_') for s in sorted(streams))}"
+
+
+def is_reply(raw: str | bytes) -> bool:
+    """An answer to one of our requests, not market data (text or binary frame)."""
+    head = raw[:8] if isinstance(raw, str) else raw[:8].decode("utf-8", "replace")
+    return head.startswith(('{"result"', '{"id"'))
+
+
+class ConnectionLost(Exception):
+    pass
+
+
+class StreamConnection:
+    """One combined-stream connection: reconnects with backoff, replaces itself before
+    the 24-hour cut (make before break), subscribes and unsubscribes live."""
+
+    def __init__(
+        self,
+        conn_id: int,
+        base_url: str,
+        settings: StreamSettings,
+        on_frame: Callable[[str | bytes], None],
+        on_connected: Callable[[set[str]], None],
+    ) -> None:
+        self.conn_id, self.base_url, self.settings = conn_id, base_url, settings
+        self.on_frame, self.on_connected = on_frame, on_connected
+        self.streams: set[str] = set()
+        self.ws: Any = None
+        self.request_id = 0
+        self.backoff = Backoff(0.5, settings.backoff_max_s)
+        self.log = logging.getLogger(f"WS{conn_id}")
+
+    def url(self, streams: set[str]) -> str:
+        return stream_url(self.base_url, streams)
+
+    async def run(self) -> None:
+        while True:
+            if not self.streams:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                ws = await self._open()
+                self.backoff.reset()
+                await self._serve(ws)
+            except asyncio.CancelledError:
+                # Stopping: a courtesy close, not worth waiting for a slow peer's TCP close.
+                await self._close(self.ws, timeout_s=0.3)
+                raise
+            except (OSError, ConnectionLost, websockets.WebSocketException, TimeoutError) as exc:
+                delay = self.backoff.next_delay()
+                log_system_event(
+                    "WARNING",
+                    f"WS{self.conn_id}",
+                    f"connection lost ({type(exc).__name__}: {exc}); reconnecting in {delay:.1f}s",
+                    {"streams": len(self.streams)},
+                )
+                await self._close(self.ws)
+                self.ws = None
+                await asyncio.sleep(delay)
+
+    async def _open(self) -> Any:
+        """Connect and wait for the first data frame: the legacy routes acknowledge and
+        then stay silent, so no data in time is an error, not a quiet market."""
+        streams = set(self.streams)
+        ws = await websockets.connect(
+            self.url(streams), max_size=2**24, ping_interval=None, open_timeout=10, close_timeout=2
+        )
+        try:
+            deadline = time.monotonic() + self.settings.first_data_timeout_s
+            while True:
+                raw = await asyncio.wait_for(ws.recv(), timeout=max(0.01, deadline - time.monotonic()))
+                self.on_frame(raw)
+                if not is_reply(raw):
+                    break
+        except TimeoutError:
+            await self._close(ws)
+            raise ConnectionLost(
+                f"no data within {self.settings.first_data_timeout_s:.0f}s of subscribing "
+                f"(is BINANCE_WS_URL the /market route?)"
+            ) from None
+        except BaseException:
+            await self._close(ws)
+            raise
+        self.on_connected({s for s in streams})
+        # Changes made while this connection was opening (its URL was fixed before).
+        missing, gone = self.streams - streams, streams - self.streams
+        if missing:
+            await self._request(ws, "SUBSCRIBE", sorted(missing))
+        if gone:
+            await self._request(ws, "UNSUBSCRIBE", sorted(gone))
+        return ws
+
+    async def _serve(self, ws: Any) -> None:
+        self.ws = ws
+        opened = time.monotonic()
+        while True:
+            if time.monotonic() - opened > self.settings.connection_max_age_s:
+                ws = await self._replace(ws)
+                opened = time.monotonic()
+                continue
+            try:
+                raw = await asyncio.wait_for(ws.recv(), timeout=self.settings.silence_s)
+            except TimeoutError:
+                raise ConnectionLost(f"silent for {self.settings.silence_s:.0f}s") from None
+            self.on_frame(raw)
+
+    async def _replace(self, old: Any) -> Any:
+        """Open the successor first, drain the old one meanwhile, then close it."""
+        drain = asyncio.create_task(self._drain(old))
+        try:
+            new = await self._open()
+        finally:
+            drain.cancel()
+        await self._close(old)
+        self.ws = new
+        log_system_event("INFO", f"WS{self.conn_id}", "connection replaced before the 24-hour cut")
+        return new
+
+    async def _drain(self, ws: Any) -> None:
+        try:
+            while True:
+                self.on_frame(await ws.recv())
+        except (websockets.WebSocketException, OSError):
+            return
+
+    async def _request(self, ws: Any, method: str, streams: list[str]) -> None:
+        """Batched and paced: Binance allows 10 incoming messages a second."""
+        for i in range(0, len(streams), self.settings.subscribe_batch):
+            self.request_id += 1
+            await ws.send(request_message(method, streams[i : i + self.settings.subscribe_batch], self.request_id))
+            await asyncio.sleep(0.25)
+
+    async def subscribe(self, streams: set[str]) -> None:
+        new = streams - self.streams
+        self.streams |= new
+        if new and self.ws is not None:
+            try:
+                await self._request(self.ws, "SUBSCRIBE", sorted(new))
+            except websockets.WebSocketException:
+                pass  # the reconnect subscribes everything in self.streams
+
+    async def unsubscribe(self, streams: set[str]) -> None:
+        gone = streams & self.streams
+        self.streams -= gone
+        if gone and self.ws is not None:
+            try:
+                await self._request(self.ws, "UNSUBSCRIBE", sorted(gone))
+            except websockets.WebSocketException:
+                pass
+
+    @staticmethod
+    async def _close(ws: Any, timeout_s: float = 2.0) -> None:
+        if ws is not None:
+            try:
+                await asyncio.wait_for(ws.close(), timeout_s)
+            except Exception:
+                pass

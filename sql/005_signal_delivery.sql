@@ -1,0 +1,13 @@
+-- Signal router: PostgreSQL records that a log row's deliveries went out (issue: "at
+-- most once" must not depend on how long a Redis key lives). Idempotent.
+--
+-- delivered_at is set right after the delivery script wrote the row's strategy
+-- streams (or Redis refused them: see signal_log_entries_v2) and before the entry is
+-- acknowledged. A replayed entry whose row has it is never sent again, whatever Redis
+-- holds; one without it is sent unless its delivery mark is there (the mark gets its
+-- expiry only after this column is written).
+--
+-- Rows logged before this migration keep NULL: whether they went out is unknown here
+-- (their marks still guard them as before). Marking them sent would drop a signal
+-- logged just before the upgrade but never delivered.
+ALTER TABLE signals_v2_log ADD COLUMN IF NOT EXISTS delivered_at timestamptz;
