@@ -154,7 +154,6 @@ class CandleIntake:
         # lost, a black-holed connection delivering late), so the retry cannot rely on
         # "changed" to decide what to announce. They are announced anyway (at least once).
         self.unsure: set[tuple[str, str, int]] = set()
-        self.rejected_count = 0  # candles PostgreSQL refused (see _upsert)
         self.rejections = RateLimitedLog("INTAKE", level="ERROR")
         self.last_stored_at = time.monotonic()  # local clock: the watchdog's measure of a live feed
 
@@ -246,7 +245,6 @@ class CandleIntake:
         return changed
 
     def _reject(self, candle: Candle, exc: BaseException, rejected: list[Candle] | None) -> None:
-        self.rejected_count += 1
         if rejected is not None:
             rejected.append(candle)
         self.rejections.warn(

@@ -13,7 +13,18 @@ import orjson
 import pytest
 import websockets
 from aiohttp import web
-from replay import HISTORY_M1, M1, START, assert_store_matches_source, daemon_env, until, until_sim
+from daemon import DaemonProcess, run_main
+from replay import (
+    HISTORY_M1,
+    M1,
+    START,
+    assert_store_matches_source,
+    complete,
+    daemon_env,
+    pause_mid_minute,
+    until,
+    until_sim,
+)
 from servers import free_port
 
 import core_io
@@ -27,7 +38,7 @@ from candles import Candle
 from fake_exchange import ArchiveSource, FakeExchange
 from fake_exchange.frames import kline_event, rest_row
 from feed_and_aggregate import CandleIntake, Feed, FeedSettings
-from infra import load_settings
+from infra import load_settings, make_redis, system_event_log
 from market_data import read_archive
 
 NEAR = list(islice(read_archive("NEARUSDT"), 4 * 60))  # from 2026-02-01 00:00
@@ -157,8 +168,6 @@ async def test_a_candle_postgresql_refuses_is_set_aside_and_the_batch_is_stored(
 
 
 async def until_logged(pool, fragment: str) -> list[str]:
-    from infra import system_event_log
-
     await system_event_log.flush(pool)
     rows = await pool.fetch("SELECT message FROM system_log_v4 WHERE message LIKE $1", f"%{fragment}%")
     return [r["message"] for r in rows]
@@ -215,8 +224,6 @@ async def test_enabled_tickers_the_exchange_cannot_serve_are_not_followed(pool, 
     """An unlisted ticker, a lower-case one and names with a space, '#' and '/' are
     enabled beside two good ones: the good ones are stored exactly, the others get a
     `problem` (shown by status), no gap row, no REST request and no stream name."""
-    from daemon import DaemonProcess
-
     good = ["NEARUSDT", "LINKUSDT"]
     bad = {
         "NOPEUSDT": "not listed by the exchange",
@@ -244,19 +251,13 @@ async def test_enabled_tickers_the_exchange_cannot_serve_are_not_followed(pool, 
         assert exchange.stats.rest_400 == 0  # nothing asked for a symbol the exchange does not have
         streams = set().union(*exchange.subscriptions())
         assert {s for s in streams if "@kline" in s} == {f"{s.lower()}@kline_1m" for s in good}
-        from replay import complete, pause_mid_minute
-
         last_closed = await pause_mid_minute(exchange)
         await until(lambda: complete(pool, good, last_closed), 30, "the good symbols' candles")
-        from infra import make_redis
-
         client = make_redis(redis_url)
         try:
             await assert_store_matches_source(pool, client, source, good, last_closed)
         finally:
             await client.aclose()
-        from tests.daemon import run_main
-
         status = run_main({"REDIS_URL": redis_url, "POSTGRES_URL": pg_url}, "status", "--json")
         report = orjson.loads(status.stdout)
         assert {t["symbol"]: t["problem"] for t in report["not_followed"]} == bad
@@ -351,8 +352,6 @@ async def test_a_failed_backfill_round_leaves_no_request_running(pool, redis):
 async def test_the_watchdog_ends_a_feed_that_receives_but_cannot_store(pool, redis_url, pg_url):
     """PostgreSQL answers but refuses the inserts (revoked grants; a replica after a
     failover): closes keep arriving, none is stored, and the watchdog must notice."""
-    from daemon import DaemonProcess
-
     role = f"feed_v4_limited_{int(time.time())}"
     await pool.execute(f'CREATE ROLE "{role}" LOGIN')
     database = pg_url.rsplit("/", 1)[1]
