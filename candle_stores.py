@@ -7,12 +7,14 @@ Re-exported by core_io, which stays the one place the rest of the code calls.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain, repeat
 from typing import Any, NamedTuple, Protocol
 
 import hiredis
+from redis._parsers.hiredis import NOT_ENOUGH_DATA  # the sentinel redis-py's hiredis reader returns
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -42,21 +44,16 @@ async def execute_packed(redis: Redis, commands: Sequence[Sequence[Any]]) -> lis
     """Send many commands in one write and read every reply (errors returned, not raised).
 
     redis-py's asyncio pipeline packs arguments in pure Python, which dominated bulk
-    candle writes (15 s for a 500-symbol restore); hiredis packs them in C. The
-    commands must be idempotent: on a dropped connection the whole batch is re-sent once.
+    candle writes (15 s for a 500-symbol restore); hiredis packs them in C. Replies are
+    read in bulk too (see `_read_replies`). The commands must be idempotent: on a
+    dropped connection the whole batch is re-sent once.
     """
     packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)
     for attempt in (1, 2):
         conn = await redis.connection_pool.get_connection()
         try:
             await conn.send_packed_command(packed, check_health=attempt == 2)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as error:
-                    replies.append(error)
-            return replies
+            return await _read_replies(conn, len(commands))
         except REDIS_RETRY_ERRORS:
             await conn.disconnect()
             if attempt == 2:
@@ -64,6 +61,35 @@ async def execute_packed(redis: Redis, commands: Sequence[Sequence[Any]]) -> lis
         finally:
             await redis.connection_pool.release(conn)
     raise AssertionError("unreachable")
+
+
+async def _read_replies(conn: Any, count: int) -> list[Any]:
+    """`count` replies. redis-py reads one reply at a time through layers of Python
+    (a timeout context each: ~10 µs a reply, 30 ms for the 3,000 replies of a boundary);
+    here the connection's own hiredis reader parses everything that arrived, in C, and
+    the socket is read only when it runs dry. Error replies come back as exceptions.
+    Anything but redis-py 8's hiredis parser falls back to its per-reply reads."""
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    if not isinstance(reader, hiredis.Reader) or not hasattr(parser, "read_from_socket"):
+        replies: list[Any] = []
+        for _ in range(count):
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as error:
+                replies.append(error)
+        return replies
+    replies = []
+    async with asyncio.timeout(conn.socket_timeout):
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is NOT_ENOUGH_DATA:
+                await parser.read_from_socket()
+                continue
+            if isinstance(reply, ConnectionError):
+                raise reply
+            replies.append(reply)
+    return replies
 
 
 # --------------------------------------------------------------------------- candle stores
@@ -97,11 +123,24 @@ def bars_to_columns(bars: Sequence[Bar]) -> Columns:
     )
 
 
-def bars_by_series(candles: Iterable[Candle]) -> dict[SeriesKey, list[Bar]]:
-    grouped: dict[SeriesKey, list[Bar]] = defaultdict(list)
+def candle_columns(candles: Iterable[Candle]) -> dict[SeriesKey, Columns]:
+    """Candles by series as columns of their exact decimal text: hiredis packs a str
+    ~10x faster than a float (which it formats through Python), and Redis reads the
+    text to the same double."""
+    grouped: dict[SeriesKey, list[Candle]] = defaultdict(list)
     for candle in candles:
-        grouped[(candle.symbol, candle.tf)].append(candle.to_bar())
-    return grouped
+        grouped[(candle.symbol, candle.tf)].append(candle)
+    return {
+        key: Columns(
+            [c.open_time for c in series],
+            [str(c.open) for c in series],
+            [str(c.high) for c in series],
+            [str(c.low) for c in series],
+            [str(c.close) for c in series],
+            [str(c.volume) for c in series],
+        )
+        for key, series in grouped.items()
+    }
 
 
 class CandleStore(Protocol):
@@ -111,6 +150,14 @@ class CandleStore(Protocol):
     redis: Redis
 
     async def write_columns(self, items: Mapping[SeriesKey, Columns]) -> None: ...
+
+    def write_commands(self, items: Mapping[SeriesKey, Columns]) -> list[list[Any]]:
+        """The commands that write these series, to go out with others in one round."""
+
+    def check_replies(
+        self, items: Mapping[SeriesKey, Columns], commands: Sequence[Sequence[Any]], replies: Sequence[Any]
+    ) -> list[SeriesKey]:
+        """Raise a refused write; return the series to write again (gone, e.g. after a FLUSHALL)."""
 
     async def read_last_many(self, keys: Sequence[SeriesKey], count: int) -> dict[SeriesKey, list[Bar]]: ...
 
@@ -123,7 +170,7 @@ async def write_bars(store: CandleStore, items: Mapping[SeriesKey, Sequence[Bar]
 
 
 async def write_candles(store: CandleStore, candles: Iterable[Candle]) -> None:
-    await write_bars(store, bars_by_series(candles))
+    await store.write_columns(candle_columns(candles))
 
 
 def _ignorable_ts_error(error: Exception) -> bool:
@@ -150,47 +197,52 @@ class TimeSeriesCandleStore:
     def forget_created(self) -> None:
         self.created.clear()
 
-    async def write_columns(self, items: Mapping[SeriesKey, Columns], retry: bool = True) -> None:
+    async def write_columns(self, items: Mapping[SeriesKey, Columns]) -> None:
         """TS.CREATE once per series and process, then TS.MADD. TS.MADD does not create
         series: after a FLUSHALL its samples fail with "key does not exist", and those
         series are created (labelled) and written again."""
+        await write_columns_checked(self, items)
+
+    def write_commands(self, items: Mapping[SeriesKey, Columns]) -> list[list[Any]]:
         commands: list[list[Any]] = []
-        madd_series: list[SeriesKey] = []
         for (symbol, tf), columns in items.items():
             if not columns.open_time:
                 continue
             keys = [candle_series_key(symbol, tf, field) for field in CANDLE_FIELDS]
-            for key, field in zip(keys, CANDLE_FIELDS):
-                if (symbol, tf) in self.created:
-                    break
-                commands.append(
-                    [
-                        "TS.CREATE",
-                        key,
-                        "RETENTION",
-                        retention_ms(tf, self.bars_kept),
-                        "DUPLICATE_POLICY",
-                        "LAST",
-                        "LABELS",
-                        "symbol",
-                        symbol,
-                        "tf",
-                        tf,
-                        "field",
-                        field,
-                    ]
-                )
+            if (symbol, tf) not in self.created:
+                for key, field in zip(keys, CANDLE_FIELDS):
+                    commands.append(
+                        [
+                            "TS.CREATE",
+                            key,
+                            "RETENTION",
+                            retention_ms(tf, self.bars_kept),
+                            "DUPLICATE_POLICY",
+                            "LAST",
+                            "LABELS",
+                            "symbol",
+                            symbol,
+                            "tf",
+                            tf,
+                            "field",
+                            field,
+                        ]
+                    )
             times = columns.open_time
             triples = zip(*(part for key, values in zip(keys, columns[1:]) for part in (repeat(key), times, values)))
             commands.append(["TS.MADD", *chain.from_iterable(triples)])
-            madd_series.append((symbol, tf))
-        if not commands:
-            return
+        return commands
+
+    def check_replies(
+        self, items: Mapping[SeriesKey, Columns], commands: Sequence[Sequence[Any]], replies: Sequence[Any]
+    ) -> list[SeriesKey]:
+        written = iter([key for key, columns in items.items() if columns.open_time])
         missing: set[SeriesKey] = set()
-        madd_replies = iter(madd_series)
-        for command, reply in zip(commands, await execute_packed(self.redis, commands)):
+        done: set[SeriesKey] = set()
+        for command, reply in zip(commands, replies):
             if command[0] == "TS.MADD":
-                series = next(madd_replies)
+                series = next(written)
+                done.add(series)
                 for sample in reply if isinstance(reply, list) else [reply]:
                     if isinstance(sample, Exception) and _missing_series_error(sample):
                         missing.add(series)
@@ -198,13 +250,9 @@ class TimeSeriesCandleStore:
                         raise sample  # per-sample "older than retention" has nothing to keep
             elif isinstance(reply, Exception) and not _ignorable_ts_error(reply):
                 raise reply
-        self.created.update(set(madd_series) - missing)
-        if missing:
-            self.created -= missing
-            if retry:
-                await self.write_columns({key: items[key] for key in missing}, retry=False)
-            else:
-                raise RuntimeError(f"TimeSeries keys still missing after TS.CREATE: {sorted(missing)[:3]}")
+        self.created.update(done - missing)
+        self.created -= missing
+        return sorted(missing)
 
     async def read_last_many(self, keys: Sequence[SeriesKey], count: int) -> dict[SeriesKey, list[Bar]]:
         if not keys:
@@ -255,6 +303,9 @@ class SortedSetCandleStore:
         pass  # sorted sets need no creation
 
     async def write_columns(self, items: Mapping[SeriesKey, Columns]) -> None:
+        await write_columns_checked(self, items)
+
+    def write_commands(self, items: Mapping[SeriesKey, Columns]) -> list[list[Any]]:
         commands: list[list[Any]] = []
         for (symbol, tf), columns in items.items():
             if not columns.open_time:
@@ -269,9 +320,15 @@ class SortedSetCandleStore:
             for row in zip(*columns):
                 command += (row[0], ":".join(map(str, row)))
             commands.append(command)
-        for reply in await execute_packed(self.redis, commands) if commands else ():
+        return commands
+
+    def check_replies(
+        self, items: Mapping[SeriesKey, Columns], commands: Sequence[Sequence[Any]], replies: Sequence[Any]
+    ) -> list[SeriesKey]:
+        for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+        return []
 
     async def read_last_many(self, keys: Sequence[SeriesKey], count: int) -> dict[SeriesKey, list[Bar]]:
         if not keys:
@@ -291,6 +348,19 @@ class SortedSetCandleStore:
                 bars.append(Bar(int(ts), float(o), float(h), float(low), float(c), float(v)))
             out[key] = bars
         return out
+
+
+async def write_columns_checked(store: CandleStore, items: Mapping[SeriesKey, Columns]) -> None:
+    """Write, and write again once what the server lost (the store recreates it)."""
+    commands = store.write_commands(items)
+    if not commands:
+        return
+    again = store.check_replies(items, commands, await execute_packed(store.redis, commands))
+    if again:
+        retry = {key: items[key] for key in again}
+        commands = store.write_commands(retry)
+        if store.check_replies(retry, commands, await execute_packed(store.redis, commands)):
+            raise RuntimeError(f"candle series still missing after their creation: {again[:3]}")
 
 
 def make_candle_store(redis: Redis, use_timeseries: bool, bars_kept: int) -> CandleStore:

@@ -6,6 +6,7 @@ statement per batch, never a round trip per row. No business logic lives here.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -15,6 +16,7 @@ from itertools import chain
 from typing import Any
 
 import asyncpg
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -23,6 +25,7 @@ from candle_stores import (  # noqa: F401 (the candle cache is part of this modu
     Columns,
     SeriesKey,
     TimeSeriesCandleStore,
+    candle_columns,
     candle_series_key,
     candle_zset_key,
     execute_packed,
@@ -79,28 +82,46 @@ _CANDLE_COLUMNS = (
 )
 
 
-def _upsert_candles_sql(tf: str) -> str:
+_NUMERIC_COLUMNS = frozenset(_CANDLE_COLUMNS) - {"trades"}
+
+
+def _upsert_part_sql(tf: str, first_param: int) -> str:
+    """One timeframe's INSERT of the upsert (a CTE of `_upsert_candles_sql`). Decimals go
+    as text and times as epoch ms: asyncpg encodes a numeric in ~3 µs, text in a fraction
+    of that (9 ms saved on 500 candles), and PostgreSQL casts exactly."""
     table = candle_table(tf)
     columns = list(_CANDLE_COLUMNS) + (["m1_count"] if tf != "m1" else [])
-    types = ["numeric"] * 5 + ["numeric", "integer", "numeric", "numeric"] + (["smallint"] if tf != "m1" else [])
-    unnest = ", ".join(f"${i + 3}::{t}[]" for i, t in enumerate(types))
+    kinds = ["text" if c in _NUMERIC_COLUMNS else "smallint" if c == "m1_count" else "integer" for c in columns]
+    params = [f"${first_param}::text[]", f"${first_param + 1}::int8[]"]
+    params += [f"${first_param + 2 + i}::{kind}[]" for i, kind in enumerate(kinds)]
+    selected = ", ".join(f"u.{c}::numeric" if c in _NUMERIC_COLUMNS else f"u.{c}" for c in columns)
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
     changed = " OR ".join(f"{table}.{c} IS DISTINCT FROM EXCLUDED.{c}" for c in columns)
     return (
         f"INSERT INTO {table} (symbol, open_time, {', '.join(columns)}) "
-        f"SELECT * FROM unnest($1::text[], $2::timestamptz[], {unnest}) "
+        f"SELECT u.symbol, 'epoch'::timestamptz + u.t * interval '1 millisecond', {selected} "
+        f"FROM unnest({', '.join(params)}) AS u(symbol, t, {', '.join(columns)}) "
         f"ON CONFLICT (symbol, open_time) DO UPDATE SET {updates} WHERE {changed} "
-        f"RETURNING symbol, open_time"
+        f"RETURNING symbol, (extract(epoch FROM open_time) * 1000)::int8 AS t"
     )
 
 
-_UPSERT_CANDLES_SQL = {tf: _upsert_candles_sql(tf) for tf in TIMEFRAMES}
+@functools.cache
+def _upsert_candles_sql(tfs: tuple[str, ...]) -> str:
+    """The timeframes present, in one statement (one round trip): a data-modifying CTE
+    each, their changed rows together."""
+    parts, first = [], 1
+    for tf in tfs:
+        parts.append(f"{tf} AS ({_upsert_part_sql(tf, first)})")
+        first += 11 + (tf != "m1")
+    selects = " UNION ALL ".join(f"SELECT '{tf}' AS tf, symbol, t FROM {tf}" for tf in tfs)
+    return f"WITH {', '.join(parts)} {selects}"
 
 
 async def upsert_candles(
     pool: asyncpg.Pool | asyncpg.Connection, candles: Sequence[Candle]
 ) -> list[tuple[str, str, int]]:
-    """Upsert candles of any timeframes, one statement per timeframe present.
+    """Upsert candles of any timeframes in one statement.
 
     Returns (symbol, tf, open_time) of the rows inserted or changed; an identical
     repeat changes nothing. Within a batch the last candle for a key wins.
@@ -108,27 +129,28 @@ async def upsert_candles(
     by_tf: dict[str, dict[tuple[str, int], Candle]] = defaultdict(dict)
     for candle in candles:
         by_tf[candle.tf][(candle.symbol, candle.open_time)] = candle
-    changed: list[tuple[str, str, int]] = []
-    for tf, unique in by_tf.items():
-        rows = list(unique.values())
-        params: list[list[Any]] = [
+    if not by_tf:
+        return []
+    tfs = tuple(tf for tf in TIMEFRAMES if tf in by_tf)
+    params: list[list[Any]] = []
+    for tf in tfs:
+        rows = list(by_tf[tf].values())
+        params += [
             [c.symbol for c in rows],
-            [ms_to_datetime(c.open_time) for c in rows],
-            [c.open for c in rows],
-            [c.high for c in rows],
-            [c.low for c in rows],
-            [c.close for c in rows],
-            [c.volume for c in rows],
-            [c.quote_volume for c in rows],
+            [c.open_time for c in rows],
+            [str(c.open) for c in rows],
+            [str(c.high) for c in rows],
+            [str(c.low) for c in rows],
+            [str(c.close) for c in rows],
+            [str(c.volume) for c in rows],
+            [str(c.quote_volume) for c in rows],
             [c.trades for c in rows],
-            [c.taker_buy_volume for c in rows],
-            [c.taker_buy_quote_volume for c in rows],
+            [str(c.taker_buy_volume) for c in rows],
+            [str(c.taker_buy_quote_volume) for c in rows],
         ]
         if tf != "m1":
             params.append([c.m1_count for c in rows])
-        for record in await pool.fetch(_UPSERT_CANDLES_SQL[tf], *params):
-            changed.append((record["symbol"], tf, datetime_to_ms(record["open_time"])))
-    return changed
+    return [(r["symbol"], r["tf"], r["t"]) for r in await pool.fetch(_upsert_candles_sql(tfs), *params)]
 
 
 def _candle_from_record(record: asyncpg.Record, tf: str) -> Candle:
@@ -314,6 +336,13 @@ return 1
 """
 
 
+def float_texts(values: Sequence[float]) -> list[bytes]:
+    """Each float as the shortest decimal that reads back as it (b"" for NaN or inf: no
+    value), all at once: orjson's Ryu formats 42,000 floats in ~4 ms where repr() takes ~35."""
+    texts = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",") if values else []
+    return [b"" if text == b"null" else text for text in texts]
+
+
 def format_value(value: float | None) -> str:
     """A hash field: the float's repr, or empty when there is no value (None or NaN)."""
     return "" if value is None or value != value else repr(float(value))
@@ -482,6 +511,37 @@ async def upsert_indicator_rows(
         await pool.execute(_UPSERT_INDICATOR_ROWS_SQL, ids, symbols, times_ms, names, values)
 
 
+# The bars of one layout (the same instance ids and output names for every bar) as a
+# matrix: one row of arrays per statement instead of a row per value, so the client
+# encodes a few arrays and PostgreSQL (another core) does the expanding. Warm-up NaNs
+# and infinities are not stored (abs(NaN) < Infinity is false in PostgreSQL).
+_UPSERT_INDICATOR_MATRIX_SQL = """
+    INSERT INTO indicator_values_v4 (instance_id, symbol, open_time, param_name, value)
+    SELECT o.id, b.symbol, 'epoch'::timestamptz + b.t * interval '1 millisecond', o.name, v.value
+    FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS b(symbol, t, i)
+    CROSS JOIN unnest($3::integer[], $4::text[]) WITH ORDINALITY AS o(id, name, j)
+    CROSS JOIN LATERAL (SELECT ($5::float8[])[(b.i - 1) * cardinality($3::integer[]) + o.j] AS value) v
+    WHERE abs(v.value) < 'Infinity'::float8
+    ON CONFLICT (instance_id, symbol, open_time, param_name)
+    DO UPDATE SET value = EXCLUDED.value WHERE indicator_values_v4.value IS DISTINCT FROM EXCLUDED.value
+"""
+
+
+async def upsert_indicator_matrix(
+    pool: asyncpg.Pool,
+    ids: Sequence[int],
+    names: Sequence[str],
+    symbols: list[str],
+    times_ms: list[int],
+    values: list[float],
+) -> int:
+    """Bar b's output k is values[b * len(ids) + k]; one statement; returns rows written."""
+    if not symbols:
+        return 0
+    status = await pool.execute(_UPSERT_INDICATOR_MATRIX_SQL, symbols, times_ms, list(ids), list(names), values)
+    return int(status.split()[-1])
+
+
 async def newest_m1_time(pool: asyncpg.Pool) -> int | None:
     """The newest stored M1 open time: the exchange's clock as far as storage knows."""
     newest = await pool.fetchval("SELECT max(open_time) FROM ohlcv4_m1")
@@ -551,32 +611,11 @@ async def get_mark_prices(redis: Redis, symbols: Sequence[str]) -> dict[str, str
     return dict(zip(symbols, values))
 
 
-# --------------------------------------------------------------------------- heartbeat
+# --------------------------------------------------------------------------- Redis state
 
-HEARTBEAT_PREFIX = "heartbeat:"
 # Set once Redis holds what PostgreSQL has; its absence means Redis lost its data
 # (a restart without persistence, FLUSHALL) and must be refilled.
 RESTORED_KEY = "feed_v4:restored_at"
-
-
-def heartbeat_key(host: str, pid: int) -> str:
-    return f"{HEARTBEAT_PREFIX}{host}:{pid}"
-
-
-async def write_heartbeat(redis: Redis, key: str, fields: Mapping[str, Any], ttl_s: int) -> None:
-    """One hash per daemon process; it expires when the process stops beating."""
-    await execute_packed(redis, [["HSET", key, *chain.from_iterable(fields.items())], ["EXPIRE", key, ttl_s]])
-
-
-async def read_heartbeats(redis: Redis) -> dict[str, dict[str, str]]:
-    """Every live daemon process's heartbeat, by key."""
-    keys = sorted([key async for key in redis.scan_iter(match=f"{HEARTBEAT_PREFIX}*", count=1000)])
-    if not keys:
-        return {}
-    pipe = redis.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(key)
-    return {key: fields for key, fields in zip(keys, await pipe.execute()) if fields}
 
 
 # --------------------------------------------------------------------------- streams
@@ -601,6 +640,29 @@ def candle_event(candle: Candle) -> dict[str, str]:
 
 def xadd_command(stream: str, fields: Mapping[str, Any], maxlen: int) -> list[Any]:
     return ["XADD", stream, "MAXLEN", "~", maxlen, "*", *chain.from_iterable(fields.items())]
+
+
+async def publish_candles(
+    store: CandleStore, redis: Redis, batches: Sequence[tuple[str, Sequence[Candle]]], maxlen: int
+) -> None:
+    """Cache and announce candles of any timeframes in one Redis round: the series
+    writes first, then each candle's `ohlcv_<tf>_ready` entry (Redis runs them in that
+    order, so a reader of an announcement finds the candle cached). Series the server
+    had lost are created, written and announced again (at least once)."""
+    candles = [c for _, batch in batches for c in batch]
+    items = candle_columns(candles)
+    writes = store.write_commands(items)
+    announcements = [xadd_command(CANDLE_STREAMS[tf], candle_event(c), maxlen) for tf, batch in batches for c in batch]
+    replies = await execute_packed(redis, [*writes, *announcements])
+    for reply in replies[len(writes) :]:
+        if isinstance(reply, Exception):
+            raise reply
+    again = set(store.check_replies(items, writes, replies[: len(writes)]))
+    if again:
+        lost = [(tf, [c for c in batch if (c.symbol, c.tf) in again]) for tf, batch in batches]
+        await write_candles(store, [c for _, batch in lost for c in batch])
+        for tf, batch in lost:
+            await publish(redis, CANDLE_STREAMS[tf], [candle_event(c) for c in batch], maxlen)
 
 
 async def publish(redis: Redis, stream: str, events: Sequence[Mapping[str, Any]], maxlen: int) -> None:

@@ -1,24 +1,23 @@
 """Binance feed: WebSocket intake, gap repair over REST, M5/M15 aggregation, mark prices.
 
 The pieces, each a worker run under `run_safe_loop` by the daemon:
-    StreamConnection  one combined-stream WebSocket (≤ STREAMS_PER_CONNECTION streams)
+    Feed.streams      the WebSocket connections (binance/streams.py)
     Feed.intake       closed klines → PostgreSQL, Redis, `ohlcv_m1_ready`, aggregation
     Backfiller        'missing' minutes and first history from GET /fapi/v1/klines
     Feed.watch_gaps   minutes whose close is overdue on event time
-    Feed.follow_tickers  subscribe / unsubscribe as rows of `tickers` change
-Pure logic lives in binance_protocol.py and aggregation.py.
+    Feed.follower     subscribe / unsubscribe as rows of `tickers` change (ticker_following.py)
+Pure logic lives in binance/protocol.py and aggregation.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +38,7 @@ from binance.protocol import (
     parse_frame,
 )
 from binance.rest import RestClient, RestError, WeightLimiter
-from binance.streams import Backoff, StreamConnection
-from binance.symbols import TickerFilter, parse_listing
+from binance.streams import Backoff, StreamPool
 from candles import TF_MS, Candle, bucket_start, datetime_to_ms, ms_to_datetime
 from infra import (
     PG_DOWN_ERRORS,
@@ -51,8 +49,8 @@ from infra import (
     Settings,
     env_number,
     log_system_event,
-    run_safe_loop,
 )
+from ticker_following import TickerFollower
 
 M1_MS = TF_MS["m1"]
 log = logging.getLogger("FEED")
@@ -125,6 +123,7 @@ class CandleIntake:
         stream_maxlen: int,
         defer_aggregation: bool = False,
         held_max: int = 50_000,
+        background: bool = False,
     ) -> None:
         self.pool, self.redis, self.store, self.maxlen = pool, redis, store, stream_maxlen
         self.stored_m1 = 0
@@ -132,6 +131,12 @@ class CandleIntake:
         # quarter hour never delays the next M1 closes (a crash loses nothing: the boot
         # reconciliation rebuilds recent buckets).
         self.defer_aggregation = defer_aggregation
+        # Background: the Redis publishing and the gap-log settling run on their own
+        # workers (run_publisher, run_settler), so the next batch's PostgreSQL write
+        # overlaps this batch's announcement and nothing after it waits on the gap log.
+        self.background = background
+        self.to_settle: list[tuple[str, int]] = []
+        self.settle_wake = asyncio.Event()
         self.buckets_due: set[tuple[str, str, int]] = set()
         # The M1 candles stored lately (this and the previous M15 bucket), per symbol.
         self.recent_m1: dict[str, dict[int, Candle]] = {}
@@ -159,31 +164,85 @@ class CandleIntake:
 
     async def store_m1(self, candles: Sequence[Candle], rejected: list[Candle] | None = None) -> list[Candle]:
         """Returns the candles that were new or changed (announced); those PostgreSQL
-        refused go to `rejected`."""
+        refused go to `rejected`.
+
+        An M5/M15 bucket this batch completes (its last minute is here and every other
+        one was stored through this intake) is built at once and stored in the same
+        statement: at a quarter hour the M15s are announced with the M1s, not a
+        PostgreSQL round trip later. The other buckets a new minute touches are built
+        by `aggregate` (from PostgreSQL when memory does not hold them)."""
         if not candles:
             return []
-        refused: list[Candle] = []
-        changed = {(s, t) for s, _, t in await self._upsert(candles, refused)}
-        self.last_stored_at = time.monotonic()
         unique = {(c.symbol, c.open_time): c for c in candles}
-        for candle in refused:  # not stored: never remembered for a bucket, nor settled
-            unique.pop((candle.symbol, candle.open_time), None)
-        if rejected is not None:
-            rejected += refused
-        fresh = sorted((c for key, c in unique.items() if key in changed), key=lambda c: c.open_time)
-        self._remember(list(unique.values()))
+        self.remember(list(unique.values()))
+        completed = self._completed_buckets(unique.values())
+        refused: list[Candle] = []
+        changed = await self._upsert([*unique.values(), *completed], refused)
+        self.last_stored_at = time.monotonic()
+        refused_m1 = [c for c in refused if c.tf == "m1"]
+        if refused_m1:  # not stored: never in a bucket, nor settled; their buckets are rebuilt from PostgreSQL
+            for candle in refused_m1:
+                unique.pop((candle.symbol, candle.open_time), None)
+                self.recent_m1.get(candle.symbol, {}).pop(candle.open_time, None)
+            self._due(affected_buckets((c.symbol, c.open_time) for c in refused_m1))
+            if rejected is not None:
+                rejected += refused_m1
+        fresh = [c for c in unique.values() if (c.symbol, "m1", c.open_time) in changed]
+        fresh.sort(key=lambda c: c.open_time)
         if fresh:
             await self._cache_and_announce(fresh, "m1")
             self.stored_m1 += len(fresh)
-            buckets = affected_buckets((c.symbol, c.open_time) for c in fresh)
+            for tf in AGGREGATED_TFS:
+                built = [b for b in completed if b.tf == tf and (b.symbol, tf, b.open_time) in changed]
+                if built:
+                    await self._cache_and_announce(built, tf)
+            done = {(b.symbol, b.tf, b.open_time) for b in completed}
+            buckets = affected_buckets((c.symbol, c.open_time) for c in fresh) - done
             if self.defer_aggregation:
-                self.buckets_due |= buckets
-                self.buckets_wake.set()
+                self._due(buckets)
             else:
                 await self.aggregate(buckets)
-        # Off the latency path: a late close or a refetch settles its gap-log row.
-        await core_io.set_missing_status(self.pool, list(unique), "backfilled")
+        # A late close or a refetch settles its gap-log row (off the latency path).
+        if self.background:
+            self.to_settle += unique
+            self.settle_wake.set()
+        else:
+            await core_io.set_missing_status(self.pool, list(unique), "backfilled")
         return fresh
+
+    def _completed_buckets(self, m1: Iterable[Candle]) -> list[Candle]:
+        """The M5/M15 buckets these minutes end, when memory holds all their minutes."""
+        built: dict[tuple[str, str, int], Candle] = {}
+        for candle in m1:
+            end = candle.open_time + M1_MS
+            for tf in AGGREGATED_TFS:
+                if end % TF_MS[tf] == 0:
+                    key = (candle.symbol, tf, end - TF_MS[tf])
+                    if key not in built and (members := self._remembered(*key)) is not None:
+                        built[key] = aggregate(tf, key[2], members)
+        return list(built.values())
+
+    def _due(self, buckets: set[tuple[str, str, int]]) -> None:
+        if buckets:
+            self.buckets_due |= buckets
+            self.buckets_wake.set()
+
+    async def run_settler(self) -> None:
+        """Gap-log rows of minutes now stored become 'backfilled', in batches."""
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            await self.settle_wake.wait()
+            self.settle_wake.clear()
+            keys, self.to_settle = self.to_settle, []
+            try:
+                for i in range(0, len(keys), 20_000):
+                    await core_io.set_missing_status(self.pool, keys[i : i + 20_000], "backfilled")
+                backoff.reset()
+            except PG_DOWN_ERRORS as exc:
+                self.to_settle = keys + self.to_settle
+                self.settle_wake.set()
+                self.pg_outage.fail(exc, "settling the gap log")
+                await asyncio.sleep(backoff.next_delay())
 
     async def reconcile(self, window_ms: int) -> None:
         """Close the crash windows of a previous run (a kill between the PostgreSQL commit
@@ -253,7 +312,7 @@ class CandleIntake:
             {"candle": [str(v) for v in dataclasses.astuple(candle)]},
         )
 
-    def _remember(self, candles: Sequence[Candle]) -> None:
+    def remember(self, candles: Sequence[Candle]) -> None:
         for c in candles:
             self.recent_m1.setdefault(c.symbol, {})[c.open_time] = c
         newest = max(c.open_time for c in candles)
@@ -296,7 +355,7 @@ class CandleIntake:
         """Hold the candles for Redis and publish at once, unless Redis is away or busy:
         then `run_publisher` sends everything held, in order, when it can."""
         self._hold(tf, candles)
-        if self.redis_outage.active or self.publish_lock.locked():
+        if self.background or self.redis_outage.active or self.publish_lock.locked():
             self.publish_wake.set()
             return
         try:
@@ -331,29 +390,37 @@ class CandleIntake:
             try:
                 candles = await core_io.fetch_candles(self.pool, symbol, tf, first, last + 1)
                 for i in range(0, len(candles), 5000):
-                    await self._publish(tf, candles[i : i + 5000])
+                    await self._publish([(tf, candles[i : i + 5000])])
             except BaseException:
                 widen(self.let_go, (tf, symbol), first, last)
                 raise
             published += len(candles)
         return published
 
-    async def _publish(self, tf: str, candles: Sequence[Candle]) -> None:
-        await core_io.write_candles(self.store, candles)
-        await core_io.publish(
-            self.redis, core_io.CANDLE_STREAMS[tf], [core_io.candle_event(c) for c in candles], self.maxlen
-        )
+    async def _publish(self, batches: Sequence[tuple[str, Sequence[Candle]]]) -> None:
+        await core_io.publish_candles(self.store, self.redis, batches, self.maxlen)
+
+    PUBLISH_ROUND = 20_000  # candles cached and announced in one Redis round at most
 
     async def publish_held(self) -> int:
-        """Cache and announce what is held, oldest first; a failure keeps the rest."""
+        """Cache and announce what is held, oldest first, as few rounds as it takes; a
+        failure keeps the rest."""
         published = 0
         async with self.publish_lock:
             while self.held:
-                tf, candles = self.held[0]
-                await self._publish(tf, candles)
-                self.held.popleft()
-                self.held_candles -= len(candles)
-                published += len(candles)
+                count, size = 0, 0
+                for _, candles in self.held:
+                    if count and size + len(candles) > self.PUBLISH_ROUND:
+                        break
+                    count, size = count + 1, size + len(candles)
+                batch = [self.held[i] for i in range(count)]
+                await self._publish(batch)
+                # While it was out, _hold may have let the oldest go (they are in let_go
+                # too: announced again later); only what was published leaves the front.
+                sent = {id(entry) for entry in batch}
+                while self.held and id(self.held[0]) in sent:
+                    self.held_candles -= len(self.held.popleft()[1])
+                published += size
         return published
 
     async def run_publisher(self) -> None:
@@ -448,6 +515,7 @@ class Feed:
             self.settings.stream_maxlen,
             defer_aggregation=True,
             held_max=self.feed_settings.buffer_max_candles,
+            background=True,
         )
         limiter = WeightLimiter(self.feed_settings.rest_weight_limit, self.feed_settings.rest_weight_window_s)
         self.rest = RestClient(self.settings.binance_rest_url, limiter)
@@ -463,19 +531,19 @@ class Feed:
             followed=lambda: self.symbols,
             on_invalid_symbol=self.refused_by_rest,
         )
-        self.tickers = TickerFilter(self.feed_settings.exchange_info_refresh_s)
+        self.follower = TickerFollower(self.pool, self.rest, self.feed_settings, self._follow)
         self.tracker = GapTracker(grace_ms=self.feed_settings.gap_grace_ms)
         self.closed: asyncio.Queue[Candle] = asyncio.Queue()
         self.new_gaps: list[tuple[str, int]] = []
         self.prices: dict[str, str] = {}
-        self.connections: list[StreamConnection] = []
+        self.streams = StreamPool(
+            self.settings.binance_ws_url, self.feed_settings, self.handle_frame, self.handle_connected
+        )
         self.catch_up_pending: set[str] = set()
         self.needs_history: set[str] = set()  # added symbols that had no candles at all
         self.catch_up_wake = asyncio.Event()
         self.bad_frames = RateLimitedLog("FEED")
         self.store_errors = RateLimitedLog("INTAKE", level="ERROR")
-        self.tickers_wake = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
         self.reconciled = False
         self.batch: list[Candle] = []  # taken from `closed`, not stored yet
         self.last_ws_data_at = time.monotonic()  # local clock: a route that delivers nothing
@@ -484,7 +552,6 @@ class Feed:
         self.dropped: dict[str, tuple[int, int]] = {}
         self.rest_fallback = False
         self.fallback_fetched_at = 0.0
-        self.listing_errors = RateLimitedLog("FEED", interval_s=600)
 
     # ---- frames (synchronous: called for every frame, must stay cheap)
 
@@ -548,8 +615,7 @@ class Feed:
 
     def refused_by_rest(self, symbol: str) -> None:
         """GET /fapi/v1/klines answered -1121 (invalid symbol): stop following it."""
-        self.tickers.refused(symbol)
-        self.tickers_wake.set()
+        self.follower.refused(symbol)
 
     def _drop(self, symbol: str, open_time: int) -> None:
         if not self.dropped:
@@ -580,7 +646,9 @@ class Feed:
                 self.batch.append(self.closed.get_nowait())
             try:
                 await self._flush_gaps()
-                await self.intake.store_m1(self.batch)
+                refused: list[Candle] = []
+                await self.intake.store_m1(self.batch, refused)
+                self.new_gaps += [(c.symbol, c.open_time) for c in refused]  # the exchange's REST may do better
                 if self.dropped:
                     await self._log_dropped()
                 self.batch = []
@@ -736,72 +804,17 @@ class Feed:
             self.tracker.seed(symbol, last_closed)
         await self._log_gaps(gaps)
 
-    async def follow_tickers(self) -> None:
-        """Apply `tickers` changes to the live connections. Only tickers with a valid
-        name that the exchange lists as TRADING are followed; the others are recorded in
-        `tickers.problem` (shown by `status`) and logged once."""
-        listing_task: asyncio.Task | None = None
-        try:
-            while True:
-                try:
-                    enabled = set(await core_io.enabled_symbols(self.pool))
-                except PG_DOWN_ERRORS:
-                    await asyncio.sleep(self.feed_settings.ticker_refresh_s)
-                    continue  # the intake logs the outage
-                if (listing_task is None or listing_task.done()) and self.tickers.due(enabled, time.monotonic()):
-                    listing_task = asyncio.create_task(self._fetch_listing())
-                    if self.tickers.listing is None:  # the first: judged before anything is subscribed
-                        await asyncio.wait([listing_task], timeout=self.LISTING_WAIT_S)
-                wanted, problems = self.tickers.split(enabled)
-                added, removed = wanted - self.symbols, self.symbols - wanted
-                if added or removed:
-                    self.symbols = wanted
-                    await self._apply(added, removed)
-                    log_system_event(
-                        "INFO",
-                        "FEED",
-                        f"following {len(wanted)} symbols",
-                        {"added": sorted(added)[:100], "removed": sorted(removed)[:100]},
-                    )
-                if problems != self.tickers.recorded:
-                    with contextlib.suppress(*PG_DOWN_ERRORS):
-                        await self._record_problems(problems)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.tickers_wake.wait(), self.feed_settings.ticker_refresh_s)
-                self.tickers_wake.clear()
-        finally:
-            if listing_task is not None:
-                listing_task.cancel()
-                await asyncio.gather(listing_task, return_exceptions=True)
-
-    LISTING_WAIT_S = 5.0  # at start, how long following waits for the exchange's listing
-
-    async def _fetch_listing(self) -> None:
-        self.tickers.attempted(time.monotonic())
-        try:
-            listing = parse_listing(await self.rest.exchange_info())
-        except (RestError, ValueError, OSError, TimeoutError) as exc:
-            self.listing_errors.warn(
-                "exchangeInfo", f"cannot read the exchange's listing ({exc}): tickers are judged by name only"
+    async def _follow(self, wanted: set[str]) -> None:
+        added, removed = wanted - self.symbols, self.symbols - wanted
+        if added or removed:
+            self.symbols = wanted
+            await self._apply(added, removed)
+            log_system_event(
+                "INFO",
+                "FEED",
+                f"following {len(wanted)} symbols",
+                {"added": sorted(added)[:100], "removed": sorted(removed)[:100]},
             )
-            return
-        self.tickers.update(listing, time.monotonic())
-        self.tickers_wake.set()
-
-    async def _record_problems(self, problems: dict[str, str]) -> None:
-        """Write who is not followed and why to `tickers`; their open gaps become
-        'unfillable' (the exchange will not fill them)."""
-        await core_io.set_ticker_problems(self.pool, problems)
-        new = {s: p for s, p in problems.items() if self.tickers.recorded.get(s) != p}
-        if new:
-            await core_io.close_missing_m1(self.pool, sorted(new))
-            for symbol, problem in sorted(new.items())[:20]:
-                log_system_event(
-                    "WARNING", "FEED", f"ticker {symbol!r} is enabled but not followed: {problem}", {"symbol": symbol}
-                )
-            if len(new) > 20:
-                log_system_event("WARNING", "FEED", f"{len(new) - 20} more enabled tickers are not followed")
-        self.tickers.recorded = problems
 
     async def _apply(self, added: set[str], removed: set[str]) -> None:
         for symbol in removed:
@@ -812,58 +825,25 @@ class Feed:
         stored = await core_io.last_m1_open_times(self.pool, sorted(added))
         for symbol, last in stored.items():
             self.tracker.seed(symbol, last)
+        # The minutes of each symbol's current M15 bucket, so the first boundary after a
+        # (re)start builds its M5/M15 from memory, in the same statement as the M1s.
+        recent = [(s, bucket_start(t, "m15"), t + M1_MS) for s, t in stored.items()]
+        for candles in (await core_io.fetch_m1_ranges(self.pool, recent)).values():
+            self.intake.remember(candles)
         # Decided now, before the first live close can be stored and hide the empty history.
         self.needs_history |= added - set(stored)
-        for connection in self.connections:
-            await connection.unsubscribe({kline_stream(s) for s in removed})
-        pending = sorted(kline_stream(s) for s in added)
-        if not self.connections:
-            self.connections.append(self._new_connection())
-            pending.insert(0, MARK_PRICE_ALL_STREAM)
-        for connection in self.connections:
-            room = self.feed_settings.streams_per_connection - len(connection.streams)
-            if room > 0 and pending:
-                await connection.subscribe(set(pending[:room]))
-                pending = pending[room:]
-        while pending:
-            connection = self._new_connection()
-            self.connections.append(connection)
-            await connection.subscribe(set(pending[: self.feed_settings.streams_per_connection]))
-            pending = pending[self.feed_settings.streams_per_connection :]
+        first = [] if self.streams.connections else [MARK_PRICE_ALL_STREAM]  # on the first connection
+        await self.streams.update(first + [kline_stream(s) for s in added], {kline_stream(s) for s in removed})
         # Already-connected connections do not reconnect: catch the new symbols up now.
         self.catch_up_pending |= added
         self.catch_up_wake.set()
 
-    def _new_connection(self) -> StreamConnection:
-        connection = StreamConnection(
-            len(self.connections),
-            self.settings.binance_ws_url,
-            self.feed_settings,
-            self.handle_frame,
-            self.handle_connected,
-        )
-        self._spawn(connection)
-        return connection
-
-    def _spawn(self, connection: StreamConnection) -> None:
-        task = asyncio.create_task(
-            run_safe_loop(connection.run, f"WS{connection.conn_id}", 1.0), name=f"WS{connection.conn_id}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def run_connections(self) -> None:
-        """Owns the connection tasks; cancelling it closes every connection."""
-        for connection in self.connections:
-            if not any(t.get_name() == f"WS{connection.conn_id}" for t in self._tasks):
-                self._spawn(connection)
+        """Owns the connections (and the REST client); cancelling it closes them."""
         try:
-            await asyncio.Event().wait()
+            await self.streams.run()
         finally:
             await self.rest.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def drain(self) -> None:
         """At shutdown, once the sources are stopped: store every close received, log
@@ -875,6 +855,8 @@ class Feed:
             await asyncio.sleep(0.01)
         while self.intake.held and not self.intake.redis_outage.active:
             await asyncio.sleep(0.01)  # (what Redis does not take now, the next boot re-announces)
+        while self.intake.to_settle and not self.intake.pg_outage.active:
+            await asyncio.sleep(0.01)
         if self.prices:
             prices, self.prices = self.prices, {}
             await core_io.set_mark_prices(self.redis, prices)
@@ -883,7 +865,7 @@ class Feed:
         """By name; those in SOURCES take data in and are stopped first at shutdown."""
         return {
             "FEED_CONNECTIONS": self.run_connections,
-            "FEED_TICKERS": self.follow_tickers,
+            "FEED_TICKERS": self.follower.run,
             "FEED_INTAKE": self.intake_loop,
             "FEED_AGGREGATE": self.intake.run_aggregator,
             "FEED_CATCH_UP": self.catch_up,
@@ -891,6 +873,7 @@ class Feed:
             "FEED_BACKFILL": self.backfiller.run,
             "FEED_PRICES": self.flush_prices,
             "FEED_PUBLISH": self.intake.run_publisher,
+            "FEED_SETTLE": self.intake.run_settler,
             "FEED_REST_FALLBACK": self.watch_rest_fallback,
             "FEED_CLOCK": self.keep_clock,
         }

@@ -31,6 +31,7 @@ import uvloop
 from redis.asyncio import Redis
 
 import core_io
+import infra
 from alerts import TelegramAlerts
 from connections import connect_pg, connect_redis, refused_at_boot
 from feed_and_aggregate import Feed, FeedSettings
@@ -160,7 +161,7 @@ class Daemon:
         self.tasks: dict[str, asyncio.Task] = {}
         self.started_ms = int(time.time() * 1000)
         self.host = socket.gethostname()
-        self.heartbeat_key = core_io.heartbeat_key(self.host, os.getpid())
+        self.heartbeat_key = infra.heartbeat_key(self.host, os.getpid())
 
     def workers(self) -> dict[str, Worker]:
         workers: dict[str, Worker] = {
@@ -208,12 +209,18 @@ class Daemon:
         }
 
     async def beat(self) -> None:
-        """Liveness for RedisInsight and `status`: a hash that expires unless refreshed."""
+        """Liveness for RedisInsight and `status`: a hash that expires unless refreshed.
+        Once a minute, mid-minute (far from the boundaries), free heap goes back to the OS."""
+        trimmed_minute = 0
         while True:
             with contextlib.suppress(*REDIS_RETRY_ERRORS):
-                await core_io.write_heartbeat(
+                await infra.write_heartbeat(
                     self.runtime.redis, self.heartbeat_key, self.heartbeat_fields(), self.options.heartbeat_ttl_s
                 )
+            minute, second = divmod(time.time(), 60)
+            if 15 <= second < 45 and minute != trimmed_minute:
+                infra.release_free_memory()
+                trimmed_minute = minute
             await asyncio.sleep(self.options.heartbeat_interval_s)
 
     async def guard_redis(self) -> None:

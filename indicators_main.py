@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,16 @@ from candles import TF_MS, TIMEFRAMES
 from indicators import slow
 from indicators.kernels import BarArrays, BarTuple, Kernel
 from indicators.registry import IndicatorConfigError, Instance, parse_common
+from indicators.series import (
+    RECENT_BARS,
+    InstanceFailure,
+    Layout,
+    Series,
+    SlowInstance,
+    bars_as_tuples,
+    interleave,
+    parse_event,
+)
 from infra import (
     PG_DOWN_ERRORS,
     REDIS_DOWN_ERRORS,
@@ -59,7 +68,6 @@ STREAM_TF = {stream: tf for tf, stream in core_io.CANDLE_STREAMS.items()}
 DAY_MS = 86_400_000
 PERSIST_QUIET_S = 0.1  # no candle event for this long: a good moment to write
 PERSIST_MAX_WAIT_S = 2.0
-RECENT_BARS = 256  # covers the feed's boot reconciliation window (RECONCILE_WINDOW_M1, 120)
 
 
 @dataclass(frozen=True)
@@ -95,86 +103,6 @@ class IndicatorOptions:
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class SlowInstance:
-    id: int
-    indicator: str
-    tf: str
-    kwargs: dict[str, Any]
-    names: tuple[str, ...]
-
-
-@dataclass
-class Layout:
-    """The fast instances of one timeframe, and the flat list of their outputs."""
-
-    instances: list[Instance]
-    slow: list[SlowInstance]
-    ids: tuple[int, ...] = ()
-    names: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        self.ids = tuple(i.id for i in self.instances for _ in i.names)
-        self.names = tuple(n for i in self.instances for n in i.names)
-
-    @property
-    def history(self) -> int:
-        return max((i.history for i in self.instances), default=2)
-
-
-class InstanceFailure(Exception):
-    """An instance's kernel raised (opening or stepping): it is disabled, the others run."""
-
-    def __init__(self, instance_id: int, error: BaseException) -> None:
-        super().__init__(f"{type(error).__name__}: {error}")
-        self.instance_id = instance_id
-
-
-@dataclass
-class Series:
-    symbol: str
-    tf: str
-    kernels: list[Kernel]
-    seen: tuple[int, int]  # stream entries up to this id are already in the state
-    instance_ids: Sequence[int] = ()  # of each kernel
-    last_time: int | None = None
-    # The newest bars the state holds: an event repeating one of them (a re-announcement
-    # after a crash or a Redis wipe) changes nothing; any other older bar is a correction.
-    recent: deque[BarTuple] = field(default_factory=lambda: deque(maxlen=RECENT_BARS))
-
-    def step(self, bar: BarTuple) -> list[float]:
-        values: list[float] = []
-        for index, kernel in enumerate(self.kernels):
-            try:
-                values.extend(kernel.step(bar))
-            except Exception as exc:
-                raise InstanceFailure(self.instance_ids[index], exc) from exc
-        self.last_time = bar[5]
-        self.recent.append(bar)
-        return values
-
-    def holds(self, bar: BarTuple) -> bool:
-        return bar in self.recent
-
-
-def parse_event(fields: Mapping[str, str]) -> tuple[str, BarTuple]:
-    """(symbol, bar) from an `ohlcv_<tf>_ready` entry; ValueError/KeyError if malformed."""
-    bar = (
-        float(fields["open"]),
-        float(fields["high"]),
-        float(fields["low"]),
-        float(fields["close"]),
-        float(fields["volume"]),
-        int(fields["open_time"]),
-    )
-    if not all(math.isfinite(x) for x in bar[:5]):
-        raise ValueError("non-finite price")
-    symbol = fields["symbol"]
-    if not symbol:
-        raise ValueError("empty symbol")
-    return symbol, bar
 
 
 # --------------------------------------------------------------------------- pandas-ta runner
@@ -395,7 +323,9 @@ class IndicatorWorker:
                     start = int(bars.open_time[-1])  # a series new to us: values from its newest bar on
                 plans[symbol] = (bars, start)
             anchors = await self._anchors(tf, plans, counts)
-            for symbol, (bars, start) in plans.items():
+            for index, (symbol, (bars, start)) in enumerate(plans.items()):
+                if index % self.YIELD_EVERY_OPEN == self.YIELD_EVERY_OPEN - 1:
+                    await asyncio.sleep(0)  # ~5 ms a series at boot: the feed runs in between
                 old = self.series.get((symbol, tf))
                 seen = marks[tf] if fresh else (old.seen if old else (0, 0))
                 self._open_one((symbol, tf), bars, start, anchors, seen)
@@ -589,6 +519,9 @@ class IndicatorWorker:
             start,
         )
 
+    YIELD_EVERY_SERIES = 100  # stepped between two turns of the event loop
+    YIELD_EVERY_OPEN = 4  # opened (from up to 5,000 stored bars each) between two turns
+
     async def handle(self, entries: Sequence[core_io.StreamEntry]) -> None:
         """One batch: group by series, open what is new, step, write once, ack."""
         self.last_batch_at = time.monotonic()
@@ -615,9 +548,14 @@ class IndicatorWorker:
         new = [key for key in by_series if key not in self.series]
         if new:
             await self.open_series(new)
+        skipped = await self._skipped_bars(by_series)
         started = time.perf_counter()
         corrections: dict[tuple[str, str], list[int]] = {}  # key -> [first bar to redo, newest bar]
-        for key, events in by_series.items():
+        for index, (key, events) in enumerate(by_series.items()):
+            if index % self.YIELD_EVERY_SERIES == self.YIELD_EVERY_SERIES - 1:
+                # The feed shares this event loop: its closes are stored and announced
+                # between slices of a boundary's 1,500 series, not after all of them.
+                await asyncio.sleep(0)
             series = self.series[key]
             tf_ms = TF_MS[key[1]]
             for seen, bar in events:
@@ -631,7 +569,7 @@ class IndicatorWorker:
                 elif last is None or t == last + tf_ms:
                     self._advance(series, bar)
                 elif t > last:
-                    await self._catch_up(series, t)
+                    await self._catch_up(series, t, skipped.get(key))
                     self._advance(series, bar)
                 elif series.holds(bar):
                     continue
@@ -654,17 +592,39 @@ class IndicatorWorker:
         if self.layouts[series.tf].slow:
             self._queue_slow((series.symbol, series.tf), bar[5], bar[5])
 
-    async def _catch_up(self, series: Series, t: int) -> None:
+    async def _skipped_bars(
+        self, by_series: Mapping[tuple[str, str], list[tuple[tuple[int, int], BarTuple]]]
+    ) -> dict[tuple[str, str], list[BarTuple]]:
+        """The stored bars between each series' newest and its first new event, when the
+        events skip some (their announcements were lost, or came before a restart): one
+        query per timeframe for all series, not one round trip each."""
+        wanted: dict[str, list[tuple[str, int, int]]] = {}
+        for (symbol, tf), events in by_series.items():
+            series = self.series[(symbol, tf)]
+            fresh = [bar[5] for seen, bar in events if seen > series.seen]
+            if series.last_time is None or not fresh:
+                continue
+            first, tf_ms = min(fresh), TF_MS[tf]
+            if first > series.last_time + tf_ms:
+                wanted.setdefault(tf, []).append((symbol, first - tf_ms, (first - series.last_time) // tf_ms - 1))
+        found: dict[tuple[str, str], list[BarTuple]] = {}
+        for tf, requests in wanted.items():
+            for symbol, columns in (await core_io.fetch_history(self.pool, tf, requests)).items():
+                found[(symbol, tf)] = bars_as_tuples(BarArrays.from_columns(columns))
+        return found
+
+    async def _catch_up(self, series: Series, t: int, fetched: list[BarTuple] | None = None) -> None:
         """Bars stored between the series' newest and `t` whose events never came."""
         tf_ms = TF_MS[series.tf]
         missing = (t - (series.last_time or t)) // tf_ms - 1
         if missing <= 0:
             return
-        got = await core_io.fetch_history(self.pool, series.tf, [(series.symbol, t - tf_ms, missing)])
-        columns = got.get(series.symbol)
-        if not columns:
-            return
-        for bar in bars_as_tuples(BarArrays.from_columns(columns)):
+        bars = [bar for bar in fetched or () if bar[5] < t]
+        if not bars or bars[0][5] > (series.last_time or 0) + tf_ms:  # not prefetched (a second skip)
+            got = await core_io.fetch_history(self.pool, series.tf, [(series.symbol, t - tf_ms, missing)])
+            columns = got.get(series.symbol)
+            bars = bars_as_tuples(BarArrays.from_columns(columns)) if columns else []
+        for bar in bars:
             if series.last_time is None or bar[5] > series.last_time:
                 self._advance(series, bar)
 
@@ -693,14 +653,28 @@ class IndicatorWorker:
         self.pending[key] = (ids, names, values, rewrite or (old is not None and old[3]))
 
     async def _flush_redis(self, acks: Sequence[tuple[str, str]]) -> None:
-        """Latest values, announcements and acks: one round trip."""
-        announcements = [self._announcement(symbol, tf, t) for symbol, tf, t in self._announce]
+        """Latest values, announcements and acks: one round trip of plain commands.
+
+        The hashes take a plain HSET, not the guarded script restore uses: this worker
+        only ever writes a series' newest bar (a correction rewrites up to the newest),
+        and a plain command costs Redis and the parser a fraction of a script call."""
+        commands: list[list[Any]] = []
+        latest = list(self._latest.items())
+        texts = core_io.float_texts([v for _, (_, _, values) in latest for v in values])
+        at = 0
+        for (symbol, tf), (t, names, values) in latest:
+            shown = texts[at : at + len(values)]
+            at += len(values)
+            commands.append(["HSET", core_io.indicator_key(symbol, tf), "open_time", t, *interleave(names, shown)])
+        commands += [self._announcement(symbol, tf, t) for symbol, tf, t in self._announce]
         by_stream: dict[str, list[str]] = {}
         for stream, entry_id in acks:
             by_stream.setdefault(stream, []).append(entry_id)
-        xacks = [["XACK", stream, core_io.INDICATOR_GROUP, *ids] for stream, ids in by_stream.items()]
-        latest = ((symbol, tf, t, zip(names, values)) for (symbol, tf), (t, names, values) in self._latest.items())
-        await self.cache.write(latest, [*announcements, *xacks])
+        commands += [["XACK", stream, core_io.INDICATOR_GROUP, *ids] for stream, ids in by_stream.items()]
+        if commands:
+            for reply in await core_io.execute_packed(self.redis, commands):
+                if isinstance(reply, Exception):
+                    raise reply
         self._latest.clear()
         self._announce.clear()
 
@@ -835,28 +809,31 @@ class IndicatorWorker:
             taken_rows += len(entry[2])
             if taken_rows >= self.options.persist_batch_rows:
                 break
-        rows: tuple[list, ...] = ([], [], [], [], [])
+        # One matrix per layout (the fast set of a timeframe, or a pandas-ta instance).
+        matrices: dict[tuple, tuple[list[str], list[int], list[float]]] = {}
         gone: tuple[list, ...] = ([], [], [], [])
         for (symbol, _tf, t, _group), (entry_ids, entry_names, entry_values, rewrite) in taken:
-            for instance_id, name, value in zip(entry_ids, entry_names, entry_values):
-                if math.isfinite(value):
-                    target, fields = rows, (instance_id, symbol, t, name, value)
-                elif rewrite:
-                    target, fields = gone, (instance_id, symbol, t, name)
-                else:
-                    continue
-                for column, field_value in zip(target, fields):
-                    column.append(field_value)
+            symbols, times, values = matrices.setdefault((tuple(entry_ids), tuple(entry_names)), ([], [], []))
+            symbols.append(symbol)
+            times.append(t)
+            values.extend(entry_values)
+            if rewrite:  # an output that has no value any more loses its old row
+                for instance_id, name, value in zip(entry_ids, entry_names, entry_values):
+                    if not math.isfinite(value):
+                        for column, field_value in zip(gone, (instance_id, symbol, t, name)):
+                            column.append(field_value)
         if gone[0]:
             await core_io.delete_indicator_rows(self.pool, *gone)
-        await core_io.upsert_indicator_rows(self.pool, *rows)
+        written = 0
+        for (ids, names), (symbols, times, values) in matrices.items():
+            written += await core_io.upsert_indicator_matrix(self.pool, ids, names, symbols, times, values)
         for key, entry in taken:
             if self.pending.get(key) is entry:
                 del self.pending[key]
                 self.pending_rows -= len(entry[2])
-        self.stats["persisted_rows"] += len(rows[0])
+        self.stats["persisted_rows"] += written
         self.persisted_event.set()
-        return len(rows[0])
+        return written
 
     async def run_pruner(self) -> None:
         while True:
@@ -873,16 +850,3 @@ class IndicatorWorker:
 
     def close(self) -> None:
         self.slow_runner.close()
-
-
-def bars_as_tuples(bars: BarArrays) -> list[BarTuple]:
-    return list(
-        zip(
-            bars.open.tolist(),
-            bars.high.tolist(),
-            bars.low.tolist(),
-            bars.close.tolist(),
-            bars.volume.tolist(),
-            bars.open_time.tolist(),
-        )
-    )

@@ -10,6 +10,8 @@ and problems are recorded through `log_system_event`.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import os
 import random
@@ -549,3 +551,52 @@ def make_redis(url: str, **overrides: Any) -> Redis:
     )
     options.update(overrides)
     return Redis.from_url(url, **options)
+
+
+# --------------------------------------------------------------------------- heartbeat
+
+HEARTBEAT_PREFIX = "heartbeat:"
+
+
+def heartbeat_key(host: str, pid: int) -> str:
+    return f"{HEARTBEAT_PREFIX}{host}:{pid}"
+
+
+async def write_heartbeat(redis: Redis, key: str, fields: Mapping[str, Any], ttl_s: int) -> None:
+    """One hash per daemon process; it expires when the process stops beating."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hset(key, mapping=dict(fields))
+    pipe.expire(key, ttl_s)
+    await pipe.execute()
+
+
+async def read_heartbeats(redis: Redis) -> dict[str, dict[str, str]]:
+    """Every live daemon process's heartbeat, by key."""
+    keys = sorted([key async for key in redis.scan_iter(match=f"{HEARTBEAT_PREFIX}*", count=1000)])
+    if not keys:
+        return {}
+    pipe = redis.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    return {key: fields for key, fields in zip(keys, await pipe.execute()) if fields}
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc (musl, macOS): nothing to do
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS. glibc keeps what Python and numpy free
+    (boot opens 1,500 series from ~2,000 bars each, ~90 MB of transient arrays), so RSS
+    would stay at its peak; a trim takes ~8 ms after boot, well under 1 ms later."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

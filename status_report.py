@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 import core_io
+import infra
 from candles import TF_MS, TIMEFRAMES, datetime_to_ms, ms_to_datetime
 from connections import connect_pg
 from infra import REDIS_RETRY_ERRORS, BootError, Settings, env_number, make_redis, mask_url
@@ -124,7 +125,7 @@ def parse_heartbeat(key: str, fields: Mapping[str, str], local_now_ms: int) -> d
     exchange = _int_or_none(fields.get("exchange_time"))
     return {
         "key": key,
-        "host": fields.get("host") or key.removeprefix(core_io.HEARTBEAT_PREFIX).rpartition(":")[0],
+        "host": fields.get("host") or key.removeprefix(infra.HEARTBEAT_PREFIX).rpartition(":")[0],
         "pid": _int_or_none(fields.get("pid")),
         "started_at_ms": started,
         "started_at": iso_ms(started),
@@ -624,7 +625,7 @@ async def collect_status(
     local_now_ms = local_clock_ms() if local_now_ms is None else local_now_ms
     try:
         async with asyncio.TaskGroup() as group:  # a failure of one cancels the other
-            heartbeats_task = group.create_task(core_io.read_heartbeats(redis))
+            heartbeats_task = group.create_task(infra.read_heartbeats(redis))
             pg_task = group.create_task(read_pg_state(pool, local_now_ms))
     except ExceptionGroup as failed:
         raise failed.exceptions[0] from None

@@ -33,6 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--close-delay-ms",
+        default="200,2000",
+        help="a minute's closing klines go out this long after it ends, spread over MIN,MAX simulated ms",
+    )
+    parser.add_argument(
+        "--updates-per-minute", type=int, default=4, help="forming-kline pushes per symbol and minute (Binance: ~240)"
+    )
     return parser.parse_args(argv)
 
 
@@ -56,8 +64,16 @@ def parse_start(text: str | None) -> int | None:
 
 async def serve(args: argparse.Namespace) -> None:
     source = make_source(args)
+    low, _, high = args.close_delay_ms.partition(",")
     exchange = FakeExchange(
-        source, start_ms=parse_start(args.start), speed=args.speed, host=args.host, port=args.port, seed=args.seed
+        source,
+        start_ms=parse_start(args.start),
+        speed=args.speed,
+        host=args.host,
+        port=args.port,
+        seed=args.seed,
+        close_delay_ms=(int(low), int(high or low)),
+        updates_per_minute=args.updates_per_minute,
     )
     await exchange.start()
     started = ms_to_datetime(exchange.clock.now_ms())

@@ -30,10 +30,12 @@ def setting(key: str) -> str:
     return value
 
 
-def start_fake_exchange(symbols: int, speed: float, start: str, port: int, seed: int = 3) -> subprocess.Popen:
+def start_fake_exchange(
+    symbols: int, speed: float, start: str, port: int, seed: int = 3, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     """The fake exchange with synthetic symbols, in its own process (for benchmarks)."""
     command = [sys.executable, "-m", "fake_exchange", "--source", "synthetic", "--symbols", str(symbols)]
-    command += ["--seed", str(seed), "--speed", str(speed), "--start", start, "--port", str(port)]
+    command += ["--seed", str(seed), "--speed", str(speed), "--start", start, "--port", str(port), *extra]
     project = Path(__file__).resolve().parents[1]
     return subprocess.Popen(command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -27,6 +27,7 @@ from replay import (
 from servers import FakeTelegram
 
 import core_io
+import infra
 from candles import datetime_to_ms
 from fake_exchange import ArchiveSource, FakeExchange
 from feed_v4_main import EXIT_STALE_FEED, Daemon, DaemonOptions, boot
@@ -162,7 +163,7 @@ async def test_sigterm_in_the_middle_of_a_burst_loses_nothing(pool, redis, redis
         daemon.start()
         paused_closed = (exchange.clock.now_ms() - 2_000 - M1) // M1 * M1
         await until(lambda: complete(pool, SYMBOLS, paused_closed), 60, "the restarted daemon to catch up")
-        await until(lambda: core_io.read_heartbeats(redis), 30, "the restarted daemon's heartbeat")
+        await until(lambda: infra.read_heartbeats(redis), 30, "the restarted daemon's heartbeat")
         await assert_store_matches_source(pool, redis, source, SYMBOLS, paused_closed)
         assert daemon.terminate() == 0
     finally:

@@ -118,7 +118,11 @@ async def test_bad_frames_for_one_symbol_never_hold_up_the_others(pool, redis):
     exchange = FakeExchange(ArchiveSource(["NEARUSDT", "LINKUSDT"]), start_ms=T0 + 16 * M1, speed=1)
     await exchange.start()
     feed = await _feed(pool, redis, exchange, {"NEARUSDT", "LINKUSDT"})
-    workers = [asyncio.create_task(w()) for w in (feed.intake_loop, feed.intake.run_aggregator, feed.keep_clock)]
+    intake = feed.intake
+    workers = [
+        asyncio.create_task(w())
+        for w in (feed.intake_loop, intake.run_aggregator, intake.run_publisher, intake.run_settler, feed.keep_clock)
+    ]
     try:
         feed.handle_frame(closing_frame(link[0]))  # before any sync: held, not judged
         assert len(feed.ahead) == 1 and feed.closed.empty()
@@ -132,7 +136,7 @@ async def test_bad_frames_for_one_symbol_never_hold_up_the_others(pool, redis):
         far = T0 + 5 * 365 * 86_400_000
         feed.handle_frame(closing_frame(NEAR[0], far + 61_000, t=far))  # ahead of the exchange: held, then refused
         await until(lambda: feed.closed.empty() and not feed.batch and not feed.ahead, 10, "the intake")
-        await until(lambda: not feed.intake.buckets_due and not feed.intake.aggregating, 10, "aggregation")
+        await until(lambda: not intake.buckets_due and not intake.aggregating and not intake.held, 10, "aggregation")
         assert await core_io.fetch_candles(pool, "LINKUSDT", "m1", T0, T0 + 15 * M1) == link
         assert await core_io.fetch_candles(pool, "NEARUSDT", "m1", T0, T0 + 15 * M1) == [NEAR[0]]
         m15 = await core_io.fetch_candles(pool, "LINKUSDT", "m15", T0, T0 + 15 * M1)

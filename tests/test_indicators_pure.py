@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from collections.abc import Sequence
 from functools import cache
 from itertools import islice
@@ -14,12 +15,15 @@ from typing import Any
 import numpy as np
 import pytest
 import talib
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregation import aggregate
 from candles import M1_PER_BUCKET, TF_MS, Candle, bucket_start
 from indicators import slow
 from indicators.kernels import DAY_MS, SOURCES, BarArrays, BarTuple, Kernel
 from indicators.registry import COMMON, IndicatorConfigError, Instance, parse_common
+from indicators.series import RecentBars
 from indicators.stages import Stage
 from market_data import archive_symbols, read_archive
 from tests.indicator_reference import COMMON_CASES, close_enough, reference
@@ -663,3 +667,19 @@ def test_bbands_on_flat_windows_stepped():
         for name, g, w in zip(instance.names, got, want):
             bad = mismatches(g, w)
             assert not bad, f"{name} stepped from bar {k}: {len(bad)} bars differ, e.g. {bad[:3]}"
+
+
+# A few distinct values, so that repeats and near-misses (one field off) are common.
+_BAR_VALUE = st.sampled_from([0.5, 1.0, 1.0000000000000002, 2.5, 1e15, 3.0])
+_BAR = st.tuples(*[_BAR_VALUE] * 5, st.sampled_from([0, 60_000, 120_000, 1_769_904_000_000]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(bars=st.lists(_BAR, max_size=40), probes=st.lists(_BAR, max_size=10), size=st.integers(1, 8))
+def test_recent_bars_hold_what_a_bounded_deque_of_tuples_holds(bars, probes, size):
+    recent, reference = RecentBars(size), deque(maxlen=size)
+    for bar in bars:
+        recent.append(bar)
+        reference.append(bar)
+    for probe in [*bars, *probes]:
+        assert (probe in recent) == (probe in reference)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -164,3 +165,21 @@ async def _until(predicate, timeout: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.02)
+
+
+def _rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_freed_heap_goes_back_to_the_os():
+    """glibc keeps freed heap: RSS stays at its peak until it is trimmed."""
+    blobs = [bytes(1000) + bytes([i % 256]) for i in range(150_000)]  # ~150 MB of malloc'd objects
+    peak = _rss_mb()
+    kept = blobs[::1000]  # what a long-lived process keeps: the free pages lie between them
+    del blobs
+    held = _rss_mb()
+    infra.release_free_memory()
+    assert held > peak - 50  # freed, but still held by the process
+    assert _rss_mb() < held - 100
+    assert len(kept) == 150

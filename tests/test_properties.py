@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import core_io
 from binance.protocol import (
+    EARLIEST_MS,
     LATEST_MS,
     MAX_TRADES_PER_MINUTE,
     FrameError,
@@ -25,6 +26,7 @@ from binance.protocol import (
     Reply,
     check_candle,
     parse_frame,
+    parse_general_frame,
 )
 from feed_and_aggregate import Feed, FeedSettings
 from indicators import slow
@@ -86,6 +88,7 @@ def mutated_close(draw, symbol: str = "LINKUSDT") -> bytes:
     frame = orjson.loads(orjson.dumps(REAL_CLOSE))
     data = frame["data"]
     data["s"] = data["k"]["s"] = symbol
+    data["k"]["x"] = draw(st.booleans())  # forming or closing
     frame["stream"] = f"{symbol.lower()}@kline_1m"
     for _ in range(draw(st.integers(1, 4))):
         levels: list[tuple[dict, list[str]]] = [(frame, ["stream", "data"])]
@@ -147,14 +150,18 @@ async def _run_intake_example(pg_url: str, redis_url: str, bad_frames: list[byte
         feed = Feed(settings_, FeedSettings(), pool, redis, core_io.make_candle_store(redis, True, 250))
         feed.symbols = {"NEARUSDT", "LINKUSDT"}
         feed.clock.sync(NEAR[-1].open_time + 61_000)
-        workers = [asyncio.create_task(w()) for w in (feed.intake_loop, feed.intake.run_aggregator)]
+        intake = feed.intake
+        workers = [
+            asyncio.create_task(w())
+            for w in (feed.intake_loop, intake.run_aggregator, intake.run_publisher, intake.run_settler)
+        ]
         try:
             for index, candle in enumerate(NEAR):
                 for raw in bad_frames[index :: len(NEAR)]:
                     feed.handle_frame(raw)
                 feed.handle_frame(orjson.dumps(closing(candle)))
             deadline = asyncio.get_running_loop().time() + 20
-            while feed.batch or not feed.closed.empty() or feed.intake.buckets_due or feed.intake.aggregating:
+            while feed.batch or not feed.closed.empty() or intake.buckets_due or intake.aggregating or intake.held:
                 assert asyncio.get_running_loop().time() < deadline, "the intake did not drain"
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.05)
@@ -252,3 +259,67 @@ def test_any_pandas_ta_configuration_is_described_or_refused_with_a_reason(indic
         assert str(exc)
         return
     assert names and set(kwargs) == set(params)
+
+
+def _outcome(parse, raw: str | bytes, forming_candle: bool) -> object:
+    try:
+        return parse(raw, forming_candle)
+    except FrameError:
+        return FrameError
+
+
+# Values close to what the fast path must get right: a field at or just past its bound,
+# another symbol's stream, a reply's keys.
+_T = LINK[0].open_time
+EDGE_VALUES = {
+    ("frame", "stream"): ["LINKUSDT@kline_1m", "nearusdt@kline_1m", "linkusdt@kline_5m", "linkusdt", ""],
+    ("frame", "id"): [1, None],
+    ("frame", "result"): [None],
+    ("data", "E"): [0, _T - 1, _T, _T + 86_400_000, _T + 86_400_001, LATEST_MS, True],
+    ("data", "s"): ["", "NEARUSDT", "linkusdt", 5],
+    ("data", "e"): ["Kline", "markPriceUpdate"],
+    ("k", "s"): ["", "NEARUSDT", "link usdt", None],
+    ("k", "t"): [_T + 1, _T - 60_000, EARLIEST_MS - 60_000, LATEST_MS, float(_T), str(_T)],
+    ("k", "i"): ["5m", "", None],
+    ("k", "x"): [0, 1, "true", None],
+    ("k", "n"): [-1, MAX_TRADES_PER_MINUTE, MAX_TRADES_PER_MINUTE + 1, 1.0, "7"],
+    ("k", "o"): ["0", "-1", "1" * 41, "NaN", 9.98, "9.9820"],
+    ("k", "h"): ["9.973", "1e15", "Infinity"],
+    ("k", "q"): ["1e9"],
+    ("k", "V"): ["0"],
+    ("k", "Q"): ["1e9", None],
+}
+
+
+@st.composite
+def kline_variant(draw) -> str | bytes:
+    """A real forming or closing frame with one to three fields at an edge, removed or garbled."""
+    frame = orjson.loads(orjson.dumps(REAL_CLOSE))
+    frame["data"]["k"]["x"] = draw(st.booleans())
+    for _ in range(draw(st.integers(1, 3))):
+        (level, key), values = draw(st.sampled_from(list(EDGE_VALUES.items())))
+        target = {"frame": frame, "data": frame["data"], "k": frame["data"]["k"]}[level]
+        choice = draw(st.sampled_from(["edge", "edge", "edge", "remove", "any"]))
+        if choice == "edge":
+            target[key] = draw(st.sampled_from(values))
+        elif choice == "remove":
+            target.pop(key, None)
+        else:
+            target[key] = draw(ANY_VALUE)
+    raw = dumps(frame)
+    return raw.decode("utf-8", "surrogateescape") if draw(st.booleans()) else raw
+
+
+def _outcome(parse, raw: str | bytes, forming_candle: bool) -> object:
+    try:
+        return parse(raw, forming_candle)
+    except FrameError:
+        return FrameError
+
+
+@settings(max_examples=2500, deadline=None)
+@given(raw=kline_variant(), forming_candle=st.booleans())
+def test_the_kline_fast_path_agrees_with_the_general_parse(raw, forming_candle):
+    """The typed decoder takes most frames; whatever it accepts, the general parse
+    accepts with the same result, and what that refuses it refuses too."""
+    assert _outcome(parse_frame, raw, forming_candle) == _outcome(parse_general_frame, raw, forming_candle)

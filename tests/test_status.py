@@ -12,6 +12,7 @@ import pytest
 from servers import drop_database, free_port, recreate_database, setting
 
 import core_io
+import infra
 import status_report as sr
 from infra import BootError, ConfigError, load_settings
 from tests.test_candles_pg import make_candle
@@ -40,7 +41,7 @@ async def beat(redis, exchange_time: int | str = NOW, pid: int = 4242) -> None:
         "candles_stored": 120,
         "indicator_bars": 360,
     }
-    await core_io.write_heartbeat(redis, core_io.heartbeat_key("testhost", pid), fields, 30)
+    await infra.write_heartbeat(redis, infra.heartbeat_key("testhost", pid), fields, 30)
 
 
 async def seed_tickers(pool, redis, m1_last: dict[str, int | None]) -> None:
