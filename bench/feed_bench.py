@@ -8,8 +8,10 @@
 
 The fake exchange runs in its own process (python -m fake_exchange), the feed in this
 one, against a private Redis Stack and a scratch PostgreSQL database.
-Budgets: parse ≥ 200k frames/s; p99 ≤ 100 ms; catch-up within 10 % of what the weight
-limit allows.
+Budgets: parse ≥ 450k frames/s (twice what cryptofeed 2.5's BinanceFutures handler
+manages on the same frames: see the README for how that was measured); p99 ≤ 100 ms
+(intake only: from the feed's queue, the feed in this process; the daemon end to end is
+bench/boundary_bench.py's); catch-up within 10 % of what the weight limit allows.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def bench_parse() -> float:
         parse_frame(frame)
     closes_rate = len(closes) / (time.perf_counter() - started)
     print(
-        f"parse: {best:,.0f} frames/s (3:1 forming:closed mix), {closes_rate:,.0f} closing frames/s (budget 200,000/s)"
+        f"parse: {best:,.0f} frames/s (3:1 forming:closed mix), {closes_rate:,.0f} closing frames/s (budget 450,000/s)"
     )
     return best
 
