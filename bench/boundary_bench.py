@@ -237,16 +237,38 @@ async def profile_boundary(pid: int, boundary_ms: int, arrivals: Arrivals, out: 
     await process.wait()
 
 
-def profile_table(path: Path, top: int = 25) -> str:
-    """Inclusive share of the samples per function (project code and the libraries it
-    waits on), from py-spy's raw (collapsed) output."""
+# Where a sample's time goes: the deepest of these functions on its stack names its stage.
+STAGES = [
+    ("StreamConnection._serve", "frames: WebSocket reads, parsing, the intake queue"),
+    ("StreamConnection._open", "frames: WebSocket reads, parsing, the intake queue"),
+    ("ResponseHandler.data_received", "frames: WebSocket reads, parsing, the intake queue"),
+    ("ClientWebSocketResponse.receive", "frames: WebSocket reads, parsing, the intake queue"),
+    ("parse_frame", "frames: WebSocket reads, parsing, the intake queue"),
+    ("Feed.intake_loop", "candles to PostgreSQL (M1 + the M5/M15 they complete, one statement)"),
+    ("CandleIntake.run_publisher", "candles to Redis (series + `ohlcv_<tf>_ready`, one round)"),
+    ("CandleIntake.run_aggregator", "M5/M15 rebuilt from PostgreSQL (aggregator)"),
+    ("IndicatorWorker._flush_redis", "indicators to Redis (HSET + `indicators_ready_stream` + XACK)"),
+    ("IndicatorWorker.run", "indicators: reading events, stepping the series"),
+    ("IndicatorWorker.run_persister", "indicators to PostgreSQL (write-behind)"),
+]
+
+
+def profile_tables(path: Path, top: int = 20) -> str:
+    """From py-spy's raw (collapsed) output: CPU per stage of the boundary, then the
+    inclusive share of the busiest functions."""
     inclusive: dict[str, int] = defaultdict(int)
+    stages: dict[str, int] = defaultdict(int)
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         total += int(count)
+        names = [frame.split(" (")[0] for frame in stack.split(";")]
+        stage = next((label for name in reversed(names) for key, label in STAGES if name == key), None)
+        if stage is None:
+            stage = "the event loop itself (uvloop: sockets, timers)" if names[-1] == "Runner.run" else "the rest"
+        stages[stage] += int(count)
         seen = set()
         for frame in stack.split(";"):
             name = frame.split(" (")[0]
@@ -255,7 +277,10 @@ def profile_table(path: Path, top: int = 25) -> str:
             if key not in seen:
                 seen.add(key)
                 inclusive[key] += int(count)
-    lines = [f"{total} samples ({total / 1000:.2f} s of CPU at 1 kHz)", "share  function"]
+    lines = [f"{total} samples ({total / 1000:.2f} s of CPU at 1 kHz)", "", "CPU ms  share  stage"]
+    for label, count in sorted(stages.items(), key=lambda item: -item[1]):
+        lines.append(f"{count:6d}  {100 * count / total:4.0f}%  {label}")
+    lines += ["", "share  function (inclusive)"]
     for key, count in sorted(inclusive.items(), key=lambda item: -item[1])[:top]:
         lines.append(f"{100 * count / total:5.1f}%  {key}")
     return "\n".join(lines)
@@ -420,7 +445,7 @@ async def run(args: argparse.Namespace) -> None:
         report(boundary_rows(arrivals, source.symbols), samples, booted_at)
         if profile_out is not None and profile_out.exists():
             print(f"\nprofile of the daemon from 0.7 s before {args.profile_at} for {args.profile_s:g} s:")
-            print(profile_table(profile_out))
+            print(profile_tables(profile_out))
     finally:
         for task in tasks:
             task.cancel()
