@@ -154,13 +154,7 @@ async def database_from_seed(source: SyntheticSource, start_ms: int, args: argpa
             f"seeded {seeded:,} candles ({args.history} M1 per symbol and their M5/M15) in "
             f"{time.monotonic() - began:.0f} s (kept as {seed_name})"
         )
-    conn = await asyncpg.connect(database_url(admin_url, "postgres"))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{DATABASE}" TEMPLATE "{seed_name}"')
-    finally:
-        await conn.close()
-    return database_url(admin_url, DATABASE)
+    return await recreate_database(admin_url, DATABASE, template=seed_name)
 
 
 # --------------------------------------------------------------------------- observing

@@ -174,12 +174,13 @@ def database_url(base_url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-async def recreate_database(base_url: str, name: str) -> str:
-    """Drop and create a scratch database on the server of `base_url`; return its URL."""
+async def recreate_database(base_url: str, name: str, template: str | None = None) -> str:
+    """Drop and create a scratch database on the server of `base_url` (a copy of
+    `template` if given); return its URL."""
     conn = await asyncpg.connect(database_url(base_url, "postgres"))
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     finally:
         await conn.close()
     return database_url(base_url, name)
