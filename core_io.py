@@ -26,6 +26,7 @@ from candle_stores import (  # noqa: F401 (the candle cache is part of this modu
     SeriesKey,
     TimeSeriesCandleStore,
     candle_columns,
+    candle_event,
     candle_series_key,
     candle_zset_key,
     execute_packed,
@@ -621,23 +622,6 @@ RESTORED_KEY = "feed_v4:restored_at"
 # --------------------------------------------------------------------------- streams
 
 
-def candle_event(candle: Candle) -> dict[str, str]:
-    """The `ohlcv_<tf>_ready` entry: exact decimal strings, open time in ms."""
-    event = {
-        "symbol": candle.symbol,
-        "tf": candle.tf,
-        "open_time": str(candle.open_time),
-        "open": str(candle.open),
-        "high": str(candle.high),
-        "low": str(candle.low),
-        "close": str(candle.close),
-        "volume": str(candle.volume),
-    }
-    if candle.m1_count is not None:
-        event["m1_count"] = str(candle.m1_count)
-    return event
-
-
 def xadd_command(stream: str, fields: Mapping[str, Any], maxlen: int) -> list[Any]:
     return ["XADD", stream, "MAXLEN", "~", maxlen, "*", *chain.from_iterable(fields.items())]
 
@@ -650,9 +634,10 @@ async def publish_candles(
     order, so a reader of an announcement finds the candle cached). Series the server
     had lost are created, written and announced again (at least once)."""
     candles = [c for _, batch in batches for c in batch]
-    items = candle_columns(candles)
+    events = [candle_event(c) for c in candles]  # their text serves the series writes too
+    items = candle_columns(candles, events)
     writes = store.write_commands(items)
-    announcements = [xadd_command(CANDLE_STREAMS[tf], candle_event(c), maxlen) for tf, batch in batches for c in batch]
+    announcements = [xadd_command(CANDLE_STREAMS[event["tf"]], event, maxlen) for event in events]
     replies = await execute_packed(redis, [*writes, *announcements])
     for reply in replies[len(writes) :]:
         if isinstance(reply, Exception):
