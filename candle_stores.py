@@ -40,7 +40,70 @@ def retention_ms(tf: str, bars: int) -> int:
 # --------------------------------------------------------------------------- bulk commands
 
 
-async def execute_packed(redis: Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+class Packed(NamedTuple):
+    """A command already in RESP (`name` is its first word, for reading its replies)."""
+
+    name: str
+    resp: bytes
+
+
+_CRLF = b"\r\n"
+_BULK_HEADERS = [b"$%d\r\n" % n for n in range(256)]
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _value_texts(values: Sequence[float | str]) -> list[bytes]:
+    """Decimal text as it is; a float as its repr (Redis reads either to the same double)."""
+    if values and type(values[0]) is str:
+        return list(map(str.encode, values))  # type: ignore[arg-type]
+    return [repr(float(v)).encode() for v in values]
+
+
+PACK_MADD_FROM = 16  # samples a series, from which pack_madd beats hiredis (12 µs against 4 for one)
+
+
+def pack_madd(
+    keys: Sequence[str],
+    times: Sequence[int],
+    columns: Sequence[Sequence[float | str]],
+    encoded_times: dict[int, bytes] | None = None,
+) -> Packed:
+    """One TS.MADD of series sharing their sample times, in RESP built here: each key and
+    time is encoded once, not once per sample, and the samples are laid out by slice
+    writes in C. A restore sends 1.9 million samples; hiredis.pack_command took ~0.1 µs
+    an argument, three arguments a sample. `encoded_times` carries the times' encoding
+    from one series to the next (the series of a timeframe share their times)."""
+    encoded = {} if encoded_times is None else encoded_times
+    time_parts = list(map(encoded.get, times))
+    if None in time_parts:
+        for t in times:
+            if t not in encoded:
+                encoded[t] = _bulk(b"%d" % t)
+        time_parts = list(map(encoded.__getitem__, times))
+    size = len(time_parts)
+    parts = [b"*%d\r\n$7\r\nTS.MADD\r\n" % (1 + 3 * size * len(keys))]
+    for key, column in zip(keys, columns, strict=True):
+        values = _value_texts(column)
+        if len(values) != size:
+            raise ValueError(f"{key}: {len(values)} values for {size} times")
+        lengths = list(map(len, values))
+        samples = [_CRLF] * (5 * size)  # key, time, value header, value, CRLF
+        samples[0::5] = [_bulk(key.encode())] * size
+        samples[1::5] = time_parts
+        samples[2::5] = (
+            map(_BULK_HEADERS.__getitem__, lengths)
+            if max(lengths, default=0) < len(_BULK_HEADERS)
+            else [b"$%d\r\n" % n for n in lengths]
+        )
+        samples[3::5] = values
+        parts += samples
+    return Packed("TS.MADD", b"".join(parts))
+
+
+async def execute_packed(redis: Redis, commands: Sequence[Sequence[Any] | Packed]) -> list[Any]:
     """Send many commands in one write and read every reply (errors returned, not raised).
 
     redis-py's asyncio pipeline packs arguments in pure Python, which dominated bulk
@@ -48,7 +111,9 @@ async def execute_packed(redis: Redis, commands: Sequence[Sequence[Any]]) -> lis
     read in bulk too (see `_read_replies`). The commands must be idempotent: on a
     dropped connection the whole batch is re-sent once.
     """
-    packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)
+    packed = b"".join(
+        command.resp if isinstance(command, Packed) else hiredis.pack_command(tuple(command)) for command in commands
+    )
     for attempt in (1, 2):
         conn = await redis.connection_pool.get_connection()
         try:
@@ -58,6 +123,11 @@ async def execute_packed(redis: Redis, commands: Sequence[Sequence[Any]]) -> lis
             await conn.disconnect()
             if attempt == 2:
                 raise
+        except BaseException:
+            # Cancelled mid-round: the replies still on their way (or half a command sent)
+            # must not reach the connection's next user, who would read them as its own.
+            await conn.disconnect(nowait=True)
+            raise
         finally:
             await redis.connection_pool.release(conn)
     raise AssertionError("unreachable")
@@ -221,6 +291,7 @@ class TimeSeriesCandleStore:
 
     def write_commands(self, items: Mapping[SeriesKey, Columns]) -> list[list[Any]]:
         commands: list[list[Any]] = []
+        encoded_times: dict[int, bytes] = {}
         for (symbol, tf), columns in items.items():
             if not columns.open_time:
                 continue
@@ -245,8 +316,11 @@ class TimeSeriesCandleStore:
                         ]
                     )
             times = columns.open_time
-            triples = zip(*(part for key, values in zip(keys, columns[1:]) for part in (repeat(key), times, values)))
-            commands.append(["TS.MADD", *chain.from_iterable(triples)])
+            if len(times) < PACK_MADD_FROM:
+                triples = zip(*(p for key, values in zip(keys, columns[1:]) for p in (repeat(key), times, values)))
+                commands.append(["TS.MADD", *chain.from_iterable(triples)])
+            else:
+                commands.append(pack_madd(keys, times, columns[1:], encoded_times))
         return commands
 
     def check_replies(

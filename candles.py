@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 TIMEFRAMES: tuple[str, ...] = ("m1", "m5", "m15")
 TF_MS: dict[str, int] = {"m1": 60_000, "m5": 300_000, "m15": 900_000}
+DAY_MS = 86_400_000
 M1_PER_BUCKET: dict[str, int] = {"m1": 1, "m5": 5, "m15": 15}
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -66,3 +68,13 @@ def bucket_start(open_time_ms: int, tf: str) -> int:
     """Open time of the epoch-aligned bucket of `tf` that contains `open_time_ms`."""
     size = TF_MS[tf]
     return open_time_ms - open_time_ms % size
+
+
+def key_arrays(keys: Sequence[tuple[str, int]]) -> tuple[list[str], list]:
+    """(symbol, open_time ms) pairs as the two arrays an `unnest` takes."""
+    return [k[0] for k in keys], [ms_to_datetime(k[1]) for k in keys]
+
+
+def range_arrays(ranges: Sequence[tuple[str, int, int]]) -> tuple[list[str], list, list]:
+    """(symbol, start ms, end ms) triples as the three arrays an `unnest` takes."""
+    return [r[0] for r in ranges], [ms_to_datetime(r[1]) for r in ranges], [ms_to_datetime(r[2]) for r in ranges]

@@ -4,14 +4,18 @@ Reads `ohlcv_<tf>_ready` as consumer group `indicator_workers`. Each series (sym
 timeframe) holds one kernel per configured instance, opened from stored history;
 every new bar advances them in O(1). A batch of events costs one Redis round trip
 (latest values into `indicator:<SYMBOL>:<tf>`, an `indicators_ready_stream` entry per
-bar, the acks); PostgreSQL gets the values right behind, in batches.
+bar, the acks of earlier events whose values are written); PostgreSQL gets the values
+right behind, in batches.
 
-Correctness rests on three rules:
+Correctness rests on four rules:
 - a series is opened from PostgreSQL after noting each stream's last entry id, so
   events up to that id are already in the state and are skipped;
 - an event older than the series' newest bar is a correction: the series is reopened
   and every value from that bar on is recomputed and rewritten;
-- after a crash, bars newer than the newest persisted value are recomputed at open.
+- an event is acknowledged only once its values are in PostgreSQL; at start, every
+  series is written again from the oldest bar among its unacknowledged events;
+- after a crash, bars newer than the newest persisted value are recomputed at open,
+  and so are those from the oldest stored bar without values.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import bisect
 import concurrent.futures
 import contextlib
 import logging
-import math
 import multiprocessing
 import os
 import socket
@@ -36,9 +39,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 import core_io
-from candles import TF_MS, TIMEFRAMES
+from candles import DAY_MS, TF_MS, TIMEFRAMES
 from indicators import slow
 from indicators.kernels import BarArrays, BarTuple, Kernel
+from indicators.pending import PendingValues, matrices
 from indicators.registry import IndicatorConfigError, Instance, parse_common
 from indicators.series import (
     RECENT_BARS,
@@ -47,6 +51,7 @@ from indicators.series import (
     Series,
     SlowInstance,
     bars_as_tuples,
+    first_unseen,
     interleave,
     parse_event,
 )
@@ -65,7 +70,6 @@ log = logging.getLogger("INDICATORS")
 MODULE = "INDICATORS"
 TF_MINUTES = {tf: TF_MS[tf] // 60_000 for tf in TIMEFRAMES}
 STREAM_TF = {stream: tf for tf, stream in core_io.CANDLE_STREAMS.items()}
-DAY_MS = 86_400_000
 PERSIST_QUIET_S = 0.1  # no candle event for this long: a good moment to write
 PERSIST_MAX_WAIT_S = 2.0
 
@@ -151,9 +155,7 @@ class IndicatorWorker:
         self.errors_written: dict[int, str] | None = None  # what indicator_instances_v4.error holds
         self.broken: dict[int, tuple[str, str]] = {}  # instance id -> (its row, why it was disabled)
         self.series: dict[tuple[str, str], Series] = {}
-        # (symbol, tf, open_time, group) -> (ids, names, values, rewrite); group "" is the fast set
-        self.pending: dict[tuple[str, str, int, Any], tuple[Sequence[int], Sequence[str], Sequence[float], bool]] = {}
-        self.pending_rows = 0
+        self.pending = PendingValues()
         self.persisted_event = asyncio.Event()
         self.slow_due: dict[tuple[str, str], tuple[int, int]] = {}  # series -> bars awaiting pandas-ta
         self.slow_wake = asyncio.Event()
@@ -285,9 +287,10 @@ class IndicatorWorker:
         """(Re)build series from stored bars.
 
         Without `upto` a series opens at its newest stored bar and writes the bars newer
-        than its newest persisted value (only the newest bar, if it has none): the
-        boot and first-sight case. With `upto` it reopens at that bar (a correction or
-        a configuration change) and writes the bars from `write_from[key]` on, if given.
+        than its newest persisted value (only the newest bar, if it has none), and those
+        from `write_from[key]` on if that bar has values: the boot and first-sight case. With `upto` it reopens
+        at that bar (a correction or a configuration change) and writes the bars from
+        `write_from[key]` on, if given.
         """
         fresh = upto is None
         marks = await self._watermarks() if fresh else {}
@@ -301,10 +304,25 @@ class IndicatorWorker:
             base = max(min(layout.history, self.options.history_max), self.options.slow_window if layout.slow else 0)
             first: dict[str, int | None] = {}
             if fresh:
-                persisted = await core_io.persisted_until(self.pool, [i.id for i in layout.instances], symbols)
+                ids = [i.id for i in layout.instances]
+                persisted = await core_io.persisted_spans(self.pool, ids, symbols)
+                spans: dict[str, tuple[int, int]] = {}
                 for symbol in symbols:
-                    stored = [persisted[(i.id, symbol)] for i in layout.instances if (i.id, symbol) in persisted]
-                    first[symbol] = min(stored) + tf_ms if stored else None
+                    stored = [persisted[(i, symbol)] for i in ids if (i, symbol) in persisted]
+                    first[symbol] = min(last for _, last in stored) + tf_ms if stored else None
+                    if stored:
+                        spans[symbol] = (min(f for f, _ in stored), max(last for _, last in stored))
+                # A bar stored after the values around it were computed (its backfill came
+                # in while the previous run's values were on their way to PostgreSQL, and
+                # that run died before folding it in) has no values: written again from it.
+                for symbol, hole in (await core_io.first_value_holes(self.pool, tf, ids, spans)).items():
+                    first[symbol] = min(hole, first[symbol] or hole)
+                # A bar whose event was never acknowledged, and which has values: they may be
+                # those of the bar before it changed.
+                for symbol, (_, newest_value) in spans.items():
+                    redo = (write_from or {}).get((symbol, tf))
+                    if redo is not None and redo <= newest_value:
+                        first[symbol] = min(redo, first[symbol] or redo)
                 requests = [(s, None, base + self._bars_since(first[s], newest_m1, tf_ms)) for s in symbols]
             else:
                 for symbol in symbols:
@@ -321,6 +339,8 @@ class IndicatorWorker:
                 start = first[symbol]
                 if fresh and bars.size and start is None:
                     start = int(bars.open_time[-1])  # a series new to us: values from its newest bar on
+                elif not fresh:
+                    start = first_unseen(self.series.get((symbol, tf)), bars, start)
                 plans[symbol] = (bars, start)
             anchors = await self._anchors(tf, plans, counts)
             for index, (symbol, (bars, start)) in enumerate(plans.items()):
@@ -355,7 +375,7 @@ class IndicatorWorker:
         found: dict[tuple[int, str], tuple[int, float]] = {}
         missing = []
         for iid, symbol, at, name in wanted:
-            value = self._pending_value(symbol, tf, at, iid, name)
+            value = self.pending.value(symbol, tf, at, iid, name)
             if value is None:
                 missing.append((iid, symbol, at, name))
             else:
@@ -373,15 +393,6 @@ class IndicatorWorker:
                 for symbol, value in sums.items():
                     found.setdefault((iid, symbol), (partial[symbol], value))
         return found
-
-    def _pending_value(self, symbol: str, tf: str, t: int, instance_id: int, name: str) -> float | None:
-        entry = self.pending.get((symbol, tf, t, ""))
-        if entry is None:
-            return None
-        for i, n, v in zip(*entry[:3]):
-            if i == instance_id and n == name and v == v:
-                return v
-        return None
 
     def _open_one(
         self,
@@ -433,20 +444,28 @@ class IndicatorWorker:
         keys = [(s, tf) for tf in TIMEFRAMES for s in symbols]
         started = time.monotonic()
         self.series.clear()
-        await self._isolating(lambda: self.open_series(keys))
+        unsettled = await self._unsettled_bars()
+        if unsettled:
+            log.info(
+                "%d series have unacknowledged candle events, oldest bars: %s",
+                len(unsettled),
+                sorted(unsettled.items(), key=lambda item: item[1])[:5],
+            )
+        await self._isolating(lambda: self.open_series(keys, write_from=unsettled))
         await self._flush_redis([])
         log_system_event(
             "INFO",
             MODULE,
             f"opened {len(keys)} series in {time.monotonic() - started:.1f}s",
-            {"series": len(keys), "pending_rows": self.pending_rows},
+            {"series": len(keys), "pending_rows": self.pending.rows},
         )
         self.ready.set()
-        # Entries this consumer was given before a restart and never acknowledged.
-        backlog = "0"
+        # Entries this consumer was given and has not acknowledged (before a restart,
+        # before a failed round), read through once by id; then new ones.
+        backlog: dict[str, str] | None = self._backlog_start()
         next_reload = time.monotonic() + self.options.reload_s
         while True:
-            while self.pending_rows > self.options.persist_max_rows and not self.stopping:
+            while self.pending.rows > self.options.persist_max_rows and not self.stopping:
                 self.persisted_event.clear()
                 await self.persisted_event.wait()
             try:
@@ -455,7 +474,9 @@ class IndicatorWorker:
                         await self._isolating(self._reopen_all)
                     await self._forget_disabled_symbols()
                     next_reload = time.monotonic() + self.options.reload_s
-                entries = await self._read(backlog)
+                entries = await self._read(backlog or ">")
+                if backlog is not None:
+                    backlog.update((stream, entry_id) for stream, entry_id, _ in entries)
                 if entries:
                     await self.handle(entries)
                 elif self._latest or self._announce:
@@ -468,20 +489,20 @@ class IndicatorWorker:
                 self._disable(failure)
                 await self.load_config()
                 await self._isolating(self._reopen_all)
-                backlog = "0"
+                backlog = self._backlog_start()
                 continue
             except (*REDIS_DOWN_ERRORS, *PG_DOWN_ERRORS) as exc:
                 # What was computed stays queued; the unacknowledged entries come back
                 # from the backlog and are skipped as already held.
                 outage = self.redis_outage if isinstance(exc, RedisError) else self.pg_outage
                 outage.fail(exc, "reading candles and writing values")
-                backlog = "0"
+                backlog = self._backlog_start()
                 if self.stopping:
                     return
                 await asyncio.sleep(1.0)
                 continue
-            if backlog == "0" and not entries:
-                backlog = ">"
+            if backlog is not None and not entries:
+                backlog = None
             elif not entries and self.stopping:
                 return
 
@@ -489,6 +510,19 @@ class IndicatorWorker:
         """Shutdown: handle what the streams hold (the feed has drained into them), then return."""
         self.stopping = True
         self.persisted_event.set()
+
+    async def _unsettled_bars(self) -> dict[tuple[str, str], int]:
+        """The oldest bar per series among the candle events not acknowledged at start:
+        their values may be missing from PostgreSQL or computed from the bar before it
+        changed (see indicators/acks.py)."""
+        oldest: dict[tuple[str, str], int] = {}
+        for tf, stream in core_io.CANDLE_STREAMS.items():
+            entries = await core_io.unacknowledged(self.redis, stream, core_io.INDICATOR_GROUP, self.options.consumer)
+            for fields in entries:
+                with contextlib.suppress(KeyError, ValueError, TypeError):  # a bad one is logged when read
+                    symbol, bar = parse_event(fields)
+                    oldest[(symbol, tf)] = min(bar[5], oldest.get((symbol, tf), bar[5]))
+        return oldest
 
     async def _forget_disabled_symbols(self) -> None:
         """Series of tickers no longer enabled are dropped (memory stays with the set)."""
@@ -507,7 +541,11 @@ class IndicatorWorker:
         if opened:
             await self.open_series(list(opened), upto=opened)
 
-    async def _read(self, start: str) -> list[core_io.StreamEntry]:
+    @staticmethod
+    def _backlog_start() -> dict[str, str]:
+        return dict.fromkeys(core_io.CANDLE_STREAMS.values(), "0")
+
+    async def _read(self, start: str | Mapping[str, str]) -> list[core_io.StreamEntry]:
         streams = list(core_io.CANDLE_STREAMS.values())
         return await core_io.read_group(
             self.redis,
@@ -642,15 +680,7 @@ class IndicatorWorker:
         self._announce.append((series.symbol, series.tf, t))
         self.newest_ms = max(self.newest_ms, t)
         if t >= self.newest_ms - self.retention_ms:
-            self._add_pending((series.symbol, series.tf, t, ""), layout.ids, layout.names, values, rewrite)
-
-    def _add_pending(
-        self, key: tuple, ids: Sequence[int], names: Sequence[str], values: Sequence[float], rewrite: bool = False
-    ) -> None:
-        old = self.pending.get(key)
-        if old is None:
-            self.pending_rows += len(values)
-        self.pending[key] = (ids, names, values, rewrite or (old is not None and old[3]))
+            self.pending.add((series.symbol, series.tf, t, ""), layout.ids, layout.names, values, rewrite)
 
     async def _flush_redis(self, acks: Sequence[tuple[str, str]]) -> None:
         """Latest values, announcements and acks: one round trip of plain commands.
@@ -667,16 +697,24 @@ class IndicatorWorker:
             at += len(values)
             commands.append(["HSET", core_io.indicator_key(symbol, tf), "open_time", t, *interleave(names, shown)])
         commands += [self._announcement(symbol, tf, t) for symbol, tf, t in self._announce]
-        by_stream: dict[str, list[str]] = {}
-        for stream, entry_id in acks:
-            by_stream.setdefault(stream, []).append(entry_id)
-        commands += [["XACK", stream, core_io.INDICATOR_GROUP, *ids] for stream, ids in by_stream.items()]
+        self.pending.hold(acks)
+        through, due = self.pending.due()
+        commands += core_io.ack_commands(core_io.INDICATOR_GROUP, due)
         if commands:
             for reply in await core_io.execute_packed(self.redis, commands):
                 if isinstance(reply, Exception):
                     raise reply
+        self.pending.forget(through)
         self._latest.clear()
         self._announce.clear()
+
+    async def release_acks(self) -> None:
+        """Acknowledge the events whose values are all in PostgreSQL now."""
+        through, due = self.pending.due()
+        if due:
+            # Replies not checked: a group gone with a Redis wipe has nothing left to acknowledge.
+            await core_io.execute_packed(self.redis, core_io.ack_commands(core_io.INDICATOR_GROUP, due))
+            self.pending.forget(through)
 
     def _announcement(self, symbol: str, tf: str, t: int, **extra: str) -> list[Any]:
         fields = {"symbol": symbol, "tf": tf, "open_time": t, **extra}
@@ -753,7 +791,7 @@ class IndicatorWorker:
                 continue
             names = tuple(result)
             values = [result[n] for n in names]
-            self._add_pending((symbol, tf, t, instance.id), (instance.id,) * len(names), names, values)
+            self.pending.add((symbol, tf, t, instance.id), (instance.id,) * len(names), names, values)
             latest.setdefault((symbol, tf, t), {}).update(result)
         while True:
             try:
@@ -779,7 +817,7 @@ class IndicatorWorker:
                 while (
                     time.monotonic() - self.last_batch_at < PERSIST_QUIET_S
                     and waited < PERSIST_MAX_WAIT_S
-                    and self.pending_rows < self.options.persist_max_rows // 4
+                    and self.pending.rows < self.options.persist_max_rows // 4
                 ):
                     await asyncio.sleep(PERSIST_QUIET_S / 2)
                     waited += PERSIST_QUIET_S / 2
@@ -788,49 +826,33 @@ class IndicatorWorker:
                         await self.persist_once()
                         self.persist_outage.ok()
                     except PG_DOWN_ERRORS as exc:
-                        self.persist_outage.fail(exc, f"writing {self.pending_rows} indicator values")
+                        self.persist_outage.fail(exc, f"writing {self.pending.rows} indicator values")
                         await asyncio.sleep(1.0)
                     await asyncio.sleep(0)
+                try:
+                    await self.release_acks()
+                except REDIS_DOWN_ERRORS as exc:
+                    self.redis_outage.fail(exc, "acknowledging candle events")
         finally:
-            if self.pending:
+            if self.pending or self.pending.held():
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(self.flush()), 5.0)
 
     async def flush(self) -> None:
         while self.pending:
             await self.persist_once()
+        await self.release_acks()
 
     async def persist_once(self) -> int:
         """Write the oldest pending bars (up to the batch size); at least once."""
-        taken: list[tuple] = []
-        taken_rows = 0
-        for key, entry in self.pending.items():
-            taken.append((key, entry))
-            taken_rows += len(entry[2])
-            if taken_rows >= self.options.persist_batch_rows:
-                break
-        # One matrix per layout (the fast set of a timeframe, or a pandas-ta instance).
-        matrices: dict[tuple, tuple[list[str], list[int], list[float]]] = {}
-        gone: tuple[list, ...] = ([], [], [], [])
-        for (symbol, _tf, t, _group), (entry_ids, entry_names, entry_values, rewrite) in taken:
-            symbols, times, values = matrices.setdefault((tuple(entry_ids), tuple(entry_names)), ([], [], []))
-            symbols.append(symbol)
-            times.append(t)
-            values.extend(entry_values)
-            if rewrite:  # an output that has no value any more loses its old row
-                for instance_id, name, value in zip(entry_ids, entry_names, entry_values):
-                    if not math.isfinite(value):
-                        for column, field_value in zip(gone, (instance_id, symbol, t, name)):
-                            column.append(field_value)
+        taken = self.pending.take(self.options.persist_batch_rows)
+        by_layout, gone = matrices(taken)
         if gone[0]:
             await core_io.delete_indicator_rows(self.pool, *gone)
         written = 0
-        for (ids, names), (symbols, times, values) in matrices.items():
-            written += await core_io.upsert_indicator_matrix(self.pool, ids, names, symbols, times, values)
-        for key, entry in taken:
-            if self.pending.get(key) is entry:
-                del self.pending[key]
-                self.pending_rows -= len(entry[2])
+        for (ids, names), matrix in by_layout.items():
+            written += await core_io.upsert_indicator_matrix(self.pool, ids, names, *matrix)
+        self.pending.done(taken)
         self.stats["persisted_rows"] += written
         self.persisted_event.set()
         return written

@@ -14,9 +14,8 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import talib
 
+from candles import DAY_MS
 from indicators.stages import NAN, Stage
-
-DAY_MS = 86_400_000
 
 BarTuple = tuple[float, float, float, float, float, int]
 

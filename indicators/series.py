@@ -37,6 +37,9 @@ class RecentBars:
         for bar in bars:
             self.append(bar)
 
+    def bars(self) -> list[BarTuple]:
+        return list(self._BAR.iter_unpack(bytes(self._ring)))  # type: ignore[arg-type]
+
     def __contains__(self, bar: BarTuple) -> bool:
         packed, width = self._BAR.pack(*bar), self._BAR.size
         at = self._ring.find(packed)
@@ -144,3 +147,24 @@ def bars_as_tuples(bars: BarArrays) -> list[BarTuple]:
             bars.open_time.tolist(),
         )
     )
+
+
+def first_unseen(old: Series | None, bars: BarArrays, start: int | None) -> int | None:
+    """The bar to write a reopened series from: `start`, or an earlier bar of the stored
+    history that the series was never stepped with (it was stored after the series moved
+    past its time: a backfill whose event is still on its way) or that changed. Its event,
+    read later, would find the reopened series holding it and change nothing, leaving the
+    values after it computed without it."""
+    if old is None or old.last_time is None or not bars.size:
+        return start
+    held = old.recent.bars()
+    if not held:
+        return start
+    known, oldest = set(held), min(bar[5] for bar in held)
+    for row in bars_as_tuples(bars)[-RECENT_BARS:]:
+        t = row[5]
+        if t > old.last_time or (start is not None and t >= start):
+            break
+        if t >= oldest and row not in known:
+            return t
+    return start

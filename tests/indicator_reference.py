@@ -148,8 +148,19 @@ async def assert_values_match_talib(pool, symbols: list[str]) -> int:
     """Every stored value of every symbol equals the reference over the whole stored
     series (1e-9 relative, 1e-9 absolute near zero); returns how many were checked."""
     checked, wrong = await talib_mismatches(pool, symbols)
-    assert not wrong, f"{len(wrong)} of {checked} values differ, e.g. {sorted(wrong)[:10]}"
+    assert not wrong, f"{len(wrong)} of {checked} values differ: {summarize(wrong)}, e.g. {sorted(wrong)[:10]}"
     return checked
+
+
+def summarize(wrong: list[tuple]) -> dict[tuple[str, str], tuple[int, str, str, list[str]]]:
+    """Per series: how many values differ, from which bar to which, of which outputs."""
+    series: dict[tuple[str, str], list[tuple]] = {}
+    for row in wrong:
+        series.setdefault(row[:2], []).append(row)
+    return {
+        key: (len(rows), min(str(r[3]) for r in rows), max(str(r[3]) for r in rows), sorted({r[2] for r in rows}))
+        for key, rows in series.items()
+    }
 
 
 async def talib_mismatches(pool, symbols: list[str]) -> tuple[int, list[tuple]]:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from decimal import Decimal
 from itertools import islice
 
+import hiredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import candle_stores
 import core_io
 from candles import Bar
 from connections import timeseries_problem
@@ -82,3 +90,45 @@ async def test_timeseries_series_are_labelled_even_after_a_flush(redis):
 async def test_timeseries_is_detected(redis, plain_redis):
     assert await timeseries_problem(redis) is None
     assert await timeseries_problem(plain_redis) == "no TimeSeries module"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), min_size=1, max_size=60),
+        min_size=1,
+        max_size=5,
+    ),
+    st.lists(st.integers(0, 2**62), max_size=20),
+    st.booleans(),
+    st.data(),
+)
+def test_a_packed_madd_is_what_hiredis_packs(keys, times, as_text, data):
+    """The hand-built RESP of TS.MADD is byte for byte hiredis's packing of its arguments,
+    for decimal text and floats, of any length (a key in any script)."""
+    number = st.floats(allow_nan=False, allow_infinity=False)
+    columns = [data.draw(st.lists(number, min_size=len(times), max_size=len(times))) for _ in keys]
+    if as_text:
+        columns = [[str(Decimal(repr(v))) + "0" * data.draw(st.integers(0, 300)) for v in c] for c in columns]
+    arguments = ["TS.MADD"]
+    for key, column in zip(keys, columns):
+        for t, value in zip(times, column):
+            arguments += [key, t, value if as_text else repr(value)]
+    assert candle_stores.pack_madd(keys, times, columns).resp == hiredis.pack_command(tuple(arguments))
+
+
+async def test_a_round_cancelled_mid_reply_leaves_no_reply_for_the_next_user(redis):
+    """A task cancelled while its replies are on their way (a shutdown, a timeout around
+    a publish) must not hand its connection back with them unread: the next command on
+    it would read the old reply as its own."""
+    await redis.set("feed_v4:test:value", "mine")
+    round_trip = asyncio.create_task(
+        candle_stores.execute_packed(redis, [["BLPOP", "feed_v4:test:empty", "0.3"], ["PING"]])
+    )
+    await asyncio.sleep(0.1)  # sent; Redis holds the BLPOP's reply for 0.3 s
+    round_trip.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await round_trip
+    await asyncio.sleep(0.4)  # the held replies would have arrived by now
+    for _ in range(3):
+        assert await redis.get("feed_v4:test:value") == "mine"

@@ -22,6 +22,7 @@ from aggregation import aggregate
 from candles import M1_PER_BUCKET, TF_MS, Candle, bucket_start
 from indicators import slow
 from indicators.kernels import DAY_MS, SOURCES, BarArrays, BarTuple, Kernel
+from indicators.pending import PendingValues, matrices
 from indicators.registry import COMMON, IndicatorConfigError, Instance, parse_common
 from indicators.series import RecentBars
 from indicators.stages import Stage
@@ -683,3 +684,38 @@ def test_recent_bars_hold_what_a_bounded_deque_of_tuples_holds(bars, probes, siz
         reference.append(bar)
     for probe in [*bars, *probes]:
         assert (probe in recent) == (probe in reference)
+
+
+def test_candle_events_are_due_only_once_every_value_queued_before_them_is_written():
+    pending = PendingValues()
+    ids, names = (1, 2), ("EMA_9", "RSI_14")
+    pending.add(("A", "m1", 60_000, ""), ids, names, [1.0, 2.0])
+    pending.hold([("ohlcv_m1_ready", "1-0")])
+    pending.add(("B", "m1", 60_000, ""), ids, names, [3.0, math.nan], rewrite=True)
+    pending.hold([("ohlcv_m1_ready", "2-0")])
+    assert pending.due() == (0, [])
+    first = pending.take(2)  # one bar's two values
+    assert [key[0] for key, _ in first] == ["A"]
+    pending.done(first)
+    through, due = pending.due()
+    assert due == [("ohlcv_m1_ready", "1-0")]
+    pending.forget(through)
+    # B queued again (a correction): it moves behind, and so do the events' turns.
+    pending.add(("C", "m1", 60_000, ""), ids, names, [5.0, 6.0])
+    pending.add(("B", "m1", 60_000, ""), ids, names, [7.0, math.nan])
+    pending.hold([("ohlcv_m1_ready", "3-0")])
+    taken = pending.take(1)
+    assert [key[0] for key, _ in taken] == ["C"] and pending.rows == 4
+    by_layout, gone = matrices(pending.take(10))
+    assert by_layout[(ids, names)].values[:3] == [5.0, 6.0, 7.0] and by_layout[(ids, names)].symbols == ["C", "B"]
+    assert gone == ([2], ["B"], [60_000], ["RSI_14"])  # rewrite sticks to a bar queued again
+    pending.done(taken)
+    # B's first values gave way to newer ones, held by the later event: the earlier is due.
+    through, due = pending.due()
+    assert due == [("ohlcv_m1_ready", "2-0")]
+    pending.forget(through)
+    pending.done(pending.take(10))
+    through, due = pending.due()
+    assert due == [("ohlcv_m1_ready", "3-0")] and not pending
+    pending.forget(through)
+    assert pending.held() == 0 and pending.rows == 0

@@ -10,7 +10,7 @@ from itertools import islice
 import pytest
 
 import core_io
-from candles import TF_MS, Candle, datetime_to_ms
+from candles import TF_MS, Candle, datetime_to_ms, ms_to_datetime
 from feed_and_aggregate import CandleIntake
 from indicators_main import IndicatorOptions, IndicatorWorker
 from infra import load_settings, system_event_log
@@ -24,10 +24,11 @@ TFS = ("m1", "m5", "m15")
 class Running:
     """A worker's tasks, as the daemon runs them."""
 
-    def __init__(self, pool, redis, **options) -> None:
+    def __init__(self, pool, redis, persist: bool = True, **options) -> None:
         settings = load_settings()
         self.worker = IndicatorWorker(settings, pool, redis, IndicatorOptions(block_ms=50, **options))
-        self.tasks = [asyncio.create_task(fn()) for fn in (self.worker.run, self.worker.run_persister)]
+        tasks = (self.worker.run, self.worker.run_persister) if persist else (self.worker.run,)
+        self.tasks = [asyncio.create_task(fn()) for fn in tasks]
 
     async def settle(self, redis, timeout: float = 60.0) -> None:
         """Until every candle event is acknowledged and every value persisted."""
@@ -54,6 +55,18 @@ class Running:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.worker.close()
+
+
+async def worker_after_history(pool, redis, minutes: int) -> tuple[list[Candle], CandleIntake, Running]:
+    """`minutes` real M1 candles; the first 1,500 stored before a worker starts and settles."""
+    await configure(pool, COMMON_CASES)
+    await core_io.enable_symbols(pool, [SYMBOL])
+    m1 = list(islice(read_archive(SYMBOL), minutes))
+    intake = CandleIntake(pool, redis, core_io.make_candle_store(redis, True, 250), stream_maxlen=100_000)
+    await store_in_chunks(intake, m1[:1500], 500)
+    running = Running(pool, redis)
+    await running.settle(redis)
+    return m1, intake, running
 
 
 async def store_in_chunks(intake: CandleIntake, candles: list[Candle], size: int) -> None:
@@ -110,6 +123,95 @@ async def test_values_equal_talib_across_a_crash_a_restart_and_a_late_correction
         assert count >= bars, (tf, count, bars)
     latest = await redis.hgetall(core_io.indicator_key(SYMBOL, "m1"))
     assert int(latest["open_time"]) == m1[-1].open_time
+
+
+@pytest.mark.timeout(180)
+async def test_a_backfill_the_previous_run_never_folded_in_is_computed_after_a_restart(pool, redis):
+    """Bars that came in (stored and announced) after the values around them were
+    computed, with the worker gone before it folded them in: the next run finds the bars
+    without values and writes every value from the first of them again."""
+    m1, intake, running = await worker_after_history(pool, redis, 1600)
+    hole = m1[1520:1527]  # a gap: the feed backfills it later
+    await store_in_chunks(intake, [*m1[1500:1520], *m1[1527:1600]], 10)
+    await running.settle(redis)  # the values after the gap are computed without it, and persisted
+    await running.crash()
+    await intake.store_m1(hole)  # the backfill, stored and announced while no worker runs
+    running = Running(pool, redis)
+    await running.settle(redis)
+    await running.crash()
+    assert await assert_values_match_talib(pool, [SYMBOL]) > 4_000
+    for tf in TFS:  # and every bar, the backfilled ones too, has its values
+        have = await pool.fetchval(
+            "SELECT count(DISTINCT open_time) FROM indicator_values_v4 v JOIN indicator_instances_v4 i "
+            "ON i.id = v.instance_id WHERE i.timeframe = $1 AND i.indicator = 'ema' AND v.open_time >= $2",
+            tf,
+            ms_to_datetime(m1[1500].open_time),
+        )
+        assert have >= 100 // (TF_MS[tf] // 60_000), (tf, have)
+
+
+def changed(candle: Candle) -> Candle:
+    """The bar as a late correction has it."""
+    return Candle(
+        candle.symbol,
+        "m1",
+        candle.open_time,
+        candle.open,
+        candle.high * 2,
+        candle.low,
+        candle.close * 2,
+        candle.volume * 3,
+    )
+
+
+@pytest.mark.timeout(180)
+async def test_a_correction_computed_but_not_yet_written_when_the_worker_died_is_written_after_the_restart(pool, redis):
+    """A late correction (the M1 and the rebuilt M5 and M15) whose values were computed
+    but not yet written when the worker died, and one that came in while no worker ran:
+    PostgreSQL holds the changed bars and the values of the old ones. The events stay
+    unacknowledged until the values are written, and the next run writes the series
+    again from the oldest of them."""
+    m1, intake, running = await worker_after_history(pool, redis, 1600)
+    await store_in_chunks(intake, m1[1500:1560], 10)
+    await running.settle(redis)
+    await running.crash()
+    running = Running(pool, redis, persist=False)  # computes, never writes
+    await wait_for(lambda: asyncio.sleep(0, running.worker.ready.is_set()))
+    await intake.store_m1([changed(m1[1550])])
+    await wait_for(lambda: asyncio.sleep(0, running.worker.pending.held() >= 3))
+    assert running.worker.stats["corrections"] >= 3
+    unacknowledged = 0
+    for stream in core_io.CANDLE_STREAMS.values():
+        unacknowledged += sum(group["pending"] for group in await redis.xinfo_groups(stream))
+    assert unacknowledged >= 3  # held: their values are not in PostgreSQL
+    await running.crash()
+    await intake.store_m1([changed(m1[1535])])  # while no worker runs
+    running = Running(pool, redis)
+    await running.settle(redis)
+    await running.crash()
+    assert await assert_values_match_talib(pool, [SYMBOL]) > 2_500
+
+
+@pytest.mark.timeout(120)
+async def test_a_bar_stored_behind_the_series_is_written_when_a_later_correction_reopens_it(pool, redis):
+    """A minute skipped (not stored when the next one came), then stored, and a later
+    correction reopening the series before the skipped minute's own event is read: the
+    reopened series holds the minute, so its event changes nothing; the values after
+    it must be written again from it by the reopening itself."""
+    m1, intake, running = await worker_after_history(pool, redis, 1510)
+    await intake.store_m1([m1[1500]])
+    await intake.store_m1([m1[1502]])  # 1501 is not stored yet: its values are computed without it
+    await intake.store_m1([m1[1503]])
+    await running.settle(redis)
+    await core_io.upsert_candles(pool, [m1[1501]])  # stored, its event still on its way
+    await intake.store_m1([changed(m1[1503])])  # a correction reopens the series from 1503
+    await running.settle(redis)
+    stream = core_io.CANDLE_STREAMS["m1"]
+    await core_io.publish(redis, stream, [core_io.candle_event(m1[1501])], 100_000)  # the late event
+    await store_in_chunks(intake, m1[1504:1510], 1)
+    await running.settle(redis)
+    await running.crash()
+    assert await assert_values_match_talib(pool, [SYMBOL]) > 500
 
 
 async def wait_for(predicate, timeout: float = 60.0) -> None:
