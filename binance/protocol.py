@@ -64,16 +64,18 @@ def klines_weight(limit: int) -> int:
     return 10
 
 
-@dataclass(slots=True)
-class KlineUpdate:
+class KlineUpdate(msgspec.Struct, gc=False):
     """A kline push; `closed` is `k.x`. `candle` holds the exchange's values for a close
-    (and for a forming update only when asked: most pushes are those, and unused)."""
+    (and for a forming update only when asked: most pushes are those, and unused). A
+    struct, not a dataclass: one is made per frame, in a third of the time."""
 
     event_time: int
     symbol: str
     open_time: int
     closed: bool
     candle: Candle | None
+    first_trade_id: int = -1  # `f`, `L`: the minute's first and last trade ids (-1: no trade,
+    last_trade_id: int = -1  # or not sent); read for a close only
 
 
 @dataclass(slots=True)
@@ -161,7 +163,10 @@ def parse_kline(data: dict, forming_candle: bool = False) -> KlineUpdate:
     texts.append(k.get("Q", "0"))
     o, h, lo, c, v, q, bv, bq = _decimals(texts)
     candle = Candle(symbol, "m1", open_time, o, h, lo, c, v, q, check_trades(k.get("n", 0)), bv, bq)
-    return KlineUpdate(event_time, symbol, open_time, closed, check_candle(candle))
+    first, last = k.get("f", -1), k.get("L", -1)
+    if type(first) is not int or type(last) is not int or not -1 <= first <= last or (first == -1) != (last == -1):
+        raise FrameError(f"kline trade ids f={str(first)[:30]!r} L={str(last)[:30]!r} are implausible")
+    return KlineUpdate(event_time, symbol, open_time, closed, check_candle(candle), first, last)
 
 
 _KLINE_DECIMALS = ("o", "h", "l", "c", "v", "q", "V", "Q")
@@ -205,38 +210,57 @@ def parse_mark_prices(data: Any) -> MarkPrices:
 _OpenTime = Annotated[int, msgspec.Meta(ge=EARLIEST_MS, lt=LATEST_MS, multiple_of=M1_MS)]
 _Trades = Annotated[int, msgspec.Meta(ge=0, le=MAX_TRADES_PER_MINUTE)]
 _Text = Annotated[str, msgspec.Meta(max_length=MAX_DECIMAL_CHARS)]
+_TradeId = Annotated[int, msgspec.Meta(ge=-1)]
 
 
-class _Kline(msgspec.Struct):
+class _KlineHead(msgspec.Struct, gc=False):
     t: _OpenTime
     x: bool
+    s: str = ""
+    i: Literal["1m"] = "1m"
+
+
+class _KlineHeadEvent(msgspec.Struct, gc=False):
+    e: Literal["kline"]
+    k: _KlineHead
+    E: int = 0
+    s: str = ""
+
+
+class _KlineHeadFrame(msgspec.Struct, gc=False):
+    """What a forming kline needs: most pushes are those, and their prices go unused."""
+
+    stream: str
+    data: _KlineHeadEvent
+    id: Any = msgspec.UNSET  # a reply's keys: such a frame takes the general parse
+
+
+class _KlineValues(msgspec.Struct, gc=False):
     o: _Text
     h: _Text
     l: _Text  # noqa: E741 (Binance's name)
     c: _Text
     v: _Text
-    s: str = ""
-    i: Literal["1m"] = "1m"
     n: _Trades = 0
     q: _Text = "0"
     V: _Text = "0"
     Q: _Text = "0"
+    f: _TradeId = -1
+    L: _TradeId = -1
 
 
-class _KlineEvent(msgspec.Struct):
-    e: Literal["kline"]
-    k: _Kline
-    E: int = 0
-    s: str = ""
+class _KlineValuesEvent(msgspec.Struct, gc=False):
+    k: _KlineValues
 
 
-class _KlineFrame(msgspec.Struct):
-    stream: str
-    data: _KlineEvent
-    id: Any = msgspec.UNSET  # a reply's keys: such a frame takes the general parse
+class _KlineValuesFrame(msgspec.Struct, gc=False):
+    """A closing kline's values, read from the frame once its head passed."""
+
+    data: _KlineValuesEvent
 
 
-_KLINE_FRAME = msgspec.json.Decoder(_KlineFrame)
+_KLINE_HEAD = msgspec.json.Decoder(_KlineHeadFrame)
+_KLINE_VALUES = msgspec.json.Decoder(_KlineValuesFrame)
 
 
 _STREAM_SYMBOL: dict[str, str | None] = {}  # kline stream name -> its valid symbol, or None
@@ -251,15 +275,16 @@ def _symbol_of_stream(stream: str) -> str | None:
 
 
 def _kline_frame(raw: str | bytes, forming_candle: bool) -> KlineUpdate | None:
-    """A combined-stream kline frame through a typed decoder (msgspec, in C: the types,
+    """A combined-stream kline frame through typed decoders (msgspec, in C: the types,
     ranges, text lengths and the interval are checked while decoding, unknown fields
-    are skipped). Three quarters of all frames are forming klines, so this is the feed's
-    hot path. It accepts only what `parse_general_frame` accepts, with the same result
-    (the plausibility rules of `parse_kline` and `check_candle`, written out as one
-    chain of comparisons); anything else returns None and takes the general parse,
-    which accepts it or says why not."""
+    are skipped). Nearly all frames are forming klines, so this is the feed's hot path:
+    their head (times, symbol, `x`) is all that is decoded; a close's values are decoded
+    from the frame a second time, into their own struct. It accepts only what
+    `parse_general_frame` accepts, with the same result (the plausibility rules of
+    `parse_kline` and `check_candle`, written out as one chain of comparisons); anything
+    else returns None and takes the general parse, which accepts it or says why not."""
     try:
-        frame = _KLINE_FRAME.decode(raw)
+        frame = _KLINE_HEAD.decode(raw)
     except (msgspec.DecodeError, UnicodeError):
         return None
     data = frame.data
@@ -274,18 +299,23 @@ def _kline_frame(raw: str | bytes, forming_candle: bool) -> KlineUpdate | None:
     if not k.x and not forming_candle:
         return KlineUpdate(event_time, symbol, open_time, False, None)
     try:
-        o, h, lo, c, v, q, bv, bq = map(Decimal, (k.o, k.h, k.l, k.c, k.v, k.q, k.V, k.Q))
+        values = _KLINE_VALUES.decode(raw).data.k
+        o, h, lo, c, v, q, bv, bq = map(
+            Decimal, (values.o, values.h, values.l, values.c, values.v, values.q, values.V, values.Q)
+        )
         if not (
             0 < lo <= o <= h < MAX_DECIMAL
             and lo <= c <= h
             and 0 <= bv <= v < MAX_DECIMAL
             and 0 <= bq <= q < MAX_DECIMAL
+            and values.f <= values.L
+            and (values.f == -1) == (values.L == -1)
         ):
             return None
-    except InvalidOperation:  # not a number, or a NaN (which does not compare)
+    except (msgspec.DecodeError, InvalidOperation):  # a value missing or too long; not a number, or a NaN
         return None
-    candle = Candle(symbol, "m1", open_time, o, h, lo, c, v, q, k.n, bv, bq)
-    return KlineUpdate(event_time, symbol, open_time, k.x, candle)
+    candle = Candle(symbol, "m1", open_time, o, h, lo, c, v, q, values.n, bv, bq)
+    return KlineUpdate(event_time, symbol, open_time, k.x, candle, values.f, values.L)
 
 
 def parse_frame(raw: str | bytes, forming_candle: bool = False) -> FeedMessage:

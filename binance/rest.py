@@ -17,7 +17,9 @@ import orjson
 
 from binance.protocol import klines_weight
 from binance.streams import Backoff
+from binance.trades import agg_trades_of
 from infra import log_system_event
+from orderflow.fold import AggTrade
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # exchangeInfo, the largest answer, is about 1 MB
 RETRY_AFTER_MAX_S = 3600.0
@@ -173,6 +175,31 @@ class RestClient:
         if not isinstance(rows, list):
             raise RestError(f"/fapi/v1/klines answered {str(rows)[:100]}")
         return rows
+
+    AGG_TRADES_LIMIT, AGG_TRADES_WEIGHT = 1000, 20
+
+    async def agg_trades_of_minute(self, symbol: str, minute: int) -> list[AggTrade]:
+        return await self.agg_trades_between(symbol, minute, minute + 60_000)
+
+    async def agg_trades_between(self, symbol: str, first_ms: int, end_ms: int) -> list[AggTrade]:
+        """Every aggTrade with first_ms <= T < end_ms (at most an hour), oldest first: a page
+        by time, then by id while pages come back full (a busy minute has thousands; a
+        quiet hour fits in one page)."""
+        last = end_ms - 1
+        params: dict[str, Any] = {
+            "symbol": symbol,
+            "startTime": first_ms,
+            "endTime": last,
+            "limit": self.AGG_TRADES_LIMIT,
+        }
+        page = agg_trades_of(await self.get("/fapi/v1/aggTrades", params, self.AGG_TRADES_WEIGHT))
+        trades = list(page)
+        while len(page) == self.AGG_TRADES_LIMIT:
+            params = {"symbol": symbol, "fromId": trades[-1].agg_id + 1, "limit": self.AGG_TRADES_LIMIT}
+            page = agg_trades_of(await self.get("/fapi/v1/aggTrades", params, self.AGG_TRADES_WEIGHT))
+            page = [t for t in page if t.time_ms <= last]  # a page past the span comes back short
+            trades += page
+        return trades
 
     async def exchange_info(self) -> Any:
         return await self.get("/fapi/v1/exchangeInfo", {}, 1)

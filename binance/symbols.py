@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from binance.protocol import valid_symbol
+from orderflow.fold import to_units
 
 TRADING = "TRADING"
 
@@ -22,6 +23,19 @@ TRADING = "TRADING"
 class Listing:
     status: str  # TRADING, PENDING_TRADING, SETTLING, CLOSE, ...
     contract_type: str  # PERPETUAL, CURRENT_QUARTER, ...
+    tick: int | None = None  # PRICE_FILTER's tickSize in units of 1e-8 (None: not given)
+
+
+def tick_units(filters: Any) -> int | None:
+    """The PRICE_FILTER's tickSize in units of 1e-8; None if absent or not a plain decimal."""
+    for item in filters if isinstance(filters, list) else ():
+        if isinstance(item, dict) and item.get("filterType") == "PRICE_FILTER":
+            try:
+                tick = to_units(str(item.get("tickSize")))
+            except ValueError:
+                return None
+            return tick or None
+    return None
 
 
 def parse_listing(payload: Any) -> dict[str, Listing]:
@@ -33,7 +47,8 @@ def parse_listing(payload: Any) -> dict[str, Listing]:
     for item in symbols:
         if isinstance(item, dict) and isinstance(item.get("symbol"), str) and isinstance(item.get("status"), str):
             contract = item.get("contractType")
-            out[item["symbol"]] = Listing(item["status"], contract if isinstance(contract, str) else "")
+            contract = contract if isinstance(contract, str) else ""
+            out[item["symbol"]] = Listing(item["status"], contract, tick_units(item.get("filters")))
     return out
 
 

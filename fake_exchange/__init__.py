@@ -5,6 +5,7 @@ Run it: `python -m fake_exchange --source archive --speed 60`. See server.FakeEx
 
 from .clock import SimClock
 from .faults import Faults, Stats
+from .recordings import RecordedTrades, RecordingSource
 from .rest_api import klines_weight
 from .scheduler import update_offsets
 from .server import FakeExchange
@@ -15,6 +16,8 @@ __all__ = [
     "CandleSource",
     "FakeExchange",
     "Faults",
+    "RecordedTrades",
+    "RecordingSource",
     "SimClock",
     "Stats",
     "SyntheticSource",

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # `python fake_exchange/__main__.py`
 from candles import datetime_to_ms, ms_to_datetime
 from fake_exchange.server import FakeExchange
 from fake_exchange.sources import ArchiveSource, CandleSource, SyntheticSource
+from fake_exchange.trades import TRADES_PER_AGG
 from market_data import archive_symbols
 
 
@@ -40,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--updates-per-minute", type=int, default=4, help="forming-kline pushes per symbol and minute (Binance: ~240)"
+    )
+    parser.add_argument(
+        "--trades-per-agg",
+        type=int,
+        default=TRADES_PER_AGG,
+        help="exchange trades per made-up aggTrade, about (fewer aggTrades for fast replays)",
     )
     return parser.parse_args(argv)
 
@@ -74,6 +81,7 @@ async def serve(args: argparse.Namespace) -> None:
         seed=args.seed,
         close_delay_ms=(int(low), int(high or low)),
         updates_per_minute=args.updates_per_minute,
+        trades_per_agg=args.trades_per_agg,
     )
     await exchange.start()
     started = ms_to_datetime(exchange.clock.now_ms())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 
@@ -27,12 +28,20 @@ class Faults:
     rest_truncate_count: int = 0  # the next N REST responses are cut mid-body
     reject_subscribe_1008: bool = False  # a SUBSCRIBE closes the connection with 1008
     missing_minutes: set[tuple[str, int]] = field(default_factory=set)  # (symbol, open_time) never existed
+    drop_trade: float = 0.0  # an aggTrade is never sent: a gap in `a` (REST still has it)
+    duplicate_trade: float = 0.0  # an aggTrade is sent twice
+    reorder_trade: float = 0.0  # an aggTrade is sent after the next one
+    late_trade: float = 0.0  # an aggTrade is sent late_trade_delay_ms of sim time later
+    late_trade_delay_ms: int = 1_000
     retry_after_s: int = 1
     ban_retry_after_s: int = 2
     rng: random.Random = field(default_factory=lambda: random.Random(7), repr=False, compare=False)
 
     def chance(self, probability: float) -> bool:
         return probability > 0 and self.rng.random() < probability
+
+
+CLOSE_LOG_SIZE = 100_000  # 200 minutes of 500 symbols; older entries go
 
 
 @dataclass
@@ -59,10 +68,24 @@ class Stats:
     pings_sent: int = 0
     rest_requests: int = 0
     rest_klines: int = 0
+    rest_agg_trades: int = 0
+    trades_sent: int = 0  # aggTrade frames published
+    dropped_trades: list[tuple[str, int]] = field(default_factory=list)  # (symbol, agg id) never sent
+    trades_duplicated: int = 0
+    trades_reordered: int = 0
+    trades_late: int = 0
     rest_429: int = 0
     rest_418: int = 0
     rest_400: int = 0
     rest_truncated: int = 0
+    # When each close frame was published, as (symbol, open time, local epoch ms): the
+    # moment it left this exchange, for latency benches that should not listen themselves.
+    close_log: deque[tuple[str, int, float]] = field(default_factory=lambda: deque(maxlen=CLOSE_LOG_SIZE))
+    closes_logged: int = 0  # ever: the index the next entry of close_log will have
+
+    def log_close(self, symbol: str, open_time: int) -> None:
+        self.close_log.append((symbol, open_time, time.time() * 1000))
+        self.closes_logged += 1
 
     def reset(self) -> None:
         fresh = Stats()

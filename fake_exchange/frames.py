@@ -65,13 +65,16 @@ def first_trade_id(symbol: str, open_time: int) -> int:
     return (open_time // MINUTE_MS) * 100_000 + zlib.crc32(symbol.encode()) % 1000
 
 
-def kline_event(candle: Candle, event_ms: int, closed: bool) -> bytes:
-    """The raw `kline` event, exactly the real field order and types.
+def kline_event(candle: Candle, event_ms: int, closed: bool, ids: tuple[int, int] | None = None) -> bytes:
+    """The raw `kline` event, exactly the real field order and types; `ids` the minute's
+    first and last trade id (made up from the minute if not given).
 
     A minute without trades has n=0 and f=L=-1 (assumption: Binance's convention for
     "no trade id").
     """
-    if candle.trades:
+    if ids is not None:
+        first, last = ids
+    elif candle.trades:
         first = first_trade_id(candle.symbol, candle.open_time)
         last = first + candle.trades - 1
     else:
@@ -100,6 +103,25 @@ def kline_event(candle: Candle, event_ms: int, closed: bool) -> bytes:
                 "Q": str(candle.taker_buy_quote_volume),
                 "B": "0",
             },
+        }
+    )
+
+
+def agg_trade_event(symbol: str, row: dict, event_ms: int) -> bytes:
+    """The raw `aggTrade` event of one made-up trade (a REST row), the real field order."""
+    return orjson.dumps(
+        {
+            "e": "aggTrade",
+            "E": event_ms,
+            "s": symbol,
+            "a": row["a"],
+            "p": row["p"],
+            "q": row["q"],
+            "nq": row["q"],
+            "f": row["f"],
+            "l": row["l"],
+            "T": row["T"],
+            "m": row["m"],
         }
     )
 

@@ -1,8 +1,10 @@
-"""The REST side: klines (with weights, 429 and 418), time, ping, exchangeInfo."""
+"""The REST side: klines (with weights, 429 and 418), time, ping, exchangeInfo; and the
+fake's own log of when each close frame left it."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from .clock import SimClock
 from .faults import Faults, Stats
 from .frames import MINUTE_MS, aggregate, partial_candle, rest_row
 from .sources import CandleSource
+from .trades import TradeBook
 
 INTERVALS_MS = {
     "1m": 60_000,
@@ -33,6 +36,8 @@ INTERVALS_MS = {
     "1d": 86_400_000,
 }
 DEFAULT_LIMIT, MAX_LIMIT = 500, 1500
+AGG_TRADES_DEFAULT_LIMIT, AGG_TRADES_MAX_LIMIT, AGG_TRADES_WEIGHT = 500, 1000, 20
+AGG_TRADES_WINDOW_MS = 48 * 3_600_000  # served since late 2026; older: -4166
 WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
 
 
@@ -103,6 +108,7 @@ class RestApi:
         faults: Callable[[], Faults],
         stats: Stats,
         limiter: WeightLimiter,
+        trades: TradeBook,
     ) -> None:
         self.clock = clock
         self.source = source
@@ -112,14 +118,28 @@ class RestApi:
         self.limiter = limiter
         self._forced_418 = False
         self._symbols = set(source.symbols)
+        self.trades = trades
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/fapi/v1/klines", self._klines)
+        app.router.add_get("/fapi/v1/aggTrades", self._agg_trades)
         app.router.add_get("/fapi/v1/time", self._simple(lambda: {"serverTime": self.clock.now_ms()}))
         app.router.add_get("/fapi/v1/ping", self._simple(lambda: {}))
         app.router.add_get("/fapi/v1/exchangeInfo", self._simple(self._exchange_info))
+        app.router.add_get("/fake/closes", self._close_log)
 
     # --- plumbing -------------------------------------------------------------------------
+
+    async def _close_log(self, request: web.Request) -> web.StreamResponse:
+        """Not Binance's: when each close frame left this exchange, from entry `from` on (the
+        `next` of the previous answer; entries past the log's size are gone). Free of weight."""
+        try:
+            start = int(request.query.get("from", "0"))
+        except ValueError:
+            return web.json_response({"error": "'from' is not an integer"}, status=400)
+        log, total = self.stats.close_log, self.stats.closes_logged
+        skip = max(start - (total - len(log)), 0)
+        return web.json_response({"next": total, "closes": list(itertools.islice(log, skip, None))})
 
     def _simple(self, body: Callable[[], object]):
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -264,6 +284,78 @@ class RestApi:
         if candles:
             merged = candles[0] if len(candles) == 1 else aggregate(candles)
             rows.append(rest_row(replace_open(merged, bucket), bucket + size - 1))
+
+    # --- aggTrades ----------------------------------------------------------------------------
+
+    async def _agg_trades(self, request: web.Request) -> web.StreamResponse:
+        """By `fromId`, or by `startTime`/`endTime` (within an hour), or the newest; at most
+        `limit` (500, up to 1000) rows up to now; weight 20; nothing older than 48 hours."""
+        self.stats.rest_requests += 1
+        self.stats.rest_agg_trades += 1
+        try:
+            self._forced_limit_fault()
+            params = request.query
+            symbol = params.get("symbol")
+            if not symbol:
+                raise BinanceError(
+                    400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."
+                )
+            limit = self._int_param(params, "limit")
+            limit = AGG_TRADES_DEFAULT_LIMIT if limit is None else limit
+            if not 1 <= limit <= AGG_TRADES_MAX_LIMIT:
+                raise BinanceError(400, -1130, "Data sent for parameter 'limit' is not valid.")
+            from_id = self._int_param(params, "fromId")
+            start, end = self._int_param(params, "startTime"), self._int_param(params, "endTime")
+            if from_id is not None and (start is not None or end is not None):
+                raise BinanceError(400, -1128, "Combination of optional parameters invalid.")
+            if start is not None and end is not None and not 0 <= end - start < 3_600_000:
+                raise BinanceError(400, -1127, "More than 1 hours between startTime and endTime.")
+            if symbol not in self._symbols:
+                raise BinanceError(400, -1121, "Invalid symbol.")
+            status, retry_after = self.limiter.charge(AGG_TRADES_WEIGHT)
+            if status != 200:
+                raise self._limit_error(status, retry_after)
+            rows = self._agg_trade_rows(symbol, from_id, start, end, limit)
+        except BinanceError as error:
+            return await self._fail(request, error)
+        return await self._respond(request, 200, rows)
+
+    def _agg_trade_rows(
+        self, symbol: str, from_id: int | None, start: int | None, end: int | None, limit: int
+    ) -> list[dict]:
+        now = self.clock.now_ms()
+        newest = min(now - now % MINUTE_MS, self.source.last_open_time)
+        oldest_served = now - AGG_TRADES_WINDOW_MS
+        if from_id is None and start is None:  # the newest `limit` trades
+            rows: list[dict] = []
+            minute = newest
+            while minute >= max(self.source.first_open_time, oldest_served) and len(rows) < limit:
+                rows[:0] = [r for r in self.trades.minute(symbol, minute) if r["T"] <= now]
+                minute -= MINUTE_MS
+            return rows[-limit:]
+        if from_id is not None:
+            found = self.trades.minute_of_id(symbol, from_id, newest)
+            if found is None:
+                return []
+            minute, last_minute = found, newest
+
+            def wanted(row: dict) -> bool:
+                return row["a"] >= from_id
+        else:
+            first_ms = start or 0
+            last_ms = min(now, end if end is not None else first_ms + 3_600_000 - 1)
+            minute, last_minute = first_ms - first_ms % MINUTE_MS, last_ms - last_ms % MINUTE_MS
+
+            def wanted(row: dict) -> bool:
+                return first_ms <= row["T"] <= last_ms
+
+        if minute < oldest_served - oldest_served % MINUTE_MS:
+            raise BinanceError(400, -4166, "Search window is restricted to recent 2 days only.")
+        rows = []
+        while minute <= min(last_minute, newest) and len(rows) < limit:
+            rows += [r for r in self.trades.minute(symbol, minute) if r["T"] <= now and wanted(r)]
+            minute += MINUTE_MS
+        return rows[:limit]
 
     # --- exchangeInfo -------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from .frames import (
     GARBAGE_KINDS,
     MINUTE_MS,
     UNKNOWN_KINDS,
+    agg_trade_event,
     garbage,
     kline_event,
     mark_price_object,
@@ -36,6 +37,7 @@ from .frames import (
 )
 from .hub import StreamHub
 from .sources import CandleSource
+from .trades import TradeBook
 
 log = logging.getLogger("fake_exchange")
 
@@ -79,6 +81,7 @@ class Scheduler:
         stats: Stats,
         config: PushConfig,
         seed: int,
+        trades: TradeBook,
     ) -> None:
         self.clock = clock
         self.hub = hub
@@ -92,6 +95,9 @@ class Scheduler:
         self._names = {
             s: (f"{s.lower()}@kline_1m", f"{s.lower()}@markPrice@1s", f"{s.lower()}@markPrice") for s in source.symbols
         }
+        self._trade_streams = {s: f"{s.lower()}@aggTrade" for s in source.symbols}
+        self.trades = trades
+        self._reordered: dict[str, dict] = {}  # symbol -> an aggTrade held back until its next one
         self._offsets = update_offsets(config.updates_per_minute)
         listed = set(source.symbols)
         self._other_symbol = next(s for s in ("BTCUSDT", "ETHUSDT", "XRPUSDT", "ZZZUSDT") if s not in listed)
@@ -184,6 +190,7 @@ class Scheduler:
             if due > after:
                 self._push(due, self._on_close, symbol, minute, False)
                 self._closing.add((symbol, minute))
+        self._plan_trades(minute, after)
 
     def _on_minute(self, due: int, minute: int) -> None:
         self._plan_minute(minute, after=due - 1)
@@ -239,9 +246,10 @@ class Scheduler:
                 self.stats.closes_delayed += 1
                 self._push(due + faults.late_close_delay_ms, self._on_close, symbol, minute, True)
                 return
-        data = kline_event(final, due, True)
+        data = kline_event(final, due, True, self.trades.trade_ids(symbol, minute))
         self._publish_kline(stream, symbol, data, due)
         self.stats.closes_sent[symbol] += 1
+        self.stats.log_close(symbol, minute)
         if not delayed and faults.chance(faults.duplicate_close):
             self.hub.publish(stream, data)
             self.stats.closes_duplicated += 1
@@ -261,6 +269,54 @@ class Scheduler:
             self.stats.unknown_kinds[kind] += 1
         self.hub.publish(stream, data)
         self.stats.kline_events += 1
+
+    # --- aggTrades ----------------------------------------------------------------------------
+
+    TRADE_PUSH_MS = 100  # Binance pushes a symbol's aggTrades every 100 ms
+
+    def _plan_trades(self, minute: int, after: int) -> None:
+        """Each subscribed symbol's trades of the minute go out in 100 ms slots after
+        their time. Planned a minute at a time: a symbol subscribed mid-minute gets its
+        trades from the next minute on (its first minute is partial anyway)."""
+        for symbol in self.source.symbols:
+            if self._trade_streams[symbol] not in self.hub.subs:
+                continue
+            slots: dict[int, list[dict]] = {}
+            for row in self.trades.minute(symbol, minute):
+                due = row["T"] - row["T"] % self.TRADE_PUSH_MS + self.TRADE_PUSH_MS
+                if due > after:
+                    slots.setdefault(due, []).append(row)
+            for due, rows in slots.items():
+                self._push(due, self._on_trades, symbol, rows)
+
+    def _on_trades(self, due: int, symbol: str, rows: list[dict]) -> None:
+        faults = self._faults()
+        stream = self._trade_streams[symbol]
+        if faults.silent or stream not in self.hub.subs:
+            return
+        for row in rows:
+            if faults.chance(faults.drop_trade):
+                self.stats.dropped_trades.append((symbol, row["a"]))
+                continue
+            if faults.chance(faults.late_trade):
+                self.stats.trades_late += 1
+                self._push(due + faults.late_trade_delay_ms, self._on_trades, symbol, [row])
+                continue
+            held = self._reordered.pop(symbol, None)
+            if held is None and faults.chance(faults.reorder_trade):
+                self._reordered[symbol] = row  # goes out right after the next one
+                self.stats.trades_reordered += 1
+                continue
+            self._send_trade(stream, symbol, row, due)
+            if held is not None:
+                self._send_trade(stream, symbol, held, due)
+            if faults.chance(faults.duplicate_trade):
+                self._send_trade(stream, symbol, row, due)
+                self.stats.trades_duplicated += 1
+
+    def _send_trade(self, stream: str, symbol: str, row: dict, due: int) -> None:
+        self.hub.publish(stream, agg_trade_event(symbol, row, due))
+        self.stats.trades_sent += 1
 
     # --- mark prices -------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from .hub import StreamHub
 from .rest_api import RestApi, WeightLimiter
 from .scheduler import PushConfig, Scheduler
 from .sources import CandleSource
+from .trades import TRADES_PER_AGG, TradeBook
 from .ws_api import WsGateway, WsLimits
 
 
@@ -46,6 +47,8 @@ class FakeExchange:
         max_queue_frames: int = 20_000,
         mark_pushes_per_s: float = 4.0,
         mark_arr_chunk: int = 100,
+        trades_per_agg: int = TRADES_PER_AGG,
+        trades: TradeBook | None = None,
     ) -> None:
         self.source = source
         self.host = host
@@ -56,6 +59,7 @@ class FakeExchange:
         self.clock = SimClock(self._start_ms, speed)
         self.hub = StreamHub(self.stats)
         self.limiter = WeightLimiter(weight_limit, weight_window_s)
+        self.trades = trades or TradeBook(self.candle, source.first_open_time, seed, trades_per_agg)
         self.ws = WsGateway(
             self.hub,
             lambda: self.faults,
@@ -75,6 +79,7 @@ class FakeExchange:
             faults=lambda: self.faults,
             stats=self.stats,
             limiter=self.limiter,
+            trades=self.trades,
         )
         self.scheduler = Scheduler(
             clock=self.clock,
@@ -85,6 +90,7 @@ class FakeExchange:
             stats=self.stats,
             config=PushConfig(close_delay_ms, updates_per_minute, mark_prices, mark_pushes_per_s, mark_arr_chunk),
             seed=seed,
+            trades=self.trades,
         )
         self._runner: web.AppRunner | None = None
 

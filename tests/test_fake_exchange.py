@@ -10,7 +10,7 @@ import csv
 import gzip
 import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
 from decimal import Decimal
 from pathlib import Path
 from unittest import mock
@@ -602,3 +602,28 @@ async def test_closed_connection_state_is_cleaned_up(archive: ArchiveSource) -> 
         await asyncio.sleep(0.05)
         assert ex.hub.subs == {} and ex.subscriptions() == []
         assert ex.stats.connections_opened == ex.stats.connections_closed == 1
+
+
+async def test_the_close_log_says_when_each_close_left(archive: ArchiveSource) -> None:
+    """GET /fake/closes: every published close with the moment it left, before any client
+    had it; paged by `next`; a bad `from` is refused; the log keeps its newest entries."""
+    streams = "/".join(f"{s.lower()}@kline_1m" for s in archive.symbols)
+    async with FakeExchange(archive, start_ms=T0 + 58_000, speed=10) as ex, aiohttp.ClientSession() as s:
+        received: dict[tuple[str, int], float] = {}
+        async with connect(f"{ex.ws_url}/stream?streams={streams}") as ws:
+            while len(received) < len(archive.symbols):
+                msg = await recv(ws)
+                if msg["data"]["k"]["x"]:
+                    received[(msg["data"]["s"], msg["data"]["k"]["t"])] = time.time() * 1000
+        status, _, body = await get(s, ex, "/fake/closes")
+        assert status == 200 and body["next"] == len(body["closes"]) >= len(archive.symbols)
+        sent = {(symbol, t): at for symbol, t, at in body["closes"]}
+        assert set(received) <= set(sent)
+        assert all(sent[key] <= at for key, at in received.items())
+        assert (await get(s, ex, "/fake/closes", **{"from": body["next"]}))[2]["closes"] == []
+        assert (await get(s, ex, "/fake/closes", **{"from": "x"}))[0] == 400
+    stats = Stats()
+    stats.close_log = deque(maxlen=3)
+    for minute in range(5):
+        stats.log_close("X", minute)
+    assert [t for _, t, _ in stats.close_log] == [2, 3, 4] and stats.closes_logged == 5

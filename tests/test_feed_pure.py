@@ -6,7 +6,10 @@ import json
 from decimal import Decimal
 from itertools import islice
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregation import GapTracker, affected_buckets, aggregate, buildable
 from backfill import contiguous_ranges
@@ -19,7 +22,7 @@ from binance.protocol import (
     klines_weight,
     parse_frame,
 )
-from candles import bucket_start
+from candles import Candle, bucket_start
 from feed_and_aggregate import widen
 from market_data import SHARED_DATA_DIR, read_archive
 
@@ -51,6 +54,8 @@ def test_2026_kline_frame_keeps_exact_decimals():
         Decimal("13.551"),
     )
     assert candle.trades == 1027 and candle.quote_volume == Decimal("1125714.73960")
+    k = orjson.loads(raw)["data"]["k"]
+    assert (update.first_trade_id, update.last_trade_id) == (k["f"], k["L"]) and k["L"] > k["f"] > 0
 
 
 def test_mark_price_frames_of_every_schema_parse():
@@ -132,6 +137,51 @@ def test_aggregation_is_exact_on_real_rows():
     assert m15.volume == sum((c.volume for c in m1), Decimal(0))
     assert m15.trades == sum(c.trades for c in m1) and m15.m1_count == 15
     assert str(m15.volume) == str(sum((Decimal(str(c.volume)) for c in m1), Decimal(0)))
+
+
+# Few values, each written several ways (1.5, 1.50, 1.500): ties between representations are common.
+_DECIMAL = st.builds(
+    lambda value, zeros: Decimal(value + "0" * zeros if "." in value else value),
+    st.sampled_from(["0", "0.7", "1.5", "2", "2.25", "1000.125"]),
+    st.integers(0, 3),
+)
+
+
+@st.composite
+def _minutes(draw: st.DrawFn) -> list[Candle]:
+    size = draw(st.integers(1, 15))
+    fields = [draw(st.lists(_DECIMAL, min_size=size, max_size=size)) for _ in range(8)]
+    trades = draw(st.lists(st.integers(0, 10**6), min_size=size, max_size=size))
+    return [
+        Candle(
+            "X", "m1", T0 + i * 60_000, *(f[i] for f in fields[:5]), fields[5][i], trades[i], fields[6][i], fields[7][i]
+        )
+        for i in range(size)
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_minutes())
+def test_aggregation_matches_its_definition_field_by_field(m1):
+    """The one-pass aggregate against the definition, as text (so an equal value written
+    differently, 1.5 against 1.50, must come from the same minute as max/min pick it)."""
+    m15 = aggregate("m15", T0, m1)
+    zero = Decimal(0)
+    expected = [
+        m1[0].open,
+        max(c.high for c in m1),
+        min(c.low for c in m1),
+        m1[-1].close,
+        sum((c.volume for c in m1), m1[0].volume * 0),
+        sum((c.quote_volume for c in m1), m1[0].quote_volume * 0),
+        sum(c.trades for c in m1),
+        sum((c.taker_buy_volume for c in m1), zero * m1[0].taker_buy_volume),
+        sum((c.taker_buy_quote_volume for c in m1), zero * m1[0].taker_buy_quote_volume),
+    ]
+    got = [m15.open, m15.high, m15.low, m15.close, m15.volume, m15.quote_volume, m15.trades]
+    got += [m15.taker_buy_volume, m15.taker_buy_quote_volume]
+    assert [str(v) for v in got] == [str(v) for v in expected]
+    assert (m15.tf, m15.open_time, m15.m1_count) == ("m15", T0, len(m1))
 
 
 def test_a_bucket_waits_for_missing_but_not_for_unfillable_minutes():
