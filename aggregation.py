@@ -16,26 +16,42 @@ AGGREGATED_TFS = ("m5", "m15")
 
 
 def aggregate(tf: str, bucket_open: int, m1_candles: Sequence[Candle]) -> Candle:
-    """Exact aggregate of the M1 candles of one bucket (given oldest first)."""
+    """Exact aggregate of the M1 candles of one bucket (given oldest first). One pass
+    over the minutes (a quarter hour builds 1,000 buckets on the way to their
+    announcement: a pass per field took four times as long)."""
     if not m1_candles:
         raise ValueError("a bucket needs at least one M1 candle")
-    first, last = m1_candles[0], m1_candles[-1]
+    first = m1_candles[0]
+    high, low, volume, quote_volume = first.high, first.low, first.volume, first.quote_volume
+    trades, taker_buy_volume, taker_buy_quote_volume = (
+        first.trades,
+        first.taker_buy_volume,
+        first.taker_buy_quote_volume,
+    )
+    for candle in m1_candles[1:]:
+        if candle.high > high:
+            high = candle.high
+        if candle.low < low:
+            low = candle.low
+        volume += candle.volume
+        quote_volume += candle.quote_volume
+        trades += candle.trades
+        taker_buy_volume += candle.taker_buy_volume
+        taker_buy_quote_volume += candle.taker_buy_quote_volume
     return Candle(
-        symbol=first.symbol,
-        tf=tf,
-        open_time=bucket_open,
-        open=first.open,
-        high=max(c.high for c in m1_candles),
-        low=min(c.low for c in m1_candles),
-        close=last.close,
-        volume=sum((c.volume for c in m1_candles), start=first.volume * 0),
-        quote_volume=sum((c.quote_volume for c in m1_candles), start=first.quote_volume * 0),
-        trades=sum(c.trades for c in m1_candles),
-        taker_buy_volume=sum((c.taker_buy_volume for c in m1_candles), start=first.taker_buy_volume * 0),
-        taker_buy_quote_volume=sum(
-            (c.taker_buy_quote_volume for c in m1_candles), start=first.taker_buy_quote_volume * 0
-        ),
-        m1_count=len(m1_candles),
+        first.symbol,
+        tf,
+        bucket_open,
+        first.open,
+        high,
+        low,
+        m1_candles[-1].close,
+        volume,
+        quote_volume,
+        trades,
+        taker_buy_volume,
+        taker_buy_quote_volume,
+        len(m1_candles),
     )
 
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +37,9 @@ from binance.protocol import (
     parse_frame,
 )
 from binance.rest import RestClient, RestError, WeightLimiter
+from binance.settings import FeedSettings
 from binance.streams import Backoff, StreamPool
+from binance.trades import agg_trade_stream, parse_agg_trade_frame
 from candles import TF_MS, Candle, bucket_start, datetime_to_ms, ms_to_datetime
 from infra import (
     PG_DOWN_ERRORS,
@@ -47,58 +48,14 @@ from infra import (
     Outage,
     RateLimitedLog,
     Settings,
-    env_number,
     log_system_event,
 )
+from orderflow import store as orderflow_store
+from orderflow.intake import OrderFlowIntake
 from ticker_following import TickerFollower
 
 M1_MS = TF_MS["m1"]
 log = logging.getLogger("FEED")
-
-
-@dataclass(frozen=True)
-class FeedSettings:
-    """Feed tuning, from the environment (documented in the README)."""
-
-    streams_per_connection: int = 200
-    silence_s: float = 15.0
-    first_data_timeout_s: float = 10.0
-    connection_max_age_s: float = 23 * 3600
-    gap_grace_ms: int = 10_000
-    initial_history_m1: int = 250 * 15
-    rest_weight_limit: int = 2400
-    rest_weight_window_s: float = 60.0
-    rest_concurrency: int = 4
-    ticker_refresh_s: float = 5.0
-    backoff_max_s: float = 60.0
-    subscribe_batch: int = 50
-    reconcile_window_m1: int = 120
-    buffer_max_candles: int = 50_000
-    rest_fallback_s: float = 30.0
-    frame_time_tolerance_s: float = 3600.0
-    exchange_info_refresh_s: float = 3600.0
-
-    @classmethod
-    def from_env(cls, settings: Settings, env: Mapping[str, str] | None = None) -> FeedSettings:
-        env = os.environ if env is None else env
-        return cls(
-            streams_per_connection=env_number(env, "STREAMS_PER_CONNECTION", 200, int, 1, 1024),
-            silence_s=env_number(env, "WS_SILENCE_S", 15.0, float, 0.5, 3600),
-            first_data_timeout_s=env_number(env, "WS_FIRST_DATA_TIMEOUT_S", 10.0, float, 0.5, 600),
-            connection_max_age_s=env_number(env, "WS_MAX_AGE_S", 23 * 3600.0, float, 5, 86_000),
-            gap_grace_ms=env_number(env, "GAP_GRACE_MS", 10_000, int, 0, 3_600_000),
-            initial_history_m1=env_number(env, "INITIAL_HISTORY_M1", settings.redis_candles * 15, int, 1, 1_000_000),
-            rest_weight_limit=env_number(env, "REST_WEIGHT_LIMIT", 2400, int, 10, 100_000),
-            rest_weight_window_s=env_number(env, "REST_WEIGHT_WINDOW_S", 60.0, float, 0.1, 3600),
-            rest_concurrency=env_number(env, "REST_CONCURRENCY", 4, int, 1, 64),
-            ticker_refresh_s=env_number(env, "TICKER_REFRESH_S", 5.0, float, 0.05, 3600),
-            backoff_max_s=env_number(env, "WS_BACKOFF_MAX_S", 60.0, float, 0.1, 3600),
-            reconcile_window_m1=env_number(env, "RECONCILE_WINDOW_M1", 120, int, 15, 100_000),
-            buffer_max_candles=env_number(env, "FEED_BUFFER_MAX_CANDLES", 50_000, int, 100, 10_000_000),
-            rest_fallback_s=env_number(env, "REST_FALLBACK_S", 30.0, float, 1, 3600),
-            frame_time_tolerance_s=env_number(env, "FRAME_TIME_TOLERANCE_S", 3600.0, float, 60, 30 * 86_400),
-            exchange_info_refresh_s=env_number(env, "EXCHANGE_INFO_REFRESH_S", 3600.0, float, 60, 7 * 86_400),
-        )
 
 
 # --------------------------------------------------------------------------- storing candles
@@ -140,7 +97,6 @@ class CandleIntake:
         self.buckets_due: set[tuple[str, str, int]] = set()
         # The M1 candles stored lately (this and the previous M15 bucket), per symbol.
         self.recent_m1: dict[str, dict[int, Candle]] = {}
-        self.recent_horizon = 0
         self.buckets_wake = asyncio.Event()
         self.aggregating = False
         # Stored in PostgreSQL, not yet cached and announced in Redis: in order, bounded.
@@ -161,6 +117,11 @@ class CandleIntake:
         self.unsure: set[tuple[str, str, int]] = set()
         self.rejections = RateLimitedLog("INTAKE", level="ERROR")
         self.last_stored_at = time.monotonic()  # local clock: the watchdog's measure of a live feed
+        # Bucket writes, from store_m1 and from aggregate, one at a time from reading the
+        # minutes to queueing the announcement: a build from minutes read just before a
+        # newer one was stored never overwrites the newer bucket, and the last
+        # announcement of a bucket is what PostgreSQL holds.
+        self.bucket_lock = asyncio.Lock()
 
     async def store_m1(self, candles: Sequence[Candle], rejected: list[Candle] | None = None) -> list[Candle]:
         """Returns the candles that were new or changed (announced); those PostgreSQL
@@ -173,6 +134,10 @@ class CandleIntake:
         by `aggregate` (from PostgreSQL when memory does not hold them)."""
         if not candles:
             return []
+        async with self.bucket_lock:
+            return await self._store_m1(candles, rejected)
+
+    async def _store_m1(self, candles: Sequence[Candle], rejected: list[Candle] | None) -> list[Candle]:
         unique = {(c.symbol, c.open_time): c for c in candles}
         self.remember(list(unique.values()))
         completed = self._completed_buckets(unique.values())
@@ -200,8 +165,8 @@ class CandleIntake:
             buckets = affected_buckets((c.symbol, c.open_time) for c in fresh) - done
             if self.defer_aggregation:
                 self._due(buckets)
-            else:
-                await self.aggregate(buckets)
+            elif buckets:
+                await self._aggregate(buckets)  # under the bucket lock already
         # A late close or a refetch settles its gap-log row (off the latency path).
         if self.background:
             self.to_settle += unique
@@ -312,20 +277,25 @@ class CandleIntake:
             {"candle": [str(v) for v in dataclasses.astuple(candle)]},
         )
 
+    RECENT_M1_KEPT = 45  # per symbol, past which the minutes before the previous M15 bucket go
+
     def remember(self, candles: Sequence[Candle]) -> None:
+        """Each symbol's minutes are pruned as it grows, not all symbols' at the quarter
+        hour (where they all grew at once, on the way to the announcements)."""
         for c in candles:
-            self.recent_m1.setdefault(c.symbol, {})[c.open_time] = c
-        newest = max(c.open_time for c in candles)
-        if newest > self.recent_horizon + TF_MS["m15"]:
-            self.recent_horizon = bucket_start(newest, "m15") - TF_MS["m15"]
-            for minutes in self.recent_m1.values():
-                for t in [t for t in minutes if t < self.recent_horizon]:
+            minutes = self.recent_m1.get(c.symbol)
+            if minutes is None:
+                minutes = self.recent_m1[c.symbol] = {}
+            minutes[c.open_time] = c
+            if len(minutes) > self.RECENT_M1_KEPT:
+                horizon = bucket_start(max(minutes), "m15") - TF_MS["m15"]
+                for t in [t for t in minutes if t < horizon]:
                     del minutes[t]
 
     def _remembered(self, symbol: str, tf: str, bucket: int) -> list[Candle] | None:
         minutes = self.recent_m1.get(symbol, {})
         members = [minutes.get(t) for t in bucket_minutes(tf, bucket)]
-        return None if None in members else members  # type: ignore[return-value]
+        return members if all(members) else None  # type: ignore[return-value]
 
     async def run_aggregator(self) -> None:
         """Builds the buckets `store_m1` left due, all that piled up in one go."""
@@ -454,6 +424,10 @@ class CandleIntake:
         """Build every bucket whose minutes are all stored or unfillable; announce changes."""
         if not buckets:
             return []
+        async with self.bucket_lock:
+            return await self._aggregate(buckets)
+
+    async def _aggregate(self, buckets: set[tuple[str, str, int]]) -> list[Candle]:
         built: list[Candle] = []
         # A bucket whose minutes all passed through this intake is built from memory;
         # the others from what PostgreSQL holds (after a restart, a backfill, a gap).
@@ -552,12 +526,21 @@ class Feed:
         self.dropped: dict[str, tuple[int, int]] = {}
         self.rest_fallback = False
         self.fallback_fetched_at = 0.0
+        self.orderflow = OrderFlowIntake(
+            self.pool, self.redis, self.rest, self.settings.stream_maxlen, lambda: self.clock.now_ms, self._tick_of
+        )
 
     # ---- frames (synchronous: called for every frame, must stay cheap)
 
     def handle_frame(self, raw: str | bytes, held: bool = False) -> None:
         if not held:
             self.stats.frames += 1
+        if ('@aggTrade"' in raw[:64]) if isinstance(raw, str) else (b'@aggTrade"' in raw[:64]):
+            try:
+                self.orderflow.on_trade(*parse_agg_trade_frame(raw))
+            except FrameError as exc:
+                self._bad_frame(str(exc), raw)
+            return
         try:
             message = parse_frame(raw)
         except FrameError as exc:
@@ -586,6 +569,7 @@ class Feed:
                     self.closed.put_nowait(message.candle)
                 else:
                     self._drop(symbol, message.open_time)
+                self.orderflow.on_close(message)
         elif isinstance(message, MarkPrices):
             for symbol, price in message.prices.items():
                 if symbol in self.symbols:
@@ -613,6 +597,11 @@ class Feed:
         self.clock.sync(server_ms)
         self.stats.event_time = self.clock.now_ms
 
+    def _tick_of(self, symbol: str) -> int | None:
+        listing = self.follower.tickers.listing
+        found = listing.get(symbol) if listing is not None else None
+        return found.tick if found is not None else None
+
     def refused_by_rest(self, symbol: str) -> None:
         """GET /fapi/v1/klines answered -1121 (invalid symbol): stop following it."""
         self.follower.refused(symbol)
@@ -631,6 +620,7 @@ class Feed:
         """After every (re)connect: catch up what the disconnection may have missed."""
         self.catch_up_pending |= {s for s in self.symbols if kline_stream(s) in streams}
         self.catch_up_wake.set()
+        self.orderflow.resume(s for s in self.orderflow.tapes if agg_trade_stream(s) in streams)
 
     # ---- workers
 
@@ -820,6 +810,9 @@ class Feed:
         for symbol in removed:
             self.tracker.forget(symbol)
             self.backfiller.forget(symbol)
+        self.orderflow.forget(removed)
+        traded = sorted(added & await orderflow_store.trade_symbols(self.pool)) if self.feed_settings.orderflow else []
+        await self.orderflow.follow(traded)  # before its streams: the row sizes and the stored state
         # Seed gap detection before the first frame: after a restart the first live close
         # must reveal the minutes missed while the process was down.
         stored = await core_io.last_m1_open_times(self.pool, sorted(added))
@@ -833,7 +826,10 @@ class Feed:
         # Decided now, before the first live close can be stored and hide the empty history.
         self.needs_history |= added - set(stored)
         first = [] if self.streams.connections else [MARK_PRICE_ALL_STREAM]  # on the first connection
-        await self.streams.update(first + [kline_stream(s) for s in added], {kline_stream(s) for s in removed})
+        await self.streams.update(
+            first + [kline_stream(s) for s in added] + [agg_trade_stream(s) for s in traded],
+            {kline_stream(s) for s in removed} | {agg_trade_stream(s) for s in removed},
+        )
         # Already-connected connections do not reconnect: catch the new symbols up now.
         self.catch_up_pending |= added
         self.catch_up_wake.set()
@@ -857,6 +853,9 @@ class Feed:
             await asyncio.sleep(0.01)  # (what Redis does not take now, the next boot re-announces)
         while self.intake.to_settle and not self.intake.pg_outage.active:
             await asyncio.sleep(0.01)
+        flow = self.orderflow
+        while (flow.to_write and not flow.pg_outage.active) or (flow.to_publish and not flow.redis_outage.active):
+            await asyncio.sleep(0.01)
         if self.prices:
             prices, self.prices = self.prices, {}
             await core_io.set_mark_prices(self.redis, prices)
@@ -876,6 +875,7 @@ class Feed:
             "FEED_SETTLE": self.intake.run_settler,
             "FEED_REST_FALLBACK": self.watch_rest_fallback,
             "FEED_CLOCK": self.keep_clock,
+            **(self.orderflow.workers() if self.feed_settings.orderflow else {}),
         }
 
     SOURCES = (

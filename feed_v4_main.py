@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import logging
 import os
 import signal
@@ -210,7 +209,8 @@ class Daemon:
 
     async def beat(self) -> None:
         """Liveness for RedisInsight and `status`: a hash that expires unless refreshed.
-        Once a minute, mid-minute (far from the boundaries), free heap goes back to the OS."""
+        Once a minute, mid-minute (far from the boundaries), the heap is tidied (collected,
+        frozen, trimmed); once an hour the frozen part is collected too."""
         trimmed_minute = 0
         while True:
             with contextlib.suppress(*REDIS_RETRY_ERRORS):
@@ -219,7 +219,7 @@ class Daemon:
                 )
             minute, second = divmod(time.time(), 60)
             if 15 <= second < 45 and minute != trimmed_minute:
-                infra.release_free_memory()
+                infra.tidy_heap(full=int(minute) % 60 == 0)
                 trimmed_minute = minute
             await asyncio.sleep(self.options.heartbeat_interval_s)
 
@@ -350,8 +350,7 @@ async def run_daemon(settings: Settings) -> int:
     runtime = booting.result()
     # What boot allocated lives for the whole run: keep the cyclic collector from
     # rescanning it (a full collection over it stalled the loop for ~0.4 s at bar close).
-    gc.collect()
-    gc.freeze()
+    infra.tidy_heap()
     daemon = Daemon(runtime, options, alerts, stop)
     daemon.start()
     await stop.wait()

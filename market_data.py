@@ -1,9 +1,11 @@
-"""Reads Binance's monthly 1m kline archives (gzipped CSV) into candles."""
+"""Reads Binance's monthly 1m kline archives (gzipped CSV) into candles, and the real
+stream recordings of 2024-07-19."""
 
 from __future__ import annotations
 
 import csv
 import gzip
+import json
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -39,3 +41,56 @@ def read_archive(symbol: str, archive_dir: Path = ARCHIVE_DIR) -> Iterator[Candl
                 taker_buy_volume=Decimal(row[9]),
                 taker_buy_quote_volume=Decimal(row[10]),
             )
+
+
+STREAMS_DIR = SHARED_DATA_DIR / "binance_um_streams_2024-07-19"
+
+
+def read_recorded_trades(symbol: str, streams_dir: Path = STREAMS_DIR) -> Iterator[dict]:
+    """The raw `<s>@trade` events of the 2024-07-19 recordings, in the order received
+    (both files of the symbol: the recording was split at midnight)."""
+    for path in sorted(streams_dir.glob(f"usdm_{symbol.lower()}_*.gz")):
+        with gzip.open(path, "rt") as handle:
+            for line in handle:
+                _, _, text = line.partition(" ")
+                if '@trade"' in text:
+                    yield json.loads(text)["data"]
+
+
+def recorded_agg_trades(symbol: str, streams_dir: Path = STREAMS_DIR) -> Iterator[dict]:
+    """The recordings' raw trades as `<s>@aggTrade` payloads: a run of consecutive
+    MARKET trades with the same time, price and side is one aggTrade (the usual stand-in:
+    raw trades do not name their taker order); other trades (insurance fund) are not
+    aggregated, as on the exchange. `a` counts from 1."""
+    runs: list[list[dict]] = [[]]
+    for trade in read_recorded_trades(symbol, streams_dir):
+        run = runs[-1]
+        if trade["X"] != "MARKET":
+            runs.append([])  # ends the run, joins none
+        elif (
+            run
+            and trade["t"] == run[-1]["t"] + 1
+            and (trade["T"], trade["p"], trade["m"])
+            == (
+                run[0]["T"],
+                run[0]["p"],
+                run[0]["m"],
+            )
+        ):
+            run.append(trade)
+        else:
+            runs.append([trade])
+    for agg_id, run in enumerate(filter(None, runs), start=1):
+        first, last = run[0], run[-1]
+        yield {
+            "e": "aggTrade",
+            "E": last["E"],
+            "s": symbol,
+            "a": agg_id,
+            "p": first["p"],
+            "q": str(sum((Decimal(t["q"]) for t in run), Decimal(0))),
+            "f": first["t"],
+            "l": last["t"],
+            "T": first["T"],
+            "m": first["m"],
+        }

@@ -60,12 +60,12 @@ async def restore_redis_from_pg(
     cache = core_io.IndicatorCache(redis)
     report = RestoreReport(symbols=len(symbols))
     chunks = [symbols[i : i + SYMBOLS_PER_QUERY] for i in range(0, len(symbols), SYMBOLS_PER_QUERY)]
-    # Chunks of symbols run concurrently: PostgreSQL answers on several connections
-    # while Redis absorbs the previous chunk's pipeline.
-    jobs = [_restore_candles(pool, store, chunk, tf, candles_per_series) for tf in TIMEFRAMES for chunk in chunks]
-    report.candles = sum(await asyncio.gather(*jobs))
-    jobs = [_restore_indicators(pool, cache, chunk, tf) for tf in TIMEFRAMES for chunk in chunks]
-    report.indicator_values = sum(await asyncio.gather(*jobs))
+    # Chunks of symbols run concurrently, candles and indicator values together:
+    # PostgreSQL answers on several connections while Redis absorbs earlier pipelines.
+    candles = [_restore_candles(pool, store, chunk, tf, candles_per_series) for tf in TIMEFRAMES for chunk in chunks]
+    indicators = [_restore_indicators(pool, cache, chunk, tf) for tf in TIMEFRAMES for chunk in chunks]
+    counts = await asyncio.gather(*candles, *indicators)
+    report.candles, report.indicator_values = sum(counts[: len(candles)]), sum(counts[len(candles) :])
     report.seconds = time.perf_counter() - started
     await redis.set(core_io.RESTORED_KEY, int(time.time() * 1000))
     log.info(

@@ -163,6 +163,9 @@ class PgState:
     level_counts: dict[str, int]  # last hour
     not_followed: list[tuple[str, str]] = field(default_factory=list)  # (symbol, why), enabled
     skipped_instances: list[tuple[int, str, str, str]] = field(default_factory=list)  # (id, indicator, tf, why)
+    orderflow: dict[str, dict[str, int | None]] = field(default_factory=dict)  # symbol -> tf -> newest bar ms
+    trade_gaps: dict[str, int] = field(default_factory=dict)  # status -> count
+    oldest_trade_gap: tuple[str, int] | None = None  # (symbol, open time ms) of the oldest open one
 
 
 # Correlated subqueries, not GROUP BY: max(open_time) per symbol is then one backward
@@ -196,6 +199,22 @@ _OLDEST_GAPS_SQL = (
     "SELECT m.symbol, m.open_time, m.detected_at FROM missing_m1_log_v4 m "
     "JOIN tickers t ON t.symbol = m.symbol AND t.status = 'enabled' "
     "WHERE m.status = 'missing' ORDER BY m.open_time, m.symbol LIMIT $1"
+)
+
+# Tickers whose trades are followed and that have order flow: newest bar per timeframe.
+_ORDERFLOW_SQL = (
+    "SELECT t.symbol, "
+    + ", ".join(
+        f"(SELECT max(open_time) FROM orderflow4 o WHERE o.symbol = t.symbol AND o.tf = '{tf}') AS last_{tf}"
+        for tf in TIMEFRAMES
+    )
+    + " FROM tickers t WHERE t.status = 'enabled' AND t.trades_enabled"
+)
+
+_TRADE_GAPS_SQL = (
+    "SELECT status, count(*) AS n, min(open_time) FILTER (WHERE status = 'open') AS oldest, "
+    "(array_agg(symbol ORDER BY open_time) FILTER (WHERE status = 'open'))[1] AS oldest_symbol "
+    "FROM trade_gaps_v4 GROUP BY status"
 )
 
 _RECENT_ERRORS_SQL = (
@@ -242,7 +261,39 @@ async def read_pg_state(pool: asyncpg.Pool, local_now_ms: int) -> PgState:
         skipped = [
             (r["id"], r["indicator"], r["timeframe"], r["error"]) for r in await conn.fetch(_SKIPPED_INSTANCES_SQL)
         ]
-    return PgState(tickers, totals, oldest, errors, counts, not_followed, skipped)
+        orderflow = {
+            r["symbol"]: {tf: None if r[f"last_{tf}"] is None else datetime_to_ms(r[f"last_{tf}"]) for tf in TIMEFRAMES}
+            for r in await conn.fetch(_ORDERFLOW_SQL)
+            if r["last_m1"] is not None
+        }
+        gap_rows = await conn.fetch(_TRADE_GAPS_SQL)
+        trade_gaps = {r["status"]: r["n"] for r in gap_rows}
+        oldest_trade_gap = next(
+            ((r["oldest_symbol"], datetime_to_ms(r["oldest"])) for r in gap_rows if r["oldest"] is not None), None
+        )
+    return PgState(
+        tickers, totals, oldest, errors, counts, not_followed, skipped, orderflow, trade_gaps, oldest_trade_gap
+    )
+
+
+def orderflow_summary(pg: PgState, now_ms: int) -> dict[str, Any]:
+    """Per timeframe the most lagging symbol's newest bar; the trade gaps."""
+    lag: dict[str, Any] = {}
+    for tf in TIMEFRAMES:
+        newest = [(t, symbol) for symbol, times in pg.orderflow.items() if (t := times.get(tf)) is not None]
+        worst = min(newest, default=None)
+        lag[tf] = None if worst is None else {"symbol": worst[1], **(bar_point(worst[0], tf, now_ms) or {})}
+    oldest = pg.oldest_trade_gap
+    return {
+        "tickers": len(pg.orderflow),
+        "worst": lag,
+        "gaps": {
+            **{status: pg.trade_gaps.get(status, 0) for status in ("open", "filled", "unfillable")},
+            "oldest_open": None
+            if oldest is None
+            else {"symbol": oldest[0], "open_time_ms": oldest[1], "open_time": iso_ms(oldest[1])},
+        },
+    }
 
 
 def stream_info(length: Any, groups: Any, newest: Any = None) -> dict[str, Any]:
@@ -354,6 +405,7 @@ def build_report(
                 for symbol, open_ms, detected_ms in pg.oldest_gaps
             ],
         },
+        "orderflow": orderflow_summary(pg, now_ms),
         "not_followed": [{"symbol": symbol, "problem": problem} for symbol, problem in pg.not_followed],
         "skipped_instances": [
             {"id": iid, "indicator": indicator, "timeframe": tf, "error": error}
@@ -578,6 +630,23 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
             rows.append([stream, length, group, state["pending"], lag, state["consumers"]])
             stream, length = "", ""  # name the stream once
     out += render_table(["STREAM", "LENGTH", "GROUP", "PENDING", "LAG", "CONSUMERS"], rows)
+
+    flow = report["orderflow"]
+    out += ["", f"ORDER FLOW ({flow['tickers']} tickers with order flow; the most lagging symbol per timeframe)"]
+    if flow["tickers"]:
+        worst = [
+            f"{tf} {p['symbol']} {format_clock(p['open_time_ms'], now_ms)} lag {format_duration(p['lag_s'])}"
+            for tf, p in flow["worst"].items()
+            if p is not None
+        ]
+        out.append("  " + "   ".join(worst))
+    trade_gaps = flow["gaps"]
+    counts = "  ".join(f"{k} {trade_gaps[k]}" for k in ("open", "filled", "unfillable"))
+    line = f"  trade gaps (trade_gaps_v4): {counts}"
+    if trade_gaps["oldest_open"]:
+        oldest_open = trade_gaps["oldest_open"]
+        line += f"; oldest open: {oldest_open['symbol']} {format_clock(oldest_open['open_time_ms'], now_ms)}"
+    out.append(line)
 
     gaps = report["gaps"]
     out += ["", "GAPS (missing_m1_log_v4, enabled tickers)"]

@@ -7,8 +7,8 @@ with 500 synthetic symbols whose closing klines all go out within the same ~50 m
 between, as Binance sends them; PostgreSQL is pre-seeded with `--history` (2,000) M1
 candles per symbol and their M5/M15; Redis Stack and PostgreSQL are real and local.
 
-Latency is measured from the moment each closing frame reached the bench's own
-WebSocket connection to the exchange (all 500 kline streams) to the entry's arrival on
+Latency is measured from the moment the exchange published each closing frame (its own
+log, GET /fake/closes: the bench listens to no frames itself) to the entry's arrival on
 `ohlcv_m1_ready` and `indicators_ready_stream` (a stream entry id's ms part is its
 arrival on the Redis server, same host). An M5/M15 bar is measured from the closing
 frame of its last minute. Per boundary (the minute that just ended): p50/p99 of
@@ -28,24 +28,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import asyncpg
-import orjson
-from websockets.asyncio.client import connect as ws_connect
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import core_io  # noqa: E402
 from aggregation import aggregate  # noqa: E402
-from bench.soak_bench import CpuMeter, descendants, percentile  # noqa: E402
+from bench.soak_bench import CLK_TCK, CpuMeter, descendants, percentile, proc_cpu_rss  # noqa: E402
 from candles import TF_MS, bucket_start, datetime_to_ms, ms_to_datetime  # noqa: E402
 from fake_exchange import SyntheticSource  # noqa: E402
 from infra import make_redis  # noqa: E402
@@ -160,21 +161,23 @@ async def database_from_seed(source: SyntheticSource, start_ms: int, args: argpa
 # --------------------------------------------------------------------------- observing
 
 
-async def listen_closes(ws_base: str, symbols: list[str], arrivals: Arrivals) -> None:
-    """The bench's own connection: when each closing kline frame arrived."""
-    url = f"{ws_base}/stream?streams=" + "/".join(f"{s.lower()}@kline_1m" for s in symbols)
-    while True:
-        try:
-            async with ws_connect(url, max_size=None, open_timeout=10) as ws:
-                async for message in ws:
-                    now = time.time() * 1000
-                    if b'"x":true' not in message if isinstance(message, bytes) else '"x":true' not in message:
-                        continue
-                    k = orjson.loads(message)["data"]["k"]
-                    arrivals.frames.setdefault((k["s"], int(k["t"])), now)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
+async def poll_closes(rest_url: str, arrivals: Arrivals) -> None:
+    """When each closing kline frame left the exchange, from its own log (GET /fake/closes,
+    once a second). The bench listens to no frames: its own connection to 500 streams made
+    the exchange send every frame twice and took CPU from the daemon at each boundary."""
+    next_entry = 0
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"{rest_url}/fake/closes", params={"from": str(next_entry)}) as response:
+                    body = await response.json()
+                for symbol, open_time, sent_ms in body["closes"]:
+                    arrivals.frames.setdefault((symbol, open_time), sent_ms)
+                next_entry = body["next"]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass  # the exchange is starting or going: asked again next second
             await asyncio.sleep(1.0)
 
 
@@ -204,6 +207,77 @@ async def sample(pid: int, samples: list[Sample]) -> None:
         share, _, rss = meter.read([pid, *descendants(pid)])
         samples.append(Sample(time.time(), share, rss))
         await asyncio.sleep(SAMPLE_S)
+
+
+# --------------------------------------------------------------------------- the machine at a boundary
+
+MACHINE_GROUPS = ("daemon", "exchange", "redis", "postgres")
+
+
+@dataclass
+class MachineSample:
+    at: float  # local epoch s
+    ticks: dict[str, int]  # CPU ticks so far, per group of processes
+    busy: int  # the machine's busy ticks so far (all cores)
+    cores: int
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy ticks of all cores, cores) from /proc/stat."""
+    with open("/proc/stat") as f:
+        lines = f.read().splitlines()
+    user, nice, system, _idle, _iowait, *rest = (int(x) for x in lines[0].split()[1:])
+    return user + nice + system + sum(rest[:3]), sum(1 for line in lines if line[:3] == "cpu" and line[3:4].isdigit())
+
+
+def postgres_pids() -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/comm") as f:
+                    if f.read().strip() == "postgres":
+                        pids.append(int(name))
+            except OSError:
+                pass
+    return pids
+
+
+async def watch_machine(
+    groups: dict[str, Callable[[], list[int]]], arrivals: Arrivals, out: list[MachineSample]
+) -> None:
+    """Every process group's CPU and the machine's, every 20 ms from 0.5 s before each
+    boundary to 1.5 s after it (elsewhere idle: the watching costs CPU too). Whether a
+    boundary's latency is the daemon's or the machine's shows here: the work of every
+    process between the first close sent and the p99 announcement, against 2 cores."""
+    while not arrivals.frames:
+        await asyncio.sleep(0.2)
+    boundary = min(arrivals.frames.values()) / 1000  # the first boundary's first close; then a minute on
+    while True:
+        boundary += M1 / 1000
+        await asyncio.sleep(max(0.0, boundary - 0.5 - time.time()))
+        pids = {name: find() for name, find in groups.items()}
+        while time.time() < boundary + 1.5:
+            busy, cores = machine_ticks()
+            ticks = {
+                name: sum(got[0] for pid in group if (got := proc_cpu_rss(pid)) is not None)
+                for name, group in pids.items()
+            }
+            out.append(MachineSample(time.time(), ticks, busy, cores))
+            await asyncio.sleep(0.02)
+
+
+def machine_use(samples: list[MachineSample], start: float, end: float) -> str:
+    """CPU ms each group and the machine used between start and end (local epoch s)."""
+    inside = [s for s in samples if start - 0.02 <= s.at <= end + 0.02]
+    if len(inside) < 2:
+        return "machine: not sampled"
+    first, last = inside[0], inside[-1]
+    ms = 1000 / CLK_TCK
+    groups = "  ".join(f"{name} {(last.ticks[name] - first.ticks[name]) * ms:.0f}" for name in MACHINE_GROUPS)
+    wall = (last.at - first.at) * 1000
+    busy = (last.busy - first.busy) * ms
+    return f"CPU ms over {wall:.0f} ms: {groups}; machine {busy:.0f} of {wall * last.cores:.0f} ({last.cores} cores)"
 
 
 # --------------------------------------------------------------------------- profile
@@ -336,7 +410,7 @@ def within_budget(row: dict) -> bool:
     )
 
 
-def report(rows: list[dict], samples: list[Sample], booted_at: float) -> None:
+def report(rows: list[dict], samples: list[Sample], booted_at: float, machine: list[MachineSample]) -> None:
     print(
         "\nboundary  closing      after boot  m1_ready p50/p99  M1 ind p50/p99  all tf ind p50/p99"
         "  CPU %  RSS MB  budget"
@@ -374,6 +448,9 @@ def report(rows: list[dict], samples: list[Sample], booted_at: float) -> None:
             f"ohlcv_m1_ready p99 {p(row['m1'], 0.99)} ms (budget {M1_READY_BUDGET_MS:.0f}): "
             f"{'OK' if within_budget(row) else 'OVER'}"
         )
+        if row["all"]:
+            end = row["frames_at"] + percentile(row["all"], 0.99) / 1000
+            print(f"  from its first close to its p99: {machine_use(machine, row['frames_at'], end)}")
     steady = [s for s in samples if s.at >= booted_at + 120]
     if steady:
         half = len(steady) // 2
@@ -406,7 +483,7 @@ async def run(args: argparse.Namespace) -> None:
         await asyncio.sleep(1.5)
         arrivals = Arrivals()
         samples: list[Sample] = []
-        tasks.append(asyncio.create_task(listen_closes(f"ws://127.0.0.1:{port}/market", source.symbols, arrivals)))
+        tasks.append(asyncio.create_task(poll_closes(f"http://127.0.0.1:{port}", arrivals)))
         daemon = DaemonProcess(
             {
                 "REDIS_URL": redis_server.url,
@@ -418,6 +495,14 @@ async def run(args: argparse.Namespace) -> None:
         daemon.start()
         booted_at = time.time()
         tasks.append(asyncio.create_task(sample(daemon.process.pid, samples)))
+        machine: list[MachineSample] = []
+        groups = {
+            "daemon": lambda: [daemon.process.pid, *descendants(daemon.process.pid)],
+            "exchange": lambda: [exchange.pid],
+            "redis": lambda: [redis_server.process.pid],
+            "postgres": postgres_pids,
+        }
+        tasks.append(asyncio.create_task(watch_machine(groups, arrivals, machine)))
         await asyncio.sleep(3)
         tasks.append(asyncio.create_task(follow_announcements(redis_server.url, arrivals)))
         profile_out = (
@@ -436,7 +521,7 @@ async def run(args: argparse.Namespace) -> None:
             assert daemon.alive(), daemon.output()[-3000:]
             await asyncio.sleep(1)
         await asyncio.sleep(5)  # the last boundary's M15 values
-        report(boundary_rows(arrivals, source.symbols), samples, booted_at)
+        report(boundary_rows(arrivals, source.symbols), samples, booted_at, machine)
         if profile_out is not None and profile_out.exists():
             print(f"\nprofile of the daemon from 0.7 s before {args.profile_at} for {args.profile_s:g} s:")
             print(profile_tables(profile_out))

@@ -35,8 +35,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ if str(PROJECT_DIR) not in sys.path:  # `python scripts/demo.py` puts scripts/ f
 
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
+import orjson  # noqa: E402
 
 import core_io  # noqa: E402
 from candles import datetime_to_ms, ms_to_datetime  # noqa: E402
@@ -191,6 +193,7 @@ class Progress:
     newest_m1_ms: int | None = None
     oldest_newest_m1_ms: int | None = None  # the newest M1 of the symbol that is furthest behind
     open_gaps: int | None = None
+    footprints: int | None = None  # order-flow bars stored (orderflow4)
     last_error: str | None = None
     note: str | None = None
 
@@ -229,7 +232,7 @@ def format_progress(p: Progress, max_error: int = 160) -> str:
         )
     else:
         parts.append("newest m1 - lag=- behind=-")
-    parts.append(f"gaps={_count(p.open_gaps)}")
+    parts.append(f"gaps={_count(p.open_gaps)} footprints={_count(p.footprints)}")
     if p.note:
         parts.append(p.note)
     if p.last_error:
@@ -266,6 +269,21 @@ def banner(
         "  stop     : "
         + (f"by itself after {seconds:g} s, or Ctrl-C" if seconds else "Ctrl-C (or SIGTERM); stops the daemon cleanly"),
     ]
+    return "\n".join(lines)
+
+
+def render_footprint(symbol: str, document: Mapping[str, Any], width: int = 24) -> str:
+    """A footprint as traders draw it: one line per row, highest price first, taker
+    sells (bid) left of taker buys (ask), a bar of the row's volume, the POC marked."""
+    rows = sorted(document.get("rows", []), key=lambda r: Decimal(r["price"]), reverse=True)
+    when = f"{ms_to_datetime(document['open_time']):%Y-%m-%d %H:%M}"
+    lines = [f"footprint {symbol} m1 {when} (row {document.get('row_size')}; bid x ask = taker sold x taker bought)"]
+    volumes = [Decimal(r["bid_volume"]) + Decimal(r["ask_volume"]) for r in rows]
+    top = max(volumes, default=Decimal(0)) or Decimal(1)
+    for row, volume in zip(rows, volumes):
+        mark = " POC" if row["price"] == document.get("poc") else ""
+        bar = "#" * max(1, round(width * volume / top)) if volume else ""
+        lines.append(f"  {row['price']:>14}  {row['bid_volume']:>14} x {row['ask_volume']:<14} {bar}{mark}")
     return "\n".join(lines)
 
 
@@ -386,6 +404,7 @@ SELECT (SELECT count(*) FROM ohlcv4_m1) AS m1,
        (SELECT count(*) FROM ohlcv4_m15) AS m15,
        (SELECT count(*) FROM indicator_values_v4) AS ind_values,
        (SELECT count(*) FROM missing_m1_log_v4 WHERE status = 'missing') AS gaps,
+       (SELECT count(*) FROM orderflow4) AS footprints,
        (SELECT max(m) FROM newest) AS newest,
        (SELECT min(m) FROM newest) AS laggard
 """
@@ -415,6 +434,14 @@ class Observer:
         except (aiohttp.ClientError, TimeoutError, KeyError, ValueError):
             return None
 
+    async def footprint(self, symbol: str) -> str | None:
+        """The newest closed M1 footprint of `symbol`, drawn; None if there is none yet."""
+        with contextlib.suppress(Exception):
+            raw = await self.redis.get(f"footprint:{symbol}:m1")
+            if raw:
+                return render_footprint(symbol, orjson.loads(raw))
+        return None
+
     async def snapshot(self, elapsed_s: float) -> Progress:
         progress = Progress(elapsed_s=elapsed_s, sim_ms=await self.sim_time(), last_error=self.log.poll())
         with contextlib.suppress(Exception):
@@ -437,6 +464,7 @@ class Observer:
         row = await self.conn.fetchrow(PROGRESS_SQL, timeout=5)
         progress.m1, progress.m5, progress.m15 = row["m1"], row["m5"], row["m15"]
         progress.indicator_values, progress.open_gaps = row["ind_values"], row["gaps"]
+        progress.footprints = row["footprints"]
         if row["newest"] is not None:
             progress.newest_m1_ms = datetime_to_ms(row["newest"])
             progress.oldest_newest_m1_ms = datetime_to_ms(row["laggard"])
@@ -644,6 +672,8 @@ async def run_demo(args: argparse.Namespace, env: Mapping[str, str] = os.environ
                 failed = True
                 break
         screen.say(format_progress(await observer.snapshot(time.monotonic() - began)))
+        drawn = await observer.footprint(plan.symbols[0])
+        screen.say(drawn or f"demo: no footprint of {plan.symbols[0]} yet")
         screen.say(f"demo: stopping the daemon (SIGTERM, up to {STOP_TIMEOUT_S:g} s)")
         code, in_time = await stop_process(daemon, STOP_TIMEOUT_S)
         screen.say(f"demo: daemon exited with code {code}" + ("" if in_time else " (killed: it did not stop in time)"))

@@ -4,6 +4,7 @@ checks of what it stored against the exchange's archive (shared by the end-to-en
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -121,8 +122,19 @@ async def candle_mismatches(
             if tf == "m1" and len(expected) != (last_closed - first) // M1 + 1:
                 wrong.append((symbol, tf, "holes in the archive's window"))
             cached = (await caches.read_last_many([(symbol, tf)], 250))[(symbol, tf)]
-            if cached != [c.to_bar() for c in stored[-250:]]:
-                wrong.append((symbol, tf, "Redis candle cache differs from PostgreSQL"))
+            wanted = [c.to_bar() for c in stored[-250:]]
+            if cached != wanted:
+                first_diff = next(
+                    (pair for pair in itertools.zip_longest(cached, wanted) if pair[0] != pair[1]), (None, None)
+                )
+                wrong.append(
+                    (
+                        symbol,
+                        tf,
+                        f"Redis candle cache differs from PostgreSQL: {len(cached)} bars cached, "
+                        f"first difference cached {first_diff[0]} / stored {first_diff[1]}",
+                    )
+                )
     return expected_total, stored_total, wrong
 
 

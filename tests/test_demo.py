@@ -90,6 +90,22 @@ def test_progress_line_is_plain_and_parseable():
     assert "m1=- " in demo.format_progress(demo.Progress(elapsed_s=0))
 
 
+def test_a_footprint_is_drawn_highest_price_first_with_its_poc():
+    document = {
+        "open_time": T0,
+        "row_size": "1",
+        "poc": "3425",
+        "rows": [
+            {"price": "3424", "bid_volume": "53.003", "ask_volume": "0", "bid_trades": 82, "ask_trades": 0},
+            {"price": "3425", "bid_volume": "54.034", "ask_volume": "48.559", "bid_trades": 40, "ask_trades": 84},
+        ],
+    }
+    title, high, low = demo.render_footprint("ETHUSDT", document, width=10).splitlines()
+    assert title.startswith("footprint ETHUSDT m1 2026-02-08 00:00 (row 1;")
+    assert high.split()[:4] == ["3425", "54.034", "x", "48.559"] and high.endswith("########## POC")
+    assert low.split() == ["3424", "53.003", "x", "0", "#####"]
+
+
 def test_log_tail_keeps_the_last_error_line(tmp_path: Path):
     log = tmp_path / "daemon.log"
     tail = demo.LogTail(log)
@@ -136,6 +152,9 @@ def test_demo_runs_the_daemon_and_stops_it_cleanly(redis_stack_server, pg_url: s
         values = [int(m.group(1)) for line in progress if (m := re.search(r" values=(\d+) ", line))]
         assert m1 and max(m1) > 0, report
         assert values and max(values) > 0, report
+        footprints = [int(m.group(1)) for line in progress if (m := re.search(r" footprints=(\d+)", line))]
+        assert footprints and max(footprints) > 0, report
+        assert re.search(r"^footprint \w+ m1 .*\n(  .*\n)*  .* POC$", run.stdout, re.MULTILINE), report
         assert "demo: daemon exited with code 0" in run.stdout, report
         assert f"/{database}" in run.stdout and "/1 " in run.stdout, report  # the demo servers, announced
         assert f"/{database}" in (tmp_path / "demo.env").read_text()

@@ -183,6 +183,9 @@ async def test_ssl_postgres_refuses_a_plain_connection(ssl_pg: SslPostgresServer
         await fetch_once(ssl_pg.plain_url, "SELECT 1")
 
 
+# asyncpg gives the socket of a startup the server refused after the TLS upgrade to the
+# garbage collector (seen once in a full run, at this test's collection): not ours to close.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_libpq_only_url_parameters_fail_at_connect_not_at_parse(ssl_pg: SslPostgresServer) -> None:
     """asyncpg sends query parameters it does not know as server settings (startup
     parameters): the server rejects the first one, so the error comes from the server."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
+import weakref
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -183,3 +185,29 @@ def test_freed_heap_goes_back_to_the_os():
     assert held > peak - 50  # freed, but still held by the process
     assert _rss_mb() < held - 100
     assert len(kept) == 150
+
+
+class _Cyclic:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_tidying_the_heap_collects_and_freezes_and_hourly_thaws():
+    """Garbage cycles go; the survivors are frozen (a full collection no longer rescans
+    them); the hourly full tidy collects cycles that died while frozen."""
+    try:
+        dead = _Cyclic()
+        dead_ref = weakref.ref(dead)
+        kept = _Cyclic()
+        kept_ref = weakref.ref(kept)
+        del dead
+        infra.tidy_heap()
+        assert dead_ref() is None
+        assert gc.get_freeze_count() > 0
+        del kept  # a cycle that dies while frozen
+        gc.collect()
+        assert kept_ref() is not None
+        infra.tidy_heap(full=True)
+        assert kept_ref() is None
+    finally:
+        gc.unfreeze()

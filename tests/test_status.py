@@ -15,6 +15,10 @@ import core_io
 import infra
 import status_report as sr
 from infra import BootError, ConfigError, load_settings
+from orderflow import store
+from orderflow.fold import BarFlow
+from orderflow.output import CvdChain, FinalBar
+from orderflow.profile import ImbalanceRules
 from tests.test_candles_pg import make_candle
 
 # The exchange clock in the heartbeat: far from the local one, as under the fake exchange.
@@ -359,6 +363,7 @@ async def test_json_and_text_output(pool, redis):
         "streams",
         "gaps",
         "errors",
+        "orderflow",
         "not_followed",
         "skipped_instances",
         "warnings",
@@ -425,3 +430,38 @@ def test_a_group_given_the_newest_entry_has_no_lag_whatever_redis_counts():
     assert sr.stream_info(10, groups, [("1700-5", {})])["groups"]["g"]["lag"] == 0
     assert sr.stream_info(10, groups, [("1700-6", {})])["groups"]["g"]["lag"] == 40032
     assert sr.stream_info(10, groups)["groups"]["g"]["lag"] == 40032
+
+
+async def test_order_flow_lag_and_trade_gaps_are_shown(pool, redis):
+    await seed_tickers(pool, redis, {"BTCUSDT": M1_LAST, "ETHUSDT": M1_LAST})
+    await pool.execute("UPDATE tickers SET trades_enabled = false WHERE symbol = 'ETHUSDT'")
+    bars = [
+        FinalBar.of(symbol, "m1", BarFlow(t, 1_000_000), CvdChain(), ImbalanceRules())
+        for symbol, t in (("BTCUSDT", M1_LAST - 3 * MINUTE), ("ETHUSDT", M1_LAST))
+    ]
+    await store.upsert_bars(pool, bars)
+    await store.log_gaps(pool, [("BTCUSDT", M1_LAST - 2 * MINUTE, "a gap in the aggTrade ids")])
+    await store.resolve_gaps(pool, [("BTCUSDT", M1_LAST - 9 * MINUTE)], "unfillable", "older than 48 h")
+    await beat(redis)
+    report = await sr.collect_status(pool, redis)
+    flow = report["orderflow"]
+    assert flow["tickers"] == 1  # ETHUSDT's trades are not followed
+    assert flow["worst"]["m1"] == {
+        "symbol": "BTCUSDT",
+        "open_time_ms": M1_LAST - 3 * MINUTE,
+        "open_time": "2025-03-01T11:57:00.000Z",
+        "lag_s": 210.0,
+    }
+    assert flow["worst"]["m5"] is None
+    assert flow["gaps"] == {
+        "open": 1,
+        "filled": 0,
+        "unfillable": 1,
+        "oldest_open": {
+            "symbol": "BTCUSDT",
+            "open_time_ms": M1_LAST - 2 * MINUTE,
+            "open_time": "2025-03-01T11:58:00.000Z",
+        },
+    }
+    text = sr.render_status(report, colour=False)
+    assert "ORDER FLOW (1 tickers" in text and "m1 BTCUSDT" in text and "open 1  filled 0  unfillable 1" in text

@@ -1,0 +1,123 @@
+"""One symbol's final M1 order flow, published in minute order as M1, M5 and M15 bars.
+Pure.
+
+A minute is published only after every minute before it (as candles are): its CVD is
+the sum of the deltas before it, so a minute refetched late holds back the ones after
+it rather than leaving them with a wrong CVD. A minute that cannot be filled (older
+than the exchange serves) is skipped: no row, the CVD carries on, and the M5/M15 bars
+around it are not written (they would be wrong). An M5/M15 bar is the merge of its M1
+bars, so it is written when its last minute is published; a chain that starts inside a
+bucket (the first minute ever followed) skips that bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from candles import TF_MS, bucket_start
+from orderflow.fold import BarFlow, merge
+from orderflow.output import CvdChain, FinalBar
+from orderflow.profile import ImbalanceRules
+from orderflow.rows import TF_ROW_MULTIPLE
+
+M1_MS = 60_000
+HIGHER = ("m5", "m15")
+
+
+@dataclass
+class Bucket:
+    """The published minutes of a forming M5/M15 bar, merged as they come (so that the
+    forming bar, refreshed every 250 ms, is one merge away)."""
+
+    tf: str
+    start: int
+    minutes: int = 0
+    whole: bool = True  # no minute of it unfillable
+    merged: BarFlow | None = None
+
+    def add(self, bar: BarFlow | None) -> None:
+        self.minutes += 1
+        if bar is None:
+            self.whole = False
+            return
+        bars = [self.merged, bar] if self.merged is not None else [bar]
+        self.merged = merge(self.start, bar.row_size * TF_ROW_MULTIPLE[self.tf], bars)
+
+    def complete(self) -> bool:
+        return self.whole and self.minutes == TF_MS[self.tf] // M1_MS
+
+
+@dataclass
+class SymbolChain:
+    symbol: str
+    rules: ImbalanceRules = field(default_factory=ImbalanceRules)
+    next_minute: int | None = None  # the first minute not published; None until one is offered
+    waiting: dict[int, BarFlow | None] = field(default_factory=dict)  # None: unfillable
+    cvd: dict[str, CvdChain] = field(default_factory=lambda: {tf: CvdChain() for tf in ("m1", *HIGHER)})
+    buckets: dict[str, Bucket | None] = field(default_factory=lambda: dict.fromkeys(HIGHER))
+
+    def start(self, minute: int) -> None:
+        """The first minute of a chain with nothing published: the minutes after it wait
+        for it (without a start, the chain starts at the first minute offered)."""
+        if self.next_minute is None:
+            self.next_minute = minute
+
+    def resume(self, next_minute: int, cvd: dict[str, CvdChain], parts: dict[str, list[BarFlow] | None]) -> None:
+        """After a restart: the minute after the newest published, the series' CVD at
+        their newest bars, and the published M1 bars of the forming M5/M15 buckets."""
+        self.next_minute = next_minute
+        self.cvd.update(cvd)
+        for tf, bars in parts.items():
+            bucket = self.buckets[tf] = Bucket(tf, bucket_start(next_minute, tf)) if bars is not None else None
+            for bar in bars or ():
+                bucket.add(bar)  # type: ignore[union-attr]
+
+    def skip_to(self, minute: int) -> None:
+        """Every minute before `minute` is unfillable (a long outage): none is written,
+        the CVD carries on, and the buckets they touch are not written."""
+        if self.next_minute is not None and self.next_minute < minute:
+            self.next_minute = minute
+            self.waiting = {m: b for m, b in self.waiting.items() if m >= minute}
+            self.buckets = dict.fromkeys(HIGHER)
+
+    def offer(self, minute: int, bar: BarFlow | None) -> list[FinalBar]:
+        """A final minute (None: unfillable); returns the bars now published."""
+        if self.next_minute is None:
+            self.next_minute = minute
+        if minute < self.next_minute:
+            return []  # published already (a repeat)
+        self.waiting[minute] = bar
+        out: list[FinalBar] = []
+        while self.next_minute in self.waiting:
+            minute = self.next_minute
+            bar = self.waiting.pop(minute)
+            if bar is not None:
+                out.append(FinalBar.of(self.symbol, "m1", bar, self.cvd["m1"], self.rules))
+            for tf in HIGHER:
+                merged = self._bucket(tf, minute, bar)
+                if merged is not None:
+                    out.append(FinalBar.of(self.symbol, tf, merged, self.cvd[tf], self.rules))
+            self.next_minute = minute + M1_MS
+        return out
+
+    def _bucket(self, tf: str, minute: int, bar: BarFlow | None) -> BarFlow | None:
+        start = bucket_start(minute, tf)
+        if minute == start:
+            self.buckets[tf] = Bucket(tf, start)
+        bucket = self.buckets[tf]
+        if bucket is None or bucket.start != start:
+            return None  # the chain started inside this bucket
+        bucket.add(bar)
+        if minute != start + TF_MS[tf] - M1_MS:
+            return None
+        self.buckets[tf] = None
+        return bucket.merged if bucket.complete() else None  # not written with a minute unfillable
+
+    def forming(self, tf: str, minute_bar: BarFlow) -> BarFlow:
+        """The forming M5/M15 bar: the published minutes of its bucket and the forming one."""
+        start = bucket_start(minute_bar.open_time, tf)
+        bucket = self.buckets[tf]
+        bars = [minute_bar]
+        if bucket is not None and bucket.start == start and bucket.merged is not None:
+            bars.insert(0, bucket.merged)
+        return merge(start, minute_bar.row_size * TF_ROW_MULTIPLE[tf], bars)

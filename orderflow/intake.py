@@ -1,0 +1,476 @@
+"""Order flow intake: the feed hands it aggTrades and closing klines; it folds them
+(synchronously, in memory: nothing per trade touches a server), chains the final
+minutes, and writes the bars (PostgreSQL first, then Redis) in batches.
+
+Minutes that are not final on the exchange's check-sums (a gap in `a`, a mismatch with
+the kline, the first minute after a (re)connect, the minutes a restart missed) are
+refetched over REST `/fapi/v1/aggTrades` through the feed's weight limiter, checked
+against the stored candle, and chained in their turn. Those beyond the 48 hours the
+exchange serves are marked unfillable in `trade_gaps_v4`, logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+
+import core_io
+from binance.protocol import KlineUpdate
+from binance.rest import RestClient, RestError
+from candles import DAY_MS, bucket_start
+from infra import PG_DOWN_ERRORS, REDIS_DOWN_ERRORS, Outage, RateLimitedLog, log_system_event
+from orderflow import store
+from orderflow.chain import HIGHER, SymbolChain
+from orderflow.fold import AggTrade, BarFlow, fold
+from orderflow.output import CvdChain, FinalBar
+from orderflow.profile import ImbalanceRules
+from orderflow.rows import day_row, first_price_row
+from orderflow.tape import KlineCheck, Outcome, Tape, verify
+
+MODULE = "ORDERFLOW"
+M1_MS = 60_000
+SERVED_MS = 48 * 3_600_000  # the exchange serves aggTrades of the last 48 hours
+RULE_HOURS = 23  # the row rule reads the first 23 hours of the previous day: known by 23:00
+
+
+@dataclass(frozen=True)
+class OrderFlowSettings:
+    forming_interval_s: float = 0.25
+    refetch_concurrency: int = 2
+    refetch_retry_s: float = 5.0
+    stale_minute_ms: int = 90_000  # an open minute no close came for, this long after its end
+
+
+class OrderFlowIntake:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        rest: RestClient,
+        stream_maxlen: int,
+        now_ms: Callable[[], int],
+        tick_of: Callable[[str], int | None] = lambda symbol: None,
+        settings: OrderFlowSettings | None = None,
+        rules: ImbalanceRules | None = None,
+    ) -> None:
+        self.pool, self.redis, self.rest = pool, redis, rest
+        self.stream_maxlen, self.now_ms, self.tick_of = stream_maxlen, now_ms, tick_of
+        self.settings = settings or OrderFlowSettings()
+        self.rules = rules or ImbalanceRules()
+        self.tapes: dict[str, Tape] = {}
+        self.chains: dict[str, SymbolChain] = {}
+        self.m1_rows: dict[tuple[str, int], int] = {}  # (symbol, day) -> M1 row
+        self.fixed: dict[str, int] = {}
+        self.to_write: list[FinalBar] = []
+        self.to_publish: list[tuple[int, list]] = []  # written to PostgreSQL: (bar count, their Redis commands)
+        self.refetch: set[tuple[str, int]] = set()  # (symbol, minute) wanted over REST
+        self.refetch_logged: list[tuple[str, int, str]] = []
+        self.mismatches: dict[tuple[str, int], int] = {}
+        self.rows_decided: dict[tuple[str, int], tuple[int, str]] = {}  # to store: (symbol, day) -> (row, rule)
+        self.refetch_wake = asyncio.Event()
+        self.write_wake = asyncio.Event()
+        self.changed: set[str] = set()  # symbols that traded since the last M1 forming refresh
+        self.changed_higher: set[str] = set()  # ... since the last M5/M15 one
+        self.stats = {"trades": 0, "final": 0, "refetched": 0, "unfillable": 0, "written": 0}
+        self.pg_outage = Outage(MODULE, "PostgreSQL")
+        self.redis_outage = Outage(MODULE, "Redis")
+        self.errors = RateLimitedLog(MODULE)
+
+    # ----------------------------------------------------------------- frames (synchronous)
+
+    def on_trade(self, symbol: str, trade: AggTrade) -> None:
+        tape = self.tapes.get(symbol)
+        if tape is None:
+            return
+        self.stats["trades"] += 1
+        try:
+            tape.add(trade)
+            if tape.outcomes:
+                self._take(symbol, tape)
+        except Exception as exc:  # one symbol's trouble never stops the feed's frames
+            self.errors.warn(type(exc).__name__, f"{symbol}: aggTrade {trade.agg_id} not folded: {exc!r}")
+        self.changed.add(symbol)
+
+    def on_close(self, update: KlineUpdate) -> None:
+        tape = self.tapes.get(update.symbol)
+        if tape is None or update.candle is None:
+            return
+        try:
+            check = KlineCheck.of(update.candle, update.first_trade_id, update.last_trade_id)
+            tape.close(check, update.event_time or self.now_ms())
+            if tape.outcomes:
+                self._take(update.symbol, tape)
+        except Exception as exc:
+            self.errors.warn(type(exc).__name__, f"{update.symbol}: close {update.open_time} not checked: {exc!r}")
+
+    def resume(self, symbols: Iterable[str]) -> None:
+        """A connection was (re)opened: a jump in `a` now is trades missed."""
+        for symbol in symbols:
+            tape = self.tapes.get(symbol)
+            if tape is not None:
+                tape.resume()
+
+    def _take(self, symbol: str, tape: Tape) -> None:
+        chain = self.chains[symbol]
+        for outcome in tape.outcomes:
+            if chain.next_minute is None and outcome.status != "final":
+                continue  # a symbol new to order flow starts at its first whole minute: nothing to refetch
+            if outcome.status == "final":
+                self.stats["final"] += 1
+                self._publish(chain.offer(outcome.open_time, outcome.bar))
+            else:
+                self._ask(symbol, outcome.open_time, outcome.reason)
+        tape.outcomes.clear()
+
+    def _publish(self, bars: Sequence[FinalBar]) -> None:
+        if bars:
+            self.to_write += bars
+            self.write_wake.set()
+
+    def _ask(self, symbol: str, minute: int, reason: str) -> None:
+        if (symbol, minute) not in self.refetch:
+            self.refetch.add((symbol, minute))
+            self.refetch_logged.append((symbol, minute, reason))
+            self.refetch_wake.set()
+            self.write_wake.set()  # the writer logs it in trade_gaps_v4
+
+    def row_size(self, symbol: str) -> Callable[[int, int | None], int]:
+        def size(minute: int, price: int | None = None) -> int:
+            fixed = self.fixed.get(symbol)
+            if fixed is not None:
+                return fixed
+            day = minute - minute % DAY_MS
+            found = self.m1_rows.get((symbol, day))
+            if found is None:  # no day before to go by: the day's first price decides, stored
+                found, rule = first_price_row(price, self.tick_of(symbol))
+                self.m1_rows[(symbol, day)] = found
+                self.rows_decided[(symbol, day)] = (found, rule)
+                self.write_wake.set()
+            return found
+
+        return size
+
+    # ----------------------------------------------------------------- following
+
+    async def follow(self, symbols: Sequence[str]) -> None:
+        """Prepare tapes and chains (row sizes, the stored state) before the streams are
+        subscribed; the minutes between the stored bars and now are refetched."""
+        new = [s for s in symbols if s not in self.tapes]
+        if not new:
+            return
+        self.fixed.update(await store.fixed_rows(self.pool, new))
+        now = self.now_ms() or await self._server_now()
+        today = now - now % DAY_MS
+        await self.plan_day(new, today)
+        if now - today >= RULE_HOURS * 3_600_000:
+            await self.plan_day(new, today + DAY_MS)
+        newest = await store.newest_bars(self.pool, new)
+        ranges = []
+        for symbol in new:
+            record = newest.get((symbol, "m1"))
+            if record is None:
+                continue
+            last = core_io.datetime_to_ms(record["open_time"])
+            ranges.append((symbol, bucket_start(last + M1_MS, "m15"), last))
+        stored_parts = await store.m1_bars_between(self.pool, ranges)
+        current = now - now % M1_MS
+        for symbol in new:
+            self.tapes[symbol] = Tape(self.row_size(symbol))
+            chain = self.chains[symbol] = SymbolChain(symbol, self.rules)
+            record = newest.get((symbol, "m1"))
+            if record is None:
+                continue
+            next_minute = core_io.datetime_to_ms(record["open_time"]) + M1_MS
+            chains = {tf: _cvd_of(newest.get((symbol, tf))) for tf in ("m1", *HIGHER)}
+            parts: dict[str, list[BarFlow] | None] = {}
+            for tf in HIGHER:  # the stored minutes of the forming buckets, if all are there
+                start = bucket_start(next_minute, tf)
+                bars = [b for b in stored_parts.get(symbol, []) if b.open_time >= start]
+                parts[tf] = bars if len(bars) == (next_minute - start) // M1_MS else None
+            chain.resume(next_minute, chains, parts)
+            served_from = current - SERVED_MS + 5 * M1_MS
+            served_from -= served_from % M1_MS
+            if next_minute < served_from:  # beyond the exchange's 48 hours: one log line, no row per minute
+                chain.skip_to(served_from)
+                self.stats["unfillable"] += (served_from - next_minute) // M1_MS
+                log_system_event(
+                    "WARNING",
+                    MODULE,
+                    f"{symbol}: order flow from {next_minute} to {served_from - M1_MS} is unfillable (the daemon "
+                    "was down longer than the 48 hours of trades the exchange serves; the archives have them)",
+                )
+                next_minute = served_from
+            for minute in range(next_minute, current, M1_MS):
+                self._ask(symbol, minute, "missed while the daemon was down")
+        for symbol, minute in await store.open_gaps(self.pool, new):
+            self._ask(symbol, minute, "a gap logged before the restart")
+
+    async def _server_now(self) -> int:
+        """Before the first frame: the exchange's clock (a replay's is not the local one);
+        the local clock if REST does not answer (the candles must not wait on it)."""
+        try:
+            return await asyncio.wait_for(self.rest.server_time(), 10.0)
+        except (RestError, OSError, TimeoutError) as exc:
+            self.errors.warn("clock", f"the exchange's time is unknown ({exc!r}): the local clock plans the day")
+            return int(time.time() * 1000)
+
+    def forget(self, symbols: Iterable[str]) -> None:
+        for symbol in symbols:
+            self.tapes.pop(symbol, None)
+            self.chains.pop(symbol, None)
+            self.fixed.pop(symbol, None)
+        self.refetch = {k for k in self.refetch if k[0] in self.tapes}
+
+    async def plan_day(self, symbols: Sequence[str], day: int) -> None:
+        """Decide (or read) the M1 rows of `day` from the first 23 hours of the day before."""
+        stored = await store.row_sizes(self.pool, day, symbols)
+        missing = [s for s in symbols if s not in stored]
+        if missing:
+            ranges = await store.day_ranges(self.pool, missing, day - DAY_MS, day - DAY_MS + RULE_HOURS * 3_600_000)
+            decided = {}
+            for symbol in missing:
+                rule = day_row(*ranges.get(symbol, (0, 0, None)), self.tick_of(symbol))
+                if rule is not None:  # else the day's first price decides
+                    decided[symbol] = rule
+            stored |= await store.decide_row_sizes(self.pool, day, decided)
+        for symbol, size in stored.items():
+            self.m1_rows[(symbol, day)] = size
+
+    # ----------------------------------------------------------------- workers
+
+    async def run_writer(self) -> None:
+        """Final bars: PostgreSQL first (the record), then Redis (hash, footprint, stream)."""
+        while True:
+            await self.write_wake.wait()
+            self.write_wake.clear()
+            while self.to_write or self.to_publish or self.refetch_logged or self.rows_decided:
+                try:
+                    if self.rows_decided:  # before the bars folded with them
+                        decided, self.rows_decided = self.rows_decided, {}
+                        try:
+                            await self._store_rows(decided)
+                        except BaseException:
+                            self.rows_decided = decided | self.rows_decided
+                            raise
+                    if self.refetch_logged:
+                        gaps, self.refetch_logged = self.refetch_logged, []
+                        try:
+                            await store.log_gaps(self.pool, gaps)
+                        except BaseException:
+                            self.refetch_logged = gaps + self.refetch_logged
+                            raise
+                    if self.to_write:
+                        # M1 bars first, announced before the M5/M15 of their boundary are written
+                        batch = [b for b in self.to_write[:5000] if b.tf == "m1"] or self.to_write[:5000]
+                        written = asyncio.create_task(store.upsert_bars(self.pool, batch))
+                        await asyncio.sleep(0)  # the statement is on its way...
+                        commands = store.publish_commands(batch, self.stream_maxlen)  # ...while the documents are made
+                        await written
+                        taken = {id(b) for b in batch}
+                        self.to_write = [b for b in self.to_write if id(b) not in taken]
+                        self.to_publish.append((len(batch), commands))
+                    self.pg_outage.ok()
+                except PG_DOWN_ERRORS as exc:
+                    self.pg_outage.fail(exc, f"writing {len(self.to_write)} order-flow bars")
+                    await asyncio.sleep(1.0)
+                    continue
+                if self.to_publish:
+                    try:
+                        await store.execute_commands(self.redis, [c for _, batch in self.to_publish for c in batch])
+                        self.stats["written"] += sum(n for n, _ in self.to_publish)
+                        self.to_publish = []
+                        self.redis_outage.ok()
+                    except REDIS_DOWN_ERRORS as exc:
+                        self.redis_outage.fail(exc, f"publishing {len(self.to_publish)} order-flow bars")
+                        await asyncio.sleep(1.0)
+
+    async def _store_rows(self, decided: dict[tuple[str, int], tuple[int, str]]) -> None:
+        by_day: dict[int, dict[str, tuple[int, str]]] = {}
+        for (symbol, day), rule in decided.items():
+            by_day.setdefault(day, {})[symbol] = rule
+        for day, rules in by_day.items():
+            stored = await store.decide_row_sizes(self.pool, day, rules)
+            for symbol, size in stored.items():
+                if size != rules[symbol][0]:  # another decision came first: it is the record
+                    self.errors.warn("row", f"{symbol}: footprint row {rules[symbol][0]} was decided as {size}")
+
+    async def run_ticker(self) -> None:
+        """Event time passes: held trades become gaps, closes without their trades are
+        refetched, open minutes no close came for are let go (and refetched once the
+        candle pipeline has their kline); forming footprints are refreshed when changed."""
+        next_day_planned = ticks = 0
+        while True:
+            await asyncio.sleep(self.settings.forming_interval_s)
+            now = self.now_ms()
+            if not now:
+                continue
+            for symbol, tape in list(self.tapes.items()):
+                tape.tick(now)
+                for minute in tape.drop_before(now - now % M1_MS - self.settings.stale_minute_ms):
+                    tape.outcomes.append(Outcome(minute, "refetch", None, "no close came for it"))
+                if tape.outcomes:
+                    self._take(symbol, tape)
+            ticks += 1
+            await self._forming(higher=ticks % self.HIGHER_FORMING_EVERY == 0)
+            day = now - now % DAY_MS
+            if now - day >= RULE_HOURS * 3_600_000 and next_day_planned != day + DAY_MS:
+                try:
+                    await self.plan_day(sorted(self.tapes), day + DAY_MS)
+                    next_day_planned = day + DAY_MS
+                except PG_DOWN_ERRORS as exc:
+                    self.pg_outage.fail(exc, "deciding tomorrow's footprint rows")
+
+    HIGHER_FORMING_EVERY = 4  # ticks: M5/M15 forming footprints every second, M1 every 250 ms
+
+    async def _forming(self, higher: bool) -> None:
+        """The forming footprints of the symbols that traded since the last refresh: M1
+        every tick, M5/M15 (documents that grow through their bucket) every fourth."""
+        changed, self.changed = self.changed, set()
+        self.changed_higher |= changed
+        symbols = self.changed_higher if higher else changed
+        forming: dict[tuple[str, str], BarFlow] = {}
+        for symbol in symbols:
+            tape, chain = self.tapes.get(symbol), self.chains.get(symbol)
+            if tape is None or chain is None or tape.newest_minute is None:
+                continue
+            bar = tape.bars.get(tape.newest_minute)
+            if bar is None:
+                continue
+            if symbol in changed:
+                forming[(symbol, "m1")] = bar
+            if higher:
+                for tf in HIGHER:
+                    forming[(symbol, tf)] = chain.forming(tf, bar)
+        try:
+            await store.set_forming(self.redis, forming)
+            if higher:
+                self.changed_higher = set()
+        except REDIS_DOWN_ERRORS as exc:
+            self.changed |= changed
+            self.redis_outage.fail(exc, "refreshing forming footprints")
+
+    async def run_refetcher(self) -> None:
+        while True:
+            await self.refetch_wake.wait()
+            self.refetch_wake.clear()
+            while self.refetch:
+                spans = self._spans()
+                results = await asyncio.gather(*(self._refetch_span(*span) for span in spans), return_exceptions=True)
+                retry = False
+                for (symbol, minutes), result in zip(spans, results):
+                    if isinstance(result, BaseException):
+                        if isinstance(result, PG_DOWN_ERRORS):
+                            self.pg_outage.fail(result, "refetching order flow")
+                        else:
+                            self.errors.warn(type(result).__name__, f"refetching {symbol} {minutes[0]}: {result}")
+                    retry |= result is not True
+                if retry:
+                    await asyncio.sleep(self.settings.refetch_retry_s)
+
+    SPAN_MS = 3_600_000  # one aggTrades request by time covers at most an hour
+
+    def _spans(self) -> list[tuple[str, list[int]]]:
+        """The oldest wanted minutes, as spans of up to an hour per symbol: one request
+        by time fetches a quiet symbol's hour (20 weight), where a request per minute
+        would cost 60 times that."""
+        by_symbol: dict[str, list[int]] = {}
+        for symbol, minute in sorted(self.refetch, key=lambda key: (key[1], key[0])):
+            by_symbol.setdefault(symbol, []).append(minute)
+        spans = [(s, [m for m in minutes if m < minutes[0] + self.SPAN_MS]) for s, minutes in by_symbol.items()]
+        return sorted(spans, key=lambda span: span[1][0])[: self.settings.refetch_concurrency * 2]
+
+    async def _refetch_span(self, symbol: str, minutes: list[int]) -> bool:
+        """True when every minute is settled (final or unfillable); False to try again later."""
+        chain = self.chains.get(symbol)
+        if chain is None:
+            for minute in minutes:
+                self.refetch.discard((symbol, minute))
+            return True
+        now, wanted = self.now_ms(), []
+        for minute in minutes:
+            if chain.next_minute is not None and minute < chain.next_minute:
+                await self._settled(symbol, [minute])  # published already (a gap logged before a restart)
+            elif now and now - minute > SERVED_MS - 5 * M1_MS:
+                await self._unfillable(symbol, minute, "older than the 48 hours the exchange serves")
+            else:
+                wanted.append(minute)
+        if not wanted:
+            return True
+        candles = {
+            c.open_time: c for c in await core_io.fetch_candles_at(self.pool, "m1", [(symbol, m) for m in wanted])
+        }
+        if not candles:
+            return False  # the candle pipeline has not got these klines yet
+        try:
+            trades = await self.rest.agg_trades_between(symbol, wanted[0], wanted[-1] + M1_MS)
+        except RestError as exc:
+            if exc.code == -4166:
+                for minute in wanted:
+                    await self._unfillable(symbol, minute, str(exc))
+                return True
+            raise
+        by_minute: dict[int, list[AggTrade]] = {}
+        for trade in trades:
+            by_minute.setdefault(trade.time_ms - trade.time_ms % M1_MS, []).append(trade)
+        settled, filled = True, []
+        for minute in wanted:
+            candle = candles.get(minute)
+            if candle is None:
+                settled = False
+                continue
+            check = KlineCheck.of(candle)
+            found = by_minute.get(minute, [])
+            bar = fold(minute, self.row_size(symbol)(minute, found[0].price if found else None), found)
+            problem = verify(bar, check)
+            if not problem:
+                filled.append(minute)
+                self.mismatches.pop((symbol, minute), None)
+                self.stats["refetched"] += 1
+                self._publish(chain.offer(minute, bar))
+                continue
+            tries = self.mismatches[(symbol, minute)] = self.mismatches.get((symbol, minute), 0) + 1
+            if tries < self.MISMATCHES_MAX:
+                self.errors.warn("mismatch", f"{symbol} {minute}: refetched trades disagree with the kline: {problem}")
+                settled = False
+            else:
+                await self._unfillable(symbol, minute, f"the exchange's trades disagree with its kline: {problem}")
+        await self._settled(symbol, filled)
+        return settled
+
+    async def _settled(self, symbol: str, minutes: list[int]) -> None:
+        await store.resolve_gaps(self.pool, [(symbol, m) for m in minutes], "filled")
+        for minute in minutes:
+            self.refetch.discard((symbol, minute))
+
+    MISMATCHES_MAX = 5
+
+    async def _unfillable(self, symbol: str, minute: int, reason: str) -> bool:
+        """Logged once: the minute is skipped by its chain (no row; CVD carries on)."""
+        await store.resolve_gaps(self.pool, [(symbol, minute)], "unfillable", reason)
+        log_system_event("WARNING", MODULE, f"{symbol} {minute}: order flow unfillable: {reason}")
+        self.stats["unfillable"] += 1
+        self.refetch.discard((symbol, minute))
+        self.mismatches.pop((symbol, minute), None)
+        chain = self.chains.get(symbol)
+        if chain is not None:
+            self._publish(chain.offer(minute, None))
+        return True
+
+    def workers(self) -> dict[str, Callable[[], object]]:
+        return {
+            "ORDERFLOW_WRITE": self.run_writer,
+            "ORDERFLOW_TICK": self.run_ticker,
+            "ORDERFLOW_REFETCH": self.run_refetcher,
+        }
+
+
+def _cvd_of(record) -> CvdChain:
+    if record is None:
+        return CvdChain()
+    open_time = core_io.datetime_to_ms(record["open_time"])
+    return CvdChain(int(record["cvd"]), int(record["cvd_day"]), open_time - open_time % DAY_MS)
