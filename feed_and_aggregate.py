@@ -157,10 +157,13 @@ class CandleIntake:
         if fresh:
             await self._cache_and_announce(fresh, "m1")
             self.stored_m1 += len(fresh)
-            for tf in AGGREGATED_TFS:
-                built = [b for b in completed if b.tf == tf and (b.symbol, tf, b.open_time) in changed]
-                if built:
-                    await self._cache_and_announce(built, tf)
+        # A bucket can change with none of its minutes: a repeated close completes in
+        # memory a bucket whose other minutes came since (its build still queued).
+        for tf in AGGREGATED_TFS:
+            built = [b for b in completed if b.tf == tf and (b.symbol, tf, b.open_time) in changed]
+            if built:
+                await self._cache_and_announce(built, tf)
+        if fresh:
             done = {(b.symbol, b.tf, b.open_time) for b in completed}
             buckets = affected_buckets((c.symbol, c.open_time) for c in fresh) - done
             if self.defer_aggregation:

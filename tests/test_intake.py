@@ -38,6 +38,24 @@ async def test_reconcile_builds_and_announces_what_a_killed_run_left_undone(pool
     assert await redis.xlen(core_io.CANDLE_STREAMS["m15"]) == 2
 
 
+async def test_a_repeated_close_that_completes_a_bucket_announces_the_bucket(pool, redis):
+    """After a restart the last minute of an M5 came live before the backfill brought
+    the others; the build they queued had not run when the exchange sent that close
+    again. The repeat changes no minute but completes the bucket in memory: it is stored
+    and must be cached and announced like any bucket."""
+    m1 = list(islice(read_archive("NEARUSDT"), 5))
+    intake = CandleIntake(pool, redis, core_io.make_candle_store(redis, True, 250), 10_000, defer_aggregation=True)
+    assert await intake.store_m1(m1[4:]) == m1[4:]  # its bucket cannot be built yet
+    assert await intake.store_m1(m1[:4]) == m1[:4]  # the build is queued (no aggregator runs here)
+    assert await intake.store_m1(m1[4:]) == []  # the repeat: no minute changes
+
+    m5 = aggregate("m5", T0, m1)
+    assert await core_io.fetch_candles(pool, "NEARUSDT", "m5", T0, T0 + 300_000) == [m5]
+    assert await core_io.announced_candles(redis, core_io.CANDLE_STREAMS["m5"]) == {("NEARUSDT", T0)}
+    cached = await core_io.TimeSeriesCandleStore(redis, 250).read_last_many([("NEARUSDT", "m5")], 10)
+    assert cached[("NEARUSDT", "m5")] == [m5.to_bar()]
+
+
 async def test_candles_stored_while_redis_is_away_are_held_bounded_and_published_in_order(
     pool, redis, redis_stack_server
 ):
