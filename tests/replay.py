@@ -62,7 +62,10 @@ def archive_m1(source: ArchiveSource, symbol: str, first: int, last: int) -> lis
     return [c for t in range(first, last + M1, M1) if (c := source.candle(symbol, t)) is not None]
 
 
-async def complete(pool, symbols: list[str], last_closed: int) -> bool:
+async def complete(pool, symbols: list[str], last_closed: int, redis=None) -> bool:
+    """Every symbol stored to `last_closed` with no open gap and, given `redis`, every
+    newest stored bar in the Redis candle caches too (they are published after the
+    write, by their own worker, so they trail PostgreSQL by a moment)."""
     rows = await pool.fetch(
         "SELECT symbol, count(*) AS n, min(open_time) AS first, max(open_time) AS last FROM ohlcv4_m1 GROUP BY symbol"
     )
@@ -70,7 +73,22 @@ async def complete(pool, symbols: list[str], last_closed: int) -> bool:
     if any(s not in done or datetime_to_ms(done[s]["last"]) < last_closed for s in symbols):
         return False
     open_gaps = await pool.fetchval("SELECT count(*) FROM missing_m1_log_v4 WHERE status = 'missing'")
-    return open_gaps == 0
+    return open_gaps == 0 and (redis is None or await caches_caught_up(pool, redis, symbols))
+
+
+async def caches_caught_up(pool, redis, symbols: list[str]) -> bool:
+    keys = [(symbol, tf) for symbol in symbols for tf in core_io.CANDLE_STREAMS]
+    cached = await core_io.TimeSeriesCandleStore(redis, 250).read_last_many(keys, 1)
+    for tf in core_io.CANDLE_STREAMS:
+        rows = await pool.fetch(
+            f"SELECT symbol, max(open_time) AS last FROM {core_io.candle_table(tf)} WHERE symbol = ANY($1) GROUP BY 1",
+            symbols,
+        )
+        for r in rows:
+            newest = cached[(r["symbol"], tf)]
+            if not newest or newest[-1].open_time != datetime_to_ms(r["last"]):
+                return False
+    return True
 
 
 async def diagnose(pool, daemon: DaemonProcess, last_closed: int) -> str:

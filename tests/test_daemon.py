@@ -162,7 +162,7 @@ async def test_sigterm_in_the_middle_of_a_burst_loses_nothing(pool, redis, redis
         # And after a restart, every minute up to the pause equals the archive.
         daemon.start()
         paused_closed = (exchange.clock.now_ms() - 2_000 - M1) // M1 * M1
-        await until(lambda: complete(pool, SYMBOLS, paused_closed), 60, "the restarted daemon to catch up")
+        await until(lambda: complete(pool, SYMBOLS, paused_closed, redis), 60, "the restarted daemon to catch up")
         await until(lambda: infra.read_heartbeats(redis), 30, "the restarted daemon's heartbeat")
         await assert_store_matches_source(pool, redis, source, SYMBOLS, paused_closed)
         assert daemon.terminate() == 0
@@ -208,7 +208,7 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
         await until_sim(exchange, end + 30_000, daemon)
         last_closed = await pause_mid_minute(exchange)
         try:
-            await until(lambda: complete(pool, SYMBOLS, last_closed), 120, "the daemon to catch up")
+            await until(lambda: complete(pool, SYMBOLS, last_closed, redis), 120, "the daemon to catch up")
             await until(lambda: _indicators_at(redis, SYMBOLS, last_closed), 30, "the last indicators")
         except AssertionError:
             print(await diagnose(pool, daemon, last_closed))

@@ -62,7 +62,7 @@ async def test_replay_with_every_fault_and_a_kill_loses_nothing(pool, redis, red
         await until_sim(exchange, end + 30_000, daemon)  # the last closes (and grace) are out
         last_closed = await pause_mid_minute(exchange)
         try:
-            await until(lambda: complete(pool, SYMBOLS, last_closed), 90, "the daemon to catch up")
+            await until(lambda: complete(pool, SYMBOLS, last_closed, redis), 90, "the daemon to catch up")
         except AssertionError:
             print(await diagnose(pool, daemon, last_closed))
             raise

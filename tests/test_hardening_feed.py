@@ -256,9 +256,9 @@ async def test_enabled_tickers_the_exchange_cannot_serve_are_not_followed(pool, 
         streams = set().union(*exchange.subscriptions())
         assert {s for s in streams if "@kline" in s} == {f"{s.lower()}@kline_1m" for s in good}
         last_closed = await pause_mid_minute(exchange)
-        await until(lambda: complete(pool, good, last_closed), 30, "the good symbols' candles")
         client = make_redis(redis_url)
         try:
+            await until(lambda: complete(pool, good, last_closed, client), 30, "the good symbols' candles")
             await assert_store_matches_source(pool, client, source, good, last_closed)
         finally:
             await client.aclose()
