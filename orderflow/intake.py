@@ -29,6 +29,7 @@ from orderflow.chain import HIGHER, SymbolChain
 from orderflow.fold import AggTrade, BarFlow, fold
 from orderflow.output import CvdChain, FinalBar
 from orderflow.profile import ImbalanceRules
+from orderflow.render import FootprintRenderer
 from orderflow.rows import day_row, first_price_row
 from orderflow.tape import KlineCheck, Outcome, Tape, verify
 
@@ -80,6 +81,7 @@ class OrderFlowIntake:
         self.pg_outage = Outage(MODULE, "PostgreSQL")
         self.redis_outage = Outage(MODULE, "Redis")
         self.errors = RateLimitedLog(MODULE)
+        self.renderer = FootprintRenderer()
 
     # ----------------------------------------------------------------- frames (synchronous)
 
@@ -220,10 +222,12 @@ class OrderFlowIntake:
             return int(time.time() * 1000)
 
     def forget(self, symbols: Iterable[str]) -> None:
+        symbols = set(symbols)
         for symbol in symbols:
             self.tapes.pop(symbol, None)
             self.chains.pop(symbol, None)
             self.fixed.pop(symbol, None)
+        self.renderer.forget(symbols)
         self.refetch = {k for k in self.refetch if k[0] in self.tapes}
 
     async def plan_day(self, symbols: Sequence[str], day: int) -> None:
@@ -269,7 +273,8 @@ class OrderFlowIntake:
                         batch = [b for b in self.to_write[:5000] if b.tf == "m1"] or self.to_write[:5000]
                         written = asyncio.create_task(store.upsert_bars(self.pool, batch))
                         await asyncio.sleep(0)  # the statement is on its way...
-                        commands = store.publish_commands(batch, self.stream_maxlen)  # ...while the documents are made
+                        # ...while the documents are made
+                        commands = store.publish_commands(batch, self.stream_maxlen, self.renderer)
                         await written
                         taken = {id(b) for b in batch}
                         self.to_write = [b for b in self.to_write if id(b) not in taken]
@@ -316,7 +321,8 @@ class OrderFlowIntake:
                 if tape.outcomes:
                     self._take(symbol, tape)
             ticks += 1
-            await self._forming(higher=ticks % self.HIGHER_FORMING_EVERY == 0)
+            if not self.writing:  # else this tick's refresh waits for the next one
+                await self._forming(higher=ticks % self.HIGHER_FORMING_EVERY == 0)
             day = now - now % DAY_MS
             if now - day >= RULE_HOURS * 3_600_000 and next_day_planned != day + DAY_MS:
                 try:
@@ -327,14 +333,28 @@ class OrderFlowIntake:
 
     HIGHER_FORMING_EVERY = 4  # ticks: M5/M15 forming footprints every second, M1 every 250 ms
 
+    FORMING_SLICE = 50  # symbols whose forming documents are made between two yields to the loop
+
+    @property
+    def writing(self) -> bool:
+        return bool(self.to_write or self.to_publish)
+
     async def _forming(self, higher: bool) -> None:
         """The forming footprints of the symbols that traded since the last refresh: M1
-        every tick, M5/M15 (documents that grow through their bucket) every fourth."""
+        every tick, M5/M15 (documents that grow through their bucket) every fourth. Made
+        in slices with the loop let go between them; final bars come first: once the
+        writer has some, the symbols not done wait for the next tick."""
         changed, self.changed = self.changed, set()
         self.changed_higher |= changed
-        symbols = self.changed_higher if higher else changed
-        forming: dict[tuple[str, str], BarFlow] = {}
-        for symbol in symbols:
+        symbols = list(self.changed_higher if higher else changed)
+        forming: dict[tuple[str, str], bytes] = {}
+        document = self.renderer.document
+        done = 0
+        for done, symbol in enumerate(symbols):
+            if done and done % self.FORMING_SLICE == 0:
+                await asyncio.sleep(0)
+                if self.writing:
+                    break
             tape, chain = self.tapes.get(symbol), self.chains.get(symbol)
             if tape is None or chain is None or tape.newest_minute is None:
                 continue
@@ -342,14 +362,18 @@ class OrderFlowIntake:
             if bar is None:
                 continue
             if symbol in changed:
-                forming[(symbol, "m1")] = bar
+                forming[(symbol, "m1")] = document((symbol, "m1"), bar)
             if higher:
                 for tf in HIGHER:
-                    forming[(symbol, tf)] = chain.forming(tf, bar)
+                    forming[(symbol, tf)] = document((symbol, tf), chain.forming(tf, bar))
+        else:
+            done = len(symbols)
+        left = symbols[done:]
+        self.changed |= changed.intersection(left)
         try:
             await store.set_forming(self.redis, forming)
             if higher:
-                self.changed_higher = set()
+                self.changed_higher = set(left)
         except REDIS_DOWN_ERRORS as exc:
             self.changed |= changed
             self.redis_outage.fail(exc, "refreshing forming footprints")

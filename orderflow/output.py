@@ -110,23 +110,15 @@ class FinalBar:
             out[name] = units_text(getattr(p, name) * bar.row_size) if p else ""
         return out
 
-    def footprint(self) -> dict[str, Any]:
-        """The footprint document (`footprint:<SYMBOL>:<tf>`, JSON; the read API's shape)."""
-        return footprint_document(self.bar, self.profile)
-
 
 def footprint_document(bar: BarFlow, p: Profile | None) -> dict[str, Any]:
     size = bar.row_size
-
-    def price(index: int) -> str:
-        return units_text(index * size)
-
     document: dict[str, Any] = {
         "open_time": bar.open_time,
         "row_size": units_text(size),
         "rows": [
             {
-                "price": price(index),
+                "price": units_text(index * size),
                 "bid_volume": units_text(bid),
                 "ask_volume": units_text(ask),
                 "bid_trades": bid_trades,
@@ -135,16 +127,23 @@ def footprint_document(bar: BarFlow, p: Profile | None) -> dict[str, Any]:
             for index, bid, ask, bid_trades, ask_trades in bar.footprint()
         ],
     }
-    if p is not None:
-        document |= {
-            "poc": price(p.poc),
-            "vah": price(p.vah),
-            "val": price(p.val),
-            "imbalances": {"buy": [price(i) for i in p.buy_imbalances], "sell": [price(i) for i in p.sell_imbalances]},
-            "stacked": {
-                "buy": [[price(a), price(b)] for a, b in p.stacked_buy],
-                "sell": [[price(a), price(b)] for a, b in p.stacked_sell],
-            },
-            "unfinished": {"high": p.unfinished_high, "low": p.unfinished_low},
-        }
-    return document
+    return document if p is None else document | profile_fields(size, p)
+
+
+def profile_fields(size: int, p: Profile) -> dict[str, Any]:
+    """The footprint document's profile part (rows given by their low price)."""
+
+    def price(index: int) -> str:
+        return units_text(index * size)
+
+    return {
+        "poc": price(p.poc),
+        "vah": price(p.vah),
+        "val": price(p.val),
+        "imbalances": {"buy": [price(i) for i in p.buy_imbalances], "sell": [price(i) for i in p.sell_imbalances]},
+        "stacked": {
+            "buy": [[price(a), price(b)] for a, b in p.stacked_buy],
+            "sell": [[price(a), price(b)] for a, b in p.stacked_sell],
+        },
+        "unfinished": {"high": p.unfinished_high, "low": p.unfinished_low},
+    }

@@ -8,14 +8,14 @@ from itertools import chain
 from typing import Any
 
 import asyncpg
-import orjson
 from redis.asyncio import Redis
 
 from candle_stores import execute_packed
 from candles import datetime_to_ms, ms_to_datetime
 from core_io import xadd_command
 from orderflow.fold import BarFlow
-from orderflow.output import FinalBar, footprint_document
+from orderflow.output import FinalBar
+from orderflow.render import FootprintRenderer
 
 ORDERFLOW_READY_STREAM = "orderflow_ready"
 
@@ -54,17 +54,70 @@ ORDERFLOW_COLUMNS = (
 )
 _KEY = ("symbol", "tf", "open_time")
 _UPDATED = [c for c in ORDERFLOW_COLUMNS if c not in _KEY]
-_UPSERT_SQL = (
-    f"INSERT INTO orderflow4 ({', '.join(ORDERFLOW_COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(ORDERFLOW_COLUMNS) + 1))}) "
-    f"ON CONFLICT (symbol, tf, open_time) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATED)
-    + ", written_at = now() WHERE ("
-    + ", ".join(f"orderflow4.{c}" for c in _UPDATED)
-    + ") IS DISTINCT FROM ("
-    + ", ".join(f"EXCLUDED.{c}" for c in _UPDATED)
-    + ")"
-)
+_FOOTPRINT = ("row_index", "bid_units", "ask_units", "bid_trades", "ask_trades")  # array columns
+_TYPES = dict.fromkeys(ORDERFLOW_COLUMNS, "int8") | {
+    "symbol": "text",
+    "tf": "text",
+    "open_time": "timestamptz",
+    "cvd": "numeric",
+    "cvd_day": "numeric",
+    "vwap": "numeric",
+    "notional": "numeric",
+    "agg_trades": "int4",
+    "trades": "int4",
+    "buy_trades": "int4",
+    "sell_trades": "int4",
+    "bid_trades": "int4",
+    "ask_trades": "int4",
+}
+_SENT_AS_TEXT = frozenset(c for c, kind in _TYPES.items() if kind == "numeric")  # exact; cheap to encode
+
+
+def _upsert_sql() -> str:
+    """One statement for a batch: a column array per field, and each footprint column
+    flattened over the batch, sliced back per bar by its first and last position."""
+    scalars = [c for c in ORDERFLOW_COLUMNS if c not in _FOOTPRINT]
+    unnested = [f"${i}::{'text' if c in _SENT_AS_TEXT else _TYPES[c]}[]" for i, c in enumerate(scalars, 1)]
+    first = len(scalars) + 1
+    unnested += [f"${first}::int4[]", f"${first + 1}::int4[]"]
+    flat = {c: f"${first + 2 + i}::{_TYPES[c]}[]" for i, c in enumerate(_FOOTPRINT)}
+    selected = [
+        f"({flat[c]})[u.lo:u.hi]" if c in flat else f"u.{c}::numeric" if c in _SENT_AS_TEXT else f"u.{c}"
+        for c in ORDERFLOW_COLUMNS
+    ]
+    return (
+        f"INSERT INTO orderflow4 ({', '.join(ORDERFLOW_COLUMNS)}) "
+        f"SELECT {', '.join(selected)} FROM unnest({', '.join(unnested)}) AS u({', '.join(scalars)}, lo, hi) "
+        f"ON CONFLICT (symbol, tf, open_time) DO UPDATE SET "
+        + ", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATED)
+        + ", written_at = now() WHERE ("
+        + ", ".join(f"orderflow4.{c}" for c in _UPDATED)
+        + ") IS DISTINCT FROM ("
+        + ", ".join(f"EXCLUDED.{c}" for c in _UPDATED)
+        + ")"
+    )
+
+
+_UPSERT_SQL = _upsert_sql()
+
+
+def upsert_params(records: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """The statement's arguments for `FinalBar.record()`s."""
+    columns = dict(zip(ORDERFLOW_COLUMNS, map(list, zip(*records)))) if records else {}
+    params = []
+    for name in ORDERFLOW_COLUMNS:
+        if name in _FOOTPRINT:
+            continue
+        values = columns.get(name, [])
+        params.append([None if v is None else str(v) for v in values] if name in _SENT_AS_TEXT else values)
+    lows, highs, position = [], [], 1
+    for index in columns.get("row_index", []):
+        lows.append(position)
+        position += len(index)
+        highs.append(position - 1)
+    params += [lows, highs]
+    params += [list(chain.from_iterable(columns.get(name, []))) for name in _FOOTPRINT]
+    return params
 
 
 def orderflow_key(symbol: str, tf: str) -> str:
@@ -76,22 +129,27 @@ def footprint_key(symbol: str, tf: str, forming: bool = False) -> str:
 
 
 async def upsert_bars(pool: asyncpg.Pool, bars: Sequence[FinalBar]) -> None:
-    """Idempotent: writing a bar again with the same values changes nothing (pipelined
-    executemany: one round trip for the batch)."""
+    """Idempotent: writing a bar again with the same values changes nothing. One
+    statement (a pipelined executemany of 500 bars took 110-700 ms, its rows executed
+    one by one, on a loop busy with trades)."""
     if bars:
-        await pool.executemany(_UPSERT_SQL, [bar.record() for bar in bars])
+        await pool.execute(_UPSERT_SQL, *upsert_params([bar.record() for bar in bars]))
 
 
 async def publish_bars(redis: Redis, bars: Sequence[FinalBar], maxlen: int) -> None:
     await execute_commands(redis, publish_commands(bars, maxlen))
 
 
-def publish_commands(bars: Sequence[FinalBar], maxlen: int) -> list[list[Any]]:
+def publish_commands(
+    bars: Sequence[FinalBar], maxlen: int, renderer: FootprintRenderer | None = None
+) -> list[list[Any]]:
     """Each bar's hash and footprint, then its `orderflow_ready` entry, for one round
     (Redis runs them in order: a reader of the announcement finds the bar). Only the
     newest bar of a series is kept in the hash; an older one (a rebuild) is announced
     but leaves a newer hash alone. Built apart from sending, so that the documents can
-    be made while PostgreSQL writes the bars."""
+    be made while PostgreSQL writes the bars; `renderer` holds the rows the forming
+    footprints made already."""
+    renderer = renderer or FootprintRenderer()
     newest: dict[tuple[str, str], FinalBar] = {}
     for bar in bars:
         key = (bar.symbol, bar.tf)
@@ -107,7 +165,7 @@ def publish_commands(bars: Sequence[FinalBar], maxlen: int) -> list[list[Any]]:
                 orderflow_key(symbol, tf),
                 footprint_key(symbol, tf),
                 bar.bar.open_time,
-                orjson.dumps(bar.footprint()),
+                renderer.document((symbol, tf), bar.bar, bar.profile),
                 *chain.from_iterable(bar.fields().items()),
             ]
         )
@@ -135,13 +193,10 @@ async def execute_commands(redis: Redis, commands: Sequence[Sequence[Any]]) -> N
             raise reply
 
 
-async def set_forming(redis: Redis, forming: Mapping[tuple[str, str], BarFlow]) -> None:
+async def set_forming(redis: Redis, documents: Mapping[tuple[str, str], bytes]) -> None:
     """The forming bars' footprints (`footprint:<SYMBOL>:<tf>:forming`), in one round."""
-    if forming:
-        commands = [
-            ["SET", footprint_key(symbol, tf, forming=True), orjson.dumps(footprint_document(bar, None))]
-            for (symbol, tf), bar in forming.items()
-        ]
+    if documents:
+        commands = [["SET", footprint_key(symbol, tf, forming=True), doc] for (symbol, tf), doc in documents.items()]
         await execute_commands(redis, commands)
 
 

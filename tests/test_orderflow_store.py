@@ -10,12 +10,13 @@ from itertools import groupby
 import pytest
 
 from binance.trades import agg_trades_of
-from candles import ms_to_datetime
+from candles import datetime_to_ms, ms_to_datetime
 from market_data import recorded_agg_trades
 from orderflow import store
 from orderflow.fold import BarFlow, fold, to_units, units_decimal
 from orderflow.output import CvdChain, FinalBar
 from orderflow.profile import ImbalanceRules
+from orderflow.render import FootprintRenderer
 
 M1 = 60_000
 RULES = ImbalanceRules()
@@ -101,18 +102,43 @@ async def test_redis_holds_the_newest_bar_and_every_bar_is_announced(redis):
 
 async def test_forming_footprints_are_written_in_one_round(redis):
     bar = recorded_minutes()[0]
-    await store.set_forming(redis, {("BTCUSDT", "m1"): bar, ("BTCUSDT", "m5"): bar})
+    renderer = FootprintRenderer()
+    await store.set_forming(redis, {("BTCUSDT", tf): renderer.document(("BTCUSDT", tf), bar) for tf in ("m1", "m5")})
     for tf in ("m1", "m5"):
         document = json.loads(await redis.get(store.footprint_key("BTCUSDT", tf, forming=True)))
         assert len(document["rows"]) == len(bar.rows) and "poc" not in document
 
 
+FOOTPRINT_COLUMNS = ("row_index", "bid_units", "ask_units", "bid_trades", "ask_trades")
+
+
+async def test_one_statement_keeps_each_bars_footprint_apart_even_an_empty_one(pool):
+    minutes = recorded_minutes()[:3]
+    quiet = BarFlow(minutes[-1].open_time + M1, minutes[0].row_size)  # a minute without trades
+    bars = finals([*minutes[:2], quiet, minutes[2]])
+    await store.upsert_bars(pool, bars)
+    stored = {
+        datetime_to_ms(r["open_time"]): r
+        for r in await pool.fetch(
+            "SELECT open_time, row_index, bid_units, ask_units, bid_trades, ask_trades FROM orderflow4"
+        )
+    }
+    for final in bars:
+        rows = final.bar.footprint()
+        record = stored[final.bar.open_time]
+        assert [list(record[name]) for name in FOOTPRINT_COLUMNS] == [[r[i] for r in rows] for i in range(5)]
+    assert stored[quiet.open_time]["row_index"] == []
+    await store.upsert_bars(pool, bars)  # again: nothing changes
+    assert await pool.fetchval("SELECT count(DISTINCT written_at) FROM orderflow4") == 1
+
+
 @pytest.mark.parametrize("column", ["buy_units", "row_size", "agg_trades"])
 async def test_postgresql_refuses_an_impossible_bar(pool, column):
-    record = list(finals(recorded_minutes()[:1])[0].record())
-    record[store.ORDERFLOW_COLUMNS.index(column)] = -1
+    records = [list(bar.record()) for bar in finals(recorded_minutes()[:2])]
+    records[1][store.ORDERFLOW_COLUMNS.index(column)] = -1
     with pytest.raises(Exception, match="check constraint"):
-        await pool.execute(store._UPSERT_SQL, *record)
+        await pool.execute(store._UPSERT_SQL, *store.upsert_params(records))
+    assert await pool.fetchval("SELECT count(*) FROM orderflow4") == 0  # one statement: nothing half-written
 
 
 async def test_a_stored_bar_comes_back_as_the_fold_left_it_and_the_newest_per_series(pool):
