@@ -29,6 +29,7 @@ import random
 import resource
 import sys
 import time
+import timeit
 from decimal import Decimal
 from pathlib import Path
 
@@ -321,6 +322,13 @@ def report_live(symbols, windows, rss_start, rss_end, delivered, arrivals, stats
     print(f"  intake: {stats}")
 
 
+def machine_speed() -> None:
+    """A fixed pure-Python loop, so that figures from different machines can be compared
+    (the CPU figures above scale with it)."""
+    best = min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
+    print(f"this machine: sum(range(1000)) in {best:.1f} µs on one core (Python {sys.version.split()[0]})")
+
+
 def percentile_of(values: list[int], q: float) -> int:
     return values[max(0, int(len(values) * q + 0.5) - 1)]
 
@@ -330,6 +338,7 @@ if __name__ == "__main__":
     parser.add_argument("--symbols", type=int, default=789)
     parser.add_argument("--live-minutes", type=float, default=4.0)
     args = parser.parse_args()
+    machine_speed()
     bench_fold()
     bench_merge()
     if args.live_minutes > 0:

@@ -67,6 +67,9 @@ class OrderFlowIntake:
         self.chains: dict[str, SymbolChain] = {}
         self.m1_rows: dict[tuple[str, int], int] = {}  # (symbol, day) -> M1 row
         self.fixed: dict[str, int] = {}
+        # Final minutes as the frames made them: their bars (profiles, M5/M15 merges) are
+        # made by the writer, off the frame handler that the candles share.
+        self.finals: list[tuple[str, int, BarFlow]] = []
         self.to_write: list[FinalBar] = []
         self.to_publish: list[tuple[int, list]] = []  # written to PostgreSQL: (bar count, their Redis commands)
         self.refetch: set[tuple[str, int]] = set()  # (symbol, minute) wanted over REST
@@ -124,7 +127,9 @@ class OrderFlowIntake:
                 continue  # a symbol new to order flow starts at its first whole minute: nothing to refetch
             if outcome.status == "final":
                 self.stats["final"] += 1
-                self._publish(chain.offer(outcome.open_time, outcome.bar))
+                chain.start(outcome.open_time)
+                self.finals.append((symbol, outcome.open_time, outcome.bar))  # chained by the writer
+                self.write_wake.set()
             else:
                 self._ask(symbol, outcome.open_time, outcome.reason)
         tape.outcomes.clear()
@@ -252,7 +257,8 @@ class OrderFlowIntake:
         while True:
             await self.write_wake.wait()
             self.write_wake.clear()
-            while self.to_write or self.to_publish or self.refetch_logged or self.rows_decided:
+            while self.finals or self.to_write or self.to_publish or self.refetch_logged or self.rows_decided:
+                self._chain_finals()
                 try:
                     if self.rows_decided:  # before the bars folded with them
                         decided, self.rows_decided = self.rows_decided, {}
@@ -293,6 +299,17 @@ class OrderFlowIntake:
                     except REDIS_DOWN_ERRORS as exc:
                         self.redis_outage.fail(exc, f"publishing {len(self.to_publish)} order-flow bars")
                         await asyncio.sleep(1.0)
+
+    def _chain_finals(self) -> None:
+        finals, self.finals = self.finals, []
+        for symbol, minute, bar in finals:
+            chain = self.chains.get(symbol)
+            if chain is None:
+                continue  # no longer followed
+            try:
+                self._publish(chain.offer(minute, bar))
+            except Exception as exc:  # one symbol's trouble never stops the others'
+                self.errors.warn(type(exc).__name__, f"{symbol}: minute {minute} not chained: {exc!r}")
 
     async def _store_rows(self, decided: dict[tuple[str, int], tuple[int, str]]) -> None:
         by_day: dict[int, dict[str, tuple[int, str]]] = {}
@@ -337,7 +354,7 @@ class OrderFlowIntake:
 
     @property
     def writing(self) -> bool:
-        return bool(self.to_write or self.to_publish)
+        return bool(self.finals or self.to_write or self.to_publish)
 
     async def _forming(self, higher: bool) -> None:
         """The forming footprints of the symbols that traded since the last refresh: M1
