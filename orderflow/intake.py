@@ -37,6 +37,10 @@ MODULE = "ORDERFLOW"
 M1_MS = 60_000
 SERVED_MS = 48 * 3_600_000  # the exchange serves aggTrades of the last 48 hours
 RULE_HOURS = 23  # the row rule reads the first 23 hours of the previous day: known by 23:00
+# Ticks between forming refreshes (M1: every tick, 250 ms): M5 every second, M15 every two
+# (their documents grow through the bucket; after a burst they are the refresh's main
+# cost until the bucket ends).
+FORMING_EVERY = {"m5": 4, "m15": 8}
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class OrderFlowIntake:
         self.refetch_wake = asyncio.Event()
         self.write_wake = asyncio.Event()
         self.changed: set[str] = set()  # symbols that traded since the last M1 forming refresh
-        self.changed_higher: set[str] = set()  # ... since the last M5/M15 one
+        self.changed_higher: dict[str, set[str]] = {tf: set() for tf in HIGHER}  # ... since their last one
         self.stats = {"trades": 0, "final": 0, "refetched": 0, "unfillable": 0, "written": 0}
         self.pg_outage = Outage(MODULE, "PostgreSQL")
         self.redis_outage = Outage(MODULE, "Redis")
@@ -339,7 +343,7 @@ class OrderFlowIntake:
                     self._take(symbol, tape)
             ticks += 1
             if not self.writing:  # else this tick's refresh waits for the next one
-                await self._forming(higher=ticks % self.HIGHER_FORMING_EVERY == 0)
+                await self._forming(ticks)
             day = now - now % DAY_MS
             if now - day >= RULE_HOURS * 3_600_000 and next_day_planned != day + DAY_MS:
                 try:
@@ -348,22 +352,21 @@ class OrderFlowIntake:
                 except PG_DOWN_ERRORS as exc:
                     self.pg_outage.fail(exc, "deciding tomorrow's footprint rows")
 
-    HIGHER_FORMING_EVERY = 4  # ticks: M5/M15 forming footprints every second, M1 every 250 ms
-
-    FORMING_SLICE = 50  # symbols whose forming documents are made between two yields to the loop
+    FORMING_SLICE = 20  # symbols whose forming documents are made between two yields to the loop
 
     @property
     def writing(self) -> bool:
         return bool(self.finals or self.to_write or self.to_publish)
 
-    async def _forming(self, higher: bool) -> None:
-        """The forming footprints of the symbols that traded since the last refresh: M1
-        every tick, M5/M15 (documents that grow through their bucket) every fourth. Made
-        in slices with the loop let go between them; final bars come first: once the
-        writer has some, the symbols not done wait for the next tick."""
+    async def _forming(self, tick: int) -> None:
+        """The forming footprints of the symbols that traded since their timeframe's last
+        refresh. Made in slices with the loop let go between them; final bars come first:
+        once the writer has some, the symbols not done wait for the next tick."""
         changed, self.changed = self.changed, set()
-        self.changed_higher |= changed
-        symbols = list(self.changed_higher if higher else changed)
+        due = [tf for tf in HIGHER if tick % FORMING_EVERY[tf] == 0]
+        for tf in HIGHER:
+            self.changed_higher[tf] |= changed
+        symbols = list(changed.union(*(self.changed_higher[tf] for tf in due)))
         forming: dict[tuple[str, str], bytes] = {}
         document = self.renderer.document
         done = 0
@@ -380,17 +383,17 @@ class OrderFlowIntake:
                 continue
             if symbol in changed:
                 forming[(symbol, "m1")] = document((symbol, "m1"), bar)
-            if higher:
-                for tf in HIGHER:
+            for tf in due:
+                if symbol in self.changed_higher[tf]:
                     forming[(symbol, tf)] = document((symbol, tf), chain.forming(tf, bar))
         else:
             done = len(symbols)
-        left = symbols[done:]
-        self.changed |= changed.intersection(left)
+        left = set(symbols[done:])
+        self.changed |= changed & left
         try:
             await store.set_forming(self.redis, forming)
-            if higher:
-                self.changed_higher = set(left)
+            for tf in due:
+                self.changed_higher[tf] &= left
         except REDIS_DOWN_ERRORS as exc:
             self.changed |= changed
             self.redis_outage.fail(exc, "refreshing forming footprints")
