@@ -59,9 +59,35 @@ def agg_trade_stream(symbol: str) -> str:
     return f"{symbol.lower()}{AGG_TRADE_SUFFIX}"
 
 
+# Prices and quantities repeat (a symbol prints near the same prices all minute, and
+# sizes cluster on round lots): their units are looked up, not parsed again; bounded.
+_UNITS: dict[str, int] = {}
+_UNITS_KEPT = 100_000
+# Symbols seen valid, with their aggTrade stream's name (bounded: a feed of made-up
+# names must not grow it).
+_STREAMS: dict[str, str] = {}
+_STREAMS_KEPT = 10_000
+
+
+def clear_caches() -> None:
+    """For measurements: the next frames find nothing parsed before."""
+    _UNITS.clear()
+    _STREAMS.clear()
+
+
+def _units(text: str) -> int:
+    units = _UNITS.get(text)
+    if units is None:
+        units = to_units(text)
+        if len(_UNITS) >= _UNITS_KEPT:
+            _UNITS.clear()
+        _UNITS[text] = units
+    return units
+
+
 def _trade(event: _AggTradeEvent | _AggTradeRow) -> AggTrade:
     try:
-        price, qty = to_units(event.p), to_units(event.q)
+        price, qty = _units(event.p), _units(event.q)
     except ValueError as exc:
         raise FrameError(str(exc)) from None
     if not (0 < price < MAX_UNITS and 0 <= qty < MAX_UNITS):
@@ -78,7 +104,13 @@ def parse_agg_trade_frame(raw: str | bytes) -> tuple[str, AggTrade]:
     except (msgspec.DecodeError, UnicodeError) as exc:
         raise FrameError(f"not an aggTrade frame: {exc}") from None
     event = frame.data
-    if event.e != "aggTrade" or frame.stream != agg_trade_stream(event.s) or not valid_symbol(event.s):
+    stream = _STREAMS.get(event.s)
+    if stream is None and valid_symbol(event.s):
+        stream = agg_trade_stream(event.s)
+        if len(_STREAMS) >= _STREAMS_KEPT:
+            _STREAMS.clear()
+        _STREAMS[event.s] = stream
+    if event.e != "aggTrade" or stream is None or frame.stream != stream:
         raise FrameError(f"aggTrade of {event.s!r} on stream {frame.stream!r}")
     return event.s, _trade(event)
 

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import binance.trades as binance_trades
 from binance.protocol import FrameError
 from binance.trades import agg_trades_of, parse_agg_trade_frame
 from fake_exchange.frames import first_trade_id
@@ -349,6 +350,19 @@ def test_a_bad_agg_trade_frame_is_refused_with_a_reason(changes):
     with pytest.raises(FrameError) as refused:
         parse_agg_trade_frame(agg_frame(**changes))
     assert str(refused.value)
+
+
+def test_what_the_parser_remembers_never_lets_a_bad_frame_through_and_stays_bounded(monkeypatch):
+    good = parse_agg_trade_frame(agg_frame())
+    assert parse_agg_trade_frame(agg_frame()) == good  # the second time from what it remembered
+    for changes in ({"p": "-63943.90"}, {"s": "btcusdt", "stream": "btcusdt@aggTrade"}, {"stream": "ethusdt@aggTrade"}):
+        with pytest.raises(FrameError):
+            parse_agg_trade_frame(agg_frame(**changes))
+    assert parse_agg_trade_frame(agg_frame(s="ETHUSDT", stream="ethusdt@aggTrade"))[0] == "ETHUSDT"
+    monkeypatch.setattr(binance_trades, "_UNITS_KEPT", 50)
+    for i in range(1, 200):
+        assert parse_agg_trade_frame(agg_frame(p=f"{i}.5"))[1].price == to_units(f"{i}.5")
+    assert len(binance_trades._UNITS) <= 50
 
 
 @pytest.mark.parametrize("raw", ["", "{", "[]", '{"stream": "btcusdt@aggTrade"}', b"\xff\xfe"])
