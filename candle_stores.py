@@ -133,6 +133,15 @@ async def execute_packed(redis: Redis, commands: Sequence[Sequence[Any] | Packed
     raise AssertionError("unreachable")
 
 
+async def execute_checked(redis: Redis, commands: Sequence[Sequence[Any] | Packed]) -> list[Any]:
+    """`execute_packed`, raising the first reply Redis refused (after the whole round)."""
+    replies = await execute_packed(redis, commands)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 async def _read_replies(conn: Any, count: int) -> list[Any]:
     """`count` replies. redis-py reads one reply at a time through layers of Python
     (a timeout context each: ~10 µs a reply, 30 ms for the 3,000 replies of a boundary);

@@ -29,6 +29,7 @@ from candle_stores import (  # noqa: F401 (the candle cache is part of this modu
     candle_event,
     candle_series_key,
     candle_zset_key,
+    execute_checked,
     execute_packed,
     make_candle_store,
     write_bars,
@@ -690,9 +691,7 @@ async def publish(redis: Redis, stream: str, events: Sequence[Mapping[str, Any]]
     """XADD each event with an approximate MAXLEN, in one packed round."""
     if not events:
         return
-    for reply in await execute_packed(redis, [xadd_command(stream, event, maxlen) for event in events]):
-        if isinstance(reply, Exception):
-            raise reply
+    await execute_checked(redis, [xadd_command(stream, event, maxlen) for event in events])
 
 
 async def ensure_groups(redis: Redis, groups: Mapping[str, Sequence[str]] = CONSUMER_GROUPS) -> None:
@@ -755,9 +754,7 @@ async def ack(redis: Redis, group: str, entries: Iterable[tuple[str, str]]) -> N
     """XACK (stream, id) pairs, one command per stream, one round trip."""
     commands = ack_commands(group, entries)
     if commands:
-        for reply in await execute_packed(redis, commands):
-            if isinstance(reply, Exception):
-                raise reply
+        await execute_checked(redis, commands)
 
 
 async def reclaim_stale(

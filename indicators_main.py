@@ -701,9 +701,7 @@ class IndicatorWorker:
         through, due = self.pending.due()
         commands += core_io.ack_commands(core_io.INDICATOR_GROUP, due)
         if commands:
-            for reply in await core_io.execute_packed(self.redis, commands):
-                if isinstance(reply, Exception):
-                    raise reply
+            await core_io.execute_checked(self.redis, commands)
         self.pending.forget(through)
         self._latest.clear()
         self._announce.clear()

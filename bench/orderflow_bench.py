@@ -39,6 +39,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.soak_bench import percentile  # noqa: E402
 from binance.protocol import KlineUpdate  # noqa: E402
 from binance.rest import RestClient, WeightLimiter  # noqa: E402
 from binance.trades import agg_trade_stream, clear_caches, parse_agg_trade_frame  # noqa: E402
@@ -307,7 +308,7 @@ def report_live(symbols, windows, rss_start, rss_end, delivered, arrivals, stats
     )
     latencies = sorted(arrivals[k] - t for k, t in delivered.items() if k in arrivals)
     if latencies:
-        p50, p99 = percentile_of(latencies, 0.5), percentile_of(latencies, 0.99)
+        p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
         print(
             f"  close -> orderflow_ready (M1): p50 {p50} ms, p99 {p99} ms, max {latencies[-1]} ms over "
             f"{len(latencies):,} closes of {symbols} symbols each minute (budget {READY_BUDGET_MS:.0f} ms at 500): "
@@ -318,7 +319,7 @@ def report_live(symbols, windows, rss_start, rss_end, delivered, arrivals, stats
             if (symbol, minute) in arrivals:
                 by_minute.setdefault(minute, []).append(arrivals[(symbol, minute)] - t)
         minutes = [sorted(v) for _, v in sorted(by_minute.items())]
-        spread = " ".join(f"{percentile_of(v, 0.5)}/{percentile_of(v, 0.99)}" for v in minutes)
+        spread = " ".join(f"{percentile(v, 0.5)}/{percentile(v, 0.99)}" for v in minutes)
         print(f"  per minute (p50/p99 ms): {spread}")
     print(f"  intake: {stats}")
 
@@ -328,10 +329,6 @@ def machine_speed() -> None:
     (the CPU figures above scale with it)."""
     best = min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
     print(f"this machine: sum(range(1000)) in {best:.1f} µs on one core (Python {sys.version.split()[0]})")
-
-
-def percentile_of(values: list[int], q: float) -> int:
-    return values[max(0, int(len(values) * q + 0.5) - 1)]
 
 
 if __name__ == "__main__":

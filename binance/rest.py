@@ -178,9 +178,6 @@ class RestClient:
 
     AGG_TRADES_LIMIT, AGG_TRADES_WEIGHT = 1000, 20
 
-    async def agg_trades_of_minute(self, symbol: str, minute: int) -> list[AggTrade]:
-        return await self.agg_trades_between(symbol, minute, minute + 60_000)
-
     async def agg_trades_between(self, symbol: str, first_ms: int, end_ms: int) -> list[AggTrade]:
         """Every aggTrade with first_ms <= T < end_ms (at most an hour), oldest first: a page
         by time, then by id while pages come back full (a busy minute has thousands; a

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from infra import Settings, env_number
+from infra import Settings, env_bool, env_number
 
 
 @dataclass(frozen=True)
@@ -53,5 +53,5 @@ class FeedSettings:
             rest_fallback_s=env_number(env, "REST_FALLBACK_S", 30.0, float, 1, 3600),
             frame_time_tolerance_s=env_number(env, "FRAME_TIME_TOLERANCE_S", 3600.0, float, 60, 30 * 86_400),
             exchange_info_refresh_s=env_number(env, "EXCHANGE_INFO_REFRESH_S", 3600.0, float, 60, 7 * 86_400),
-            orderflow=env.get("ORDERFLOW", "on").strip().lower() not in ("off", "0", "false", "no"),
+            orderflow=env_bool(env, "ORDERFLOW", True),
         )

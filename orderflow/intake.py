@@ -296,7 +296,7 @@ class OrderFlowIntake:
                     continue
                 if self.to_publish:
                     try:
-                        await store.execute_commands(self.redis, [c for _, batch in self.to_publish for c in batch])
+                        await core_io.execute_checked(self.redis, [c for _, batch in self.to_publish for c in batch])
                         self.stats["written"] += sum(n for n, _ in self.to_publish)
                         self.to_publish = []
                         self.redis_outage.ok()

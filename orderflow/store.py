@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from candle_stores import execute_packed
+from candle_stores import execute_checked
 from candles import datetime_to_ms, ms_to_datetime
 from core_io import xadd_command
 from orderflow.fold import BarFlow
@@ -136,10 +136,6 @@ async def upsert_bars(pool: asyncpg.Pool, bars: Sequence[FinalBar]) -> None:
         await pool.execute(_UPSERT_SQL, *upsert_params([bar.record() for bar in bars]))
 
 
-async def publish_bars(redis: Redis, bars: Sequence[FinalBar], maxlen: int) -> None:
-    await execute_commands(redis, publish_commands(bars, maxlen))
-
-
 def publish_commands(
     bars: Sequence[FinalBar], maxlen: int, renderer: FootprintRenderer | None = None
 ) -> list[list[Any]]:
@@ -186,18 +182,11 @@ return 1
 """
 
 
-async def execute_commands(redis: Redis, commands: Sequence[Sequence[Any]]) -> None:
-    """One round; a command Redis refused raises."""
-    for reply in await execute_packed(redis, commands):
-        if isinstance(reply, Exception):
-            raise reply
-
-
 async def set_forming(redis: Redis, documents: Mapping[tuple[str, str], bytes]) -> None:
     """The forming bars' footprints (`footprint:<SYMBOL>:<tf>:forming`), in one round."""
     if documents:
         commands = [["SET", footprint_key(symbol, tf, forming=True), doc] for (symbol, tf), doc in documents.items()]
-        await execute_commands(redis, commands)
+        await execute_checked(redis, commands)
 
 
 async def read_bars(pool: asyncpg.Pool, symbol: str, tf: str, start: Any, end: Any) -> list[asyncpg.Record]:

@@ -167,16 +167,16 @@ async def test_the_rest_client_pages_through_a_busy_minute(archive: ArchiveSourc
         client = RestClient(ex.rest_url, WeightLimiter(2400, 60))
         try:
             for candle in (busy, quiet):
-                trades = await client.agg_trades_of_minute(SYMBOL, candle.open_time)
+                trades = await client.agg_trades_between(SYMBOL, candle.open_time, candle.open_time + MIN)
                 bar = fold(candle.open_time, 1, trades)
                 assert bar.trades == candle.trades and units_decimal(bar.volume) == candle.volume
                 assert units_decimal(bar.buy) == candle.taker_buy_volume
                 assert [b.agg_id - a.agg_id for a, b in pairwise(trades)] == [1] * (len(trades) - 1)
             before = client.requests
-            pages = -(-len(await client.agg_trades_of_minute(SYMBOL, busy.open_time)) // 1000)
+            pages = -(-len(await client.agg_trades_between(SYMBOL, busy.open_time, busy.open_time + MIN)) // 1000)
             assert client.requests - before == pages == 3  # weight 20 each
             with pytest.raises(RestError) as refused:
-                await client.agg_trades_of_minute(SYMBOL, now - 49 * HOUR)
+                await client.agg_trades_between(SYMBOL, now - 49 * HOUR, now - 49 * HOUR + MIN)
             assert refused.value.code == -4166
         finally:
             await client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from binance.settings import FeedSettings
 from connections import pg_connect_options
 from infra import ConfigError, RateLimitedLog, SystemEventLog, load_settings, mask_url
 from retention import RetentionOptions, prune_all
@@ -29,6 +30,15 @@ BASE = {"REDIS_URL": "redis://127.0.0.1:6379/0", "POSTGRES_URL": "postgresql://p
 )
 def test_secrets_are_masked_even_in_urls_that_do_not_parse(url, masked):
     assert mask_url(url) == masked
+
+
+def test_the_order_flow_switch_takes_a_boolean_and_refuses_anything_else():
+    settings = load_settings(BASE)
+    assert FeedSettings.from_env(settings, {}).orderflow
+    assert not FeedSettings.from_env(settings, {"ORDERFLOW": "off"}).orderflow
+    assert not FeedSettings.from_env(settings, {"ORDERFLOW": "False"}).orderflow
+    with pytest.raises(ConfigError, match="ORDERFLOW"):
+        FeedSettings.from_env(settings, {"ORDERFLOW": "of"})  # misspelt: was read as on
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from itertools import groupby
 import pytest
 
 from binance.trades import agg_trades_of
+from candle_stores import execute_checked
 from candles import datetime_to_ms, ms_to_datetime
 from market_data import recorded_agg_trades
 from orderflow import store
@@ -85,8 +86,8 @@ async def test_writing_a_bar_again_changes_nothing_and_a_rebuilt_bar_replaces_it
 
 async def test_redis_holds_the_newest_bar_and_every_bar_is_announced(redis):
     bars = finals(recorded_minutes())
-    await store.publish_bars(redis, bars[:3], maxlen=1000)
-    await store.publish_bars(redis, [bars[1]], maxlen=1000)  # a rebuild of an older bar
+    await execute_checked(redis, store.publish_commands(bars[:3], maxlen=1000))
+    await execute_checked(redis, store.publish_commands([bars[1]], maxlen=1000))  # a rebuild of an older bar
     fields = await redis.hgetall(store.orderflow_key("BTCUSDT", "m1"))
     newest = bars[2]
     assert fields == newest.fields() and int(fields["open_time"]) == newest.bar.open_time
