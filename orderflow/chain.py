@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from candles import TF_MS, bucket_start
-from orderflow.fold import BarFlow, merge
+from orderflow.fold import BarFlow, merge, merge_into
 from orderflow.output import CvdChain, FinalBar
 from orderflow.profile import ImbalanceRules
 from orderflow.rows import TF_ROW_MULTIPLE
@@ -27,7 +27,8 @@ HIGHER = ("m5", "m15")
 @dataclass
 class Bucket:
     """The published minutes of a forming M5/M15 bar, merged as they come (so that the
-    forming bar, refreshed every 250 ms, is one merge away)."""
+    forming bar, refreshed every 250 ms, is one merge away); `merged` is the bucket's own,
+    grown in place."""
 
     tf: str
     start: int
@@ -40,8 +41,10 @@ class Bucket:
         if bar is None:
             self.whole = False
             return
-        bars = [self.merged, bar] if self.merged is not None else [bar]
-        self.merged = merge(self.start, bar.row_size * TF_ROW_MULTIPLE[self.tf], bars)
+        if self.merged is None:
+            self.merged = merge(self.start, bar.row_size * TF_ROW_MULTIPLE[self.tf], [bar])
+        else:
+            merge_into(self.merged, bar)
 
     def complete(self) -> bool:
         return self.whole and self.minutes == TF_MS[self.tf] // M1_MS

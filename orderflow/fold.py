@@ -162,43 +162,50 @@ def fold(open_time: int, row_size: int, trades: Iterable[AggTrade]) -> BarFlow:
 def merge(open_time: int, row_size: int, bars: Sequence[BarFlow]) -> BarFlow:
     """The bar of all these bars' trades (given oldest first), with `row_size` a whole
     multiple of theirs: each of their rows lies inside exactly one of the new rows, so
-    the result equals folding the trades themselves. The running delta's extremes are
-    each bar's own, shifted by the delta before it."""
+    the result equals folding the trades themselves."""
     out = BarFlow(open_time, row_size)
     for bar in bars:
-        if row_size % bar.row_size:
-            raise ValueError(f"row size {row_size} is not a multiple of {bar.row_size}")
-        if bar.delta_min is None:
-            continue  # no trade: it moved nothing
-        shift = out.buy - out.sell
-        low_shifted, high_shifted = shift + bar.delta_min, shift + bar.delta_max  # type: ignore[operator]
-        if out.delta_min is None:
-            out.delta_min, out.delta_max = low_shifted, high_shifted
-            out.high, out.low = bar.high, bar.low
-            out.first_agg_id, out.first_trade_id = bar.first_agg_id, bar.first_trade_id
-        else:
-            out.delta_min = min(out.delta_min, low_shifted)
-            out.delta_max = max(out.delta_max, high_shifted)  # type: ignore[type-var]
-            out.high = max(out.high, bar.high)  # type: ignore[type-var]
-            out.low = min(out.low, bar.low)  # type: ignore[type-var]
-        out.last_agg_id, out.last_trade_id = bar.last_agg_id, bar.last_trade_id
-        out.buy += bar.buy
-        out.sell += bar.sell
-        out.agg_trades += bar.agg_trades
-        out.trades += bar.trades
-        out.buy_trades += bar.buy_trades
-        out.sell_trades += bar.sell_trades
-        out.notional += bar.notional
-        out.max_qty = max(out.max_qty, bar.max_qty)
-        scale = row_size // bar.row_size
-        rows = out.rows
-        for index, (bid, ask, bid_trades, ask_trades) in bar.rows.items():
-            target = rows.get(index // scale)
-            if target is None:
-                rows[index // scale] = [bid, ask, bid_trades, ask_trades]
-            else:
-                target[0] += bid
-                target[1] += ask
-                target[2] += bid_trades
-                target[3] += ask_trades
+        merge_into(out, bar)
     return out
+
+
+def merge_into(out: BarFlow, bar: BarFlow) -> None:
+    """Add a later bar's trades to `out` (in place: a forming M15 bucket grows by one
+    minute's rows, not by a copy of all it holds). The running delta's extremes are the
+    bar's own, shifted by the delta before it."""
+    row_size = out.row_size
+    if row_size % bar.row_size:
+        raise ValueError(f"row size {row_size} is not a multiple of {bar.row_size}")
+    if bar.delta_min is None:
+        return  # no trade: it moved nothing
+    shift = out.buy - out.sell
+    low_shifted, high_shifted = shift + bar.delta_min, shift + bar.delta_max  # type: ignore[operator]
+    if out.delta_min is None:
+        out.delta_min, out.delta_max = low_shifted, high_shifted
+        out.high, out.low = bar.high, bar.low
+        out.first_agg_id, out.first_trade_id = bar.first_agg_id, bar.first_trade_id
+    else:
+        out.delta_min = min(out.delta_min, low_shifted)
+        out.delta_max = max(out.delta_max, high_shifted)  # type: ignore[type-var]
+        out.high = max(out.high, bar.high)  # type: ignore[type-var]
+        out.low = min(out.low, bar.low)  # type: ignore[type-var]
+    out.last_agg_id, out.last_trade_id = bar.last_agg_id, bar.last_trade_id
+    out.buy += bar.buy
+    out.sell += bar.sell
+    out.agg_trades += bar.agg_trades
+    out.trades += bar.trades
+    out.buy_trades += bar.buy_trades
+    out.sell_trades += bar.sell_trades
+    out.notional += bar.notional
+    out.max_qty = max(out.max_qty, bar.max_qty)
+    scale = row_size // bar.row_size
+    rows = out.rows
+    for index, (bid, ask, bid_trades, ask_trades) in bar.rows.items():
+        target = rows.get(index // scale)
+        if target is None:
+            rows[index // scale] = [bid, ask, bid_trades, ask_trades]
+        else:
+            target[0] += bid
+            target[1] += ask
+            target[2] += bid_trades
+            target[3] += ask_trades
