@@ -49,7 +49,9 @@ class FinalBar:
     def record(self) -> tuple[Any, ...]:
         """Columns of `orderflow4`, in the order of `ORDERFLOW_COLUMNS`."""
         bar, p = self.bar, self.profile
-        rows = bar.footprint()
+        indices = sorted(bar.rows)
+        cells = [bar.rows[i] for i in indices]
+        bids, asks, bid_trades, ask_trades = (list(column) for column in zip(*cells)) if cells else ([], [], [], [])
         return (
             self.symbol,
             self.tf,
@@ -72,11 +74,11 @@ class FinalBar:
             p.val if p else None,
             bar.first_agg_id,
             bar.last_agg_id,
-            [r[0] for r in rows],
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            [r[3] for r in rows],
-            [r[4] for r in rows],
+            indices,
+            bids,
+            asks,
+            bid_trades,
+            ask_trades,
             bar.notional,
             bar.high,
             bar.low,

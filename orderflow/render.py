@@ -27,17 +27,20 @@ class FootprintRenderer:
 
     def __init__(self, kept: int = 2) -> None:
         self.kept = kept
-        # (symbol, tf) -> (open_time, row_size) -> row index -> (its cell, its JSON)
-        self.rows: dict[Key, dict[tuple[int, int], dict[int, tuple[list[int], bytes]]]] = {}
+        # (symbol, tf) -> (open_time, row_size) -> row index -> (its cell's values, its JSON): tuples
+        # of numbers and bytes, which the cyclic collector stops tracking (a burst's rows are
+        # tens of thousands)
+        self.rows: dict[Key, dict[tuple[int, int], dict[int, tuple[tuple[int, ...], bytes]]]] = {}
 
     def document(self, key: Key, bar: BarFlow, profile: Profile | None = None) -> bytes:
         size = bar.row_size
         made = self._rows_of(key, (bar.open_time, size))
         parts = []
         for index, cell in sorted(bar.rows.items()):
+            values = tuple(cell)
             known = made.get(index)
-            if known is None or known[0] != cell:
-                bid, ask, bid_trades, ask_trades = cell
+            if known is None or known[0] != values:
+                bid, ask, bid_trades, ask_trades = values
                 text = _ROW % (
                     units_text(index * size).encode(),
                     units_text(bid).encode(),
@@ -45,13 +48,13 @@ class FootprintRenderer:
                     bid_trades,
                     ask_trades,
                 )
-                known = made[index] = (list(cell), text)
+                known = made[index] = (values, text)
             parts.append(known[1])
         head = b'{"open_time":%d,"row_size":"%s","rows":[' % (bar.open_time, units_text(size).encode())
         tail = b"]}" if profile is None else b"]," + orjson.dumps(profile_fields(size, profile))[1:]
         return head + b",".join(parts) + tail
 
-    def _rows_of(self, key: Key, bar_key: tuple[int, int]) -> dict[int, tuple[list[int], bytes]]:
+    def _rows_of(self, key: Key, bar_key: tuple[int, int]) -> dict[int, tuple[tuple[int, ...], bytes]]:
         bars = self.rows.get(key)
         if bars is None:
             bars = self.rows[key] = {}
