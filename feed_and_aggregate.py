@@ -857,7 +857,9 @@ class Feed:
         while self.intake.to_settle and not self.intake.pg_outage.active:
             await asyncio.sleep(0.01)
         flow = self.orderflow
-        while (flow.to_write and not flow.pg_outage.active) or (flow.to_publish and not flow.redis_outage.active):
+        while ((flow.finals or flow.to_write) and not flow.pg_outage.active) or (
+            flow.to_publish and not flow.redis_outage.active
+        ):
             await asyncio.sleep(0.01)
         if self.prices:
             prices, self.prices = self.prices, {}

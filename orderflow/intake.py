@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import asyncpg
 from redis.asyncio import Redis
@@ -82,6 +83,7 @@ class OrderFlowIntake:
         self.rows_decided: dict[tuple[str, int], tuple[int, str]] = {}  # to store: (symbol, day) -> (row, rule)
         self.refetch_wake = asyncio.Event()
         self.write_wake = asyncio.Event()
+        self.publish_wake = asyncio.Event()
         self.changed: set[str] = set()  # symbols that traded since the last M1 forming refresh
         self.changed_higher: dict[str, set[str]] = {tf: set() for tf in HIGHER}  # ... since their last one
         self.stats = {"trades": 0, "final": 0, "refetched": 0, "unfillable": 0, "written": 0}
@@ -256,56 +258,76 @@ class OrderFlowIntake:
 
     # ----------------------------------------------------------------- workers
 
+    WRITE_CHUNK = 100  # final minutes chained, and bars written, a statement
+
     async def run_writer(self) -> None:
-        """Final bars: PostgreSQL first (the record), then Redis (hash, footprint, stream)."""
+        """Final bars to PostgreSQL (the record) in chunks, handed to the publisher once
+        written. While a chunk's statement runs, its documents are made and the next
+        chunk is chained: at 500 symbols closing together, the first are announced before
+        the last are chained, and the server's time is mostly hidden."""
         while True:
             await self.write_wake.wait()
             self.write_wake.clear()
-            while self.finals or self.to_write or self.to_publish or self.refetch_logged or self.rows_decided:
-                self._chain_finals()
+            while self.finals or self.to_write or self.refetch_logged or self.rows_decided:
+                self._chain_finals(self.WRITE_CHUNK)
                 try:
-                    if self.rows_decided:  # before the bars folded with them
-                        decided, self.rows_decided = self.rows_decided, {}
-                        try:
-                            await self._store_rows(decided)
-                        except BaseException:
-                            self.rows_decided = decided | self.rows_decided
-                            raise
-                    if self.refetch_logged:
-                        gaps, self.refetch_logged = self.refetch_logged, []
-                        try:
-                            await store.log_gaps(self.pool, gaps)
-                        except BaseException:
-                            self.refetch_logged = gaps + self.refetch_logged
-                            raise
+                    await self._store_decisions()
                     if self.to_write:
-                        # M1 bars first, announced before the M5/M15 of their boundary are written
-                        batch = [b for b in self.to_write[:5000] if b.tf == "m1"] or self.to_write[:5000]
-                        written = asyncio.create_task(store.upsert_bars(self.pool, batch))
-                        await asyncio.sleep(0)  # the statement is on its way...
-                        # ...while the documents are made
-                        commands = store.publish_commands(batch, self.stream_maxlen, self.renderer)
-                        await written
-                        taken = {id(b) for b in batch}
-                        self.to_write = [b for b in self.to_write if id(b) not in taken]
-                        self.to_publish.append((len(batch), commands))
+                        await self._write_chunk()
                     self.pg_outage.ok()
                 except PG_DOWN_ERRORS as exc:
                     self.pg_outage.fail(exc, f"writing {len(self.to_write)} order-flow bars")
                     await asyncio.sleep(1.0)
-                    continue
-                if self.to_publish:
-                    try:
-                        await core_io.execute_checked(self.redis, [c for _, batch in self.to_publish for c in batch])
-                        self.stats["written"] += sum(n for n, _ in self.to_publish)
-                        self.to_publish = []
-                        self.redis_outage.ok()
-                    except REDIS_DOWN_ERRORS as exc:
-                        self.redis_outage.fail(exc, f"publishing {len(self.to_publish)} order-flow bars")
-                        await asyncio.sleep(1.0)
 
-    def _chain_finals(self) -> None:
-        finals, self.finals = self.finals, []
+    async def _store_decisions(self) -> None:
+        """Row sizes (before the bars folded with them) and gaps being refetched."""
+        if self.rows_decided:
+            decided, self.rows_decided = self.rows_decided, {}
+            try:
+                await self._store_rows(decided)
+            except BaseException:
+                self.rows_decided = decided | self.rows_decided
+                raise
+        if self.refetch_logged:
+            gaps, self.refetch_logged = self.refetch_logged, []
+            try:
+                await store.log_gaps(self.pool, gaps)
+            except BaseException:
+                self.refetch_logged = gaps + self.refetch_logged
+                raise
+
+    async def _write_chunk(self) -> None:
+        """M1 bars first: those of a boundary are announced before its M5/M15 are written."""
+        chunk = self.WRITE_CHUNK
+        batch = list(islice((b for b in self.to_write if b.tf == "m1"), chunk)) or self.to_write[:chunk]
+        written = asyncio.create_task(store.upsert_bars(self.pool, batch))
+        await asyncio.sleep(0)  # the statement is on its way...
+        commands = store.publish_commands(batch, self.stream_maxlen, self.renderer)  # ...while these are made
+        self._chain_finals(chunk)  # ...and the next chunk is chained
+        await written
+        taken = {id(b) for b in batch}
+        self.to_write = [b for b in self.to_write if id(b) not in taken]
+        self.to_publish.append((len(batch), commands))
+        self.publish_wake.set()
+
+    async def run_publisher(self) -> None:
+        """Written bars to Redis (hash, footprint, `orderflow_ready`), in the order written."""
+        while True:
+            await self.publish_wake.wait()
+            self.publish_wake.clear()
+            while self.to_publish:
+                taken = len(self.to_publish)  # the writer may add more while these are sent
+                try:
+                    await core_io.execute_checked(self.redis, [c for _, b in self.to_publish[:taken] for c in b])
+                    self.stats["written"] += sum(n for n, _ in self.to_publish[:taken])
+                    del self.to_publish[:taken]
+                    self.redis_outage.ok()
+                except REDIS_DOWN_ERRORS as exc:
+                    self.redis_outage.fail(exc, f"publishing {len(self.to_publish)} chunks of order-flow bars")
+                    await asyncio.sleep(1.0)
+
+    def _chain_finals(self, limit: int) -> None:
+        finals, self.finals = self.finals[:limit], self.finals[limit:]
         for symbol, minute, bar in finals:
             chain = self.chains.get(symbol)
             if chain is None:
@@ -508,6 +530,7 @@ class OrderFlowIntake:
     def workers(self) -> dict[str, Callable[[], object]]:
         return {
             "ORDERFLOW_WRITE": self.run_writer,
+            "ORDERFLOW_PUBLISH": self.run_publisher,
             "ORDERFLOW_TICK": self.run_ticker,
             "ORDERFLOW_REFETCH": self.run_refetcher,
         }

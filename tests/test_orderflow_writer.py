@@ -1,0 +1,82 @@
+"""The intake's writer and publisher on real servers: many symbols closing together are
+written in chunks, every bar once, each symbol's bars announced in order, the M1 bars of
+a boundary before its M5/M15."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+from binance.protocol import KlineUpdate
+from binance.rest import RestClient, WeightLimiter
+from candles import Candle
+from orderflow.fold import AggTrade, units_text
+from orderflow.intake import OrderFlowIntake
+from orderflow.store import ORDERFLOW_READY_STREAM, read_bars
+from tests.replay import ms_to_datetime
+
+M1 = 60_000
+T0 = 1_721_347_200_000  # 2024-07-19 00:00 UTC: an M15 boundary
+MINUTES = 5  # T0 .. T0+4: every minute's M1 and, at the last, the M5
+PRICE, QTY = 6_394_410_000_000, 1_000_000  # 63944.1, 0.01
+
+
+def minute_trades(symbol_index: int, minute_index: int) -> list[AggTrade]:
+    """A few trades a minute, ids contiguous per symbol; the taker sells every other one."""
+    count = 3 + symbol_index % 3
+    base = 1_000 * symbol_index + count * minute_index
+    at = T0 + minute_index * M1 + 1_000
+    return [
+        AggTrade(base + k, PRICE + k * 10_000_000, QTY * (k + 1), base + k, base + k, at + k, k % 2 == 0)
+        for k in range(count)
+    ]
+
+
+def closing(symbol: str, minute: int, trades: list[AggTrade]) -> KlineUpdate:
+    volume = sum(t.qty for t in trades)
+    bought = sum(t.qty for t in trades if not t.buyer_maker)
+    price, v, b = (Decimal(units_text(x)) for x in (PRICE, volume, bought))
+    candle = Candle(symbol, "m1", minute, price, price, price, price, v, v * price, len(trades), b, b * price)
+    return KlineUpdate(minute + M1, symbol, minute, True, candle, trades[0].first_trade_id, trades[-1].last_trade_id)
+
+
+async def test_symbols_closing_together_are_written_in_chunks_and_announced_in_order(pool, redis):
+    symbols = [f"S{i:02d}USDT" for i in range(7)]
+    now = T0 + MINUTES * M1 + 500
+    rest = RestClient("http://127.0.0.1:9", WeightLimiter(2400, 60))  # never asked
+    intake = OrderFlowIntake(pool, redis, rest, 10_000, lambda: now)
+    intake.WRITE_CHUNK = 3  # 7 symbols: three statements a minute
+    await intake.follow(symbols)
+    intake.refetch.clear()  # nothing before T0 is wanted here
+    for minute_index in range(MINUTES):
+        minute = T0 + minute_index * M1
+        for i, symbol in enumerate(symbols):
+            trades = minute_trades(i, minute_index)
+            for trade in trades:
+                intake.on_trade(symbol, trade)
+            intake.on_close(closing(symbol, minute, trades))
+    assert len(intake.finals) == len(symbols) * MINUTES
+    workers = [asyncio.create_task(intake.run_writer()), asyncio.create_task(intake.run_publisher())]
+    intake.write_wake.set()
+    try:
+        expected = len(symbols) * (MINUTES + 1)  # every M1, and one M5 each
+        async with asyncio.timeout(30):
+            while intake.stats["written"] < expected:
+                await asyncio.sleep(0.05)
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    entries = [fields for _, fields in await redis.xrange(ORDERFLOW_READY_STREAM)]
+    assert len(entries) == expected  # each bar announced once
+    for i, symbol in enumerate(symbols):
+        mine = [(e["tf"], int(e["open_time"])) for e in entries if e["symbol"] == symbol]
+        assert mine == [("m1", T0 + m * M1) for m in range(MINUTES)] + [("m5", T0)]
+        stored = await read_bars(pool, symbol, "m1", ms_to_datetime(T0), ms_to_datetime(T0 + MINUTES * M1))
+        assert [r["agg_trades"] for r in stored] == [len(minute_trades(i, m)) for m in range(MINUTES)]
+        m5 = await read_bars(pool, symbol, "m5", ms_to_datetime(T0), ms_to_datetime(T0 + M1))
+        assert m5[0]["trades"] == sum(r["trades"] for r in stored)
+    # every M1 of the boundary minute is announced before any M5
+    first_m5 = next(n for n, e in enumerate(entries) if e["tf"] == "m5")
+    last_m1 = max(n for n, e in enumerate(entries) if e["tf"] == "m1")
+    assert last_m1 < first_m5
