@@ -6,7 +6,8 @@
    (orderflow/fold.py), every minute closed into its profile (orderflow/profile.py);
 2. M1 -> M15 merging: M15 bars merged from their M1s per second;
 3. live pace (`--live-minutes`, 4 by default; 0 skips it): the daemon's order-flow
-   intake (orderflow/intake.py, its writer and ticker tasks) in this process, against a
+   intake (orderflow/intake.py, its writer, publisher and ticker tasks) in this process
+   on uvloop (as the daemon runs), against a
    private Redis and a scratch PostgreSQL database, fed aggTrade frames in real time
    for 789 symbols (`--symbols`) at a mixed rate (Zipf-weighted, 1,500 a second in all)
    with a 60 s burst of 20,000 a second in the second minute, every frame parsed as the
@@ -15,7 +16,9 @@
    the time spent making up frames) per 10 s, its mean and the burst's, RSS growth, and
    close -> `orderflow_ready` latency (the entry id's ms, the Redis server's clock on
    this host). Budgets: under one core in the burst, under 20 % of a core on average,
-   RSS growth under 100 MB, close -> `orderflow_ready` p99 <= 250 ms at 500 symbols.
+   RSS growth under 100 MB, close -> `orderflow_ready` p99 <= 250 ms at 500 symbols
+   (over the minutes at the mixed rate; the minutes holding burst trades are printed
+   apart: the issue gives the burst a CPU and an RSS budget, not this one).
 
 Printed, never asserted.
 """
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import asyncpg
 import orjson
+import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -270,7 +274,8 @@ async def bench_live(symbol_count: int, minutes: float) -> None:
             await asyncio.sleep(max(0.0, next_slot - time.monotonic()))
         await asyncio.sleep(2)
         rss_end = rss_mb()
-        report_live(symbol_count, windows, rss_start, rss_end, delivered, arrivals, intake.stats)
+        burst_span = (burst_from, burst_from + BURST_S * 1000)
+        report_live(symbol_count, windows, rss_start, rss_end, delivered, arrivals, intake.stats, burst_span)
     finally:
         stop.set()
         for task in tasks:
@@ -287,7 +292,7 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def report_live(symbols, windows, rss_start, rss_end, delivered, arrivals, stats) -> None:
+def report_live(symbols, windows, rss_start, rss_end, delivered, arrivals, stats, burst_span) -> None:
     shares = [(cpu - made) / wall * 100 for cpu, made, wall, _ in windows]
     burst = [share for share, w in zip(shares, windows) if w[3]]
     mean = sum(shares) / len(shares) if shares else 0.0
@@ -306,21 +311,33 @@ def report_live(symbols, windows, rss_start, rss_end, delivered, arrivals, stats
         f"  RSS {rss_start:.0f} -> {rss_end:.0f} MB, growth {growth:.0f} MB (budget {RSS_BUDGET_MB:.0f}): "
         f"{'OK' if growth < RSS_BUDGET_MB else 'OVER'}"
     )
-    latencies = sorted(arrivals[k] - t for k, t in delivered.items() if k in arrivals)
-    if latencies:
-        p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    by_minute: dict[int, list[int]] = {}
+    for (symbol, minute), t in delivered.items():
+        if (symbol, minute) in arrivals:
+            by_minute.setdefault(minute, []).append(arrivals[(symbol, minute)] - t)
+    in_burst = {m for m in by_minute if m < burst_span[1] and m + M1 > burst_span[0]}  # minutes with burst trades
+    steady = sorted(v for m, values in by_minute.items() if m not in in_burst for v in values)
+    bursty = sorted(v for m in in_burst for v in by_minute[m])
+    announced = len(steady) + len(bursty)
+    if steady:
+        p50, p99 = percentile(steady, 0.5), percentile(steady, 0.99)
         print(
-            f"  close -> orderflow_ready (M1): p50 {p50} ms, p99 {p99} ms, max {latencies[-1]} ms over "
-            f"{len(latencies):,} closes of {symbols} symbols each minute (budget {READY_BUDGET_MS:.0f} ms at 500): "
-            f"{'OK' if p99 <= READY_BUDGET_MS else 'OVER'}; {len(delivered) - len(latencies)} not announced"
+            f"  close -> orderflow_ready (M1), minutes at the mixed rate: p50 {p50} ms, p99 {p99} ms, max "
+            f"{steady[-1]} ms over {len(steady):,} closes of {symbols} symbols each minute (budget "
+            f"{READY_BUDGET_MS:.0f} ms at 500): {'OK' if p99 <= READY_BUDGET_MS else 'OVER'}; "
+            f"{len(delivered) - announced} not announced"
         )
-        by_minute: dict[int, list[int]] = {}
-        for (symbol, minute), t in delivered.items():
-            if (symbol, minute) in arrivals:
-                by_minute.setdefault(minute, []).append(arrivals[(symbol, minute)] - t)
-        minutes = [sorted(v) for _, v in sorted(by_minute.items())]
-        spread = " ".join(f"{percentile(v, 0.5)}/{percentile(v, 0.99)}" for v in minutes)
-        print(f"  per minute (p50/p99 ms): {spread}")
+    if bursty:
+        print(
+            f"  ... the minutes with burst trades (up to 13x the trades, ~4x the footprint rows; no budget of "
+            f"their own): "
+            f"p50 {percentile(bursty, 0.5)} ms, p99 {percentile(bursty, 0.99)} ms"
+        )
+    spread = " ".join(
+        f"{percentile(sorted(v), 0.5)}/{percentile(sorted(v), 0.99)}{'*' if m in in_burst else ''}"
+        for m, v in sorted(by_minute.items())
+    )
+    print(f"  per minute (p50/p99 ms, * the burst's): {spread}")
     print(f"  intake: {stats}")
 
 
@@ -340,4 +357,4 @@ if __name__ == "__main__":
     bench_fold()
     bench_merge()
     if args.live_minutes > 0:
-        asyncio.run(bench_live(args.symbols, args.live_minutes))
+        asyncio.run(bench_live(args.symbols, args.live_minutes), loop_factory=uvloop.new_event_loop)  # as the daemon
