@@ -57,6 +57,22 @@ def read_recorded_trades(symbol: str, streams_dir: Path = STREAMS_DIR) -> Iterat
                     yield json.loads(text)["data"]
 
 
+def recorded_book_frames(symbol: str, streams_dir: Path = STREAMS_DIR) -> Iterator[tuple[str, str]]:
+    """The recordings' book messages in the order received: ("snapshot", its body) for the
+    REST depth snapshot, ("bookTicker", frame) and ("depth", frame) for the streams'
+    combined-stream envelopes, as sent."""
+    for path in sorted(streams_dir.glob(f"usdm_{symbol.lower()}_*.gz")):
+        with gzip.open(path, "rt") as handle:
+            for line in handle:
+                _, _, text = line.partition(" ")
+                if text.startswith('{"lastUpdateId"'):
+                    yield "snapshot", text
+                elif "@bookTicker" in text[:40]:
+                    yield "bookTicker", text
+                elif "@depth" in text[:40]:
+                    yield "depth", text
+
+
 def recorded_agg_trades(symbol: str, streams_dir: Path = STREAMS_DIR) -> Iterator[dict]:
     """The recordings' raw trades as `<s>@aggTrade` payloads: a run of consecutive
     MARKET trades with the same time, price and side is one aggTrade (the usual stand-in:
