@@ -4,6 +4,7 @@ where the rule has an edge (ties, empty sides). No servers."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import orderflow_metrics as om
@@ -17,6 +18,7 @@ from orderflow_metrics.orderbook import OrderBook
 
 from book.features import depth_imbalance, multi_level_ofi, ofi_step, weighted_mid
 from book.sync import BookSync
+from book.vpin import Vpin, normal_cdf
 from orderflow.fold import UNIT
 from tests.test_book_sync import recorded
 
@@ -130,3 +132,56 @@ def test_the_recordings_features_equal_the_reference():
             compared += 1
         previous = top
     assert compared > 8_000
+
+
+# --------------------------------------------------------------------------- VPIN
+
+
+def reference_vpin(buckets) -> float:
+    """The package's VPIN over our buckets, with its Φ taken through math.erf (it uses
+    Abramowitz & Stegun 7.1.26, error up to 1.5e-7: the one difference, README)."""
+    om_vpin = importlib.import_module("orderflow_metrics.vpin")  # the module (the package exports its function)
+    saved = om_vpin.standard_normal_cdf
+    om_vpin.standard_normal_cdf = normal_cdf
+    try:
+        return om_vpin.vpin([om_vpin.VolumeBucket(b.price_change / UNIT, b.volume / UNIT) for b in buckets])
+    finally:
+        om_vpin.standard_normal_cdf = saved
+
+
+trades = st.lists(
+    st.tuples(st.integers(min_value=1, max_value=10**6), st.integers(min_value=1, max_value=10**4), st.booleans()),
+    min_size=1,
+    max_size=300,
+)
+
+
+@given(trades, st.integers(min_value=1, max_value=5 * 10**4), st.integers(min_value=1, max_value=60))
+def test_vpin_buckets_keep_every_unit_and_bulk_vpin_equals_the_reference(tape, bucket_volume, window):
+    vpin = Vpin(bucket_volume * UNIT // 1000, window)
+    closed = bought_total = 0
+    for price, qty, bought in tape:
+        closed += vpin.add(price * 10_000, qty * UNIT // 1000, bought)
+        bought_total += qty if bought else 0
+    total = sum(q for _, q, _ in tape) * UNIT // 1000
+    assert closed * vpin.bucket_volume + vpin.filled == total
+    assert len(vpin.buckets) == min(closed, window)
+    if closed:
+        assert close(vpin.bulk(), reference_vpin(vpin.buckets))
+        assert 0.0 <= vpin.exact() <= 1.0
+    else:
+        assert vpin.bulk() is None and vpin.exact() is None
+
+
+def test_vpin_by_hand():
+    vpin = Vpin(10, window=2)
+    assert vpin.add(100, 4, True) == 0
+    assert vpin.add(101, 16, False) == 2  # fills the first (4 bought + 6 sold), then a whole sold one
+    assert [(b.price_change, b.buy_volume) for b in vpin.buckets] == [(1, 4), (0, 0)]
+    assert vpin.filled == 0 and vpin.exact() == (abs(8 - 10) + abs(0 - 10)) / 20
+    vpin.add(99, 10, True)  # a third bucket: the window keeps the newest two
+    assert [b.price_change for b in vpin.buckets] == [0, -2] and vpin.exact() == (10 + 10) / 20
+    flat = Vpin(10, window=3)
+    for _ in range(3):
+        flat.add(100, 10, True)
+    assert flat.bulk() == 0.0  # no price change: σ = 0, every bucket half bought
