@@ -17,11 +17,14 @@ are double precision, SPEC section 14).
   P^b·q^a/(q^b+q^a) + P^a·q^b/(q^b+q^a); the plain mid when both sizes are 0.
 - Depth imbalance over the top k levels: (Σq^b − Σq^a)/(Σq^b + Σq^a), 0 on an empty
   book (I1: k = 1, I5, I10).
+- The depth filter (seed 003): the levels priced within ±r % of the mid price, and
+  their summed quantity per side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 
 from binance.book import Level
 from orderflow.fold import UNIT
@@ -66,3 +69,15 @@ def depth_imbalance(bids: Sequence[Level], asks: Sequence[Level], levels: int) -
     ask_qty = sum(q for _, q in asks[:levels])
     total = bid_qty + ask_qty
     return 0.0 if total == 0 else (bid_qty - ask_qty) / total
+
+
+def range_bounds(best_bid: int, best_ask: int, range_pct: Fraction) -> tuple[int, int]:
+    """[low, high] prices (units) within ±`range_pct` % of the mid, rounded inwards."""
+    mid2 = best_bid + best_ask  # twice the mid: exact
+    low = -((-mid2 * (100 - range_pct)) // 200)  # ceil
+    high = (mid2 * (100 + range_pct)) // 200  # floor
+    return int(low), int(high)
+
+
+def depth_in_range(bids: Sequence[Level], asks: Sequence[Level]) -> tuple[int, int]:
+    return sum(q for _, q in bids), sum(q for _, q in asks)

@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
 
 from binance.book import BookTick
-from book.features import ofi_step, weighted_mid
+from book.features import depth_imbalance, depth_in_range, multi_level_ofi, ofi_step, range_bounds, weighted_mid
+from book.sync import LocalBook
 from orderflow.fold import UNIT, VWAP_QUANTUM, AggTrade
 
 SECOND_MS = 1_000
@@ -107,13 +109,52 @@ class TickerSecond:
         return self.spread_sum / self.updates / UNIT if self.updates else 0.0
 
 
-class SecondSeries[Bar: (TradeSecond, TickerSecond)]:
+OFI_LEVELS = 10
+
+
+@dataclass(slots=True)
+class DepthSecond:
+    """`depth_1s_v4`: the OFI of the second's diffs (level 1, and levels 1-10 summed with
+    equal weights), and the book as the second's last diff left it (`finish`, when the
+    second closes, before a later diff is applied): imbalances I1, I5, I10 and the depth
+    within ±r % of the mid per side."""
+
+    ts: int
+    ofi_l1: int = 0
+    ofi_l10: int = 0
+    imbalance_1: float = 0.0
+    imbalance_5: float = 0.0
+    imbalance_10: float = 0.0
+    bid_depth_in_range: int = 0
+    ask_depth_in_range: int = 0
+    last_update_id: int = 0
+    diffs: int = 0
+
+    def add(self, before: tuple[list, list], after: tuple[list, list], update_id: int) -> None:
+        """One applied diff, with the book's top ten levels a side before and after it."""
+        per_level = multi_level_ofi(before, after, OFI_LEVELS)  # level 1 is Cont-Kukanov-Stoikov's
+        self.ofi_l1 += per_level[0]
+        self.ofi_l10 += sum(per_level)
+        self.last_update_id = update_id
+        self.diffs += 1
+
+    def finish(self, book: LocalBook, range_pct: Fraction) -> None:
+        bids, asks = book.top(OFI_LEVELS)
+        self.imbalance_1 = depth_imbalance(bids, asks, 1)
+        self.imbalance_5 = depth_imbalance(bids, asks, 5)
+        self.imbalance_10 = depth_imbalance(bids, asks, 10)
+        if bids and asks:
+            in_range = book.within(*range_bounds(bids[0][0], asks[0][0], range_pct))
+            self.bid_depth_in_range, self.ask_depth_in_range = depth_in_range(*in_range)
+
+
+class SecondSeries[Bar: (TradeSecond, TickerSecond, DepthSecond)]:
     """One symbol's bars of one kind: the open second, closed ones handed out in order."""
 
-    __slots__ = ("closed", "late", "make", "newest_closed", "open_bar")
+    __slots__ = ("closed", "finish", "late", "make", "newest_closed", "open_bar")
 
-    def __init__(self, make: Callable[[int], Bar]) -> None:
-        self.make = make
+    def __init__(self, make: Callable[[int], Bar], finish: Callable[[Bar], None] | None = None) -> None:
+        self.make, self.finish = make, finish
         self.open_bar: Bar | None = None
         self.closed: list[Bar] = []
         self.late = 0
@@ -133,6 +174,14 @@ class SecondSeries[Bar: (TradeSecond, TickerSecond)]:
         bar = self.open_bar = self.make(ts)
         return bar
 
+    def roll_to(self, time_ms: int) -> None:
+        """An event of `time_ms` is about to change what the open second's `finish` reads
+        (a depth diff, the book): a bar of an earlier second is closed first."""
+        bar = self.open_bar
+        if bar is not None and bar.ts < time_ms - time_ms % SECOND_MS:
+            self._close(bar)
+            self.open_bar = None
+
     def close_through(self, clock_ms: int, grace_ms: int) -> None:
         """The exchange's clock is at `clock_ms`: an open second that ended more than
         `grace_ms` before it is closed."""
@@ -142,6 +191,8 @@ class SecondSeries[Bar: (TradeSecond, TickerSecond)]:
             self.open_bar = None
 
     def _close(self, bar: Bar) -> None:
+        if self.finish is not None:
+            self.finish(bar)
         self.closed.append(bar)
         self.newest_closed = bar.ts
 

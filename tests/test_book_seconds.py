@@ -4,18 +4,27 @@ events (decimals, grouped by their exchange time)."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
 
 import orjson
+from orderflow_metrics.mlofi import BookSnapshot
+from orderflow_metrics.mlofi import multi_level_ofi as om_multi_level_ofi
+from orderflow_metrics.orderbook import Level as OmLevel
 
 from binance.book import BookTick, parse_book_ticker_frame
 from binance.trades import agg_trades_of
-from book.seconds import SecondSeries, TickerSecond, TradeSecond
+from book.features import depth_imbalance
+from book.seconds import OFI_LEVELS, DepthSecond, SecondSeries, TickerSecond, TradeSecond
+from book.sync import BookSync
 from market_data import recorded_agg_trades, recorded_book_frames
 from orderflow.fold import UNIT, AggTrade, units_text
+from tests.test_book_sync import recorded
 
 T0 = 1_721_347_200_000
+RANGE = Fraction(1)  # ±1 % of the mid
 
 
 def trade(at: int, price: int = 100 * UNIT, qty: int = UNIT, sold: bool = False) -> AggTrade:
@@ -35,6 +44,13 @@ def test_a_second_closes_on_a_later_event_or_the_exchanges_clock_and_late_events
     assert [b.ts for b in series.take()] == [T0 + 3_000] and series.open_bar is None
     assert series.bar_for(T0 + 3_999) is None and series.late == 2
     assert series.bar_for(T0 + 4_000) is not None  # the next second opens
+    finished = []
+    depth = SecondSeries(DepthSecond, finished.append)
+    depth.bar_for(T0 + 100).add(([], []), ([], []), 7)
+    depth.roll_to(T0 + 900)  # the same second: stays open
+    assert not finished
+    depth.roll_to(T0 + 1_000)  # a later one: finished before the book changes
+    assert [b.last_update_id for b in finished] == [7] and depth.open_bar is None
 
 
 def test_trade_seconds_by_hand():
@@ -115,3 +131,46 @@ def test_recorded_book_ticker_seconds_equal_a_recomputation():
                 ofi += (paq if ca >= pa else 0) - (caq if ca <= pa else 0)
             previous = event
         assert Decimal(units_text(abs(bar.ofi))) * (1 if bar.ofi >= 0 else -1) == ofi, ts
+
+
+def test_recorded_depth_seconds_equal_a_recomputation_from_the_synchronised_books():
+    """Each second's OFI is the sum of its diffs' per-level OFI (the reference package's
+    multi-level OFI); its imbalances and depth in range are the last book's."""
+    snap, diffs, _ = recorded("BTCUSDT")
+    sync = BookSync()
+    sync.on_snapshot(snap)
+    series = SecondSeries(DepthSecond, lambda bar: bar.finish(sync.book, RANGE))
+    before = sync.book.top(OFI_LEVELS)
+    expected: dict[int, dict] = {}
+    for k, d in enumerate(diffs):
+        series.roll_to(d.event_ms)  # the second before is finished on the book its diffs left
+        if not sync.on_diff(d):
+            continue
+        after = sync.book.top(OFI_LEVELS)
+        series.bar_for(d.event_ms).add(before, after, d.last_id)
+        second = expected.setdefault(d.event_ms // 1000 * 1000, {"l1": 0.0, "l10": 0.0})
+        levels = om_multi_level_ofi(snapshot_of(before), snapshot_of(after), OFI_LEVELS)
+        second["l1"] += levels[0]
+        second["l10"] += sum(levels)
+        if k + 1 == len(diffs) or diffs[k + 1].event_ms // 1000 != d.event_ms // 1000:  # the second's last
+            mid = (after[0][0][0] + after[1][0][0]) / 2 / UNIT
+            bids, asks = sync.book.levels()
+            second["bid_range"] = sum(q for p, q in bids if p / UNIT >= mid * 0.99) / UNIT
+            second["ask_range"] = sum(q for p, q in asks if p / UNIT <= mid * 1.01) / UNIT
+        second["i10"] = depth_imbalance(*after, 10)
+        second["u"] = d.last_id
+        before = after
+    series.close_through(diffs[-1].event_ms + 10_000, grace_ms=0)
+    ours = {b.ts: b for b in series.take()}
+    assert set(ours) == set(expected) and len(ours) > 400
+    for ts, e in expected.items():
+        bar = ours[ts]
+        assert math.isclose(bar.ofi_l1 / UNIT, e["l1"], rel_tol=1e-9, abs_tol=1e-9)
+        assert math.isclose(bar.ofi_l10 / UNIT, e["l10"], rel_tol=1e-9, abs_tol=1e-9)
+        assert math.isclose(bar.bid_depth_in_range / UNIT, e["bid_range"], rel_tol=1e-12)
+        assert math.isclose(bar.ask_depth_in_range / UNIT, e["ask_range"], rel_tol=1e-12)
+        assert bar.imbalance_10 == e["i10"] and bar.last_update_id == e["u"]
+
+
+def snapshot_of(top) -> BookSnapshot:
+    return BookSnapshot(*([OmLevel(p / UNIT, q / UNIT) for p, q in side] for side in top))
