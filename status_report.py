@@ -208,7 +208,7 @@ _ORDERFLOW_SQL = (
         f"(SELECT max(open_time) FROM orderflow4 o WHERE o.symbol = t.symbol AND o.tf = '{tf}') AS last_{tf}"
         for tf in TIMEFRAMES
     )
-    + " FROM tickers t WHERE t.status = 'enabled' AND t.trades_enabled"
+    + " FROM tickers t WHERE t.status = 'enabled' AND t.trades"
 )
 
 _TRADE_GAPS_SQL = (

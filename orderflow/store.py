@@ -309,7 +309,7 @@ async def fixed_rows(pool: asyncpg.Pool, symbols: Sequence[str]) -> dict[str, in
 
 async def trade_symbols(pool: asyncpg.Pool) -> set[str]:
     """Enabled tickers whose trades are followed."""
-    rows = await pool.fetch("SELECT symbol FROM tickers WHERE status = 'enabled' AND trades_enabled")
+    rows = await pool.fetch("SELECT symbol FROM tickers WHERE status = 'enabled' AND trades")
     return {r["symbol"] for r in rows}
 
 

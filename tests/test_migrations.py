@@ -7,10 +7,10 @@ import asyncio
 import asyncpg
 import pytest
 
-from migrations import apply_migrations, discover
+from migrations import SQL_DIR, apply_migrations, discover
 
 REQUIRED_COLUMNS = {
-    "tickers": {"symbol", "status"},
+    "tickers": {"symbol", "status", "trades", "book_ticker", "depth", "footprint_row"},  # SPEC sections 3, 13, 14
     "ohlcv4_m1": {
         "symbol",
         "open_time",
@@ -188,3 +188,16 @@ async def test_default_indicator_set_is_inserted_only_into_an_empty_table(pool):
     assert await pool.fetchval("SELECT count(*) FROM indicator_instances_v4") == 3
     await _fresh_schema(pool)
     await apply_migrations(pool)
+
+
+async def test_an_older_database_keeps_its_trade_switches_under_the_new_name(pool, tmp_path):
+    """Migration 008 renames `trades_enabled` (006) to SPEC section 14's `trades`."""
+    await _fresh_schema(pool)
+    for path in SQL_DIR.glob("*.sql"):
+        if path.name < "008":
+            (tmp_path / path.name).write_text(path.read_text())
+    await apply_migrations(pool, tmp_path)
+    await pool.execute("INSERT INTO tickers (symbol, trades_enabled) VALUES ('BTCUSDT', true), ('ETHUSDT', false)")
+    await apply_migrations(pool)
+    rows = await pool.fetch("SELECT symbol, trades, book_ticker, depth FROM tickers ORDER BY symbol")
+    assert [tuple(r) for r in rows] == [("BTCUSDT", True, False, False), ("ETHUSDT", False, False, False)]

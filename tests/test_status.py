@@ -434,7 +434,7 @@ def test_a_group_given_the_newest_entry_has_no_lag_whatever_redis_counts():
 
 async def test_order_flow_lag_and_trade_gaps_are_shown(pool, redis):
     await seed_tickers(pool, redis, {"BTCUSDT": M1_LAST, "ETHUSDT": M1_LAST})
-    await pool.execute("UPDATE tickers SET trades_enabled = false WHERE symbol = 'ETHUSDT'")
+    await pool.execute("UPDATE tickers SET trades = false WHERE symbol = 'ETHUSDT'")
     bars = [
         FinalBar.of(symbol, "m1", BarFlow(t, 1_000_000), CvdChain(), ImbalanceRules())
         for symbol, t in (("BTCUSDT", M1_LAST - 3 * MINUTE), ("ETHUSDT", M1_LAST))
