@@ -46,31 +46,34 @@ def read_archive(symbol: str, archive_dir: Path = ARCHIVE_DIR) -> Iterator[Candl
 STREAMS_DIR = SHARED_DATA_DIR / "binance_um_streams_2024-07-19"
 
 
-def read_recorded_trades(symbol: str, streams_dir: Path = STREAMS_DIR) -> Iterator[dict]:
-    """The raw `<s>@trade` events of the 2024-07-19 recordings, in the order received
-    (both files of the symbol: the recording was split at midnight)."""
+def _recorded_messages(symbol: str, streams_dir: Path) -> Iterator[str]:
+    """Every message of a symbol's recordings as received (both files: the recording was
+    split at midnight), without its receive time."""
     for path in sorted(streams_dir.glob(f"usdm_{symbol.lower()}_*.gz")):
         with gzip.open(path, "rt") as handle:
             for line in handle:
-                _, _, text = line.partition(" ")
-                if '@trade"' in text:
-                    yield json.loads(text)["data"]
+                yield line.partition(" ")[2]
+
+
+def read_recorded_trades(symbol: str, streams_dir: Path = STREAMS_DIR) -> Iterator[dict]:
+    """The raw `<s>@trade` events of the 2024-07-19 recordings, in the order received
+    (both files of the symbol: the recording was split at midnight)."""
+    for text in _recorded_messages(symbol, streams_dir):
+        if '@trade"' in text:
+            yield json.loads(text)["data"]
 
 
 def recorded_book_frames(symbol: str, streams_dir: Path = STREAMS_DIR) -> Iterator[tuple[str, str]]:
     """The recordings' book messages in the order received: ("snapshot", its body) for the
     REST depth snapshot, ("bookTicker", frame) and ("depth", frame) for the streams'
     combined-stream envelopes, as sent."""
-    for path in sorted(streams_dir.glob(f"usdm_{symbol.lower()}_*.gz")):
-        with gzip.open(path, "rt") as handle:
-            for line in handle:
-                _, _, text = line.partition(" ")
-                if text.startswith('{"lastUpdateId"'):
-                    yield "snapshot", text
-                elif "@bookTicker" in text[:40]:
-                    yield "bookTicker", text
-                elif "@depth" in text[:40]:
-                    yield "depth", text
+    for text in _recorded_messages(symbol, streams_dir):
+        if text.startswith('{"lastUpdateId"'):
+            yield "snapshot", text
+        elif "@bookTicker" in text[:40]:
+            yield "bookTicker", text
+        elif "@depth" in text[:40]:
+            yield "depth", text
 
 
 def recorded_agg_trades(symbol: str, streams_dir: Path = STREAMS_DIR) -> Iterator[dict]:

@@ -9,21 +9,17 @@ times busier than trades); prices and quantities become exact integer units
 
 from __future__ import annotations
 
-from typing import Annotated, NamedTuple
+from typing import NamedTuple
 
 import msgspec
 
-from binance.protocol import EARLIEST_MS, LATEST_MS, MAX_DECIMAL_CHARS, FrameError, valid_symbol
-from orderflow.fold import UNIT, to_units
+from binance.protocol import DecimalText, Envelope, EventTime, FrameError, Id, valid_symbol
+from binance.trades import MAX_UNITS, units
 
 BOOK_TICKER_SUFFIX = "@bookTicker"
 DEPTH_SPEED = "100ms"
-MAX_UNITS = 10**15 * UNIT
 
-_Id = Annotated[int, msgspec.Meta(ge=0)]
-_Time = Annotated[int, msgspec.Meta(ge=EARLIEST_MS, lt=LATEST_MS)]
-_Text = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DECIMAL_CHARS)]
-_Level = tuple[_Text, _Text]
+_Level = tuple[DecimalText, DecimalText]
 
 Level = tuple[int, int]  # (price, quantity) in units; quantity 0 deletes the level
 
@@ -64,48 +60,38 @@ class DepthSnapshot(NamedTuple):
 
 class _BookTickerEvent(msgspec.Struct, gc=False):
     s: str
-    u: _Id
-    b: _Text
-    B: _Text
-    a: _Text
-    A: _Text
-    T: _Time
-    E: _Time
+    u: Id
+    b: DecimalText
+    B: DecimalText
+    a: DecimalText
+    A: DecimalText
+    T: EventTime
+    E: EventTime
     e: str = "bookTicker"
 
 
 class _DepthEvent(msgspec.Struct, gc=False):
     s: str
-    U: _Id
-    u: _Id
+    U: Id
+    u: Id
     pu: int  # -1 on a stream's first event after some resets
     b: list[_Level]
     a: list[_Level]
-    T: _Time
-    E: _Time
+    T: EventTime
+    E: EventTime
     e: str = "depthUpdate"
 
 
-class _BookTickerFrame(msgspec.Struct, gc=False):
-    stream: str
-    data: _BookTickerEvent
-
-
-class _DepthFrame(msgspec.Struct, gc=False):
-    stream: str
-    data: _DepthEvent
-
-
 class _Snapshot(msgspec.Struct, gc=False):
-    lastUpdateId: _Id  # Binance's name
+    lastUpdateId: Id  # Binance's name
     bids: list[_Level]
     asks: list[_Level]
-    T: _Time
-    E: _Time
+    T: EventTime
+    E: EventTime
 
 
-_TICKER_FRAME = msgspec.json.Decoder(_BookTickerFrame)
-_DEPTH_FRAME = msgspec.json.Decoder(_DepthFrame)
+_TICKER_FRAME = msgspec.json.Decoder(Envelope[_BookTickerEvent])
+_DEPTH_FRAME = msgspec.json.Decoder(Envelope[_DepthEvent])
 _SNAPSHOT = msgspec.json.Decoder(_Snapshot)
 
 
@@ -119,7 +105,7 @@ def depth_stream(symbol: str, speed: str = DEPTH_SPEED) -> str:
 
 def _units(text: str, what: str) -> int:
     try:
-        value = to_units(text)
+        value = units(text)
     except ValueError as exc:
         raise FrameError(f"{what}: {exc}") from None
     if value >= MAX_UNITS:

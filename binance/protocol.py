@@ -207,6 +207,19 @@ def parse_mark_prices(data: Any) -> MarkPrices:
     return MarkPrices(event_time, prices)
 
 
+# Field types shared by the typed decoders of the trade and book streams (checked in C).
+Id = Annotated[int, msgspec.Meta(ge=0)]
+EventTime = Annotated[int, msgspec.Meta(ge=EARLIEST_MS, lt=LATEST_MS)]
+DecimalText = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DECIMAL_CHARS)]
+
+
+class Envelope[Event](msgspec.Struct, gc=False):
+    """A combined-stream frame: `{"stream": ..., "data": <event>}`."""
+
+    stream: str
+    data: Event
+
+
 _OpenTime = Annotated[int, msgspec.Meta(ge=EARLIEST_MS, lt=LATEST_MS, multiple_of=M1_MS)]
 _Trades = Annotated[int, msgspec.Meta(ge=0, le=MAX_TRADES_PER_MINUTE)]
 _Text = Annotated[str, msgspec.Meta(max_length=MAX_DECIMAL_CHARS)]

@@ -9,49 +9,38 @@ FrameError with the reason logged.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import msgspec
 
-from binance.protocol import EARLIEST_MS, LATEST_MS, MAX_DECIMAL_CHARS, FrameError, valid_symbol
+from binance.protocol import DecimalText, Envelope, EventTime, FrameError, Id, valid_symbol
 from orderflow.fold import UNIT, AggTrade, to_units
 
 AGG_TRADE_SUFFIX = "@aggTrade"
 MAX_UNITS = 10**15 * UNIT  # a price or quantity no contract has
 
-_Id = Annotated[int, msgspec.Meta(ge=0)]
-_Time = Annotated[int, msgspec.Meta(ge=EARLIEST_MS, lt=LATEST_MS)]
-_Text = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_DECIMAL_CHARS)]
-
 
 class _AggTradeEvent(msgspec.Struct, gc=False):
     s: str
-    a: _Id
-    p: _Text
-    q: _Text
-    f: _Id
-    l: _Id  # noqa: E741 (Binance's name)
-    T: _Time
+    a: Id
+    p: DecimalText
+    q: DecimalText
+    f: Id
+    l: Id  # noqa: E741 (Binance's name)
+    T: EventTime
     m: bool
     e: str = "aggTrade"
 
 
-class _AggTradeFrame(msgspec.Struct, gc=False):
-    stream: str
-    data: _AggTradeEvent
-
-
 class _AggTradeRow(msgspec.Struct, gc=False):
-    a: _Id
-    p: _Text
-    q: _Text
-    f: _Id
-    l: _Id  # noqa: E741
-    T: _Time
+    a: Id
+    p: DecimalText
+    q: DecimalText
+    f: Id
+    l: Id  # noqa: E741
+    T: EventTime
     m: bool
 
 
-_FRAME = msgspec.json.Decoder(_AggTradeFrame)
+_FRAME = msgspec.json.Decoder(Envelope[_AggTradeEvent])
 _ROWS = msgspec.json.Decoder(list[_AggTradeRow])
 
 
@@ -59,8 +48,9 @@ def agg_trade_stream(symbol: str) -> str:
     return f"{symbol.lower()}{AGG_TRADE_SUFFIX}"
 
 
-# Prices and quantities repeat (a symbol prints near the same prices all minute, and
-# sizes cluster on round lots): their units are looked up, not parsed again; bounded.
+# Prices and quantities repeat (a symbol prints near the same prices all minute, sizes
+# cluster on round lots, a book's levels come back update after update): their units
+# are looked up, not parsed again; bounded. Shared by the trade and book streams.
 _UNITS: dict[str, int] = {}
 _UNITS_KEPT = 100_000
 # Symbols seen valid, with their aggTrade stream's name (bounded: a feed of made-up
@@ -75,7 +65,8 @@ def clear_caches() -> None:
     _STREAMS.clear()
 
 
-def _units(text: str) -> int:
+def units(text: str) -> int:
+    """`to_units`, remembered (ValueError for a bad text, never remembered)."""
     units = _UNITS.get(text)
     if units is None:
         units = to_units(text)
@@ -87,7 +78,7 @@ def _units(text: str) -> int:
 
 def _trade(event: _AggTradeEvent | _AggTradeRow) -> AggTrade:
     try:
-        price, qty = _units(event.p), _units(event.q)
+        price, qty = units(event.p), units(event.q)
     except ValueError as exc:
         raise FrameError(str(exc)) from None
     if not (0 < price < MAX_UNITS and 0 <= qty < MAX_UNITS):

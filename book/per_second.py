@@ -22,7 +22,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from book.features import weighted_mid
+from book.features import depth_imbalance, weighted_mid
 from book.seconds import DepthSecond, TickerSecond, TradeSecond
 from book.vpin import Vpin
 from orderflow.fold import UNIT
@@ -70,8 +70,9 @@ class FeatureState:
         if ticker is not None:
             microprice: float | None = ticker.microprice_close()
             ofi: float | None = ticker.ofi / UNIT
-            total = ticker.bid_qty_close + ticker.ask_qty_close
-            i1 = (ticker.bid_qty_close - ticker.ask_qty_close) / total if total else 0.0
+            i1 = depth_imbalance(
+                [(ticker.bid_close, ticker.bid_qty_close)], [(ticker.ask_close, ticker.ask_qty_close)], 1
+            )
         else:
             microprice = weighted_mid(depth_quote) if depth_quote is not None else None
             ofi = depth.ofi_l1 / UNIT if depth is not None else None

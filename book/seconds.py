@@ -177,24 +177,22 @@ class SecondSeries[Bar: (TradeSecond, TickerSecond, DepthSecond)]:
     def roll_to(self, time_ms: int) -> None:
         """An event of `time_ms` is about to change what the open second's `finish` reads
         (a depth diff, the book): a bar of an earlier second is closed first."""
-        bar = self.open_bar
-        if bar is not None and bar.ts < time_ms - time_ms % SECOND_MS:
-            self._close(bar)
-            self.open_bar = None
+        if self.open_bar is not None and self.open_bar.ts < time_ms - time_ms % SECOND_MS:
+            self._close(self.open_bar)
 
     def close_through(self, clock_ms: int, grace_ms: int) -> None:
         """The exchange's clock is at `clock_ms`: an open second that ended more than
         `grace_ms` before it is closed."""
-        bar = self.open_bar
-        if bar is not None and bar.ts + SECOND_MS + grace_ms <= clock_ms:
-            self._close(bar)
-            self.open_bar = None
+        if self.open_bar is not None and self.open_bar.ts + SECOND_MS + grace_ms <= clock_ms:
+            self._close(self.open_bar)
 
     def _close(self, bar: Bar) -> None:
+        """The open bar is closed: finished, handed out, and no longer open."""
         if self.finish is not None:
             self.finish(bar)
         self.closed.append(bar)
         self.newest_closed = bar.ts
+        self.open_bar = None
 
     def take(self) -> list[Bar]:
         closed, self.closed = self.closed, []

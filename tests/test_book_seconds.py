@@ -119,6 +119,8 @@ def test_recorded_book_ticker_seconds_equal_a_recomputation():
         got = [Decimal(units_text(v)) for v in (bar.ask_open, bar.ask_high, bar.ask_low, bar.ask_close)]
         assert got == [asks[0], max(asks), min(asks), asks[-1]]
         assert bar.updates == len(events) and bar.last_update_id == events[-1]["u"]
+        mean_spread = sum(a - b for a, b in zip(asks, bids, strict=True)) / len(events)
+        assert math.isclose(bar.mean_spread(), float(mean_spread), rel_tol=1e-12)
         last = events[-1]
         b, a, bq, aq = (Decimal(last[k]) for k in ("b", "a", "B", "A"))
         assert abs(Decimal(bar.microprice_close()) - (b * aq + a * bq) / (bq + aq)) < Decimal("1e-9")
