@@ -201,3 +201,17 @@ async def test_an_older_database_keeps_its_trade_switches_under_the_new_name(poo
     await apply_migrations(pool)
     rows = await pool.fetch("SELECT symbol, trades, book_ticker, depth FROM tickers ORDER BY symbol")
     assert [tuple(r) for r in rows] == [("BTCUSDT", True, False, False), ("ETHUSDT", False, False, False)]
+
+
+async def test_migration_009_runs_again_over_stored_seconds_and_partitions(pool):
+    """The book's hourly-partitioned tables (SPEC section 14): re-running the file keeps
+    the partitions and their rows, and the views read them."""
+    from book import store
+    from book.per_second import Features
+
+    second = Features(1_721_347_200_000, 64000.5, 0.25, None, -1.5, None, None, None, None, None)
+    await store.write_seconds(pool, [], [], [], [("BTCUSDT", second)], [])
+    await pool.execute((SQL_DIR / "009_book_seconds.sql").read_text())
+    row = await pool.fetchrow("SELECT microprice, i10, ofi FROM features_1s_v4 WHERE symbol = 'BTCUSDT'")
+    assert tuple(row) == (64000.5, None, -1.5)
+    assert await pool.fetchval("SELECT count(*) FROM pg_inherits WHERE inhparent = 'features_1s4'::regclass") >= 2

@@ -1,0 +1,479 @@
+"""The book domain in and out of PostgreSQL and Redis (SPEC section 14): the thin I/O
+beside the pure bars (book/seconds.py, book/per_second.py, book/minutes.py).
+
+PostgreSQL: the one-second tables of migration 009, partitioned by hour on `ts`. A
+flush (~220 symbols × up to four kinds a second) is one statement: a data-modifying CTE
+per table, each an `INSERT ... SELECT FROM unnest(...)` of column arrays, so it is one
+round trip and one transaction. Seconds are final when written (a second is closed on
+the exchange's clock and never reopened), so they are `ON CONFLICT DO NOTHING`: a batch
+re-sent after a lost reply neither fails nor duplicates. Prices and quantities go as the
+exact decimal text of their units, never through a float.
+
+Partitions are made on demand for the hours a batch touches and the hour after its
+newest (so that normally the DDL, which takes the parent's ACCESS EXCLUSIVE lock for a
+moment, runs an hour ahead of the rows that need it, and gives up after 200 ms behind a
+long reader instead of stalling the flush); made hours are remembered per process, so
+the hot path costs no DDL round trip. Should a partition vanish behind that memory
+(dropped by another process, a schema rebuilt), the insert fails as "no partition", the
+hours are made again, and the batch is sent once more.
+
+Redis: `features:<SYMBOL>` (the newest second; an absent feature is an absent field),
+the bounded stream `features_1s` (every second), `book:<SYMBOL>` (the depth filter).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+
+from book.minutes import MinuteRow
+from book.per_second import Features
+from book.seconds import DepthSecond, TickerSecond, TradeSecond
+from candles import datetime_to_ms, ms_to_datetime
+from core_io import execute_checked, xadd_command
+from orderflow.fold import units_text
+
+HOUR_MS = 3_600_000
+FEATURES_STREAM = "features_1s"
+PARTITIONED = ("trades_1s4", "book_ticker_1s4", "depth_1s4", "features_1s4")
+DROP_LOCK_TIMEOUT = "2s"  # a DROP waiting for its lock holds up the inserts queued behind it
+AHEAD_LOCK_TIMEOUT = "200ms"  # the next hour's partitions: tried again on the next flush
+FEATURE_NAMES = ("microprice", "i1", "i10", "ofi", "volume_imbalance", "vpin", "vpin_bulk", "volatility", "log_return")
+
+_PARTITION_NAME = re.compile(r"^(?P<table>\w+)_p(?P<hour>\d{10})$")
+_known_hours: set[int] = set()  # hours whose four partitions this process made or found
+
+
+def features_key(symbol: str) -> str:
+    return f"features:{symbol}"
+
+
+def book_key(symbol: str) -> str:
+    return f"book:{symbol}"
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def partition_name(table: str, hour_ms: int) -> str:
+    """`trades_1s4_p2026120600`: the table and the hour's start, UTC."""
+    return f"{table}_p{ms_to_datetime(hour_ms):%Y%m%d%H}"
+
+
+def _partition_ddl(table: str, hour_ms: int) -> str:
+    """DDL takes no parameters; every part here is made from an int and our own names."""
+    start, end = ms_to_datetime(hour_ms), ms_to_datetime(hour_ms + HOUR_MS)
+    return (
+        f"CREATE TABLE IF NOT EXISTS {partition_name(table, hour_ms)} PARTITION OF {table} "
+        f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+    )
+
+
+async def ensure_partitions(pool: asyncpg.Pool, hours: Iterable[int]) -> None:
+    """The four tables' partitions for these hours (ms; any time in an hour stands for
+    it), made if missing. Nothing is sent for hours made before by this process."""
+    wanted = {hour - hour % HOUR_MS for hour in hours} - _known_hours
+    if wanted:
+        await _make_partitions(pool, wanted)
+
+
+async def _make_partitions(pool: asyncpg.Pool, hours: set[int], lock_timeout: str | None = None) -> bool:
+    """One look-up of what exists, then a statement per missing partition (four an hour).
+    Two processes may race: IF NOT EXISTS covers the usual case; the loser of an exact
+    tie gets a duplicate error from the catalogue, which means the partition is there.
+    With `lock_timeout`, gives up (False, nothing remembered) rather than wait longer
+    for the parent's lock (a long reader holds it; the inserts would queue behind)."""
+    names = {partition_name(table, hour): (table, hour) for hour in hours for table in PARTITIONED}
+    existing = await pool.fetch(
+        "SELECT n FROM unnest($1::text[]) AS n WHERE to_regclass(quote_ident(n)) IS NOT NULL", list(names)
+    )
+    missing = set(names) - {r["n"] for r in existing}
+    for name in sorted(missing):
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                if lock_timeout is not None:
+                    await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
+                await conn.execute(_partition_ddl(*names[name]))
+        except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+            pass
+        except asyncpg.LockNotAvailableError:
+            return False
+    _known_hours.update(hours)
+    return True
+
+
+async def drop_expired(pool: asyncpg.Pool, retention_hours: int, now_ms: int) -> list[str]:
+    """Drop the partitions whose hour ended at or before `now_ms` − retention (whole
+    hours: no row is deleted); their names. A partition whose lock is not had within
+    DROP_LOCK_TIMEOUT (a long reader) is left for the next run. Logs nothing: the caller
+    does."""
+    cutoff = now_ms - retention_hours * HOUR_MS
+    rows = await pool.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = ANY($1::regclass[]) ORDER BY c.relname",
+        list(PARTITIONED),
+    )
+    dropped: list[str] = []
+    for row in rows:
+        match = _PARTITION_NAME.match(row["relname"])
+        if match is None or match["table"] not in PARTITIONED:
+            continue  # not one of ours
+        hour = _hour_of(match["hour"])
+        if hour + HOUR_MS > cutoff:
+            continue
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'")
+                await conn.execute(f"DROP TABLE IF EXISTS {row['relname']}")
+        except asyncpg.LockNotAvailableError:
+            continue
+        _known_hours.discard(hour)
+        dropped.append(row["relname"])
+    return dropped
+
+
+def _hour_of(digits: str) -> int:
+    """'2026120600' -> that hour's start in ms."""
+    moment = datetime.strptime(digits, "%Y%m%d%H").replace(tzinfo=UTC)
+    return int(moment.timestamp()) * 1000
+
+
+# --------------------------------------------------------------------------- seconds
+
+# (column, type): numeric columns travel as text (exact, cheap to encode) and are cast.
+_TRADES = (
+    ("symbol", "text"),
+    ("ts", "timestamptz"),
+    ("open", "numeric"),
+    ("high", "numeric"),
+    ("low", "numeric"),
+    ("close", "numeric"),
+    ("buy_volume", "numeric"),
+    ("sell_volume", "numeric"),
+    ("quote_volume", "numeric"),
+    ("vwap", "numeric"),
+    ("agg_trades", "int4"),
+)
+_TICKERS = (
+    ("symbol", "text"),
+    ("ts", "timestamptz"),
+    *((name, "numeric") for name in ("bid_open", "bid_high", "bid_low", "bid_close")),
+    *((name, "numeric") for name in ("ask_open", "ask_high", "ask_low", "ask_close")),
+    ("bid_qty_close", "numeric"),
+    ("ask_qty_close", "numeric"),
+    ("microprice_close", "float8"),
+    ("spread_sum", "numeric"),
+    ("ofi", "numeric"),
+    ("updates", "int4"),
+    ("last_update_id", "int8"),
+)
+_DEPTHS = (
+    ("symbol", "text"),
+    ("ts", "timestamptz"),
+    ("ofi_l1", "numeric"),
+    ("ofi_l10", "numeric"),
+    ("imbalance_1", "float8"),
+    ("imbalance_5", "float8"),
+    ("imbalance_10", "float8"),
+    ("bid_depth_in_range", "numeric"),
+    ("ask_depth_in_range", "numeric"),
+    ("last_update_id", "int8"),
+    ("diffs", "int4"),
+)
+_FEATURES = (("symbol", "text"), ("ts", "timestamptz"), *((name, "float8") for name in FEATURE_NAMES))
+_MINUTES = (
+    ("symbol", "text"),
+    ("open_time", "timestamptz"),
+    ("ofi", "numeric"),
+    ("ofi_l1", "numeric"),
+    ("ofi_l10", "numeric"),
+    ("mean_spread", "float8"),
+    ("microprice", "float8"),
+    ("vpin", "float8"),
+    ("vpin_bulk", "float8"),
+    ("i1_mean", "float8"),
+    ("volume_imbalance", "float8"),
+    ("volatility", "float8"),
+    ("book_ticker_updates", "int4"),
+    ("depth_diffs", "int4"),
+    ("seconds", "int2"),
+)
+_TABLES = (
+    ("trades_1s4", _TRADES),
+    ("book_ticker_1s4", _TICKERS),
+    ("depth_1s4", _DEPTHS),
+    ("features_1s4", _FEATURES),
+    ("book_m1_4", _MINUTES),
+)
+
+
+def _insert_sql(table: str, columns: Sequence[tuple[str, str]], first: int) -> str:
+    names = ", ".join(name for name, _ in columns)
+    arrays = ", ".join(f"${i}::{'text' if kind == 'numeric' else kind}[]" for i, (_, kind) in enumerate(columns, first))
+    selected = ", ".join(f"u.{name}::numeric" if kind == "numeric" else f"u.{name}" for name, kind in columns)
+    return f"INSERT INTO {table} ({names}) SELECT {selected} FROM unnest({arrays}) AS u({names})"
+
+
+def _write_sql() -> str:
+    """One statement: the four second tables (DO NOTHING), then the minutes.
+
+    A minute may be rolled up again: after a restart, from only the seconds the new
+    process saw (its row then holds fewer `seconds`), or re-sent unchanged. The row that
+    saw more of the minute is kept (ties: the newer), an unchanged one is not rewritten;
+    the two halves of a minute split by a restart are not merged (`seconds` tells a
+    reader how complete a minute is)."""
+    parts, first = [], 1
+    for n, (table, columns) in enumerate(_TABLES[:-1], 1):
+        parts.append(f"w{n} AS ({_insert_sql(table, columns, first)} ON CONFLICT (symbol, ts) DO NOTHING)")
+        first += len(columns)
+    minutes = [name for name, _ in _MINUTES[2:]]
+    return (
+        "WITH "
+        + ", ".join(parts)
+        + " "
+        + _insert_sql("book_m1_4", _MINUTES, first)
+        + " ON CONFLICT (symbol, open_time) DO UPDATE SET "
+        + ", ".join(f"{c} = EXCLUDED.{c}" for c in minutes)
+        + ", written_at = now() WHERE EXCLUDED.seconds >= book_m1_4.seconds AND ("
+        + ", ".join(f"book_m1_4.{c}" for c in minutes)
+        + ") IS DISTINCT FROM ("
+        + ", ".join(f"EXCLUDED.{c}" for c in minutes)
+        + ")"
+    )
+
+
+_WRITE_SQL = _write_sql()
+
+
+def _scaled_text(value: int, decimals: int) -> str:
+    """Exact decimal text of value × 10^-decimals."""
+    return format(Decimal(value).scaleb(-decimals).normalize(), "f")
+
+
+def _opt_units(value: int | None) -> str | None:
+    return None if value is None else units_text(value)
+
+
+def trade_record(symbol: str, t: TradeSecond) -> tuple[Any, ...]:
+    vwap = t.vwap()
+    return (
+        symbol,
+        ms_to_datetime(t.ts),
+        units_text(t.open),
+        units_text(t.high),
+        units_text(t.low),
+        units_text(t.close),
+        units_text(t.buy_volume),
+        units_text(t.sell_volume),
+        _scaled_text(t.notional, 16),  # units² of 1e-8 × 1e-8
+        None if vwap is None else format(vwap, "f"),
+        t.agg_trades,
+    )
+
+
+def ticker_record(symbol: str, t: TickerSecond) -> tuple[Any, ...]:
+    prices = (t.bid_open, t.bid_high, t.bid_low, t.bid_close, t.ask_open, t.ask_high, t.ask_low, t.ask_close)
+    return (
+        symbol,
+        ms_to_datetime(t.ts),
+        *map(units_text, prices),
+        units_text(t.bid_qty_close),
+        units_text(t.ask_qty_close),
+        t.microprice_close(),
+        units_text(t.spread_sum),
+        units_text(t.ofi),
+        t.updates,
+        t.last_update_id,
+    )
+
+
+def depth_record(symbol: str, d: DepthSecond) -> tuple[Any, ...]:
+    return (
+        symbol,
+        ms_to_datetime(d.ts),
+        units_text(d.ofi_l1),
+        units_text(d.ofi_l10),
+        d.imbalance_1,
+        d.imbalance_5,
+        d.imbalance_10,
+        units_text(d.bid_depth_in_range),
+        units_text(d.ask_depth_in_range),
+        d.last_update_id,
+        d.diffs,
+    )
+
+
+def features_record(symbol: str, f: Features) -> tuple[Any, ...]:
+    return (symbol, ms_to_datetime(f.ts), *(getattr(f, name) for name in FEATURE_NAMES))
+
+
+def minute_record(m: MinuteRow) -> tuple[Any, ...]:
+    return (
+        m.symbol,
+        ms_to_datetime(m.open_time),
+        _opt_units(m.ofi),
+        _opt_units(m.ofi_l1),
+        _opt_units(m.ofi_l10),
+        m.mean_spread,
+        m.microprice,
+        m.vpin,
+        m.vpin_bulk,
+        m.i1_mean,
+        m.volume_imbalance,
+        m.volatility,
+        m.book_ticker_updates,
+        m.depth_diffs,
+        m.seconds,
+    )
+
+
+def _columns(records: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [list(column) for column in zip(*records)] if records else [[] for _ in range(width)]
+
+
+def write_params(
+    trades: Sequence[tuple[str, TradeSecond]],
+    tickers: Sequence[tuple[str, TickerSecond]],
+    depths: Sequence[tuple[str, DepthSecond]],
+    features: Sequence[tuple[str, Features]],
+    minutes: Sequence[MinuteRow],
+) -> list[list[Any]]:
+    """The statement's column arrays. A minute given twice goes once (the one with more
+    seconds; ties: the later): one statement may not update a row twice."""
+    fullest: dict[tuple[str, int], MinuteRow] = {}
+    for m in minutes:
+        held = fullest.get((m.symbol, m.open_time))
+        if held is None or m.seconds >= held.seconds:
+            fullest[(m.symbol, m.open_time)] = m
+    params: list[list[Any]] = []
+    for records, (_, columns) in zip(
+        (
+            [trade_record(s, t) for s, t in trades],
+            [ticker_record(s, t) for s, t in tickers],
+            [depth_record(s, d) for s, d in depths],
+            [features_record(s, f) for s, f in features],
+            [minute_record(m) for m in fullest.values()],
+        ),
+        _TABLES,
+    ):
+        params += _columns(records, len(columns))
+    return params
+
+
+async def write_seconds(
+    pool: asyncpg.Pool,
+    trades: list[tuple[str, TradeSecond]],
+    tickers: list[tuple[str, TickerSecond]],
+    depths: list[tuple[str, DepthSecond]],
+    features: list[tuple[str, Features]],
+    minutes: list[MinuteRow],
+) -> None:
+    """One flush, all or nothing, in one statement; safe to send again."""
+    stamps = [bar.ts for batch in (trades, tickers, depths, features) for _, bar in batch]
+    if not stamps and not minutes:
+        return
+    hours = {ts - ts % HOUR_MS for ts in stamps}
+    if hours:
+        await ensure_partitions(pool, hours)
+        ahead = max(hours) + HOUR_MS  # made before the rows that need it, if the lock comes soon
+        if ahead not in _known_hours:
+            await _make_partitions(pool, {ahead}, AHEAD_LOCK_TIMEOUT)
+    params = write_params(trades, tickers, depths, features, minutes)
+    try:
+        await pool.execute(_WRITE_SQL, *params)
+    except asyncpg.CheckViolationError as error:
+        if "no partition" not in str(error):
+            raise
+        await _make_partitions(pool, hours)  # remembered, but gone: made again
+        await pool.execute(_WRITE_SQL, *params)
+
+
+async def newest_seconds(pool: asyncpg.Pool, symbols: Sequence[str]) -> dict[str, int]:
+    """Each symbol's newest stored second (ms), for the hole a restart leaves. Every
+    second with a bar has a features row, written in the same statement, so
+    `features_1s4` alone answers: one index probe per partition and symbol."""
+    rows = await pool.fetch(
+        "SELECT s.symbol, f.ts FROM unnest($1::text[]) AS s(symbol) CROSS JOIN LATERAL "
+        "(SELECT ts FROM features_1s4 f WHERE f.symbol = s.symbol ORDER BY f.ts DESC LIMIT 1) f",
+        list(symbols),
+    )
+    return {r["symbol"]: datetime_to_ms(r["ts"]) for r in rows}
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+def feature_fields(f: Features) -> dict[str, str]:
+    """`ts` (ms) and each feature that has a value (shortest round-tripping text); a
+    feature without one (None, NaN, ±inf) is left out, never an empty string."""
+    fields = {"ts": str(f.ts)}
+    for name in FEATURE_NAMES:
+        value = getattr(f, name)
+        if value is not None and math.isfinite(value):
+            fields[name] = repr(float(value))
+    return fields
+
+
+def book_document(
+    bids: Sequence[tuple[int, int]],
+    asks: Sequence[tuple[int, int]],
+    update_id: int,
+    time_ms: int,
+    bid_depth: int | None = None,
+    ask_depth: int | None = None,
+) -> dict[str, Any]:
+    """`book:<SYMBOL>` from the depth filter's levels ((price, quantity) units, each side
+    best first): prices and quantities as exact decimal text (JSON numbers would be
+    floats to most readers); the depths (units) default to the levels' sums."""
+    return {
+        "bids": [[units_text(p), units_text(q)] for p, q in bids],
+        "asks": [[units_text(p), units_text(q)] for p, q in asks],
+        "update_id": int(update_id),
+        "time": int(time_ms),
+        "bid_depth": units_text(sum(q for _, q in bids) if bid_depth is None else bid_depth),
+        "ask_depth": units_text(sum(q for _, q in asks) if ask_depth is None else ask_depth),
+    }
+
+
+def redis_commands(
+    features: list[tuple[str, Features]], books: list[tuple[str, dict]], stream_maxlen: int
+) -> list[list]:
+    """Commands for one pipeline: each symbol's newest features replace its hash (DEL and
+    HSET inside one MULTI/EXEC, so a reader never sees a half-written or missing hash),
+    then every second's `features_1s` entry in the order given (a stream reader finds
+    the hash already there), then the books: each dict is the document as it is stored
+    (`book_document` makes one), the last given per symbol wins."""
+    newest: dict[str, Features] = {}
+    for symbol, f in features:
+        if symbol not in newest or newest[symbol].ts <= f.ts:
+            newest[symbol] = f
+    commands: list[list[Any]] = []
+    if newest:
+        commands.append(["MULTI"])
+        for symbol, f in newest.items():
+            fields = feature_fields(f)
+            commands.append(["DEL", features_key(symbol)])
+            commands.append(["HSET", features_key(symbol), *(x for item in fields.items() for x in item)])
+        commands.append(["EXEC"])
+    for symbol, f in features:
+        commands.append(xadd_command(FEATURES_STREAM, {"symbol": symbol, **feature_fields(f)}, stream_maxlen))
+    for symbol, book in books:
+        commands.append(["SET", book_key(symbol), orjson.dumps(book)])
+    return commands
+
+
+async def publish(
+    redis: Redis, features: list[tuple[str, Features]], books: list[tuple[str, dict]], stream_maxlen: int
+) -> None:
+    """`redis_commands` in one round, raising the first reply Redis refused."""
+    commands = redis_commands(features, books, stream_maxlen)
+    if commands:
+        await execute_checked(redis, commands)
