@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 import core_io
 import infra
 from alerts import TelegramAlerts
+from book.intake import BOOK_SOURCES, BookIntake, BookSettings, public_url
 from connections import connect_pg, connect_redis, refused_at_boot
 from feed_and_aggregate import Feed, FeedSettings
 from indicators_main import IndicatorOptions, IndicatorWorker
@@ -69,6 +70,7 @@ class DaemonOptions:
     indicators: IndicatorOptions | None
     router: RouterOptions | None
     retention: RetentionOptions = dataclasses.field(default_factory=lambda: RetentionOptions.from_env({}))
+    book: BookSettings | None = None  # BOOK=off: no book streams even where tickers ask
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: int = 30
     watchdog_stale_s: float = 180.0
@@ -83,6 +85,7 @@ class DaemonOptions:
             indicators=IndicatorOptions.from_env(env) if env_bool(env, "INDICATORS_ENABLED", True) else None,
             router=load_router_options(env) if env_bool(env, "SIGNALS_ENABLED", True) else None,
             retention=RetentionOptions.from_env(env),
+            book=BookSettings.from_env(env) if env_bool(env, "BOOK", True) else None,
             heartbeat_interval_s=env_number(env, "HEARTBEAT_INTERVAL_S", 2.0, float, 0.1, 60.0),
             heartbeat_ttl_s=env_number(env, "HEARTBEAT_TTL_S", 30, int, 2, 3600),
             watchdog_stale_s=env_number(env, "WATCHDOG_STALE_S", 180.0, float, 0.0, 86_400.0),
@@ -153,6 +156,19 @@ class Daemon:
         self.runtime, self.options, self.alerts = runtime, options, alerts
         settings, pool, redis = runtime.settings, runtime.pool, runtime.redis
         self.feed = Feed(settings, options.feed, pool, redis, runtime.store) if options.feed else None
+        self.book: BookIntake | None = None
+        if self.feed and options.feed and options.book:
+            self.book = BookIntake(
+                pool,
+                redis,
+                self.feed.rest,
+                options.book,
+                public_url(settings.binance_ws_url),
+                options.feed,
+                settings.stream_maxlen,
+                options.feed.ticker_refresh_s,
+            )
+            self.feed.orderflow.trade_listener = self.book.on_trade
         self.indicators = IndicatorWorker(settings, pool, redis, options.indicators) if options.indicators else None
         self.router = SignalRouter(settings, pool, options.router) if options.router else None
         self.stop_requested = stop_requested or asyncio.Event()
@@ -169,6 +185,8 @@ class Daemon:
         }
         if self.feed:
             workers.update(self.feed.workers())
+            if self.book:
+                workers.update(self.book.workers())
             if self.options.watchdog_stale_s > 0:
                 workers["WATCHDOG"] = self.watch_feed
         if self.indicators:
@@ -290,9 +308,11 @@ class Daemon:
             phases[what] = round(loop.time() - started, 3)
 
         if self.feed:
-            await phase("closing the connections", self._cancel(Feed.SOURCES), left(6.0))
+            await phase("closing the connections", self._cancel(Feed.SOURCES + BOOK_SOURCES), left(6.0))
             await phase("storing received candles", self.feed.drain(), left(4.0))
-            await self._cancel([name for name in self.tasks if name.startswith("FEED_")])
+            if self.book:
+                await phase("storing the finished seconds", self.book.drain(), left(3.5))
+            await self._cancel([name for name in self.tasks if name.startswith(("FEED_", "BOOK_"))])
         if self.router:
             self.router.stop()
         if self.indicators:

@@ -69,6 +69,7 @@ class OrderFlowIntake:
         self.settings = settings or OrderFlowSettings()
         self.rules = rules or ImbalanceRules()
         self.tapes: dict[str, Tape] = {}
+        self.trade_listener: Callable[[str, AggTrade], None] | None = None  # the book's one-second bars
         self.chains: dict[str, SymbolChain] = {}
         self.m1_rows: dict[tuple[str, int], int] = {}  # (symbol, day) -> M1 row
         self.fixed: dict[str, int] = {}
@@ -98,6 +99,8 @@ class OrderFlowIntake:
         tape = self.tapes.get(symbol)
         if tape is None:
             return
+        if self.trade_listener is not None:
+            self.trade_listener(symbol, trade)
         self.stats["trades"] += 1
         try:
             tape.add(trade)
