@@ -1,5 +1,7 @@
 """CLI: `python -m fake_exchange --source archive|synthetic --symbols N --speed X --start ISO --port P`.
 
+Order books (bookTicker, diff depth, GET /fapi/v1/depth) are on unless `--no-books`.
+
 Runs until Ctrl-C (or SIGTERM) and prints the URLs to point the feed at.
 """
 
@@ -17,6 +19,7 @@ if __package__ in (None, ""):  # `python fake_exchange/__main__.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from candles import datetime_to_ms, ms_to_datetime
+from fake_exchange.book import BookConfig
 from fake_exchange.server import FakeExchange
 from fake_exchange.sources import ArchiveSource, CandleSource, SyntheticSource
 from fake_exchange.trades import TRADES_PER_AGG
@@ -48,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=TRADES_PER_AGG,
         help="exchange trades per made-up aggTrade, about (fewer aggTrades for fast replays)",
     )
+    parser.add_argument(
+        "--book-ticker-per-s",
+        type=float,
+        default=BookConfig.book_ticker_per_s,
+        help="made-up books: best bid/ask changes per second and symbol (bookTicker events, about)",
+    )
+    parser.add_argument("--no-books", action="store_true", help="no order books on /public (nor GET /fapi/v1/depth)")
     return parser.parse_args(argv)
 
 
@@ -82,12 +92,15 @@ async def serve(args: argparse.Namespace) -> None:
         close_delay_ms=(int(low), int(high or low)),
         updates_per_minute=args.updates_per_minute,
         trades_per_agg=args.trades_per_agg,
+        book=BookConfig(book_ticker_per_s=args.book_ticker_per_s, seed=args.seed),
+        books=not args.no_books,
     )
     await exchange.start()
     started = ms_to_datetime(exchange.clock.now_ms())
     print(f"fake exchange: {len(source.symbols)} symbols, speed {args.speed:g}x, sim start {started:%Y-%m-%dT%H:%M}Z")
     print(f"BINANCE_WS_URL={exchange.ws_url}")
-    print(f"BINANCE_REST_URL={exchange.rest_url}", flush=True)
+    print(f"BINANCE_REST_URL={exchange.rest_url}")
+    print(f"book streams (bookTicker, depth) on {exchange.public_ws_url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
 
@@ -33,6 +33,10 @@ class Faults:
     reorder_trade: float = 0.0  # an aggTrade is sent after the next one
     late_trade: float = 0.0  # an aggTrade is sent late_trade_delay_ms of sim time later
     late_trade_delay_ms: int = 1_000
+    book_broken_pu: float = 0.0  # a diff depth event carries a wrong `pu` (a broken chain)
+    book_drop_diff: float = 0.0  # a diff depth event is never sent: the next one's `pu` breaks the chain
+    stale_snapshots: int = 0  # the next N GET /fapi/v1/depth answer an old book (older than diffs sent)
+    book_burst_factor: float = 1.0  # while > 1: made-up books change (and bookTickers go out) this many times faster
     retry_after_s: int = 1
     ban_retry_after_s: int = 2
     rng: random.Random = field(default_factory=lambda: random.Random(7), repr=False, compare=False)
@@ -74,6 +78,16 @@ class Stats:
     trades_duplicated: int = 0
     trades_reordered: int = 0
     trades_late: int = 0
+    rest_depth: int = 0  # GET /fapi/v1/depth requests
+    book_tickers_sent: int = 0  # bookTicker frames published
+    depth_sent: int = 0  # diff depth frames published
+    book_broken_pu: int = 0  # diffs sent with a wrong `pu`
+    book_dropped_diffs: int = 0  # diffs never sent
+    book_stale_snapshots: int = 0  # depth snapshots answered with an old book
+    book_burst_steps: int = 0  # diff windows made up under a burst
+    # Every book event sent, per symbol, as the JSON object that went out (faults included);
+    # filled only when the exchange's BookConfig.log_events is on.
+    book_sent: defaultdict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
     rest_429: int = 0
     rest_418: int = 0
     rest_400: int = 0

@@ -2,7 +2,10 @@
 exchange: Binance's own 1m klines for the candles, the recorded trades as aggTrades (a
 run of consecutive MARKET trades with one time, price and side is one aggTrade: the
 recording has raw trades, which do not name their taker order). BTCUSDT and ETHUSDT,
-2024-07-18 23:57 to 2024-07-19 00:05; the first and last minutes are recorded in part."""
+2024-07-18 23:57 to 2024-07-19 00:05; the first and last minutes are recorded in part.
+The recorded bookTicker and depth frames (and the REST snapshot) are replayed by
+book.RecordedBooks; the depth, recorded as `<s>@depth@0ms`, goes out as `<s>@depth@100ms`
+unchanged."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from decimal import Decimal
 from pathlib import Path
 
 from candles import Candle
-from market_data import STREAMS_DIR, recorded_agg_trades
+from market_data import STREAMS_DIR, recorded_agg_trades, recorded_book_frames
 
+from .book import RecordedBook, recorded_book
 from .trades import TradeBook
 
 MINUTE_MS = 60_000
@@ -68,3 +72,8 @@ class RecordedTrades(TradeBook):
             if s == symbol and t <= newest_minute and rows[0]["a"] <= agg_id <= rows[-1]["a"]:
                 return t
         return None
+
+
+def load_recorded_book(symbol: str, streams_dir: Path = STREAMS_DIR) -> RecordedBook:
+    """A recorded symbol's bookTicker and depth frames and its REST snapshot, for replay."""
+    return recorded_book(symbol, list(recorded_book_frames(symbol, streams_dir)))

@@ -1,5 +1,5 @@
-"""The REST side: klines (with weights, 429 and 418), time, ping, exchangeInfo; and the
-fake's own log of when each close frame left it."""
+"""The REST side: klines (with weights, 429 and 418), aggTrades, the depth snapshot, time,
+ping, exchangeInfo; and the fake's own log of when each close frame left it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from aiohttp import web
 
 from candles import Candle
 
+from .book import DEPTH_DEFAULT_LIMIT, MadeUpBooks, RecordedBooks, depth_weight
 from .clock import SimClock
 from .faults import Faults, Stats
 from .frames import MINUTE_MS, aggregate, partial_candle, rest_row
@@ -109,6 +110,9 @@ class RestApi:
         stats: Stats,
         limiter: WeightLimiter,
         trades: TradeBook,
+        books: MadeUpBooks | RecordedBooks | None = None,
+        book_listened: Callable[[str], bool] = lambda symbol: False,
+        book_step_ms: Callable[[], int] = lambda: 100,
     ) -> None:
         self.clock = clock
         self.source = source
@@ -119,10 +123,14 @@ class RestApi:
         self._forced_418 = False
         self._symbols = set(source.symbols)
         self.trades = trades
+        self.books = books
+        self._book_listened = book_listened
+        self._book_step_ms = book_step_ms
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/fapi/v1/klines", self._klines)
         app.router.add_get("/fapi/v1/aggTrades", self._agg_trades)
+        app.router.add_get("/fapi/v1/depth", self._depth)
         app.router.add_get("/fapi/v1/time", self._simple(lambda: {"serverTime": self.clock.now_ms()}))
         app.router.add_get("/fapi/v1/ping", self._simple(lambda: {}))
         app.router.add_get("/fapi/v1/exchangeInfo", self._simple(self._exchange_info))
@@ -356,6 +364,48 @@ class RestApi:
             rows += [r for r in self.trades.minute(symbol, minute) if r["T"] <= now and wanted(r)]
             minute += MINUTE_MS
         return rows[:limit]
+
+    # --- depth ---------------------------------------------------------------------------------
+
+    async def _depth(self, request: web.Request) -> web.StreamResponse:
+        """The order book now: limit 5..1000 (default 500), weight 2/5/10/20 by limit; the
+        `stale_snapshots` fault answers an older book."""
+        self.stats.rest_requests += 1
+        self.stats.rest_depth += 1
+        try:
+            self._forced_limit_fault()
+            params = request.query
+            symbol = params.get("symbol")
+            if not symbol:
+                raise BinanceError(
+                    400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."
+                )
+            limit = self._int_param(params, "limit")
+            limit = DEPTH_DEFAULT_LIMIT if limit is None else limit
+            weight = depth_weight(limit)
+            if weight is None:
+                raise BinanceError(400, -1130, "Data sent for parameter 'limit' is not valid.")
+            if symbol not in self._symbols or self.books is None:
+                raise BinanceError(400, -1121, "Invalid symbol.")
+            status, retry_after = self.limiter.charge(weight)
+            if status != 200:
+                raise self._limit_error(status, retry_after)
+        except BinanceError as error:
+            return await self._fail(request, error)
+        faults = self._faults()
+        stale = faults.stale_snapshots > 0
+        if stale:
+            faults.stale_snapshots -= 1
+            self.stats.book_stale_snapshots += 1
+        body = self.books.snapshot(
+            symbol,
+            self.clock.now_ms(),
+            limit,
+            self._book_step_ms(),
+            listened=self._book_listened(symbol),
+            stale=stale,
+        )
+        return await self._respond(request, 200, body)
 
     # --- exchangeInfo -------------------------------------------------------------------------
 

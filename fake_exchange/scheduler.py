@@ -1,9 +1,10 @@
 """One task per exchange that walks the simulated clock and publishes what is due.
 
-Everything the exchange pushes on its own (kline updates, closes, mark prices) is an event
-with a due sim time in a heap. The task pops what is due, then sleeps (real time) until the
-next one — no polling, so speed 1 costs nothing and speed 1200 is just shorter sleeps. A
-clock jump re-plans from the new instant; speed changes and pauses only re-time the sleep.
+Everything the exchange pushes on its own (kline updates, closes, mark prices, aggTrades,
+the books' bookTickers and diffs) is an event with a due sim time in a heap. The task pops
+what is due, then sleeps (real time) until the next one — no polling, so speed 1 costs
+nothing and speed 1200 is just shorter sleeps. A clock jump re-plans from the new instant;
+speed changes and pauses only re-time the sleep.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import orjson
 
 from candles import Candle
 
+from .book import BookConfig, MadeUpBooks, RecordedBooks, book_streams
 from .clock import SimClock
 from .faults import Faults, Stats
 from .frames import (
@@ -82,6 +85,7 @@ class Scheduler:
         config: PushConfig,
         seed: int,
         trades: TradeBook,
+        books: MadeUpBooks | RecordedBooks | None = None,
     ) -> None:
         self.clock = clock
         self.hub = hub
@@ -112,6 +116,8 @@ class Scheduler:
         self._deferred: dict[tuple[str, int], int] = {}  # (symbol, minute) -> update offset
         self._task: asyncio.Task[None] | None = None
         self.max_lag_s = 0.0  # worst real-time lateness of an event (benchmarks read it)
+        self.books = books
+        self._book_names = {s: book_streams(s) for s in source.symbols}
         clock.add_listener(self._on_clock_change)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -176,6 +182,12 @@ class Scheduler:
         self._push(minute + MINUTE_MS, self._on_minute, minute + MINUTE_MS)
         if self.config.mark_prices:
             self._push(now - now % 1000 + 1000, self._on_mark_tick)
+        if isinstance(self.books, RecordedBooks):
+            self.books.seek(now)
+            self._push(now, self._on_replay_tick)
+        elif self.books is not None:
+            step = self.book_step_ms()
+            self._push(now - now % step + step, self._on_book_tick)
 
     def _plan_minute(self, minute: int, after: int) -> None:
         if not self.source.first_open_time <= minute <= self.source.last_open_time:
@@ -366,3 +378,106 @@ class Scheduler:
             if arr3:
                 self.hub.publish(ALL_MARKS_3S, data)
             self.stats.mark_events += 1
+
+    # --- order books (/public) ------------------------------------------------------------------
+
+    def book_listened(self, symbol: str) -> bool:
+        """Someone takes the symbol's bookTicker or depth (on /public)."""
+        subs = self.hub.subs
+        ticker, depth = self._book_names[symbol]
+        return ticker in subs or depth in subs
+
+    def book_step_ms(self) -> int:
+        """100 ms of sim time, stretched so a symbol gets at most `max_pushes_per_s` diffs per
+        real second (at speed 60 a diff sums 3 s of changes)."""
+        config = self.books.config if self.books is not None else BookConfig()
+        per_real_s = self.clock.speed * 1000 / config.depth_ms
+        return config.depth_ms * max(1, math.ceil(per_real_s / config.max_pushes_per_s))
+
+    def _on_book_tick(self, due: int) -> None:
+        """Every listened symbol's made-up book moves one window: its bookTickers, then its diff."""
+        books = self.books
+        assert isinstance(books, MadeUpBooks)
+        step_ms = self.book_step_ms()
+        self._push(due - due % step_ms + step_ms, self._on_book_tick)
+        faults = self._faults()
+        intensity = max(faults.book_burst_factor, 0.0)
+        subs = self.hub.subs
+        for symbol in self.source.symbols:
+            ticker_name, depth_name = self._book_names[symbol]
+            want_ticker, want_depth = ticker_name in subs, depth_name in subs
+            if not (want_ticker or want_depth):
+                continue
+            step = books.emit(symbol, due, step_ms, intensity)
+            if step is None:
+                continue
+            if intensity > 1:
+                self.stats.book_burst_steps += 1
+            if faults.silent:
+                continue  # the book moves on unseen: listeners find a broken chain afterwards
+            book = books.books[symbol]
+            if want_ticker:
+                for tick in step.tickers:
+                    self._send_book(ticker_name, symbol, False, book.ticker_event(tick))
+            if want_depth:
+                self._send_depth(depth_name, symbol, partial(book.depth_event, step))
+
+    def _send_depth(self, stream: str, symbol: str, event: Callable[[], dict]) -> None:
+        """One diff, through the faults: dropped (the next one's `pu` breaks the chain) or
+        sent with a wrong `pu`. `event` builds it (nothing is built for a dropped one)."""
+        faults = self._faults()
+        if faults.chance(faults.book_drop_diff):
+            self.stats.book_dropped_diffs += 1
+            return
+        data = event()
+        if faults.chance(faults.book_broken_pu):
+            data["pu"] -= 1
+            self.stats.book_broken_pu += 1
+        self._send_book(stream, symbol, True, data)
+
+    def _send_book(self, stream: str, symbol: str, depth: bool, event: dict | None, raw: bytes | None = None) -> None:
+        """Publish one book event (a dict, or `raw` bytes as recorded), count it, log it if asked."""
+        self.hub.publish(stream, orjson.dumps(event) if raw is None else raw)
+        if depth:
+            self.stats.depth_sent += 1
+        else:
+            self.stats.book_tickers_sent += 1
+        if self.books is not None and self.books.config.log_events:
+            self.stats.book_sent[symbol].append(event if event is not None else orjson.loads(raw or b"null"))
+
+    def _on_replay_tick(self, due: int) -> None:
+        """The recordings' frames whose event time has come, for the symbols listened to."""
+        books = self.books
+        assert isinstance(books, RecordedBooks)
+        step_ms = books.config.replay_ms * max(1, math.ceil(self.clock.speed))
+        faults = self._faults()
+        subs = self.hub.subs
+        more = listened = False
+        for symbol in books.symbols:
+            ticker_name, depth_name = self._book_names[symbol]
+            want_ticker, want_depth = ticker_name in subs, depth_name in subs
+            listened = listened or want_ticker or want_depth
+            recorded = books.get(symbol, due) if (want_ticker or want_depth) else books.loaded(symbol)
+            if recorded is None:
+                more = True
+                continue
+            frames = recorded.take(due)
+            more = more or recorded.cursor < len(recorded.frames)
+            if faults.silent:
+                continue
+            for frame in frames:
+                if frame.kind == "bookTicker":
+                    if want_ticker:
+                        self._send_book(ticker_name, symbol, False, None, frame.data)
+                elif want_depth:
+                    self._send_recorded_depth(depth_name, symbol, frame.data)
+        if more:  # nobody listening: a look every 100 ms is enough
+            step_ms = step_ms if listened else max(step_ms, 100)
+            self._push(due - due % step_ms + step_ms, self._on_replay_tick)
+
+    def _send_recorded_depth(self, stream: str, symbol: str, data: bytes) -> None:
+        faults = self._faults()
+        if faults.book_drop_diff or faults.book_broken_pu:
+            self._send_depth(stream, symbol, partial(orjson.loads, data))
+        else:
+            self._send_book(stream, symbol, True, None, data)

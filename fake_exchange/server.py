@@ -9,9 +9,11 @@ from aiohttp import web
 
 from candles import Candle
 
+from .book import BookConfig, MadeUpBooks, RecordedBooks
 from .clock import SimClock
 from .faults import Faults, Stats
 from .hub import StreamHub
+from .recordings import RecordingSource, load_recorded_book
 from .rest_api import RestApi, WeightLimiter
 from .scheduler import PushConfig, Scheduler
 from .sources import CandleSource
@@ -23,7 +25,10 @@ class FakeExchange:
     """A protocol-faithful Binance USDⓈ-M futures exchange on one local port (HTTP + WebSocket).
 
     `ws_url` is the base the feed appends "/stream?streams=..." to (like
-    wss://fstream.binance.com/market); `rest_url` replaces https://fapi.binance.com.
+    wss://fstream.binance.com/market), `public_ws_url` the same for the book streams
+    (wss://fstream.binance.com/public); `rest_url` replaces https://fapi.binance.com.
+    Order books (`book`, None: none) are made up for synthetic and archive symbols and
+    replayed for the recordings; they cost nothing until a symbol's book is asked for.
     """
 
     def __init__(
@@ -49,6 +54,8 @@ class FakeExchange:
         mark_arr_chunk: int = 100,
         trades_per_agg: int = TRADES_PER_AGG,
         trades: TradeBook | None = None,
+        book: BookConfig | None = None,
+        books: bool = True,
     ) -> None:
         self.source = source
         self.host = host
@@ -60,6 +67,7 @@ class FakeExchange:
         self.hub = StreamHub(self.stats)
         self.limiter = WeightLimiter(weight_limit, weight_window_s)
         self.trades = trades or TradeBook(self.candle, source.first_open_time, seed, trades_per_agg)
+        self.books = self._make_books(book or BookConfig(seed=seed)) if books else None
         self.ws = WsGateway(
             self.hub,
             lambda: self.faults,
@@ -80,6 +88,9 @@ class FakeExchange:
             stats=self.stats,
             limiter=self.limiter,
             trades=self.trades,
+            books=self.books,
+            book_listened=lambda symbol: self.scheduler.book_listened(symbol),
+            book_step_ms=lambda: self.scheduler.book_step_ms(),
         )
         self.scheduler = Scheduler(
             clock=self.clock,
@@ -91,6 +102,7 @@ class FakeExchange:
             config=PushConfig(close_delay_ms, updates_per_minute, mark_prices, mark_pushes_per_s, mark_arr_chunk),
             seed=seed,
             trades=self.trades,
+            books=self.books,
         )
         self._runner: web.AppRunner | None = None
 
@@ -141,7 +153,16 @@ class FakeExchange:
     def rest_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def public_ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/public"
+
     # --- data ---------------------------------------------------------------------------------
+
+    def _make_books(self, config: BookConfig) -> MadeUpBooks | RecordedBooks:
+        if isinstance(self.source, RecordingSource):
+            return RecordedBooks(config, self.source.symbols, load_recorded_book)
+        return MadeUpBooks(config, self.source.candle, self.source.first_open_time)
 
     def candle(self, symbol: str, open_time_ms: int) -> Candle | None:
         """The exchange's view of a minute: the source's candle unless the minute is 'missing'."""

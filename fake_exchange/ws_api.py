@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import WSMsgType, web
 
+from .book import is_public_stream
 from .faults import Faults, Stats
 from .frames import error_reply, reply
 from .hub import Connection, StreamHub
@@ -37,7 +38,9 @@ class WsLimits:
 
 
 class WsGateway:
-    """Accepts connections on the /market routes (live data) and the legacy ones (silent)."""
+    """Accepts connections on the /market routes (klines, aggTrades, mark prices), the
+    /public ones (bookTicker, depth) and the legacy ones (silent). A stream asked for on
+    the wrong route is acknowledged and never served, as on Binance."""
 
     def __init__(self, hub: StreamHub, faults: Callable[[], Faults], stats: Stats, limits: WsLimits) -> None:
         self.hub = hub
@@ -51,6 +54,9 @@ class WsGateway:
             ("/market/stream", True, False),
             ("/market/ws", False, False),
             ("/market/ws/{tail:.+}", False, False),
+            ("/public/stream", True, False),
+            ("/public/ws", False, False),
+            ("/public/ws/{tail:.+}", False, False),
             ("/stream", True, True),
             ("/ws", False, True),
             ("/ws/{tail:.+}", False, True),
@@ -98,7 +104,7 @@ class WsGateway:
             if len(initial) > self.limits.max_streams_per_connection:
                 await self._reject(conn, "Too many streams")
             else:
-                self.hub.subscribe(conn, initial)
+                self._subscribe(conn, initial)
                 await self._receive_loop(conn)
         finally:
             conn.closed = True
@@ -108,6 +114,15 @@ class WsGateway:
                 await sender
             self.stats.connections_closed += 1
         return ws
+
+    def _subscribe(self, conn: Connection, streams: list[str]) -> None:
+        """Streams of the connection's route are served; others are only listed."""
+        public = conn.path.startswith("/public")
+        for name in streams:
+            if conn.legacy or is_public_stream(name) == public:
+                self.hub.subscribe(conn, (name,))
+            else:
+                conn.streams[name] = None
 
     @staticmethod
     def _url_streams(request: web.Request) -> list[str]:
@@ -187,7 +202,7 @@ class WsGateway:
             if len(set(conn.streams) | set(params)) > self.limits.max_streams_per_connection:
                 await self._reject(conn, "Too many streams")
                 return
-            self.hub.subscribe(conn, params)
+            self._subscribe(conn, params)
             conn.push(reply(request_id, None))
         elif method == "UNSUBSCRIBE":
             self.hub.unsubscribe(conn, params)
