@@ -115,6 +115,10 @@ class Replay:
         return out
 
 
+async def no_connections(added: object, removed: object) -> None:
+    return None
+
+
 def templates(symbol: str, depth: bool) -> list[tuple[str, dict | str]]:
     out: list[tuple[str, dict | str]] = []
     for kind, text in recorded(symbol):
@@ -145,6 +149,7 @@ async def bench_live(ticker_count: int, depth_count: int, minutes: float) -> Non
         rest = RestClient("http://127.0.0.1:9", WeightLimiter(2400, 60))  # snapshots are handed over
         intake = BookIntake(pool, redis, rest, BookSettings(), "ws://127.0.0.1:9/public", FeedSettings(), 100_000)
         intake.published = []
+        intake.streams.update = no_connections  # frames are handed over, not received
         await intake.follow(await intake.read_tickers())
         for name, worker in intake.workers().items():
             if name in ("BOOK_PUBLISH", "BOOK_WRITE"):
@@ -168,17 +173,17 @@ async def bench_live(ticker_count: int, depth_count: int, minutes: float) -> Non
         while time.monotonic() - began < minutes * 60:
             now = time.time()
             now_ms = int(now * 1000)
-            for replay in replays:
-                made = time.process_time()
-                due = replay.due(now_ms)
-                window_made += time.process_time() - made
-                for kind, raw, event_ms in due:
+            made = time.process_time()
+            due = [(replay.symbol, replay.due(now_ms)) for replay in replays]
+            window_made += time.process_time() - made
+            for symbol, frames in due:
+                for kind, raw, event_ms in frames:
                     if kind == "snapshot":
-                        intake.symbols[replay.symbol].on_snapshot(depth_snapshot_of(raw))
+                        intake.symbols[symbol].on_snapshot(depth_snapshot_of(raw))
                         continue
                     intake.on_frame(raw)
                     applied += 1
-                    last_event[(replay.symbol, event_ms - event_ms % 1000)] = time.time()
+                    last_event[(symbol, event_ms - event_ms % 1000)] = time.time()
             if time.monotonic() - tidied > 30:
                 tidy_heap()
                 tidied = time.monotonic()

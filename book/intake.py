@@ -431,15 +431,17 @@ class BookIntake:
     async def run_retention(self) -> None:
         """Whole partitions past FEATURES_RETENTION_H are dropped, never rows."""
         while True:
-            try:
-                # On the exchange's clock (a replay of older data keeps its own hours).
-                now_ms = self.clock_ms or int(time.time() * 1000)
-                dropped = await book_store.drop_expired(self.pool, self.settings.retention_h, now_ms)
-                if dropped:
-                    log_system_event("INFO", MODULE, f"retention dropped {len(dropped)} partitions", {"names": dropped})
-            except (OSError, asyncpg.PostgresError) as exc:
-                log_system_event("WARNING", MODULE, f"retention not run: {exc!r}")
-            await asyncio.sleep(600)
+            # On the exchange's clock, once it is known: a replay of older data keeps its hours.
+            if self.clock_ms:
+                try:
+                    dropped = await book_store.drop_expired(self.pool, self.settings.retention_h, self.clock_ms)
+                    if dropped:
+                        log_system_event(
+                            "INFO", MODULE, f"retention dropped {len(dropped)} partitions", {"names": dropped}
+                        )
+                except (OSError, asyncpg.PostgresError) as exc:
+                    log_system_event("WARNING", MODULE, f"retention not run: {exc!r}")
+            await asyncio.sleep(600 if self.clock_ms else 5)
 
     async def drain(self) -> None:
         """At shutdown: the seconds finished so far reach Redis and PostgreSQL."""

@@ -397,14 +397,14 @@ async def write_seconds(
 
 
 async def newest_seconds(pool: asyncpg.Pool, symbols: Sequence[str]) -> dict[str, int]:
-    """Each symbol's newest stored second (ms), for the hole a restart leaves. Every
-    second with a bar has a features row, written in the same statement, so
-    `features_1s4` alone answers: one index probe per partition and symbol."""
-    rows = await pool.fetch(
-        "SELECT s.symbol, f.ts FROM unnest($1::text[]) AS s(symbol) CROSS JOIN LATERAL "
-        "(SELECT ts FROM features_1s4 f WHERE f.symbol = s.symbol ORDER BY f.ts DESC LIMIT 1) f",
-        list(symbols),
+    """Each symbol's newest stored second (ms) of any kind, for the hole a restart
+    leaves: one index probe per table, partition and symbol."""
+    probes = " UNION ALL ".join(
+        f"SELECT s.symbol, x.ts FROM unnest($1::text[]) AS s(symbol) CROSS JOIN LATERAL "
+        f"(SELECT ts FROM {table} t WHERE t.symbol = s.symbol ORDER BY t.ts DESC LIMIT 1) x"
+        for table in ("trades_1s4", "book_ticker_1s4", "depth_1s4", "features_1s4")
     )
+    rows = await pool.fetch(f"SELECT symbol, max(ts) AS ts FROM ({probes}) newest GROUP BY symbol", list(symbols))
     return {r["symbol"]: datetime_to_ms(r["ts"]) for r in rows}
 
 
@@ -422,6 +422,22 @@ def feature_fields(f: Features) -> dict[str, str]:
     return fields
 
 
+_LEVEL_TEXTS: dict[int, str] = {}
+_LEVEL_TEXTS_MAX = 200_000
+
+
+def _level_text(units: int) -> str:
+    """`units_text`, remembered: a book's ~2,000 levels in range are published four times
+    a second and their prices and sizes mostly repeat (a quarter of a core uncached, for
+    depth on 20 symbols)."""
+    text = _LEVEL_TEXTS.get(units)
+    if text is None:
+        if len(_LEVEL_TEXTS) >= _LEVEL_TEXTS_MAX:
+            _LEVEL_TEXTS.clear()
+        text = _LEVEL_TEXTS[units] = units_text(units)
+    return text
+
+
 def book_document(
     bids: Sequence[tuple[int, int]],
     asks: Sequence[tuple[int, int]],
@@ -433,9 +449,10 @@ def book_document(
     """`book:<SYMBOL>` from the depth filter's levels ((price, quantity) units, each side
     best first): prices and quantities as exact decimal text (JSON numbers would be
     floats to most readers); the depths (units) default to the levels' sums."""
+    text = _level_text
     return {
-        "bids": [[units_text(p), units_text(q)] for p, q in bids],
-        "asks": [[units_text(p), units_text(q)] for p, q in asks],
+        "bids": [[text(p), text(q)] for p, q in bids],
+        "asks": [[text(p), text(q)] for p, q in asks],
         "update_id": int(update_id),
         "time": int(time_ms),
         "bid_depth": units_text(sum(q for _, q in bids) if bid_depth is None else bid_depth),
