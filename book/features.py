@@ -77,7 +77,3 @@ def range_bounds(best_bid: int, best_ask: int, range_pct: Fraction) -> tuple[int
     low = -((-mid2 * (100 - range_pct)) // 200)  # ceil
     high = (mid2 * (100 + range_pct)) // 200  # floor
     return int(low), int(high)
-
-
-def depth_in_range(bids: Sequence[Level], asks: Sequence[Level]) -> tuple[int, int]:
-    return sum(q for _, q in bids), sum(q for _, q in asks)

@@ -16,7 +16,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 
 from binance.book import BookTick
-from book.features import depth_imbalance, depth_in_range, multi_level_ofi, ofi_step, range_bounds, weighted_mid
+from book.features import depth_imbalance, multi_level_ofi, ofi_step, range_bounds, weighted_mid
 from book.sync import LocalBook
 from orderflow.fold import UNIT, VWAP_QUANTUM, AggTrade
 
@@ -144,8 +144,8 @@ class DepthSecond:
         self.imbalance_5 = depth_imbalance(bids, asks, 5)
         self.imbalance_10 = depth_imbalance(bids, asks, 10)
         if bids and asks:
-            in_range = book.within(*range_bounds(bids[0][0], asks[0][0], range_pct))
-            self.bid_depth_in_range, self.ask_depth_in_range = depth_in_range(*in_range)
+            _, bid_sizes, _, ask_sizes = book.within(*range_bounds(bids[0][0], asks[0][0], range_pct))
+            self.bid_depth_in_range, self.ask_depth_in_range = sum(bid_sizes), sum(ask_sizes)
 
 
 class SecondSeries[Bar: (TradeSecond, TickerSecond, DepthSecond)]:

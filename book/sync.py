@@ -66,11 +66,14 @@ class LocalBook:
         asks = [(p, self.asks[p]) for p in islice(self.asks, depth)]
         return bids, asks
 
-    def within(self, low: int, high: int) -> tuple[list[Level], list[Level]]:
-        """The levels priced in [low, high]: bids from the best down, asks from the best up."""
-        bids = [(p, self.bids[p]) for p in self.bids.irange(low, high, reverse=True)]
-        asks = [(p, self.asks[p]) for p in self.asks.irange(low, high)]
-        return bids, asks
+    def within(self, low: int, high: int) -> tuple[list[int], list[int], list[int], list[int]]:
+        """The levels priced in [low, high] as columns: bid prices (best first), their
+        sizes, ask prices (best first), their sizes; made at C speed (the depth filter
+        reads ~2,000 levels four times a second)."""
+        bid_prices = list(self.bids.irange(low, high, reverse=True))
+        ask_prices = list(self.asks.irange(low, high))
+        bids, asks = self.bids, self.asks
+        return bid_prices, list(map(bids.__getitem__, bid_prices)), ask_prices, list(map(asks.__getitem__, ask_prices))
 
     def levels(self) -> tuple[list[Level], list[Level]]:
         return list(self.bids.items()), list(self.asks.items())

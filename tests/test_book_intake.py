@@ -38,7 +38,7 @@ async def run_intake(pool, redis, settings: BookSettings | None = None) -> BookI
     )
     intake.published = []
     await intake.follow(await intake.read_tickers())
-    tasks = [asyncio.create_task(intake.run_publisher()), asyncio.create_task(intake.run_writer())]
+    tasks = [asyncio.create_task(w()) for w in (intake.run_publisher, intake.run_writer, intake.run_depth_filter)]
     try:
         for kind, text in frames():
             if kind == "snapshot":
@@ -110,7 +110,7 @@ async def test_seconds_reach_the_views_and_redis_as_computed(pool, redis):
 
 async def test_the_depth_filter_publishes_the_synchronised_levels_within_range(pool, redis):
     intake = await run_intake(pool, redis, BookSettings(range_pct=Decimal("0.05"), write_every_s=0.2))
-    intake._filtered_books()  # nothing changed since the last publication: nothing new
+    assert intake._filtered_book(SYMBOL) is None  # nothing changed since the last publication
     book = json.loads(await redis.get(book_store.book_key(SYMBOL)))
     local = intake.symbols[SYMBOL].sync.book
     assert book["update_id"] <= local.update_id

@@ -370,7 +370,8 @@ async def test_redis_gets_the_newest_features_a_bounded_stream_and_the_book(redi
     second = _features(T0 + 1000, microprice=64001.25, i1=-0.5, log_return=float("nan"))
     other = _features(T0 + 1000, ofi=-3.5)
     bids = [(64000 * UNIT, 150_000_000), (63999 * UNIT + 5 * 10**7, 2 * UNIT)]
-    book = store.book_document(bids, [(64001 * UNIT, 1)], 987654321012, T0 + 1234)
+    columns = ([p for p, _ in bids], [q for _, q in bids], [64001 * UNIT], [1])
+    book = store.book_document(*columns, 987654321012, T0 + 1234)
     commands = store.redis_commands(
         [("BTCUSDT", first), ("BTCUSDT", second), ("ETHUSDT", other)], [("BTCUSDT", book)], 50
     )

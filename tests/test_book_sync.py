@@ -85,7 +85,7 @@ def test_quantity_zero_deletes_and_the_book_reads_in_price_order():
     book.apply(diff(2, 2, 1, bids=[(100, 0), (97, 4)], asks=[(101, 0), (104, 0)]))
     assert book.best_bid() == (99, 2) and book.best_ask() == (102, 2)
     assert book.top(2) == ([(99, 2), (98, 3)], [(102, 2), (103, 3)])
-    assert book.within(98, 102) == ([(99, 2), (98, 3)], [(102, 2)])
+    assert book.within(98, 102) == ([99, 98], [2, 3], [102], [2])
 
 
 def test_frames_are_checked():
