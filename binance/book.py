@@ -14,7 +14,7 @@ from typing import NamedTuple
 import msgspec
 
 from binance.protocol import DecimalText, Envelope, EventTime, FrameError, Id, valid_symbol
-from binance.trades import MAX_UNITS, units
+from binance.trades import MAX_UNITS, UNITS_SEEN, units
 
 BOOK_TICKER_SUFFIX = "@bookTicker"
 DEPTH_SPEED = "100ms"
@@ -123,9 +123,18 @@ def _levels(levels: list[tuple[str, str]], what: str) -> list[Level]:
     return out
 
 
+_CHECKED_STREAMS: set[tuple[str, str, str]] = set()  # (symbol, stream, suffix) found good
+
+
 def _check_stream(symbol: str, stream: str, expected_suffix: str) -> None:
+    """The event's symbol names its stream. Remembered once good: every book frame asks
+    (~20,000 a second for 200 book tickers), for a few hundred streams."""
+    if (symbol, stream, expected_suffix) in _CHECKED_STREAMS:
+        return
     if not valid_symbol(symbol) or not stream.startswith(symbol.lower() + "@") or not stream.endswith(expected_suffix):
         raise FrameError(f"{expected_suffix} of {symbol!r} on stream {stream!r}")
+    if len(_CHECKED_STREAMS) < 10_000:
+        _CHECKED_STREAMS.add((symbol, stream, expected_suffix))
 
 
 def parse_book_ticker_frame(raw: str | bytes) -> tuple[str, BookTick]:
@@ -137,11 +146,15 @@ def parse_book_ticker_frame(raw: str | bytes) -> tuple[str, BookTick]:
     if e.e != "bookTicker":
         raise FrameError(f"event {e.e!r} on a bookTicker stream")
     _check_stream(e.s, frame.stream, BOOK_TICKER_SUFFIX)
-    what = f"bookTicker {e.s} {e.u}"
-    bid, ask = _units(e.b, what), _units(e.a, what)
+    # Four remembered texts, looked up directly: ~20,000 frames a second at 200 symbols.
+    seen = UNITS_SEEN.get
+    bid, bid_qty, ask, ask_qty = seen(e.b), seen(e.B), seen(e.a), seen(e.A)
+    if bid is None or bid_qty is None or ask is None or ask_qty is None or max(bid, bid_qty, ask, ask_qty) >= MAX_UNITS:
+        what = f"bookTicker {e.s} {e.u}"
+        bid, bid_qty, ask, ask_qty = (_units(text, what) for text in (e.b, e.B, e.a, e.A))
     if not 0 < bid < ask:
-        raise FrameError(f"{what}: bid {e.b} not below ask {e.a}")
-    return e.s, BookTick(e.u, bid, _units(e.B, what), ask, _units(e.A, what), e.T, e.E)
+        raise FrameError(f"bookTicker {e.s} {e.u}: bid {e.b} not below ask {e.a}")
+    return e.s, BookTick(e.u, bid, bid_qty, ask, ask_qty, e.T, e.E)
 
 
 def parse_depth_frame(raw: str | bytes) -> tuple[str, DepthDiff]:

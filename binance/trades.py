@@ -52,6 +52,7 @@ def agg_trade_stream(symbol: str) -> str:
 # cluster on round lots, a book's levels come back update after update): their units
 # are looked up, not parsed again; bounded. Shared by the trade and book streams.
 _UNITS: dict[str, int] = {}
+UNITS_SEEN = _UNITS  # read directly where a frame's four quotes are looked up (book tickers)
 _UNITS_KEPT = 100_000
 # Symbols seen valid, with their aggTrade stream's name (bounded: a feed of made-up
 # names must not grow it).

@@ -246,20 +246,31 @@ class BookIntake:
         return {names[k](symbol) for k in kinds if k in names}
 
     async def _vpin_buckets(self, symbols: list[str]) -> dict[str, int]:
-        """A VPIN bucket per symbol: the last day's volume (stored M1s) / VPIN_BUCKETS."""
+        """A VPIN bucket per symbol: a day's volume / VPIN_BUCKETS (the paper's 50 a day),
+        the day's volume from the stored M1s of the last day (scaled up to a day when
+        fewer are stored)."""
         if not symbols:
             return {}
         rows = await self.pool.fetch(
-            "SELECT symbol, sum(volume) AS volume FROM ohlcv4_m1 WHERE symbol = ANY($1::text[])"
+            "SELECT symbol, sum(volume) AS volume, count(*) AS minutes FROM ohlcv4_m1 WHERE symbol = ANY($1::text[])"
             " AND open_time > (SELECT max(open_time) FROM ohlcv4_m1) - interval '1 day' GROUP BY symbol",
             symbols,
         )
         buckets = {}
         for row in rows:
-            bucket = int(row["volume"] * UNIT) // self.settings.vpin_buckets_per_day if row["volume"] else 0
+            day_volume = row["volume"] * 1440 / row["minutes"] if row["minutes"] else 0
+            bucket = int(day_volume * UNIT) // self.settings.vpin_buckets_per_day
             if bucket > 0:
                 buckets[row["symbol"]] = bucket
         return buckets
+
+    async def _fill_vpin_buckets(self) -> None:
+        """Symbols followed before their history was stored (a first boot) get a bucket
+        once it is."""
+        missing = [s for s, state in self.symbols.items() if not state.vpin_bucket and "trades" in state.kinds]
+        for symbol, bucket in (await self._vpin_buckets(missing)).items():
+            if (state := self.symbols.get(symbol)) is not None:
+                state.start_vpin(bucket)
 
     async def read_tickers(self) -> dict[str, frozenset[Kind]]:
         rows = await self.pool.fetch(
@@ -280,9 +291,13 @@ class BookIntake:
     # ------------------------------------------------------------ workers
 
     async def run_tickers(self) -> None:
+        buckets_filled_at = time.monotonic()
         while True:
             try:
                 await self.follow(await self.read_tickers())
+                if time.monotonic() - buckets_filled_at > 60:
+                    buckets_filled_at = time.monotonic()
+                    await self._fill_vpin_buckets()
             except (OSError, asyncpg.PostgresError) as exc:
                 log_system_event("WARNING", MODULE, f"tickers not read: {exc!r}")
             await asyncio.sleep(self.ticker_refresh_s)

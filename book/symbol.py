@@ -52,11 +52,13 @@ class KindState:
     grace_ms: int
     passed: int = -1  # newest second this kind will give no (more) bar for
     broken: bool = False  # events may have been lost: the next event's second is dropped
-    hole_from: int = 0  # the first second of the current or last hole
+    hole_from: int | None = 0  # the first second of the current or last hole (None: from the first event's)
     drop_through: int = -1  # bars of seconds up to this one are thrown away
 
     def in_hole(self, ts: int) -> bool:
-        return ts >= self.hole_from and (self.broken or ts <= self.drop_through)
+        if self.hole_from is None or ts < self.hole_from:
+            return False
+        return self.broken or ts <= self.drop_through
 
 
 @dataclass
@@ -81,8 +83,7 @@ class SymbolSeconds:
     book_changed: bool = False  # the depth filter has something new to publish
 
     def __post_init__(self) -> None:
-        vpin = Vpin(self.vpin_bucket or 1, self.vpin_window)
-        self.features = FeatureState(vpin, self.volatility_window)
+        self.features = FeatureState(Vpin(self.vpin_bucket or 1, self.vpin_window), self.volatility_window)
         makers: dict[Kind, tuple[Callable[[int], object], Callable | None, int]] = {
             "trades": (TradeSecond, None, self.trade_grace_ms),
             "ticker": (TickerSecond, None, self.book_grace_ms),
@@ -90,8 +91,18 @@ class SymbolSeconds:
         }
         for kind in self.kinds:
             make, finish, grace = makers[kind]
-            self.state[kind] = KindState(kind, SecondSeries(make, finish), grace, broken=True)  # type: ignore[arg-type]
+            # Before its first event a book stream was not connected yet: a hole. Trades come
+            # on the feed's connection, already open: the seconds before the first trade had
+            # none, and only the first trade's second (its earlier trades may be missed) is one.
+            hole_from = None if kind == "trades" else 0
+            self.state[kind] = KindState(kind, SecondSeries(make, finish), grace, broken=True, hole_from=hole_from)  # type: ignore[arg-type]
         self.dropped = dict.fromkeys(self.kinds, 0)
+
+    def start_vpin(self, bucket: int) -> None:
+        """VPIN from now on, with buckets of `bucket` units (a symbol without one had none)."""
+        assert self.features is not None
+        self.vpin_bucket = bucket
+        self.features.vpin = Vpin(bucket, self.vpin_window)
 
     # ------------------------------------------------------------------ events
 
@@ -178,6 +189,8 @@ class SymbolSeconds:
         if state.broken:
             state.broken = False
             state.drop_through = max(state.drop_through, ts)
+            if state.hole_from is None:
+                state.hole_from = ts
         bar = state.series.bar_for(time_ms)
         self._settle(state)
         state.passed = max(state.passed, ts - SECOND_MS)

@@ -157,3 +157,24 @@ def test_a_lost_stream_leaves_a_hole_of_whole_seconds_and_the_other_kinds_stand(
         if second.ticker is not None:
             assert second.ticker == reference[ts].ticker
         assert second.depth == reference[ts].depth
+
+
+def test_before_the_first_trade_seconds_have_features_and_the_first_trades_second_none():
+    """Trades come on the feed's open connection: the seconds before the first trade had
+    none; the first trade's second may miss earlier trades: no bar, no features."""
+    state = SymbolSeconds("BTCUSDT", frozenset({"trades", "ticker"}), Fraction(1), None)
+    out: list[Second] = []
+    for second in range(8):
+        for step in range(4):
+            t = second * SECOND_MS + 100 + step * 200
+            state.on_tick(BookTick(second * 10 + step, 100 * 10**8, 10**8, 101 * 10**8, 2 * 10**8, t, t))
+            if second >= 3 and step == 1:
+                state.on_trade(AggTrade(second, 100 * 10**8, 10**8, second, second, t, second % 2 == 0))
+            out += state.close_through(t)
+    by_ts = {s.ts // SECOND_MS: s for s in out}
+    assert 0 not in by_ts  # the ticker's first second: dropped, and no other bar
+    assert by_ts[1].features is not None and by_ts[2].features is not None  # no trades: none missed
+    assert by_ts[1].features.volume_imbalance is None
+    assert by_ts[3].trades is None and by_ts[3].features is None  # the first trade's second
+    assert by_ts[4].trades is not None and by_ts[4].features.volume_imbalance == -1.0  # m: the taker sold
+    assert by_ts[5].features.volume_imbalance == 1.0
