@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import timeit
+from array import array
 from fractions import Fraction
 from pathlib import Path
 
@@ -303,29 +304,22 @@ async def bench_live(ticker_count: int, depth_count: int, minutes: float, skip_s
         intake.published = []
         rss_start = rss_mb()
         began = time.monotonic()
+        latencies = Latencies()
+        rss_windows = []
         while time.monotonic() - began < minutes * 60:
-            await asyncio.sleep(10 - (time.monotonic() - window_at))
+            while time.monotonic() - window_at < 10:
+                await asyncio.sleep(1)
+                latencies.take(intake, last_event)  # bounded: what is measured is let go
             frames = intake.stats["frames"]
             windows.append(
                 (time.process_time() - window_cpu - (frames - window_frames) * timing_s, time.monotonic() - window_at)
             )
             window_cpu, window_at, window_frames = time.process_time(), time.monotonic(), frames
             tidy_heap()
-        rss_end = rss_mb()
+            rss_windows.append(rss_mb())
         rate = (intake.stats["frames"] - frames_at_start) / (time.monotonic() - began)
-        report(
-            ticker_count,
-            depth_count,
-            windows,
-            rss_start,
-            rss_end,
-            last_event,
-            late,
-            intake,
-            rate,
-            minutes,
-            timing_s * 1e6,
-        )
+        report(ticker_count, depth_count, windows, rss_start, rss_windows, latencies, late, intake, rate, minutes)
+        print(f"  (the bench's own stamping of each frame, {timing_s * 1e6:.1f} µs, is taken off the CPU above)")
         stored = await pool.fetchval("SELECT count(*) FROM book_ticker_1s_v4")
         print(f"  stored: {stored:,} book ticker seconds; intake: {intake.stats}")
     finally:
@@ -341,45 +335,63 @@ async def bench_live(ticker_count: int, depth_count: int, minutes: float, skip_s
         await drop_database(setting("POSTGRES_URL"), DATABASE)
 
 
-def report(tickers, depth, windows, rss_start, rss_end, last_event, late, intake, rate, minutes, timing_us) -> None:
+class Latencies:
+    """Per published second, ms: from the frame that finished it, from its last event
+    (or its end, if later), from its end."""
+
+    def __init__(self) -> None:
+        self.own, self.after_last, self.after_end = array("d"), array("d"), array("d")
+
+    def take(self, intake: BookIntake, last_event: dict[tuple[str, int], float]) -> None:
+        published, intake.published = intake.published or [], []
+        for symbol, ts, finishing, done in published:
+            end = (ts + 1000) / 1000
+            self.own.append((done - finishing) * 1000)
+            self.after_end.append((done - end) * 1000)
+            handed = last_event.pop((symbol, ts), None)
+            if handed is not None:
+                self.after_last.append((done - max(handed, end)) * 1000)
+        if len(last_event) > 50_000:  # seconds never published (a hole): let go
+            horizon = (time.time() - 60) * 1000
+            for key in [k for k in last_event if k[1] < horizon]:
+                del last_event[key]
+
+
+def report(tickers, depth, windows, rss_start, rss_windows, latencies, late, intake, rate, minutes) -> None:
     shares = [cpu / wall * 100 for cpu, wall in windows]
     mean = sum(shares) / len(shares) if shares else 0.0
     print(
         f"live pace over real WebSockets, book ticker for {tickers} symbols, depth for {depth}, {minutes:g} min: "
         f"{rate:,.0f} frames/s received"
     )
-    print(f"  (the bench's own stamping of each frame, {timing_us:.1f} µs, is taken off)")
     print("  intake CPU % of one core per 10 s: " + " ".join(f"{s:.0f}" for s in shares))
     print(f"  mean {mean:.1f} % (budget {CPU_BUDGET:.0f}): {'OK' if mean < CPU_BUDGET else 'OVER'}")
-    print(f"  RSS {rss_start:.0f} -> {rss_end:.0f} MB (growth {rss_end - rss_start:.0f} MB; budget: flat)")
-    published = intake.published or []
+    print(f"  RSS MB at the start {rss_start:.0f}, then per 10 s: " + " ".join(f"{r:.0f}" for r in rss_windows))
     print(
         f"  frames received more than 20 ms after their time (the feeder's lag on this machine): {late[0]:,} "
         f"of {intake.stats['frames']:,}, max {late[1]:.0f} ms"
     )
-    own = sorted((done - finishing) * 1000 for _, _, finishing, done in published)
-    after_end = sorted((done - (ts + 1000) / 1000) * 1000 for _, ts, _, done in published)
-    after_last = sorted(
-        (done - max(handed, (ts + 1000) / 1000)) * 1000
-        for symbol, ts, _, done in published
-        if (handed := last_event.get((symbol, ts))) is not None
-    )
     grace = intake.settings.book_grace_ms
     for label, values, budget in (
-        ("the frame that finishes a second (its time past the second's end + grace) -> features in Redis", own, True),
         (
-            f"a second's last event received (or its end, if later) -> features in Redis (incl. {grace} ms grace)",
-            after_last,
+            "the frame that finishes a second (its time past the second's end + grace) -> features in Redis",
+            latencies.own,
             True,
         ),
-        ("the second's end (exchange time, same host clock) -> features in Redis", after_end, False),
+        (
+            f"a second's last event received (or its end, if later) -> features in Redis (incl. {grace} ms grace)",
+            latencies.after_last,
+            True,
+        ),
+        ("the second's end (exchange time, same host clock) -> features in Redis", latencies.after_end, False),
     ):
         if values:
-            p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
+            ordered = sorted(values)
+            p50, p99 = percentile(ordered, 0.5), percentile(ordered, 0.99)
             verdict = f" (budget p99 {LATENCY_BUDGET_MS:.0f} ms): {'OK' if p99 <= LATENCY_BUDGET_MS else 'OVER'}"
             print(
-                f"  {label}: p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {values[-1]:.0f} ms over {len(values):,} seconds"
-                + (verdict if budget else "")
+                f"  {label}: p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {ordered[-1]:.0f} ms over {len(ordered):,} "
+                "seconds" + (verdict if budget else "")
             )
 
 
