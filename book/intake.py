@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 import core_io
 from binance.book import (
     BOOK_TICKER_SUFFIX,
+    BookTick,
     depth_snapshot_of,
     depth_stream,
     parse_book_ticker_frame,
@@ -44,6 +45,7 @@ from orderflow.fold import UNIT, AggTrade
 MODULE = "BOOK"
 SNAPSHOT_LIMIT = 1000
 SNAPSHOT_WEIGHT = 20  # GET /fapi/v1/depth?limit=1000
+FUTURE_TOLERANCE_MS = 3_600_000  # an event time this far past the local clock is refused
 BOOK_SOURCES = ("BOOK_TICKERS", "BOOK_CONNECTIONS", "BOOK_SNAPSHOTS")  # stopped first at shutdown
 
 
@@ -117,6 +119,7 @@ class BookIntake:
         self.first_seen: set[str] = set()
         self.bad_frames = RateLimitedLog(MODULE)
         self.holes = RateLimitedLog(MODULE, interval_s=10.0)
+        self.errors = RateLimitedLog(MODULE, level="ERROR")
         self.pg_outage = Outage(MODULE, "PostgreSQL")
         self.redis_outage = Outage(MODULE, "Redis")
         self.stats = {"frames": 0, "ticks": 0, "diffs": 0, "trades": 0, "seconds": 0, "snapshots": 0, "bad": 0}
@@ -131,27 +134,32 @@ class BookIntake:
         head = raw[:64]
         try:
             if (BOOK_TICKER_SUFFIX + '"' in head) if isinstance(head, str) else (b'@bookTicker"' in head):
-                symbol, tick = parse_book_ticker_frame(raw)
-                event_ms = tick.event_ms
-                state = self.symbols.get(symbol)
-                if state is not None:
-                    self.stats["ticks"] += 1
-                    state.on_tick(tick)
+                symbol, event = parse_book_ticker_frame(raw)
             elif ("@depth" in head) if isinstance(head, str) else (b"@depth" in head):
-                symbol, diff = parse_depth_frame(raw)
-                event_ms = diff.event_ms
-                state = self.symbols.get(symbol)
-                if state is not None:
-                    self.stats["diffs"] += 1
-                    state.on_diff(diff)
-                    if state.sync.wants_snapshot:
-                        self._want_snapshot(state)
+                symbol, event = parse_depth_frame(raw)
             else:
                 return  # a reply to SUBSCRIBE, or a stream this route does not serve us
+            event_ms = event.event_ms
+            if event_ms > self.clock_ms + SECOND_MS and event_ms > time.time() * 1000 + FUTURE_TOLERANCE_MS:
+                raise FrameError(f"{symbol}: event time {event_ms} is in the future")  # it would end every second
         except FrameError as exc:
             self.stats["bad"] += 1
             self.bad_frames.warn(str(exc), f"skipped a bad book frame: {exc}", {"frame": str(raw[:300])})
             return
+        state = self.symbols.get(symbol)
+        if state is not None:
+            try:
+                if isinstance(event, BookTick):
+                    self.stats["ticks"] += 1
+                    state.on_tick(event)
+                else:
+                    self.stats["diffs"] += 1
+                    state.on_diff(event)
+                    if state.sync.wants_snapshot:
+                        self._want_snapshot(state)
+            except Exception as exc:  # one symbol's trouble never stops the others' frames
+                self.errors.warn(type(exc).__name__, f"{symbol}: book event not applied: {exc!r}")
+                state.reconnected(frozenset({"ticker" if isinstance(event, BookTick) else "depth"}))
         if event_ms > self.clock_ms:
             self.clock_ms = event_ms
             if event_ms >= self.next_pass_ms:

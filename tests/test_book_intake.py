@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from decimal import Decimal
 from fractions import Fraction
 
@@ -18,6 +19,7 @@ from book import store as book_store
 from book.intake import BookIntake, BookSettings, public_url
 from book.symbol import SymbolSeconds
 from core_io import ms_to_datetime
+from infra import system_event_log
 from market_data import recorded_book_frames
 from orderflow.fold import UNIT
 
@@ -142,3 +144,14 @@ def test_book_settings_come_from_the_environment():
     assert (settings.range_pct, settings.retention_h, settings.book_grace_ms) == (Decimal("0.5"), 6, 40)
     with pytest.raises(Exception, match="BOOK_RANGE_PCT"):
         BookSettings.from_env({"BOOK_RANGE_PCT": "500"})
+
+
+async def test_a_frame_from_the_future_is_refused_and_the_clock_stays(pool, redis):
+    intake = await run_intake(pool, redis)
+    clock, bad = intake.clock_ms, intake.stats["bad"]
+    ahead = int(time.time() * 1000) + 2 * 3_600_000
+    frame = {"e": "bookTicker", "u": 1, "s": SYMBOL, "b": "1", "B": "1", "a": "2", "A": "1", "T": ahead, "E": ahead}
+    intake.on_frame(json.dumps({"stream": "btcusdt@bookTicker", "data": frame}))
+    assert intake.stats["bad"] == bad + 1 and intake.clock_ms == clock
+    await system_event_log.flush(pool)
+    assert await pool.fetchval("SELECT count(*) FROM system_log_v4 WHERE message LIKE '%is in the future%'") == 1
