@@ -112,6 +112,7 @@ class BookIntake:
         self.finished: list[Second] = []  # for Redis
         self.to_write: list[Second] = []  # for PostgreSQL
         self.minutes_to_write: list[Any] = []
+        self.writing = False  # a flush is on its way to PostgreSQL
         self.publish_wake = asyncio.Event()
         self.snapshots_due: asyncio.Queue[str] = asyncio.Queue()
         self.snapshot_pending: set[str] = set()
@@ -418,17 +419,29 @@ class BookIntake:
             await asyncio.sleep(self.settings.write_every_s)
             if not self.to_write and not self.minutes_to_write:
                 continue
-            seconds, self.to_write = self.to_write, []
-            self._roll(seconds)
-            minutes, self.minutes_to_write = self.minutes_to_write, []
+            await self._write_due(backoff)
+
+    async def _write_due(self, backoff: Backoff) -> None:
+        seconds, self.to_write = self.to_write, []
+        self._roll(seconds)
+        minutes, self.minutes_to_write = self.minutes_to_write, []
+        self.writing = True
+        try:
             while True:
                 try:
                     await self._write(seconds, minutes)
                     self.pg_outage.ok()
-                    break
+                    return
+                except asyncpg.DataError as exc:  # a value PostgreSQL refuses: resending cannot help
+                    log_system_event(
+                        "ERROR", MODULE, f"{len(seconds)} seconds, {len(minutes)} minutes not stored: {exc!r}"
+                    )
+                    return
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     self.pg_outage.fail(exc, f"writing {len(seconds)} seconds")
                     await asyncio.sleep(backoff.next_delay())
+        finally:
+            self.writing = False
 
     def _roll(self, seconds: list[Second]) -> None:
         for second in seconds:
@@ -482,10 +495,14 @@ class BookIntake:
             await asyncio.sleep(600 if self.clock_ms else 5)
 
     async def drain(self) -> None:
-        """At shutdown: the seconds finished so far reach Redis and PostgreSQL."""
-        while (self.finished or self.to_write) and not self.pg_outage.active:
+        """At shutdown: the seconds finished so far reach Redis and PostgreSQL, with the
+        minutes they began (a restart's rollup of the same minute keeps the fuller one)."""
+        while (self.finished or self.to_write or self.writing) and not self.pg_outage.active:
             self.publish_wake.set()
             await asyncio.sleep(0.05)
+        self.minutes_to_write += [row for rollup in self.rollups.values() if (row := rollup.flush()) is not None]
+        if self.minutes_to_write and not self.pg_outage.active:
+            await self._write_due(Backoff(0.2, 1.0))
 
     def workers(self) -> dict[str, Callable[[], Any]]:
         return {
