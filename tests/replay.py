@@ -73,7 +73,25 @@ async def complete(pool, symbols: list[str], last_closed: int, redis=None) -> bo
     if any(s not in done or datetime_to_ms(done[s]["last"]) < last_closed for s in symbols):
         return False
     open_gaps = await pool.fetchval("SELECT count(*) FROM missing_m1_log_v4 WHERE status = 'missing'")
-    return open_gaps == 0 and (redis is None or await caches_caught_up(pool, redis, symbols))
+    if open_gaps or not await buckets_built(pool, symbols, last_closed):
+        return False
+    return redis is None or await caches_caught_up(pool, redis, symbols)
+
+
+async def buckets_built(pool, symbols: list[str], last_closed: int) -> bool:
+    """Every M5/M15 bucket that `last_closed` completes is stored: they are built by the
+    aggregator a moment after their last minute (later still when it came by backfill),
+    and the caches' check alone passes while the newest bucket is still being built."""
+    for tf in ("m5", "m15"):
+        newest_complete = (last_closed + M1) // TF_MS[tf] * TF_MS[tf] - TF_MS[tf]
+        rows = await pool.fetch(
+            f"SELECT symbol, max(open_time) AS last FROM {core_io.candle_table(tf)} WHERE symbol = ANY($1) GROUP BY 1",
+            symbols,
+        )
+        built = {r["symbol"]: datetime_to_ms(r["last"]) for r in rows}
+        if any(built.get(s, -1) < newest_complete for s in symbols):
+            return False
+    return True
 
 
 async def caches_caught_up(pool, redis, symbols: list[str]) -> bool:
