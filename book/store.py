@@ -32,13 +32,12 @@ from typing import Any
 
 import asyncpg
 import orjson
-from redis.asyncio import Redis
 
 from book.minutes import MinuteRow
 from book.per_second import Features
 from book.seconds import DepthSecond, TickerSecond, TradeSecond
 from candles import datetime_to_ms, ms_to_datetime
-from core_io import execute_checked, xadd_command
+from core_io import xadd_command
 from orderflow.fold import units_text
 
 HOUR_MS = 3_600_000
@@ -486,12 +485,3 @@ def redis_commands(
     for symbol, book in books:
         commands.append(["SET", book_key(symbol), orjson.dumps(book)])
     return commands
-
-
-async def publish(
-    redis: Redis, features: list[tuple[str, Features]], books: list[tuple[str, dict]], stream_maxlen: int
-) -> None:
-    """`redis_commands` in one round, raising the first reply Redis refused."""
-    commands = redis_commands(features, books, stream_maxlen)
-    if commands:
-        await execute_checked(redis, commands)

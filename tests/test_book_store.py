@@ -401,7 +401,7 @@ async def test_redis_gets_the_newest_features_a_bounded_stream_and_the_book(redi
     }
 
     many = [("BTCUSDT", _features(T0 + 2000 + k * 1000, i1=0.0)) for k in range(1_000)]
-    await store.publish(redis, many, [], stream_maxlen=100)
+    await execute_checked(redis, store.redis_commands(many, [], stream_maxlen=100))
     assert 100 <= await redis.xlen(store.FEATURES_STREAM) < 400  # approximate trimming
     assert (await redis.hgetall(store.features_key("BTCUSDT")))["ts"] == str(many[-1][1].ts)
 
