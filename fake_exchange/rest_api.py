@@ -295,6 +295,13 @@ class RestApi:
 
     # --- aggTrades ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _symbol_param(params) -> str:
+        symbol = params.get("symbol")
+        if not symbol:
+            raise BinanceError(400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.")
+        return symbol
+
     async def _agg_trades(self, request: web.Request) -> web.StreamResponse:
         """By `fromId`, or by `startTime`/`endTime` (within an hour), or the newest; at most
         `limit` (500, up to 1000) rows up to now; weight 20; nothing older than 48 hours."""
@@ -303,11 +310,7 @@ class RestApi:
         try:
             self._forced_limit_fault()
             params = request.query
-            symbol = params.get("symbol")
-            if not symbol:
-                raise BinanceError(
-                    400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."
-                )
+            symbol = self._symbol_param(params)
             limit = self._int_param(params, "limit")
             limit = AGG_TRADES_DEFAULT_LIMIT if limit is None else limit
             if not 1 <= limit <= AGG_TRADES_MAX_LIMIT:
@@ -375,11 +378,7 @@ class RestApi:
         try:
             self._forced_limit_fault()
             params = request.query
-            symbol = params.get("symbol")
-            if not symbol:
-                raise BinanceError(
-                    400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."
-                )
+            symbol = self._symbol_param(params)
             limit = self._int_param(params, "limit")
             limit = DEPTH_DEFAULT_LIMIT if limit is None else limit
             weight = depth_weight(limit)
