@@ -6,18 +6,24 @@ ENV := source .local/services.env &&
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup services test lint bench migrate run demo stop-services clean
+.PHONY: setup services browser test lint bench migrate run demo web stop-services clean
 
-# Create .venv (Python 3.12+) and install requirements when they changed.
+# Create .venv (Python 3.12+) and install requirements when they changed; the chart
+# page's lightweight-charts into web/node_modules (npm ci) when its lock changed.
 setup:
 	scripts/setup_venv.sh
+	scripts/setup_web.sh
+
+# Debian's Chromium for the chart page's browser tests and bench (installed if missing).
+browser: setup
+	scripts/setup_web.sh browser
 
 # Start/provision Redis Stack + PostgreSQL and write .local/services.env (no venv needed).
 services:
 	scripts/services.sh
 
 # Run the test suite against the local services.
-test: setup services
+test: setup services browser
 	$(ENV) $(VENV)/python -m pytest $(PYTEST_ARGS)
 
 # Static checks.
@@ -25,7 +31,7 @@ lint: setup
 	$(VENV)/ruff check .
 
 # Run every bench/*.py script.
-bench: setup services
+bench: setup services browser
 	$(ENV) for f in bench/*.py; do [ -e "$$f" ] || continue; echo "== $$f"; $(VENV)/python "$$f"; done
 
 # Apply database migrations.
@@ -38,10 +44,16 @@ run: setup services
 	$(ENV) SYMBOLS=$${SYMBOLS:-BTCUSDT,ETHUSDT} $(VENV)/python feed_v4_main.py
 
 # The daemon against the built-in fake exchange (no internet), in its own database
-# feed_v4_demo and Redis db 1, with progress every 2 s until Ctrl-C.
-# DEMO_ARGS: e.g. "--seconds 60", "--speed 300", "--fresh" (scripts/demo.py --help).
+# feed_v4_demo and Redis db 1, with progress every 2 s until Ctrl-C; the chart and read
+# API on http://127.0.0.1:8080/ (the banner prints the link with its token).
+# DEMO_ARGS: e.g. "--seconds 60", "--speed 300", "--fresh", "--web-port 0" (scripts/demo.py --help).
 demo: setup services
 	$(ENV) $(VENV)/python scripts/demo.py $(DEMO_ARGS)
+
+# The read API and chart page (http://127.0.0.1:8080/) on the local services' data.
+# Settings from the environment (WEB_PORT, WEB_TOKEN, ...: README, "Web chart and read API").
+web: setup services
+	$(ENV) $(VENV)/python feed_v4_main.py web
 
 # Stop the Redis daemon and private PostgreSQL started by `make services`.
 stop-services:
