@@ -50,7 +50,7 @@ from infra import (
     setup_logging,
     system_event_log,
 )
-from migrations import apply_migrations
+from migrations import apply_migrations, pending_migrations
 from restore_redis_from_pg import restore_redis_from_pg
 from retention import RetentionOptions, run_retention
 from signals_v4_main import RouterOptions, SignalRouter, load_router_options
@@ -394,7 +394,46 @@ async def run_status_command(settings: Settings) -> int:
     return await run_status(settings, sys.argv[2:])
 
 
-COMMANDS = {"run": run_daemon, "migrate": run_migrate, "status": run_status_command}
+async def wait_for_schema(pool: asyncpg.Pool, wait_s: float) -> None:
+    """A read-only process started beside a daemon that is still migrating (a fresh
+    database, a deploy of both) waits up to BOOT_WAIT_S for the schema, then gives up."""
+    deadline, told = time.monotonic() + wait_s, False
+    with refused_at_boot("checking the schema"):
+        while pending := await pending_migrations(pool):
+            if time.monotonic() >= deadline:
+                raise BootError(
+                    f"the database lacks migrations {', '.join(pending[:3])}{' ...' if len(pending) > 3 else ''}: "
+                    "start the daemon or run `python feed_v4_main.py migrate`"
+                )
+            if not told:
+                log.info("waiting up to %.0f s for the schema: %d migrations not applied yet", wait_s, len(pending))
+                told = True
+            await asyncio.sleep(1.0)
+
+
+async def run_web_command(settings: Settings) -> int:
+    """The read API and chart (web/app.py): its own process, read only."""
+    from web.app import WebSettings, run_web
+
+    web_settings = WebSettings.from_env()
+    pool = await connect_pg(settings, max_size=web_settings.pool_max)
+    redis: Redis | None = None
+    try:
+        redis, use_ts = await connect_redis(settings)
+        await wait_for_schema(pool, settings.boot_wait_s)
+        store = core_io.make_candle_store(redis, use_ts, settings.redis_candles)
+        raw = infra.make_redis(settings.redis_url, decode_responses=False)  # documents pass through as bytes
+        try:
+            return await run_web(pool, raw, store, web_settings)
+        finally:
+            await raw.aclose()
+    finally:
+        if redis is not None:
+            await redis.aclose()
+        await pool.close()
+
+
+COMMANDS = {"run": run_daemon, "migrate": run_migrate, "status": run_status_command, "web": run_web_command}
 
 
 def main(argv: list[str]) -> int:

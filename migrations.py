@@ -58,6 +58,14 @@ async def apply_migrations(pool_or_conn: asyncpg.Pool | asyncpg.Connection, sql_
     return await _apply(pool_or_conn, migrations)
 
 
+async def pending_migrations(pool: asyncpg.Pool, sql_dir: Path = SQL_DIR) -> list[str]:
+    """The migrations not applied yet (all of them on a database without the table)."""
+    if not await pool.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        return [m.name for m in discover(sql_dir)]
+    done = {r["version"] for r in await pool.fetch("SELECT version FROM schema_migrations")}
+    return [m.name for m in discover(sql_dir) if m.version not in done]
+
+
 _CREATE_TABLE_SQL = """CREATE TABLE IF NOT EXISTS schema_migrations (
     version    text PRIMARY KEY,
     name       text NOT NULL,
