@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -251,6 +252,7 @@ def banner(
     pg_url: str,
     demo_dir: Path,
     seconds: float | None,
+    chart_url: str | None = None,
 ) -> str:
     shown_redis, shown_pg = mask_url(redis_url), mask_url(pg_url)
     env_file = demo_dir / "demo.env"
@@ -266,6 +268,7 @@ def banner(
         f"  inspect  : REDIS_URL={shown_redis} POSTGRES_URL={shown_pg} .venv/bin/python feed_v4_main.py status",
         f"             (or: source {env_file} && .venv/bin/python feed_v4_main.py status)",
         f"  RedisInsight: add database by URL {shown_redis}",
+        *([f"  chart    : {chart_url}   (read API and page: python feed_v4_main.py web)"] if chart_url else []),
         "  stop     : "
         + (f"by itself after {seconds:g} s, or Ctrl-C" if seconds else "Ctrl-C (or SIGTERM); stops the daemon cleanly"),
     ]
@@ -442,6 +445,17 @@ class Observer:
                 return render_footprint(symbol, orjson.loads(raw))
         return None
 
+    async def follow_book(self, symbol: str) -> bool:
+        """Switches the book streams on for `symbol` once the daemon made its ticker row
+        (the chart's ladder shows its depth filter); True once done."""
+        with contextlib.suppress(Exception):
+            if self.conn is not None and not self.conn.is_closed():
+                done = await self.conn.execute(
+                    "UPDATE tickers SET depth = true, book_ticker = true WHERE symbol = $1", symbol, timeout=5
+                )
+                return done != "UPDATE 0"
+        return False
+
     async def snapshot(self, elapsed_s: float) -> Progress:
         progress = Progress(elapsed_s=elapsed_s, sim_ms=await self.sim_time(), last_error=self.log.poll())
         with contextlib.suppress(Exception):
@@ -547,11 +561,18 @@ class DemoFiles:
     exchange_log: Path
     daemon_log: Path
     env_file: Path
+    web_log: Path
 
     @classmethod
     def prepare(cls, directory: Path, redis_url: str, pg_url: str) -> DemoFiles:
         directory.mkdir(parents=True, exist_ok=True)
-        files = cls(directory, directory / "exchange.log", directory / "daemon.log", directory / "demo.env")
+        files = cls(
+            directory,
+            directory / "exchange.log",
+            directory / "daemon.log",
+            directory / "demo.env",
+            directory / "web.log",
+        )
         # Owner-only (0600): the URLs may hold passwords. The umask covers a new file, the
         # fchmod (before any byte is written) one left by an earlier run with a wider mode.
         old_umask = os.umask(0o077)
@@ -561,7 +582,7 @@ class DemoFiles:
                 handle.write(env_file_text(redis_url, pg_url))
         finally:
             os.umask(old_umask)
-        for log in (files.exchange_log, files.daemon_log):
+        for log in (files.exchange_log, files.daemon_log, files.web_log):
             log.write_text("")  # this run's only: the URLs parsed and the last ERROR shown are from now
         return files
 
@@ -633,6 +654,7 @@ async def run_demo(args: argparse.Namespace, env: Mapping[str, str] = os.environ
         exchange_command(plan.source, args.speed, start, free_port(), plan.synthetic_count), exchange_log, env
     )
     daemon: subprocess.Popen | None = None
+    web: subprocess.Popen | None = None
     observer: Observer | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -648,13 +670,26 @@ async def run_demo(args: argparse.Namespace, env: Mapping[str, str] = os.environ
             daemon_log,
             daemon_env(env, redis_url, pg_url, urls, plan.symbols),
         )
+        chart_url = None
+        if args.web_port:
+            token = secrets.token_hex(16)
+            web_env = daemon_env(env, redis_url, pg_url, urls, plan.symbols)
+            web_env.update(WEB_HOST="127.0.0.1", WEB_PORT=str(args.web_port), WEB_TOKEN=token)
+            web = spawn([sys.executable, str(PROJECT_DIR / "feed_v4_main.py"), "web"], files.web_log, web_env)
+            chart_url = f"http://127.0.0.1:{args.web_port}/#token={token}"
         screen.say(
-            banner(plan.source, plan.symbols, args.speed, start, urls, redis_url, pg_url, demo_dir, args.seconds)
+            banner(
+                plan.source, plan.symbols, args.speed, start, urls, redis_url, pg_url, demo_dir, args.seconds, chart_url
+            )
         )
         observer = Observer(urls["BINANCE_REST_URL"], pg_url, redis_url, daemon_log)
-        began, failed = time.monotonic(), False
+        began, failed, book_on = time.monotonic(), False, False
         while True:
             screen.progress(format_progress(await observer.snapshot(time.monotonic() - began)))
+            book_on = book_on or await observer.follow_book(plan.symbols[0])
+            if web is not None and web.poll() is not None:
+                screen.say(f"demo: the chart's web process exited with code {web.returncode}: see {files.web_log}")
+                web = None
             left = REFRESH_S if args.seconds is None else min(REFRESH_S, args.seconds - (time.monotonic() - began))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, left))
@@ -679,6 +714,8 @@ async def run_demo(args: argparse.Namespace, env: Mapping[str, str] = os.environ
         screen.say(f"demo: daemon exited with code {code}" + ("" if in_time else " (killed: it did not stop in time)"))
         return EXIT_OK if code == 0 and in_time and not failed else EXIT_FAILED
     finally:
+        if web is not None:
+            await stop_process(web, 5.0)
         if daemon is not None and daemon.poll() is None:
             await stop_process(daemon, STOP_TIMEOUT_S)
         exchange_code, _ = await stop_process(exchange, 5.0)
@@ -694,9 +731,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=None, help="stop by itself after N seconds (tests, CI)")
     parser.add_argument("--speed", type=float, default=DEFAULT_SPEED, help="simulated seconds per real second")
     parser.add_argument("--fresh", action="store_true", help="empty the demo database first instead of resuming")
+    parser.add_argument(
+        "--web-port", type=int, default=8080, help="the chart and read API on 127.0.0.1:PORT (0: not started)"
+    )
     args = parser.parse_args(argv)
     if args.speed <= 0:
         parser.error("--speed must be positive")
+    if not 0 <= args.web_port <= 65_535:
+        parser.error("--web-port must be a port number (0: no chart)")
     if args.seconds is not None and args.seconds <= 0:
         parser.error("--seconds must be positive")
     return args

@@ -138,7 +138,7 @@ def test_demo_runs_the_daemon_and_stops_it_cleanly(redis_stack_server, pg_url: s
     asyncio.run(drop_database(pg_url, database))
     try:
         run = subprocess.run(
-            [sys.executable, str(PROJECT / "scripts" / "demo.py"), "--seconds", "45"],
+            [sys.executable, str(PROJECT / "scripts" / "demo.py"), "--seconds", "45", "--web-port", "0"],
             cwd=PROJECT,
             env=env,
             capture_output=True,
