@@ -56,6 +56,7 @@ WORKER_FIELDS: dict[str, type | tuple[type, ...]] = {
     "registryCredential": dict,
     "image": dict,
 }
+WEB_ONLY_FIELDS = {"healthCheckPath", "domains", "maxShutdownDelaySeconds"}
 DEPRECATED_FIELDS = {"env", "autoDeploy", "pullRequestPreviewsEnabled", "previewsEnabled"}
 # An envVars entry: `fromGroup` alone, or `key` with exactly one source.
 ENV_SOURCES = {"value", "sync", "generateValue", "fromDatabase", "fromService"}
@@ -96,7 +97,8 @@ def daemon_sources() -> str:
 
 def check_structure(blueprint: dict[str, Any]) -> None:
     assert isinstance(blueprint, dict) and set(blueprint) <= ROOT_KEYS
-    assert isinstance(blueprint["services"], list) and len(blueprint["services"]) == 1
+    assert isinstance(blueprint["services"], list)
+    assert sorted(s.get("type") for s in blueprint["services"]) in (["worker"], ["web", "worker"])
     for service in blueprint["services"]:
         assert isinstance(service, dict)
         assert service["type"] in SERVICE_TYPES
@@ -115,6 +117,11 @@ def check_structure(blueprint: dict[str, Any]) -> None:
     assert worker.get("autoDeployTrigger", "commit") in AUTO_DEPLOY_TRIGGERS
     assert 1 <= worker.get("maxShutdownDelaySeconds", 30) <= 300
     assert worker.get("numInstances", 1) == 1  # one daemon: it is the single writer of its streams
+    for web in (s for s in blueprint["services"] if s["type"] == "web"):
+        unknown = set(web) - set(WORKER_FIELDS) - WEB_ONLY_FIELDS
+        assert not unknown, f"fields a web service does not take: {sorted(unknown)}"
+        assert web["runtime"] == "python" and web["plan"] in WORKER_PLANS | {"free"}
+        assert web.get("region", "oregon") == worker.get("region", "oregon"), "next to its servers and the worker"
 
 
 def test_root_and_service_follow_the_blueprint_spec():
@@ -358,3 +365,35 @@ def test_the_checks_catch_a_broken_worker(bad: str):
     assert broken != text
     with pytest.raises(AssertionError):
         check_structure(yaml.safe_load(broken))
+
+
+# --- the optional web service (the read API and chart page) ------------------------------
+
+
+def the_web_service(blueprint: dict[str, Any]) -> dict[str, Any]:
+    (web,) = [s for s in blueprint["services"] if s.get("type") == "web"]
+    return web
+
+
+def test_the_web_service_serves_the_api_with_a_health_check_and_a_generated_token():
+    from web.app import WebSettings
+
+    web = the_web_service(load_blueprint())
+    build = [shlex.split(part) for part in web["buildCommand"].split("&&")]
+    assert build[0] == ["pip", "install", "--require-hashes", "-r", "requirements.txt"]
+    assert build[1][:4] == ["npm", "ci", "--prefix", "web"] and (PROJECT / "web" / "package-lock.json").is_file()
+    assert shlex.split(web["startCommand"]) == ["python", "feed_v4_main.py", "web"]
+    assert web["healthCheckPath"] == "/api/v1/health"
+    variables = {e["key"]: e for e in web["envVars"]}
+    assert variables["WEB_TOKEN"] == {"key": "WEB_TOKEN", "generateValue": True}
+    for key in SECRETS:
+        assert variables[key] == {"key": key, "sync": False}
+    assert variables["PYTHON_VERSION"] == env_vars(load_blueprint())["PYTHON_VERSION"]
+    code = daemon_sources()
+    for key in variables:
+        assert key in PLATFORM_VARS or f'"{key}"' in code, f"{key} is read nowhere"
+    env = {k: v["value"] for k, v in variables.items() if "value" in v} | {"PORT": "10000"}
+    with pytest.raises(Exception, match="WEB_TOKEN"):
+        WebSettings.from_env(env)  # listening on 0.0.0.0 without the generated token: refused
+    settings = WebSettings.from_env(env | {"WEB_TOKEN": "x" * 43})  # what Render generates: 256 bits, base64
+    assert settings.host == "0.0.0.0" and settings.port == 10000 and settings.trust_proxy
