@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
-from web_data import BARS, FLOW_BARS, M1, OTHER, SYMBOL, T0, TOKEN, seed, serve
+from web_data import BARS, FLOW_BARS, M1, OTHER, ROW, SYMBOL, T0, TOKEN, seed, serve, trades_of
 
 import core_io
 from book.store import FEATURES_STREAM
 from candle_stores import make_candle_store
 from infra import system_event_log
+from orderflow.fold import fold
+from orderflow.output import CvdChain, FinalBar
+from orderflow.profile import ImbalanceRules
 from orderflow.render import FootprintRenderer
-from orderflow.store import footprint_key, publish_commands
+from orderflow.store import footprint_key, publish_commands, upsert_bars
 from web.app import WebSettings
 from web.reads import final_footprint
 
@@ -346,3 +350,20 @@ async def test_the_page_and_its_chart_library_are_served_without_a_token(pool, r
         for path in ("/..%2Fapp.py", "/vendor/..%2F..%2Fapp.py", "/.env", "/nothing.js"):
             async with s.get(f"{base}{path}") as r:
                 assert r.status == 404, path
+
+
+async def test_cached_footprints_follow_a_rebuilt_bar_and_the_cache_stays_bounded(pool, redis, seeded):
+    bars = seeded["bars"]
+    async with serve(pool, redis, footprint_cache_bytes=20_000) as (base, api), aiohttp.ClientSession() as s:
+        _, first = await get(s, f"{base}/api/v1/footprints", symbol=SYMBOL, limit=FLOW_BARS, end=T0 + 29 * M1)
+        _, again = await get(s, f"{base}/api/v1/footprints", symbol=SYMBOL, limit=5, end=T0 + 29 * M1)
+        assert again == first[-5:] and api.footprint_cache.hits >= 5
+        assert 0 < api.footprint_cache.bytes <= 20_000 and len(api.footprint_cache.documents) < FLOW_BARS
+        # a late trade rebuilds the newest bar: the next answer is the new bar, not the cached one
+        rebuilt = fold(bars[-1].bar.open_time, ROW, trades_of(FLOW_BARS - 1, random.Random(99), 50_000))
+        await upsert_bars(pool, [FinalBar.of(SYMBOL, "m1", rebuilt, CvdChain(), ImbalanceRules())])
+        _, after = await get(s, f"{base}/api/v1/footprints", symbol=SYMBOL, limit=5, end=T0 + 29 * M1)
+        assert after[:4] == first[-5:-1] and after[-1] != first[-1]
+        assert after[-1] == orjson.loads(FootprintRenderer().document((SYMBOL, "m1"), rebuilt, None)) | {
+            k: after[-1][k] for k in ("poc", "vah", "val", "imbalances", "stacked", "unfinished", "final")
+        }

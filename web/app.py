@@ -78,6 +78,7 @@ class WebSettings:
     ws_channels: int = 200
     trust_proxy: bool = False
     pool_max: int = 10
+    footprint_cache_bytes: int = 64 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WebSettings:
@@ -98,6 +99,7 @@ class WebSettings:
             ws_channels=int(env_number(env, "WEB_WS_CHANNELS", 200, int, 1, 100_000)),
             trust_proxy=env_bool(env, "WEB_TRUST_PROXY", False),
             pool_max=int(env_number(env, "WEB_PG_POOL_MAX", 10, int, 1, 1000)),
+            footprint_cache_bytes=int(env_number(env, "WEB_FOOTPRINT_CACHE_MB", 64, float, 0, 65_536) * 1024 * 1024),
         )
         if token is None and not is_loopback(settings.host):
             raise ConfigError(
@@ -132,7 +134,8 @@ class ReadApi:
 
     def __init__(self, settings: WebSettings, pool: asyncpg.Pool, redis: Redis, store: CandleStore) -> None:
         self.settings, self.pool, self.redis, self.store = settings, pool, redis, store
-        self.hub = Hub(redis, pool)
+        self.footprint_cache = reads.FootprintCache(settings.footprint_cache_bytes)
+        self.hub = Hub(redis, pool, self.footprint_cache)
         self.buckets = RequestBuckets(settings.rate, settings.burst)
         self.connections = ConnectionCounts(settings.ws_per_client, settings.ws_total)
         self.known: frozenset[str] = frozenset()
@@ -293,20 +296,21 @@ class ReadApi:
         symbol = symbol_param(request.query, await self.query_symbols(request))
         tf = tf_param(request.query)
         open_time = time_param(request.query, "open_time")
+        found = None
         if open_time is None:
-            found = await reads.forming_footprint(self.redis, symbol, tf)
-            if found is None:
-                rows = await reads.footprints(self.pool, self.redis, symbol, tf, 1, None)
-                found = rows[-1] if rows else None
-        else:
-            found = await reads.footprint_at(self.pool, symbol, tf, open_time)
+            forming = await reads.forming_footprint(self.redis, symbol, tf)
+            found = None if forming is None else orjson.dumps(forming)
+        if found is None:
+            found = await reads.footprint_at(self.footprint_cache, self.pool, symbol, tf, open_time)
         if found is None:
             return error(404, f"no footprint for {symbol} {tf}" + (f" at {open_time}" if open_time else ""))
         return json_response(found)
 
     async def footprints(self, request: web.Request) -> web.Response:
         q = range_query(request.query, await self.query_symbols(request), MAX_FOOTPRINTS)
-        return json_response(await reads.footprints(self.pool, self.redis, q.symbol, q.tf, q.limit, q.end))
+        return json_response(
+            await reads.footprints_json(self.pool, self.redis, self.footprint_cache, q.symbol, q.tf, q.limit, q.end)
+        )
 
     async def book(self, request: web.Request) -> web.Response:
         unknown = set(request.query) - {"symbol"}

@@ -87,8 +87,8 @@ class Subscriber:
 class Hub:
     """Channels → subscribers, and the tasks that feed them."""
 
-    def __init__(self, redis: Redis, pool: asyncpg.Pool) -> None:
-        self.redis, self.pool = redis, pool
+    def __init__(self, redis: Redis, pool: asyncpg.Pool, footprints: reads.FootprintCache) -> None:
+        self.redis, self.pool, self.footprints = redis, pool, footprints
         self.by_channel: dict[str, set[Subscriber]] = defaultdict(set)
         self.last_polled: dict[str, bytes] = {}
         self.last_final: dict[str, int] = {}  # footprint channel -> newest final open time pushed
@@ -245,8 +245,7 @@ class Hub:
                 if current and document:
                     data = document[:-1] + b',"final":true}'
                 else:
-                    found = await reads.footprint_at(self.pool, symbol, tf, open_time)
-                    data = orjson.dumps(found) if found else None
+                    data = await reads.footprint_at(self.footprints, self.pool, symbol, tf, open_time)
                 if data is not None:
                     self.last_final[print_channel] = max(self.last_final.get(print_channel, 0), open_time)
                     self.publish(print_channel, data)
