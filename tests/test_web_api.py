@@ -8,15 +8,18 @@ import asyncio
 import json
 import random
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
+from tcp_proxy import TcpProxy
 from web_data import BARS, FLOW_BARS, M1, OTHER, ROW, SYMBOL, T0, TOKEN, seed, serve, trades_of
 
 import core_io
 from book.store import FEATURES_STREAM
-from candle_stores import make_candle_store
+from candle_stores import make_candle_store, write_candles
 from infra import system_event_log
 from orderflow.fold import fold
 from orderflow.output import CvdChain, FinalBar
@@ -367,3 +370,35 @@ async def test_cached_footprints_follow_a_rebuilt_bar_and_the_cache_stays_bounde
         assert after[-1] == orjson.loads(FootprintRenderer().document((SYMBOL, "m1"), rebuilt, None)) | {
             k: after[-1][k] for k in ("poc", "vah", "val", "imbalances", "stacked", "unfinished", "final")
         }
+
+
+async def test_while_postgresql_is_away_candles_come_from_redis_and_the_rest_says_503(pool, redis, pg_url, seeded):
+    await write_candles(make_candle_store(redis, True, 250), seeded["candles"])
+    parts = urlsplit(pg_url)
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    away = await asyncpg.create_pool(
+        urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}")), min_size=1, max_size=2,
+        command_timeout=3,
+    )  # fmt: skip
+    try:
+        async with serve(away, redis) as (base, _), aiohttp.ClientSession() as s:
+            assert (await get(s, f"{base}/api/v1/candles", symbol=SYMBOL))[0] == 200  # running before the outage
+            proxy.set_mode("down")
+            async with s.get(f"{base}/api/v1/candles", params={"symbol": SYMBOL, "limit": 5}, headers=AUTH) as r:
+                rows = await r.json()
+                assert r.status == 200 and r.headers["X-Feed-Source"] == "redis"
+            want = [c for c in seeded["candles"] if c.symbol == SYMBOL][-5:]
+            assert [row["open_time"] for row in rows] == [c.open_time for c in want]
+            assert [float(row["close"]) for row in rows] == [float(c.close) for c in want]
+            assert rows[0]["trades"] is None and rows[0]["quote_volume"] is None
+            status, body = await get(s, f"{base}/api/v1/orderflow", symbol=SYMBOL)
+            assert status == 503 and "PostgreSQL could not answer" in body["error"]
+            _, health = await get(s, f"{base}/api/v1/health")
+            assert health["status"] == "degraded" and health["postgres"] is False and health["redis"] is True
+            proxy.set_mode("pass")
+            async with s.get(f"{base}/api/v1/candles", params={"symbol": SYMBOL, "limit": 5}, headers=AUTH) as r:
+                assert r.status == 200 and "X-Feed-Source" not in r.headers
+                assert [row["trades"] for row in await r.json()] == [c.trades for c in want]
+    finally:
+        away.terminate()
+        await proxy.close()

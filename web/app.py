@@ -231,11 +231,17 @@ class ReadApi:
         return response
 
     async def known_symbols(self, wanted: str | None = None) -> frozenset[str]:
-        """The enabled tickers, re-read every few seconds (and at once for one not known yet)."""
+        """The enabled tickers, re-read every few seconds (and at once for one not known yet);
+        while PostgreSQL is away, the ones read last."""
         now = time.monotonic()
         stale = now - self.known_at > KNOWN_REFRESH_S
         if stale or (wanted is not None and wanted not in self.known and now - self.known_at > 1.0):
-            rows = await self.pool.fetch("SELECT symbol FROM tickers WHERE status = 'enabled'")
+            try:
+                rows = await self.pool.fetch("SELECT symbol FROM tickers WHERE status = 'enabled'")
+            except reads.PG_DOWN:
+                if not self.known:
+                    raise
+                return self.known  # PostgreSQL away: the tickers last read still stand
             self.known, self.known_at = frozenset(r["symbol"] for r in rows), now
         return self.known
 

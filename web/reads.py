@@ -116,18 +116,18 @@ async def candles_from_redis(store: CandleStore, symbol: str, tf: str, limit: in
     bars = (await store.read_last_many([(symbol, tf)], limit))[(symbol, tf)]
     return [
         {
-            "open_time": b.t,
-            "open": repr(b.o),
-            "high": repr(b.h),
-            "low": repr(b.l),
-            "close": repr(b.c),
-            "volume": repr(b.v),
+            "open_time": b.open_time,
+            "open": repr(b.open),
+            "high": repr(b.high),
+            "low": repr(b.low),
+            "close": repr(b.close),
+            "volume": repr(b.volume),
             "quote_volume": None,
             "trades": None,
             "taker_buy_volume": None,
         }
         for b in bars
-        if end is None or b.t <= end
+        if end is None or b.open_time <= end
     ][-limit:]
 
 
@@ -276,11 +276,11 @@ async def footprints_json(
     pool: asyncpg.Pool, redis: Redis, cache: FootprintCache, symbol: str, tf: str, limit: int, end: int | None
 ) -> bytes:
     """Final footprints oldest first, and the forming one after them when `end` is open."""
-    documents = [document for _, document in await cache.final(pool, symbol, tf, limit, end)]
+    final = await cache.final(pool, symbol, tf, limit, end)
+    documents = [document for _, document in final]
     if end is None:
         raw = await redis.get(footprint_key(symbol, tf, forming=True))
-        newest = orjson.loads(documents[-1])["open_time"] if documents else -1
-        if raw and orjson.loads(raw).get("open_time", -1) > newest:
+        if raw and orjson.loads(raw).get("open_time", -1) > (final[-1][0] if final else -1):
             documents = [*documents, raw[:-1] + b',"final":false}'][-limit:]
     return b"[" + b",".join(documents) + b"]"
 
