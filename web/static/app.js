@@ -8,6 +8,7 @@ import { ChartView } from './panes.js';
 const OLDER_BARS = 1000;
 const PRELOAD_MARGIN = 300; // load older bars while this many are still left of the view
 const TAIL_BARS = 500; // refetched after a WebSocket reconnect to fill the gap
+const SUBSCRIBE_TAIL_BARS = 20; // refetched once a subscription is confirmed
 const RETRY_MS = 5000; // pause after a failed older-bars load before trying again
 
 const $ = (id) => document.getElementById(id);
@@ -21,6 +22,7 @@ const state = {
   gen: 0, // bumped on every symbol/tf switch; answers for an older one are dropped
   loaded: false,
   pending: [], // WebSocket messages that arrived before the REST load finished
+  tailDue: false, // a subscription was confirmed: the bars that landed before it are fetched once loaded
   book: null,
   candles: [],
   indicators: [],
@@ -176,6 +178,7 @@ async function loadSymbol() {
   state.loaded = true;
   for (const msg of state.pending) apply(msg);
   state.pending = [];
+  if (state.tailDue) refreshTail(SUBSCRIBE_TAIL_BARS);
   if (!state.candles.length) showInfo(`No ${state.tf} candles for ${state.symbol} yet.`);
   else showInfo('');
   requestAnimationFrame(() => {
@@ -238,12 +241,14 @@ async function loadOlder() {
   if (gen === state.gen) onRange(view.chart.timeScale().getVisibleLogicalRange());
 }
 
-// After a reconnect: the newest bars again, to cover what was missed while offline.
-async function refreshTail() {
+// After a reconnect, or once a subscription is confirmed: the newest bars again, to cover
+// what landed while no subscription was in place (the REST answers may predate it).
+async function refreshTail(bars = TAIL_BARS) {
   if (!state.loaded) return;
+  state.tailDue = false;
   const gen = state.gen;
   try {
-    const [candles, indicators, orderflow, footprints] = await fetchRange(state.symbol, state.tf, undefined, TAIL_BARS);
+    const [candles, indicators, orderflow, footprints] = await fetchRange(state.symbol, state.tf, undefined, bars);
     if (gen !== state.gen) return;
     state.candles = merge(state.candles, candles);
     state.indicators = merge(state.indicators, indicators);
@@ -325,7 +330,12 @@ function setWsState() {
 
 function onMessage(msg) {
   if (msg.error) return showError(`live: ${msg.error}`);
-  if (!msg.channel) return; // {"subscribed": [...]}
+  if (msg.subscribed) {
+    state.tailDue = true;
+    if (state.loaded) refreshTail(SUBSCRIBE_TAIL_BARS);
+    return;
+  }
+  if (!msg.channel) return; // {"unsubscribed": [...]}
   const [, sym, tf] = msg.channel.split(':');
   if (sym !== state.symbol || (tf !== undefined && tf !== state.tf)) return; // stale subscription
   if (state.loaded) apply(msg);
