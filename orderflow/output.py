@@ -3,6 +3,7 @@ document, and the running CVD. Pure."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,30 +114,32 @@ class FinalBar:
         return out
 
 
-def footprint_document(bar: BarFlow, p: Profile | None) -> dict[str, Any]:
+def footprint_document(bar: BarFlow, p: Profile | None, text: Callable[[int], str] = units_text) -> dict[str, Any]:
+    """`text` writes a value in units as decimal text (the read API passes a memoised
+    `units_text`: prices and sizes repeat from bar to bar)."""
     size = bar.row_size
     document: dict[str, Any] = {
         "open_time": bar.open_time,
-        "row_size": units_text(size),
+        "row_size": text(size),
         "rows": [
             {
-                "price": units_text(index * size),
-                "bid_volume": units_text(bid),
-                "ask_volume": units_text(ask),
+                "price": text(index * size),
+                "bid_volume": text(bid),
+                "ask_volume": text(ask),
                 "bid_trades": bid_trades,
                 "ask_trades": ask_trades,
             }
             for index, bid, ask, bid_trades, ask_trades in bar.footprint()
         ],
     }
-    return document if p is None else document | profile_fields(size, p)
+    return document if p is None else document | profile_fields(size, p, text)
 
 
-def profile_fields(size: int, p: Profile) -> dict[str, Any]:
+def profile_fields(size: int, p: Profile, text: Callable[[int], str] = units_text) -> dict[str, Any]:
     """The footprint document's profile part (rows given by their low price)."""
 
     def price(index: int) -> str:
-        return units_text(index * size)
+        return text(index * size)
 
     return {
         "poc": price(p.poc),
