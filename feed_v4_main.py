@@ -13,6 +13,7 @@ exit code 3 so the platform restarts it; SIGTERM/SIGINT end it with 0.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -30,6 +31,7 @@ import uvloop
 from redis.asyncio import Redis
 
 import core_io
+import feed_v4_cli
 import infra
 from alerts import TelegramAlerts
 from book.intake import BOOK_SOURCES, BookIntake, BookSettings, public_url
@@ -50,7 +52,7 @@ from infra import (
     setup_logging,
     system_event_log,
 )
-from migrations import apply_migrations, pending_migrations
+from migrations import apply_migrations, migration_status, pending_migrations
 from restore_redis_from_pg import restore_redis_from_pg
 from retention import RetentionOptions, run_retention
 from signals_v4_main import RouterOptions, SignalRouter, load_router_options
@@ -379,9 +381,17 @@ async def run_daemon(settings: Settings) -> int:
     return daemon.exit_code
 
 
-async def run_migrate(settings: Settings) -> int:
+async def run_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    """Apply the pending migrations; with --status only list them (exit 1 if any is pending)."""
     pool = await connect_pg(settings)
     try:
+        if args.status:
+            listed = await migration_status(pool)
+            for name, applied_at in listed:
+                print(f"{'applied ' + f'{applied_at:%Y-%m-%d %H:%M:%S}Z' if applied_at else 'pending':28} {name}")
+            pending = sum(applied_at is None for _, applied_at in listed)
+            print(f"{pending} pending" if pending else "schema up to date")
+            return 1 if pending else 0
         with refused_at_boot("applying the migrations"):
             applied = await apply_migrations(pool)
     finally:
@@ -390,8 +400,24 @@ async def run_migrate(settings: Settings) -> int:
     return 0
 
 
-async def run_status_command(settings: Settings) -> int:
-    return await run_status(settings, sys.argv[2:])
+async def run_status_command(settings: Settings, args: argparse.Namespace) -> int:
+    return await run_status(settings, ["--json"] if args.json else [])
+
+
+async def run_restore_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Rebuild Redis from PostgreSQL once (what boot does before the workers start)."""
+    pool = await connect_pg(settings)
+    try:
+        redis, use_ts = await connect_redis(settings)
+        try:
+            store = core_io.make_candle_store(redis, use_ts, settings.redis_candles)
+            with refused_at_boot("restoring Redis from PostgreSQL"):
+                await restore_redis_from_pg(pool, redis, store, settings.redis_candles)
+        finally:
+            await redis.aclose()
+    finally:
+        await pool.close()
+    return 0
 
 
 async def wait_for_schema(pool: asyncpg.Pool, wait_s: float) -> None:
@@ -411,7 +437,7 @@ async def wait_for_schema(pool: asyncpg.Pool, wait_s: float) -> None:
             await asyncio.sleep(1.0)
 
 
-async def run_web_command(settings: Settings) -> int:
+async def run_web_command(settings: Settings, args: argparse.Namespace) -> int:
     """The read API and chart (web/app.py): its own process, read only."""
     from web.app import WebSettings, run_web
 
@@ -433,23 +459,34 @@ async def run_web_command(settings: Settings) -> int:
         await pool.close()
 
 
-COMMANDS = {"run": run_daemon, "migrate": run_migrate, "status": run_status_command, "web": run_web_command}
+async def run_daemon_command(settings: Settings, args: argparse.Namespace) -> int:
+    return await run_daemon(settings)
 
 
-def main(argv: list[str]) -> int:
-    command = argv[1] if len(argv) > 1 else "run"
-    if command not in COMMANDS:
-        print(f"feed_v4: unknown command {command!r}; use one of: {', '.join(COMMANDS)}", file=sys.stderr)
-        return EXIT_BOOT_FAILURE
+COMMANDS = {
+    "run": run_daemon_command,
+    "migrate": run_migrate,
+    "status": run_status_command,
+    "restore": run_restore_command,
+    "web": run_web_command,
+}
+
+
+def run_command(command: str, args: argparse.Namespace) -> int:
+    """A parsed command line (feed_v4_cli.py) carried out: settings, logging, the loop."""
     try:
         settings = load_settings()
         setup_logging(settings.debug_mode)
-        return asyncio.run(COMMANDS[command](settings), loop_factory=uvloop.new_event_loop)
+        return asyncio.run(COMMANDS[command](settings, args), loop_factory=uvloop.new_event_loop)
     except (ConfigError, BootError) as exc:
         print(f"feed_v4: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILURE
     except KeyboardInterrupt:
         return 0
+
+
+def main(argv: list[str]) -> int:
+    return feed_v4_cli.main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -58,12 +59,19 @@ async def apply_migrations(pool_or_conn: asyncpg.Pool | asyncpg.Connection, sql_
     return await _apply(pool_or_conn, migrations)
 
 
+async def migration_status(pool: asyncpg.Pool, sql_dir: Path = SQL_DIR) -> list[tuple[str, Any]]:
+    """Each migration's name and when it was applied (None: pending), in order. Reads only."""
+    applied: dict[str, Any] = {}
+    if await pool.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        applied = {
+            r["version"]: r["applied_at"] for r in await pool.fetch("SELECT version, applied_at FROM schema_migrations")
+        }
+    return [(m.name, applied.get(m.version)) for m in discover(sql_dir)]
+
+
 async def pending_migrations(pool: asyncpg.Pool, sql_dir: Path = SQL_DIR) -> list[str]:
     """The migrations not applied yet (all of them on a database without the table)."""
-    if not await pool.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
-        return [m.name for m in discover(sql_dir)]
-    done = {r["version"] for r in await pool.fetch("SELECT version FROM schema_migrations")}
-    return [m.name for m in discover(sql_dir) if m.version not in done]
+    return [name for name, applied_at in await migration_status(pool, sql_dir) if applied_at is None]
 
 
 _CREATE_TABLE_SQL = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -8,6 +8,7 @@ Run alone as `python restore_redis_from_pg.py`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import sys
@@ -97,4 +98,8 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(
+        prog="restore_redis_from_pg.py",
+        description="Rebuild Redis from PostgreSQL (what `feed-v4 restore` and the daemon's boot do), then exit.",
+    ).parse_args()  # --help prints and exits before anything connects
     sys.exit(asyncio.run(main()))
