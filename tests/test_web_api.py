@@ -280,6 +280,8 @@ async def test_the_websocket_pushes_what_lands_in_the_streams(pool, redis, seede
             with pytest.raises(asyncio.TimeoutError):
                 await receive_channel(ws, f"book:{SYMBOL}", timeout=0.6)
 
+            _, health = await get(s, f"{base}/api/v1/health")
+            assert health["pushed_messages"] >= 8 and health["pushed_bytes"] > 1000
             await ws.send_json({"unsubscribe": channels})
             assert (await ws.receive_json(timeout=5)) == {"unsubscribed": channels}
         await asyncio.sleep(0.1)

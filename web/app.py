@@ -267,6 +267,8 @@ class ReadApi:
                 "postgres": pg_ok,
                 "timeframes": list(TIMEFRAMES),
                 "websockets": self.connections.open,
+                "pushed_messages": self.hub.pushed,
+                "pushed_bytes": self.hub.pushed_bytes,
             }
         )
 
