@@ -25,7 +25,6 @@ import asyncio
 import os
 import random
 import re
-import socket
 import statistics
 import sys
 import time
@@ -57,29 +56,15 @@ from orderflow.fold import AggTrade, fold, to_units  # noqa: E402
 from orderflow.output import CvdChain, FinalBar  # noqa: E402
 from orderflow.profile import ImbalanceRules  # noqa: E402
 from orderflow.store import upsert_bars  # noqa: E402
-from tests.servers import RedisServer, drop_database, recreate_database, setting  # noqa: E402
+from tests.browser import launch  # noqa: E402
+from tests.servers import RedisServer, drop_database, free_port, recreate_database, setting  # noqa: E402
 
 SYMBOL = "BTCUSDT"
 BARS = 3_000
 M1 = 60_000
 T0 = 1_770_163_200_000
 TOKEN = "bench-token-0123456789abcdef"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DATABASE = "feed_v4_web_bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- data
@@ -194,9 +179,7 @@ async def fill(pg_url: str, redis_url: str) -> None:
 
 async def render_times(base: str, loads: int) -> None:
     async with async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"), args=CHROMIUM_ARGS
-        )
+        browser = await launch(p)
         times, shown = [], {}
         for _ in range(loads):
             page = await browser.new_page(viewport={"width": 1400, "height": 900})

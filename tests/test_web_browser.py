@@ -11,37 +11,21 @@ import asyncio
 import contextlib
 import os
 import re
-import socket
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from browser import launch
 from playwright.async_api import async_playwright
-from servers import drop_database
+from servers import drop_database, free_port
 
 from infra import make_redis
 
 PROJECT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOTS = Path(os.environ.get("SCREENSHOT_DIR") or PROJECT / ".local" / "screenshots")
 NEW_BAR_BUDGET_MS = 1_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.asynccontextmanager
@@ -133,7 +117,7 @@ async def test_the_chart_page_in_chromium_on_the_demo(redis_stack_server, pg_url
         base, token = url.split("/#token=")
         symbol = await wait_for_data(base, token)
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = await launch(p)
             problems: list[str] = []
             page = await browser.new_page(viewport={"width": 1400, "height": 900})
             page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)

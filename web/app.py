@@ -307,7 +307,7 @@ class ReadApi:
         found = None
         if open_time is None:
             forming = await reads.forming_footprint(self.redis, symbol, tf)
-            found = None if forming is None else orjson.dumps(forming)
+            found = None if forming is None else forming[1]
         if found is None:
             found = await reads.footprint_at(self.footprint_cache, self.pool, symbol, tf, open_time)
         if found is None:

@@ -243,7 +243,7 @@ class Hub:
                     self.publish(flow_channel, data)
             if self.wanted(print_channel):
                 if current and document:
-                    data = document[:-1] + b',"final":true}'
+                    data = reads.marked(document, True)
                 else:
                     data = await reads.footprint_at(self.footprints, self.pool, symbol, tf, open_time)
                 if data is not None:
@@ -274,13 +274,7 @@ class Hub:
                 self.last_polled[channel] = raw
                 if channel.startswith("book:"):
                     self.publish(channel, raw)
-                elif self._forming_is_new(channel, raw):
-                    self.publish(channel, raw[:-1] + b',"final":false}')
-
-    def _forming_is_new(self, channel: str, raw: bytes) -> bool:
-        """A forming footprint left over from a bar already pushed as final is not sent."""
-        try:
-            open_time = orjson.loads(raw)["open_time"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return False
-        return open_time > self.last_final.get(channel, 0)
+                else:  # a forming footprint left over from a bar already pushed as final is not sent
+                    open_time = reads.open_time_of(raw)
+                    if open_time is not None and open_time > self.last_final.get(channel, 0):
+                        self.publish(channel, reads.marked(raw, False))

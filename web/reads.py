@@ -83,11 +83,18 @@ _CANDLE_JSON = (
 )
 
 
+_M1_COUNT_JSON = ", 'm1_count', m1_count"
+
+
+def _candle_json(tf: str) -> str:
+    """A candle as a JSON object built by PostgreSQL (M5/M15 with their `m1_count`)."""
+    return f"json_build_object({_CANDLE_JSON}{_M1_COUNT_JSON if tf != 'm1' else ''})"
+
+
 def _candles_sql(tf: str) -> str:
     """The answer built by PostgreSQL itself as JSON text: no row is decoded in Python."""
-    extra = ", 'm1_count', m1_count" if tf != "m1" else ""
     return (
-        f"SELECT coalesce(json_agg(json_build_object({_CANDLE_JSON}{extra}) ORDER BY open_time), '[]')::text "
+        f"SELECT coalesce(json_agg({_candle_json(tf)} ORDER BY open_time), '[]')::text "
         f"FROM (SELECT * FROM {candle_table(tf)} WHERE symbol = $1 AND open_time <= $2 "
         "ORDER BY open_time DESC LIMIT $3) c"
     )
@@ -102,9 +109,8 @@ async def candles_json(pool: asyncpg.Pool, symbol: str, tf: str, limit: int, end
 
 async def candles_at(pool: asyncpg.Pool, tf: str, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
     """Given bars' JSON, one statement (the WebSocket's pushes of closed bars)."""
-    extra = ", 'm1_count', m1_count" if tf != "m1" else ""
     rows = await pool.fetch(
-        f"SELECT c.symbol, {MS.format('c.open_time')} AS t, json_build_object({_CANDLE_JSON}{extra})::text AS j "
+        f"SELECT c.symbol, {MS.format('c.open_time')} AS t, {_candle_json(tf)}::text AS j "
         f"FROM unnest($1::text[], $2::timestamptz[]) AS k(s, t) "
         f"JOIN {candle_table(tf)} c ON c.symbol = k.s AND c.open_time = k.t",
         [k[0] for k in keys],
@@ -159,12 +165,16 @@ async def indicator_rows(
     return merge_indicator_rows(stored, latest, end)[-limit:]
 
 
-async def latest_indicators(redis: Redis, keys: Sequence[tuple[str, str]]) -> list[dict[str, Any] | None]:
+async def hashes(redis: Redis, names: Sequence[str]) -> list[dict]:
+    """Several hashes in one round (HGETALL each, pipelined)."""
     async with redis.pipeline(transaction=False) as pipe:
-        for symbol, tf in keys:
-            pipe.hgetall(indicator_key(symbol, tf))
-        replies = await pipe.execute()
-    return [indicator_row(r) for r in replies]
+        for name in names:
+            pipe.hgetall(name)
+        return await pipe.execute()
+
+
+async def latest_indicators(redis: Redis, keys: Sequence[tuple[str, str]]) -> list[dict[str, Any] | None]:
+    return [indicator_row(r) for r in await hashes(redis, [indicator_key(s, tf) for s, tf in keys])]
 
 
 # --------------------------------------------------------------------------- order flow
@@ -191,11 +201,7 @@ async def orderflow_json(pool: asyncpg.Pool, symbol: str, tf: str, limit: int, e
 
 
 async def orderflow_hashes(redis: Redis, keys: Sequence[tuple[str, str]]) -> list[dict[str, Any] | None]:
-    async with redis.pipeline(transaction=False) as pipe:
-        for symbol, tf in keys:
-            pipe.hgetall(orderflow_key(symbol, tf))
-        replies = await pipe.execute()
-    return [orderflow_from_hash(r) for r in replies]
+    return [orderflow_from_hash(r) for r in await hashes(redis, [orderflow_key(s, tf) for s, tf in keys])]
 
 
 # --------------------------------------------------------------------------- footprints
@@ -284,9 +290,9 @@ async def footprints_json(
     final = await cache.final(pool, symbol, tf, limit, end)
     documents = [document for _, document in final]
     if end is None:
-        raw = await redis.get(footprint_key(symbol, tf, forming=True))
-        if raw and orjson.loads(raw).get("open_time", -1) > (final[-1][0] if final else -1):
-            documents = [*documents, raw[:-1] + b',"final":false}'][-limit:]
+        forming = await forming_footprint(redis, symbol, tf)
+        if forming and forming[0] > (final[-1][0] if final else -1):
+            documents = [*documents, forming[1]][-limit:]
     return b"[" + b",".join(documents) + b"]"
 
 
@@ -298,13 +304,24 @@ async def footprint_at(cache: FootprintCache, pool: asyncpg.Pool, symbol: str, t
     return None
 
 
-async def forming_footprint(redis: Redis, symbol: str, tf: str) -> dict[str, Any] | None:
-    raw = await redis.get(footprint_key(symbol, tf, forming=True))
-    if not raw:
+def open_time_of(document: bytes) -> int | None:
+    """A footprint document's open time; None for one that cannot be read."""
+    try:
+        return int(orjson.loads(document)["open_time"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
-    document = orjson.loads(raw)
-    document["final"] = False
-    return document
+
+
+def marked(document: bytes, final: bool) -> bytes:
+    """A stored footprint document with its `"final"` flag, spliced in, not re-encoded."""
+    return document[:-1] + (b',"final":true}' if final else b',"final":false}')
+
+
+async def forming_footprint(redis: Redis, symbol: str, tf: str) -> tuple[int, bytes] | None:
+    """The forming bar's (open time, document marked not final), if there is one."""
+    raw = await redis.get(footprint_key(symbol, tf, forming=True))
+    open_time = open_time_of(raw) if raw else None
+    return None if open_time is None else (open_time, marked(raw, False))
 
 
 # --------------------------------------------------------------------------- book and features
