@@ -65,6 +65,45 @@ def parser() -> argparse.ArgumentParser:
         help="rebuild the Redis cache from PostgreSQL and exit",
         description="Rebuild Redis (candles, indicators, streams, groups) from PostgreSQL; safe while the daemon runs.",
     )
+    tickers = commands.add_parser(
+        "tickers",
+        help="list, add, enable, disable and check the followed tickers",
+        description=(
+            "Manage the `tickers` table, judged against the exchange's listing (GET /fapi/v1/exchangeInfo): "
+            "status TRADING and a perpetual contract. Changes take effect in a running daemon within "
+            "TICKER_REFRESH_S."
+        ),
+    )
+    actions = tickers.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="every row of `tickers` with its switches and problem")
+    listing.add_argument("--json", action="store_true", help="print the rows as JSON")
+    for name, what in (
+        ("add", "add symbols as enabled (new rows) after checking them against the exchange"),
+        ("enable", "enable symbols (added when missing) after checking them against the exchange"),
+        ("disable", "disable symbols (the feed unsubscribes them; their data stays)"),
+    ):
+        action = actions.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        action.add_argument("symbols", nargs="+", metavar="SYMBOL", help="e.g. BTCUSDT (as Binance writes it)")
+        if name != "disable":
+            action.add_argument(
+                "--no-check",
+                action="store_true",
+                help="skip the exchange check (names are still validated): when the exchange cannot be reached",
+            )
+    check = actions.add_parser(
+        "check", help="judge every enabled ticker against the exchange; exit 1 when one cannot be followed"
+    )
+    check.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    config = commands.add_parser(
+        "config",
+        help="print every setting, its value and where it came from",
+        description=(
+            "Every setting with its value and source (environment, .local/services.env, default), secrets "
+            "masked; warns about environment variables that look like a setting but are misspelt. Reaches no "
+            "server. Exit 1 when a value is invalid."
+        ),
+    )
+    config.add_argument("--json", action="store_true", help="print the settings as JSON")
     commands.add_parser(
         "web",
         help="serve the read API and chart page",

@@ -459,6 +459,12 @@ async def run_web_command(settings: Settings, args: argparse.Namespace) -> int:
         await pool.close()
 
 
+async def run_tickers_command(settings: Settings, args: argparse.Namespace) -> int:
+    from ops.tickers_cli import run_tickers
+
+    return await run_tickers(settings, args)
+
+
 async def run_daemon_command(settings: Settings, args: argparse.Namespace) -> int:
     return await run_daemon(settings)
 
@@ -469,11 +475,16 @@ COMMANDS = {
     "status": run_status_command,
     "restore": run_restore_command,
     "web": run_web_command,
+    "tickers": run_tickers_command,
 }
 
 
 def run_command(command: str, args: argparse.Namespace) -> int:
     """A parsed command line (feed_v4_cli.py) carried out: settings, logging, the loop."""
+    if command == "config":  # reports bad settings instead of stopping on the first
+        from ops.config_report import run_config
+
+        return run_config(args)
     try:
         settings = load_settings()
         setup_logging(settings.debug_mode)

@@ -1,0 +1,1 @@
+"""Operator tooling: ticker management, the configuration report, progress of long work."""
