@@ -12,6 +12,7 @@ following it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -21,10 +22,11 @@ import asyncpg
 
 import core_io
 from aggregation import affected_buckets
-from binance.protocol import REST_KLINES_MAX_LIMIT, FrameError, closed_rest_klines
+from binance.protocol import REST_KLINES_MAX_LIMIT, FrameError, closed_rest_klines, klines_weight
 from binance.rest import INVALID_SYMBOL, RestClient, RestError
 from candles import TF_MS, Candle
 from infra import PG_DOWN_ERRORS, Outage, RateLimitedLog, log_system_event
+from ops.progress import ProgressReporter, progress_mode
 
 if TYPE_CHECKING:
     from feed_and_aggregate import CandleIntake
@@ -32,6 +34,15 @@ if TYPE_CHECKING:
 M1_MS = TF_MS["m1"]
 Run = tuple[str, int, int]  # (symbol, first minute, last minute)
 MISSING_PER_SYMBOL = 2 * REST_KLINES_MAX_LIMIT  # minutes of one symbol per round
+# A repaired minute that closed this long before the exchange's now (or any minute of a
+# first history) is announced with `history=1`: warm-up history and catch-up, which a
+# consumer acting on fresh bars skips; a live minute repaired within it is not marked.
+LIVE_REPAIR_MS = 2 * M1_MS
+log = logging.getLogger("BACKFILL")
+
+
+def _is_history(candle: Candle, logged: bool, server_now: int) -> bool:
+    return not logged or candle.open_time + M1_MS + LIVE_REPAIR_MS <= server_now
 
 
 def contiguous_ranges(minutes: Sequence[tuple[str, int]], max_len: int) -> list[Run]:
@@ -69,6 +80,15 @@ class Backfiller:
         self.fetched = 0
         self.last_stored_at = 0.0  # local clock: REST keeps the feed alive too (the watchdog)
         self.bad_rows = RateLimitedLog("BACKFILL")
+        # First history, catch-up and gap repair as one job at a time: a bar on a
+        # terminal, a log line every few seconds otherwise (PROGRESS).
+        limiter = getattr(rest, "limiter", None)
+        self.reporter = ProgressReporter(
+            "REST history/catch-up",
+            log,
+            progress_mode(),
+            weight=(lambda: getattr(limiter, "total", None)) if limiter is not None else None,
+        )
 
     def request_history(self, symbol: str, first: int, last: int) -> None:
         if symbol in self.history_outstanding:
@@ -76,12 +96,15 @@ class Backfiller:
         for start in range(first, last + M1_MS, REST_KLINES_MAX_LIMIT * M1_MS):
             self.history.append((symbol, start, min(last, start + (REST_KLINES_MAX_LIMIT - 1) * M1_MS)))
             self.history_outstanding[symbol] = self.history_outstanding.get(symbol, 0) + 1
+        self.reporter.progress().expect(symbol, (last - first) // M1_MS + 1)
         self.wake.set()
 
     def forget(self, symbol: str) -> None:
         """No longer followed: its pending first history is dropped."""
         self.history = deque(run for run in self.history if run[0] != symbol)
         self.history_outstanding.pop(symbol, None)
+        if self.reporter.job is not None and symbol in self.reporter.job.remaining:
+            self.reporter.job.set_remaining(symbol, 0)
 
     async def run(self) -> None:
         outage = Outage("BACKFILL", "PostgreSQL")
@@ -107,7 +130,9 @@ class Backfiller:
         followed = set(self.followed())
         missing = await core_io.fetch_missing_m1(self.pool, sorted(followed), MISSING_PER_SYMBOL)
         if not missing and not self.history:
+            self.reporter.finish()  # the job (if any) is over: its summary line
             return 0
+        await self._count_remaining(missing)
         server_now = await self.rest.server_time()
         jobs = [(r, True) for r in contiguous_ranges(missing, REST_KLINES_MAX_LIMIT)]
         while self.history:
@@ -125,6 +150,7 @@ class Backfiller:
                     self._failed(run, logged, result)
                     continue
                 ready.append((run, logged, result))
+                self._fetched(run)
                 if sum(len(candles) for _, _, candles in ready) >= self.STORE_BATCH:
                     batch, ready = ready, []
                     stored += await self._store(batch, server_now)
@@ -137,6 +163,38 @@ class Backfiller:
             # First history fetched but not stored, or not fetched: asked again next round.
             self.history.extend(run for run, logged, _ in ready if not logged)
             self.history.extend(run for run, logged in jobs if not logged)
+
+    async def _count_remaining(self, missing: Sequence[tuple[str, int]]) -> None:
+        """The job's minutes still to fetch per symbol: its open gap rows (counted in
+        PostgreSQL only for a symbol with more than a round's worth) and its first
+        history not fetched yet."""
+        gaps: dict[str, int] = {}
+        for symbol, _ in missing:
+            gaps[symbol] = gaps.get(symbol, 0) + 1
+        capped = [symbol for symbol, n in gaps.items() if n >= MISSING_PER_SYMBOL]
+        if capped:
+            rows = await self.pool.fetch(
+                "SELECT symbol, count(*) AS n FROM missing_m1_log_v4 "
+                "WHERE status = 'missing' AND symbol = ANY($1::text[]) GROUP BY symbol",
+                capped,
+            )
+            gaps.update((r["symbol"], r["n"]) for r in rows)
+        history: dict[str, int] = {}
+        for symbol, first, last in self.history:
+            history[symbol] = history.get(symbol, 0) + (last - first) // M1_MS + 1
+        progress = self.reporter.progress()
+        for symbol in gaps.keys() | history.keys():
+            progress.set_remaining(symbol, gaps.get(symbol, 0) + history.get(symbol, 0))
+        self.reporter.update()
+
+    def _fetched(self, run: Run) -> None:
+        symbol, first, last = run
+        limit = (last - first) // M1_MS + 1
+        progress = self.reporter.progress()
+        progress.advance(symbol, limit)
+        if getattr(getattr(self.rest, "limiter", None), "total", None) is None:
+            progress.add_weight(klines_weight(limit))  # the limiter keeps no count: ours
+        self.reporter.update()
 
     def _failed(self, run: Run, logged: bool, error: Exception) -> None:
         symbol = run[0]
@@ -171,8 +229,11 @@ class Backfiller:
         """Store the fetched candles, then settle the gap log of each range."""
         candles = [c for _, _, batch in ready for c in batch]
         refused: list[Candle] = []
+        history = [c for _, logged, batch in ready for c in batch if _is_history(c, logged, server_now)]
+        recent = [c for _, logged, batch in ready for c in batch if not _is_history(c, logged, server_now)]
         try:
-            await self.intake.store_m1(candles, refused)
+            await self.intake.store_m1(history, refused, history=True)
+            await self.intake.store_m1(recent, refused)
         except BaseException:
             self.history.extend(run for run, logged, _ in ready if not logged)  # fetched again next round
             raise

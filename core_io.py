@@ -16,7 +16,6 @@ from itertools import chain
 from typing import Any
 
 import asyncpg
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -332,75 +331,6 @@ async def upsert_indicator_values(pool: asyncpg.Pool, values: Sequence[Indicator
     return len(unique)
 
 
-# Only a newer (or the same) bar may replace the latest values of a hash. The fields go
-# in chunks: Lua's unpack() fails beyond a few thousand values (LUAI_MAXCSTACK).
-SET_LATEST_LUA = """
-local stored = redis.call('HGET', KEYS[1], 'open_time')
-if stored and tonumber(stored) > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'open_time', ARGV[1])
-for i = 2, #ARGV, 1000 do
-    redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-end
-return 1
-"""
-
-
-def float_texts(values: Sequence[float]) -> list[bytes]:
-    """Each float as the shortest decimal that reads back as it (b"" for NaN or inf: no
-    value), all at once: orjson's Ryu formats 42,000 floats in ~4 ms where repr() takes ~35."""
-    texts = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",") if values else []
-    return [b"" if text == b"null" else text for text in texts]
-
-
-def format_value(value: float | None) -> str:
-    """A hash field: the float's repr, or empty when there is no value (None or NaN)."""
-    return "" if value is None or value != value else repr(float(value))
-
-
-LatestValues = tuple[str, str, int, Iterable[tuple[str, float | None]]]  # symbol, tf, open time, (name, value)s
-
-
-class IndicatorCache:
-    """The `indicator:<SYMBOL>:<tf>` hashes holding each series' latest values."""
-
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self._sha: str | None = None
-
-    async def write(self, latest: Iterable[LatestValues], then: Sequence[list[Any]] = ()) -> None:
-        """The hash writes, then `then` (e.g. announcements and acks), in one packed round.
-
-        A script flushed away by a Redis restart (NOSCRIPT) is loaded again and the hash
-        writes are re-sent; any other error is raised.
-        """
-        if self._sha is None:
-            self._sha = await self.redis.script_load(SET_LATEST_LUA)
-        writes = []
-        for symbol, tf, open_time, items in latest:
-            args: list[Any] = ["EVALSHA", self._sha, 1, indicator_key(symbol, tf), open_time]
-            for name, value in items:
-                args += (name, format_value(value))
-            writes.append(args)
-        if not writes and not then:
-            return
-        replies = await execute_packed(self.redis, [*writes, *then])
-        if any(isinstance(r, ResponseError) and "NOSCRIPT" in str(r) for r in replies[: len(writes)]):
-            self._sha = await self.redis.script_load(SET_LATEST_LUA)
-            replies = await execute_packed(self.redis, [[w[0], self._sha, *w[2:]] for w in writes])
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-
-    async def set_latest(self, values: Iterable[IndicatorValue]) -> None:
-        grouped: dict[tuple[str, str, int], list[tuple[str, float | None]]] = defaultdict(list)
-        for v in values:
-            grouped[(v.symbol, v.tf, v.open_time)].append((v.name, v.value))
-        await self.write((*key, items) for key, items in sorted(grouped.items(), key=lambda item: item[0][2]))
-
-    async def get_latest(self, symbol: str, tf: str) -> dict[str, str]:
-        return await self.redis.hgetall(indicator_key(symbol, tf))
-
-
 # One backward index scan per (instance, symbol), the newest bar's rows WITH TIES. Joining
 # the newest time back instead let the planner fetch every symbol's rows of that time and
 # filter them (127 ms against 6 ms for 100 symbols).
@@ -659,6 +589,29 @@ RESTORED_KEY = "feed_v4:restored_at"
 # --------------------------------------------------------------------------- streams
 
 
+# Announcements of warm-up history and catch-up (REST minutes that closed more than a
+# couple of minutes before they were fetched, and the M5/M15 buckets built from them)
+# carry HISTORY_FIELD=HISTORY_VALUE; live closes carry no such field. A consumer that
+# acts on fresh bars skips them with one comparison; the indicator worker reads them all.
+HISTORY_FIELD = "history"
+HISTORY_VALUE = "1"
+
+
+class HistoryBatch(list):
+    """Candles announced as history (see HISTORY_FIELD): a list with a mark, so that it
+    travels through the intake's queues as any batch does."""
+
+    history = True
+
+
+def announced_event(candle: Candle, history: bool) -> dict[str, str]:
+    """The `ohlcv_<tf>_ready` entry, marked as history when it is."""
+    event = candle_event(candle)
+    if history:
+        event[HISTORY_FIELD] = HISTORY_VALUE
+    return event
+
+
 def xadd_command(stream: str, fields: Mapping[str, Any], maxlen: int) -> list[Any]:
     return ["XADD", stream, "MAXLEN", "~", maxlen, "*", *chain.from_iterable(fields.items())]
 
@@ -669,9 +622,11 @@ async def publish_candles(
     """Cache and announce candles of any timeframes in one Redis round: the series
     writes first, then each candle's `ohlcv_<tf>_ready` entry (Redis runs them in that
     order, so a reader of an announcement finds the candle cached). Series the server
-    had lost are created, written and announced again (at least once)."""
+    had lost are created, written and announced again (at least once). A batch that is a
+    HistoryBatch is announced with `history=1`."""
     candles = [c for _, batch in batches for c in batch]
-    events = [candle_event(c) for c in candles]  # their text serves the series writes too
+    # Their text serves the series writes too.
+    events = [announced_event(c, getattr(batch, "history", False)) for _, batch in batches for c in batch]
     items = candle_columns(candles, events)
     writes = store.write_commands(items)
     announcements = [xadd_command(CANDLE_STREAMS[event["tf"]], event, maxlen) for event in events]
@@ -683,8 +638,9 @@ async def publish_candles(
     if again:
         lost = [(tf, [c for c in batch if (c.symbol, c.tf) in again]) for tf, batch in batches]
         await write_candles(store, [c for _, batch in lost for c in batch])
-        for tf, batch in lost:
-            await publish(redis, CANDLE_STREAMS[tf], [candle_event(c) for c in batch], maxlen)
+        for (tf, batch), (_, source) in zip(lost, batches):
+            history = getattr(source, "history", False)
+            await publish(redis, CANDLE_STREAMS[tf], [announced_event(c, history) for c in batch], maxlen)
 
 
 async def publish(redis: Redis, stream: str, events: Sequence[Mapping[str, Any]], maxlen: int) -> None:

@@ -72,6 +72,8 @@ class CandleIntake:
     """Stores M1 candles (PostgreSQL first, then Redis, then the announcement) and
     builds the M5/M15 buckets they complete."""
 
+    metrics: Any = None  # metrics.definitions.DaemonMetrics when METRICS_PORT is set
+
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -122,8 +124,13 @@ class CandleIntake:
         # newer one was stored never overwrites the newer bucket, and the last
         # announcement of a bucket is what PostgreSQL holds.
         self.bucket_lock = asyncio.Lock()
+        # Buckets due from history minutes (REST warm-up and catch-up): announced as
+        # history too when the aggregator builds them (core_io.HISTORY_FIELD).
+        self.history_buckets: set[tuple[str, str, int]] = set()
 
-    async def store_m1(self, candles: Sequence[Candle], rejected: list[Candle] | None = None) -> list[Candle]:
+    async def store_m1(
+        self, candles: Sequence[Candle], rejected: list[Candle] | None = None, history: bool = False
+    ) -> list[Candle]:
         """Returns the candles that were new or changed (announced); those PostgreSQL
         refused go to `rejected`.
 
@@ -131,13 +138,17 @@ class CandleIntake:
         one was stored through this intake) is built at once and stored in the same
         statement: at a quarter hour the M15s are announced with the M1s, not a
         PostgreSQL round trip later. The other buckets a new minute touches are built
-        by `aggregate` (from PostgreSQL when memory does not hold them)."""
+        by `aggregate` (from PostgreSQL when memory does not hold them). `history`: REST
+        warm-up history or catch-up, announced with `history=1` (and so are the
+        buckets built from it)."""
         if not candles:
             return []
         async with self.bucket_lock:
-            return await self._store_m1(candles, rejected)
+            return await self._store_m1(candles, rejected, history)
 
-    async def _store_m1(self, candles: Sequence[Candle], rejected: list[Candle] | None) -> list[Candle]:
+    async def _store_m1(
+        self, candles: Sequence[Candle], rejected: list[Candle] | None, history: bool = False
+    ) -> list[Candle]:
         unique = {(c.symbol, c.open_time): c for c in candles}
         self.remember(list(unique.values()))
         completed = self._completed_buckets(unique.values())
@@ -155,17 +166,21 @@ class CandleIntake:
         fresh = [c for c in unique.values() if (c.symbol, "m1", c.open_time) in changed]
         fresh.sort(key=lambda c: c.open_time)
         if fresh:
-            await self._cache_and_announce(fresh, "m1")
+            await self._cache_and_announce(fresh, "m1", history)
             self.stored_m1 += len(fresh)
         # A bucket can change with none of its minutes: a repeated close completes in
         # memory a bucket whose other minutes came since (its build still queued).
         for tf in AGGREGATED_TFS:
             built = [b for b in completed if b.tf == tf and (b.symbol, tf, b.open_time) in changed]
             if built:
-                await self._cache_and_announce(built, tf)
+                await self._cache_and_announce(built, tf, history)
         if fresh:
             done = {(b.symbol, b.tf, b.open_time) for b in completed}
             buckets = affected_buckets((c.symbol, c.open_time) for c in fresh) - done
+            if history:
+                self.history_buckets |= buckets
+            elif self.history_buckets:  # a live minute's bucket is live, whatever it held before
+                self.history_buckets -= buckets
             if self.defer_aggregation:
                 self._due(buckets)
             elif buckets:
@@ -324,10 +339,10 @@ class CandleIntake:
 
     INLINE_PUBLISH_S = 2.0  # longer, and the publisher worker takes over: PostgreSQL writes never wait on Redis
 
-    async def _cache_and_announce(self, candles: Sequence[Candle], tf: str) -> None:
+    async def _cache_and_announce(self, candles: Sequence[Candle], tf: str, history: bool = False) -> None:
         """Hold the candles for Redis and publish at once, unless Redis is away or busy:
         then `run_publisher` sends everything held, in order, when it can."""
-        self._hold(tf, candles)
+        self._hold(tf, candles, history)
         if self.background or self.redis_outage.active or self.publish_lock.locked():
             self.publish_wake.set()
             return
@@ -339,8 +354,8 @@ class CandleIntake:
             self.redis_outage.fail(exc, "caching and announcing candles", {"held": self.held_candles})
             self.publish_wake.set()
 
-    def _hold(self, tf: str, candles: Sequence[Candle]) -> None:
-        self.held.append((tf, list(candles)))
+    def _hold(self, tf: str, candles: Sequence[Candle], history: bool = False) -> None:
+        self.held.append((tf, core_io.HistoryBatch(candles) if history else list(candles)))
         self.held_candles += len(candles)
         while self.held_candles > self.held_max and len(self.held) > 1:
             tf, dropped = self.held.popleft()
@@ -372,6 +387,8 @@ class CandleIntake:
 
     async def _publish(self, batches: Sequence[tuple[str, Sequence[Candle]]]) -> None:
         await core_io.publish_candles(self.store, self.redis, batches, self.maxlen)
+        if self.metrics is not None:  # in PostgreSQL and Redis now: counted and timed
+            self.metrics.candles_published(batches)
 
     PUBLISH_ROUND = 20_000  # candles cached and announced in one Redis round at most
 
@@ -454,8 +471,13 @@ class CandleIntake:
         fresh = [c for c in built if (c.symbol, c.tf, c.open_time) in changed]
         for tf in AGGREGATED_TFS:
             of_tf = sorted((c for c in fresh if c.tf == tf), key=lambda c: c.open_time)
-            if of_tf:
-                await self._cache_and_announce(of_tf, tf)
+            marks = [(c.symbol, tf, c.open_time) in self.history_buckets for c in of_tf]
+            if any(marks):
+                await self._cache_and_announce([c for c, m in zip(of_tf, marks) if m], tf, history=True)
+            if not all(marks):
+                await self._cache_and_announce([c for c, m in zip(of_tf, marks) if not m], tf)
+        if self.history_buckets:
+            self.history_buckets -= {(c.symbol, c.tf, c.open_time) for c in built}
         return fresh
 
 
@@ -567,6 +589,8 @@ class Feed:
                 return
             if message.closed:
                 self.stats.closes += 1
+                if self.intake.metrics is not None:
+                    self.intake.metrics.close_received(symbol, message.open_time)
                 self.new_gaps += [(symbol, t) for t in self.tracker.on_close(symbol, message.open_time)]
                 if self.closed.qsize() < self.feed_settings.buffer_max_candles:
                     self.closed.put_nowait(message.candle)

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 
 import core_io
 from candles import DAY_MS, TF_MS, TIMEFRAMES
-from indicators import slow
+from indicators import hashes, slow
 from indicators.kernels import BarArrays, BarTuple, Kernel
 from indicators.pending import PendingValues, matrices
 from indicators.registry import IndicatorConfigError, Instance, parse_common
@@ -52,7 +52,6 @@ from indicators.series import (
     SlowInstance,
     bars_as_tuples,
     first_unseen,
-    interleave,
     parse_event,
 )
 from infra import (
@@ -143,6 +142,8 @@ class SlowRunner:
 
 
 class IndicatorWorker:
+    metrics: Any = None  # metrics.definitions.DaemonMetrics when METRICS_PORT is set
+
     def __init__(
         self, settings: Settings, pool: asyncpg.Pool, redis: Redis, options: IndicatorOptions | None = None
     ) -> None:
@@ -163,7 +164,7 @@ class IndicatorWorker:
         self.slow_runner = SlowRunner(self.options.slow_workers)
         self.retention_ms = settings.indicator_retention_days * DAY_MS
         self.newest_ms = 0  # newest bar seen, for the retention cut-off
-        self.cache = core_io.IndicatorCache(redis)
+        self.cache = hashes.IndicatorCache(redis)
         self.stats = {"bars": 0, "corrections": 0, "opened": 0, "persisted_rows": 0, "bad_events": 0}
         self.last_compute_s = 0.0
         self.ready = asyncio.Event()  # set once the series are open and events flow
@@ -174,6 +175,7 @@ class IndicatorWorker:
         self.last_batch_at = 0.0
         self._announce: list[tuple[str, str, int]] = []
         self._latest: dict[tuple[str, str], tuple[int, Sequence[str], list[float]]] = {}
+        self._gone_names: dict[str, set[str]] = {}  # per timeframe: outputs of removed instances
 
     def workers(self) -> dict[str, Any]:
         return {
@@ -222,6 +224,10 @@ class IndicatorWorker:
             await core_io.set_instance_errors(self.pool, errors)
             self.errors_written = errors
         layouts = {tf: Layout(incremental[tf], pandas_ta[tf]) for tf in TIMEFRAMES}
+        for tf, lay in layouts.items():  # outputs no longer configured leave the hashes as they are written
+            before = {*self.layouts[tf].names, *(n for i in self.layouts[tf].slow for n in i.names)}
+            now = {*lay.names, *(n for i in lay.slow for n in i.names)}
+            self._gone_names[tf] = (self._gone_names.get(tf, set()) | before) - now
         self.layouts, self.config_key, self.config_errors = layouts, key, errors
         log.info(
             "indicator configuration: %s",
@@ -683,25 +689,39 @@ class IndicatorWorker:
             self.pending.add((series.symbol, series.tf, t, ""), layout.ids, layout.names, values, rewrite)
 
     async def _flush_redis(self, acks: Sequence[tuple[str, str]]) -> None:
-        """Latest values, announcements and acks: one round trip of plain commands.
+        """Latest values, announcements and acks: one round trip.
 
-        The hashes take a plain HSET, not the guarded script restore uses: this worker
-        only ever writes a series' newest bar (a correction rewrites up to the newest),
-        and a plain command costs Redis and the parser a fraction of a script call."""
+        The hashes take plain commands (hashes.latest_hash_commands: HDEL of the outputs
+        without a value on the bar, HSET of the others), not the guarded script restore
+        uses: this worker only ever writes a series' newest bar (a correction rewrites up
+        to the newest), and a plain command costs Redis and the parser a fraction of a
+        script call. A timeframe with pandas-ta instances takes the script (their values
+        come later, by the same script): it rebuilds the hash for a newer bar and merges
+        into the same one, so no pandas-ta value of an older bar survives under the new
+        open time, and none of the newest bar is deleted."""
         commands: list[list[Any]] = []
+        scripted: list[hashes.LatestValues] = []
         latest = list(self._latest.items())
-        texts = core_io.float_texts([v for _, (_, _, values) in latest for v in values])
+        texts = hashes.float_texts([v for _, (_, _, values) in latest for v in values])
         at = 0
         for (symbol, tf), (t, names, values) in latest:
             shown = texts[at : at + len(values)]
             at += len(values)
-            commands.append(["HSET", core_io.indicator_key(symbol, tf), "open_time", t, *interleave(names, shown)])
+            gone = self._gone_names.get(tf, ())
+            if self.layouts[tf].slow:
+                scripted.append((symbol, tf, t, [*zip(names, shown), *((name, None) for name in gone)]))
+            else:
+                commands += hashes.latest_hash_commands(symbol, tf, t, names, shown, gone)
         commands += [self._announcement(symbol, tf, t) for symbol, tf, t in self._announce]
         self.pending.hold(acks)
         through, due = self.pending.due()
         commands += core_io.ack_commands(core_io.INDICATOR_GROUP, due)
-        if commands:
+        if scripted:
+            await self.cache.write(scripted, commands)
+        elif commands:
             await core_io.execute_checked(self.redis, commands)
+        if self.metrics is not None:  # announced: close -> indicators ready
+            self.metrics.indicators_ready(self._announce)
         self.pending.forget(through)
         self._latest.clear()
         self._announce.clear()

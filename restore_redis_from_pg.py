@@ -2,7 +2,9 @@
 
 For every enabled ticker and timeframe: the last REDIS_CANDLES candles and the latest
 indicator values; plus the streams and consumer groups. Idempotent and safe while the
-daemon runs: it only writes PostgreSQL's truth over Redis, never deletes.
+daemon runs: it only writes PostgreSQL's truth over Redis. An indicator hash becomes
+PostgreSQL's newest bar of its series, whole (an output without a value on that bar is
+absent, never an empty string), unless Redis holds a newer bar already.
 Run alone as `python restore_redis_from_pg.py`.
 """
 
@@ -18,9 +20,11 @@ from dataclasses import dataclass
 import asyncpg
 from redis.asyncio import Redis
 
+import connections
 import core_io
 from candles import TIMEFRAMES
 from connections import connect_pg, connect_redis
+from indicators import hashes
 from infra import BootError, ConfigError, load_settings, setup_logging
 
 log = logging.getLogger("RESTORE")
@@ -44,7 +48,7 @@ async def _restore_candles(
     return sum(len(series.open_time) for series in columns.values())
 
 
-async def _restore_indicators(pool: asyncpg.Pool, cache: core_io.IndicatorCache, symbols: list[str], tf: str) -> int:
+async def _restore_indicators(pool: asyncpg.Pool, cache: hashes.IndicatorCache, symbols: list[str], tf: str) -> int:
     values = await core_io.fetch_latest_indicator_values(pool, symbols, tf)
     await cache.set_latest(values)
     return len(values)
@@ -55,10 +59,13 @@ async def restore_redis_from_pg(
 ) -> RestoreReport:
     """Copy PostgreSQL's newest candles and indicator values into Redis."""
     started = time.perf_counter()
+    chosen = connections.chosen_candle_store
+    # The boot line naming the store in use (REDIS_CANDLE_STORE=auto resolved).
+    log.info("candle store: %s", chosen if chosen and chosen.startswith(store.name) else store.name)
     store.forget_created()  # restore is what follows a wipe: every series is created again
     await core_io.ensure_groups(redis)
     symbols = await core_io.enabled_symbols(pool)
-    cache = core_io.IndicatorCache(redis)
+    cache = hashes.IndicatorCache(redis)
     report = RestoreReport(symbols=len(symbols))
     chunks = [symbols[i : i + SYMBOLS_PER_QUERY] for i in range(0, len(symbols), SYMBOLS_PER_QUERY)]
     # Chunks of symbols run concurrently, candles and indicator values together:

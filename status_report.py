@@ -4,7 +4,10 @@ What an operator asks when something looks wrong: is a daemon alive, how far beh
 the exchange is each ticker (candles and indicators), are consumers keeping up with
 the streams, are there holes in the M1 history, what failed recently. Exit code 0 when
 healthy, 1 when not (so it works as a cron or monitoring probe); a server that cannot
-be reached raises BootError, which the CLI turns into exit 2.
+be reached raises BootError, which the CLI turns into exit 2. No daemon running is
+unhealthy too (exit 1), but said plainly: the verdict is STOPPED with where the data
+ends, and lags are measured there, not against the wall clock (a finished replay, a
+daemon stopped months ago).
 
 I/O is a few thin async reads (one SQL statement per question, one Redis pipeline);
 the lag maths, the health rules and the rendering are pure functions over the report.
@@ -355,7 +358,14 @@ def build_report(
 ) -> dict[str, Any]:
     """Assemble the JSON-ready report (times as ms and ISO), health verdict included."""
     daemons = [parse_heartbeat(key, fields, local_now_ms) for key, fields in sorted(heartbeats.items())]
-    if now_ms is None:
+    closes = [t + TF_MS["m1"] for row in pg.tickers if (t := row.last_open_ms.get("m1")) is not None]
+    data_end = max(closes, default=None)
+    if now_ms is None and not daemons and data_end is not None:
+        # No daemon: nothing moves the data on, so lags are measured against where the
+        # data ends (a replay that finished, a daemon stopped months ago) and the verdict
+        # says that no daemon runs, not that every ticker is months behind.
+        now_ms, source = data_end, "data end"
+    elif now_ms is None:
         now_ms, source = choose_now(daemons, local_now_ms)
         if source == "exchange":  # the heartbeat is up to a beat old: a stored close proves a later now
             closes = [t + TF_MS["m1"] for row in pg.tickers if (t := row.last_open_ms.get("m1")) is not None]
@@ -384,6 +394,10 @@ def build_report(
         "now_ms": now_ms,
         "now": iso_ms(now_ms),
         "now_source": source,
+        "state": "running" if daemons else "stopped",
+        "data_end_ms": data_end,
+        "data_end": iso_ms(data_end),
+        "data_end_age_s": age_seconds(data_end, local_now_ms),
         "local_now_ms": local_now_ms,
         "local_now": iso_ms(local_now_ms),
         "healthy": True,
@@ -438,6 +452,27 @@ def warnings(report: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def stopped_reason(report: Mapping[str, Any]) -> str:
+    """No daemon alive, said plainly: where the data ends and how long ago (on the local
+    clock), rather than as a lag of every ticker."""
+    reason = "no live heartbeat: no daemon is running (or none can reach Redis)"
+    end, age = report.get("data_end_ms"), report.get("data_end_age_s")
+    if end is None:
+        return reason + "; no M1 candle stored"
+    return f"{reason}; data ends at {format_time(end)[:16]} UTC ({format_ago(age)})"
+
+
+def format_ago(seconds: float | None) -> str:
+    """`3 days ago`, `5h12m ago`, `just now`."""
+    if seconds is None:
+        return "-"
+    if seconds >= 2 * 86_400:
+        return f"{int(seconds // 86_400)} days ago"
+    if seconds < 1:
+        return "just now"
+    return f"{format_duration(seconds)} ago"
+
+
 def ticker_sort_key(ticker: Mapping[str, Any]) -> tuple[int, float, str]:
     """Worst first: no M1 at all, then the largest M1 lag; ties by symbol."""
     m1 = ticker.get("m1")
@@ -459,7 +494,7 @@ def unhealthy_reasons(report: Mapping[str, Any], max_lag_s: float, max_pending: 
     """
     reasons: list[str] = []
     if not report["daemons"]:
-        reasons.append("no live heartbeat: no daemon is running (or none can reach Redis)")
+        reasons.append(stopped_reason(report))
     tickers = report["tickers"]
     no_m1 = sorted(t["symbol"] for t in tickers if t["m1"] is None)
     if no_m1:
@@ -557,10 +592,18 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
     gaps and errors. Colour only when asked (a TTY), never in pipes or logs."""
     now_ms = report["now_ms"]
     max_lag = report["thresholds"]["max_lag_s"]
-    clock = {"exchange": "exchange clock", "local": "local clock, no exchange time", "given": "given"}
-    verdict = (
-        _paint("HEALTHY", _GREEN + _BOLD, colour) if report["healthy"] else _paint("UNHEALTHY", _RED + _BOLD, colour)
-    )
+    clock = {
+        "exchange": "exchange clock",
+        "local": "local clock, no exchange time",
+        "given": "given",
+        "data end": "where the data ends: no daemon running",
+    }
+    if report["healthy"]:
+        verdict = _paint("HEALTHY", _GREEN + _BOLD, colour)
+    elif report.get("state") == "stopped":
+        verdict = _paint("STOPPED (no daemon running)", _RED + _BOLD, colour)
+    else:
+        verdict = _paint("UNHEALTHY", _RED + _BOLD, colour)
     out = [f"feed_v4 status: {verdict}"]
     out += [_paint(f"  - {reason}", _RED, colour) for reason in report["unhealthy"]]
     out += [_paint(f"  ! {warning}", _YELLOW, colour) for warning in report["warnings"]]
@@ -568,6 +611,14 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
         f"now      {format_time(now_ms)} UTC ({clock.get(report['now_source'], report['now_source'])})",
         f"daemons  {len(report['daemons'])} alive",
     ]
+    if report.get("state") == "stopped":
+        end = report.get("data_end_ms")
+        out.append(
+            "data     none stored"
+            if end is None
+            else f"data     ends {format_time(end)} UTC "
+            f"({format_ago(report.get('data_end_age_s'))}; lags below are measured there)"
+        )
 
     if report["daemons"]:
         out += ["", "DAEMONS"]

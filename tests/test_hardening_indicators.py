@@ -16,7 +16,7 @@ import core_io
 import status_report
 from candles import datetime_to_ms
 from feed_and_aggregate import CandleIntake
-from indicators import registry
+from indicators import hashes, registry
 from indicators.kernels import SourceKernel
 from market_data import read_archive
 from tests.indicator_reference import assert_values_match_talib, stored_series
@@ -98,7 +98,7 @@ async def test_absurd_parameters_and_a_failing_kernel_never_stop_the_other_insta
 
 
 async def test_a_hash_takes_more_outputs_than_lua_can_unpack(redis):
-    cache = core_io.IndicatorCache(redis)
+    cache = hashes.IndicatorCache(redis)
     names = [f"EMA_{n}" for n in range(1, 5001)]
     await cache.write([("BTCUSDT", "m1", 60_000, [(name, float(i)) for i, name in enumerate(names)])])
     stored = await redis.hgetall(core_io.indicator_key("BTCUSDT", "m1"))

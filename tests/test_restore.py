@@ -7,6 +7,7 @@ from itertools import islice
 
 import core_io
 from candles import M1_PER_BUCKET, TF_MS, TIMEFRAMES, Candle
+from indicators import hashes
 from market_data import read_archive
 from restore_redis_from_pg import restore_redis_from_pg
 
@@ -55,7 +56,7 @@ async def test_flushall_then_restore_gives_back_candles_and_indicators(pool, sto
     for symbol, tf in keys:
         assert cached[(symbol, tf)] == [c.to_bar() for c in seeded[f"{symbol}:{tf}"][-BARS:]]
     assert (await store.read_last_many([("FILUSDT", "m1")], BARS))[("FILUSDT", "m1")] == []  # disabled
-    latest = await core_io.IndicatorCache(store.redis).get_latest("DOTUSDT", "m1")
+    latest = await hashes.IndicatorCache(store.redis).get_latest("DOTUSDT", "m1")
     assert latest == {"open_time": str(T0 + 2 * 60_000), "RSI_14": "42.0"}
     groups = await store.redis.xinfo_groups(core_io.SIGNALS_STREAM)
     assert [g["name"] for g in groups] == [core_io.SIGNAL_GROUP]
@@ -64,7 +65,7 @@ async def test_flushall_then_restore_gives_back_candles_and_indicators(pool, sto
 async def test_restore_is_idempotent_and_keeps_newer_live_values(pool, store):
     await _seed_postgres(pool)
     await restore_redis_from_pg(pool, store.redis, store, BARS)
-    cache = core_io.IndicatorCache(store.redis)
+    cache = hashes.IndicatorCache(store.redis)
     newer = T0 + 10 * 60_000
     await cache.set_latest([core_io.IndicatorValue(1, "ALGOUSDT", "m1", newer, "RSI_14", 55.5)])
     first = await store.read_last_many([(s, tf) for s in SYMBOLS for tf in TIMEFRAMES], BARS)

@@ -217,11 +217,24 @@ async def test_healthy_system_lags_on_the_exchange_clock(pool, redis):
 async def test_no_heartbeat_is_unhealthy_and_falls_back_to_the_local_clock(pool, redis):
     await seed_tickers(pool, redis, {"BTCUSDT": M1_LAST})
     report = await sr.collect_status(pool, redis, now_ms=NOW)
-    assert report["unhealthy"] == ["no live heartbeat: no daemon is running (or none can reach Redis)"]
-    assert report["healthy"] is False and report["daemons"] == []
+    (reason,) = report["unhealthy"]
+    assert reason.startswith("no live heartbeat: no daemon is running (or none can reach Redis); data ends at ")
+    assert report["healthy"] is False and report["daemons"] == [] and report["state"] == "stopped"
 
-    report = await sr.collect_status(pool, redis)  # no exchange time: the local clock, so months of lag
-    assert report["now_source"] == "local" and report["tickers"][0]["m1"]["lag_s"] > 86_400
+    # No daemon: lags are measured where the data ends, not against the wall clock
+    # months later; the one reason says where the data ends and how long ago.
+    local = M1_LAST + MINUTE + 298 * 86_400_000 + 3_600_000
+    report = await sr.collect_status(pool, redis, local_now_ms=local)
+    assert report["now_source"] == "data end" and report["now_ms"] == M1_LAST + MINUTE
+    assert report["tickers"][0]["m1"]["lag_s"] == 0.0
+    assert report["data_end"] == "2025-03-01T12:01:00.000Z" and report["data_end_age_s"] == 298 * 86_400 + 3600
+    assert report["unhealthy"] == [
+        "no live heartbeat: no daemon is running (or none can reach Redis); "
+        "data ends at 2025-03-01 12:01 UTC (298 days ago)"
+    ]
+    text = sr.render_status(report, colour=False)
+    assert text.startswith("feed_v4 status: STOPPED (no daemon running)\n") and "lag 298" not in text
+    assert "data     ends 2025-03-01 12:01:00 UTC (298 days ago; lags below are measured there)" in text
     await beat(redis, exchange_time="")  # a daemon whose feed has seen nothing yet
     assert (await sr.collect_status(pool, redis))["now_source"] == "local"
 
@@ -353,6 +366,10 @@ async def test_json_and_text_output(pool, redis):
         "now_ms",
         "now",
         "now_source",
+        "state",
+        "data_end_ms",
+        "data_end",
+        "data_end_age_s",
         "local_now_ms",
         "local_now",
         "healthy",
@@ -382,8 +399,9 @@ def settings(redis_stack_server, pg_url):
 
 async def test_run_status_exit_codes_and_output(pool, redis, settings, capsys):
     await seed_tickers(pool, redis, {"BTCUSDT": M1_LAST})
-    assert await sr.run_status(settings, [], env={}) == 1  # no daemon
-    assert "UNHEALTHY" in capsys.readouterr().out
+    assert await sr.run_status(settings, [], env={}) == 1  # no daemon: unhealthy, said plainly
+    out = capsys.readouterr().out
+    assert "STOPPED (no daemon running)" in out and "data ends at 2025-03-01 12:01 UTC" in out
 
     await beat(redis)
     assert await sr.run_status(settings, [], env={}) == 0
@@ -465,3 +483,18 @@ async def test_order_flow_lag_and_trade_gaps_are_shown(pool, redis):
     }
     text = sr.render_status(report, colour=False)
     assert "ORDER FLOW (1 tickers" in text and "m1 BTCUSDT" in text and "open 1  filled 0  unfillable 1" in text
+
+
+def test_no_daemon_and_no_data_says_so():
+    report = pure_report({"BTCUSDT": None}, heartbeat=False)
+    assert report["state"] == "stopped" and report["now_source"] == "local" and report["data_end"] is None
+    assert report["unhealthy"][0] == (
+        "no live heartbeat: no daemon is running (or none can reach Redis); no M1 candle stored"
+    )
+    assert "data     none stored" in sr.render_status(report, colour=False)
+
+
+def test_a_running_daemon_is_measured_as_before():
+    report = pure_report({"BTCUSDT": 30.0})
+    assert (report["state"], report["now_source"], report["healthy"]) == ("running", "exchange", True)
+    assert sr.render_status(report, colour=False).startswith("feed_v4 status: HEALTHY\n")

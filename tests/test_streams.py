@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import core_io
+from indicators import hashes
 from tests.test_candles_pg import make_candle
 
 STREAM = core_io.CANDLE_STREAMS["m1"]
@@ -80,7 +81,7 @@ async def test_mark_prices_round_trip(redis):
 
 
 async def test_older_indicator_values_never_replace_newer(redis):
-    cache = core_io.IndicatorCache(redis)
+    cache = hashes.IndicatorCache(redis)
     newer = [core_io.IndicatorValue(1, "BTCUSDT", "m5", 2000, "EMA_9", 10.5)]
     older = [core_io.IndicatorValue(1, "BTCUSDT", "m5", 1000, "EMA_9", 9.5)]
     await cache.set_latest(newer)

@@ -1,6 +1,7 @@
 """What the read API answers, from what Redis holds. Pure.
 
-Redis hashes keep text (an output without a value may be an empty string there); a
+Redis hashes keep text (an output without a value on the hash's bar is absent; data
+written before that rule may hold an empty string, read as no value too); a
 client gets JSON with numbers for derived values, decimal strings for prices and
 volumes, and `null` for anything missing, never an empty string.
 """
