@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 import uvloop
@@ -58,6 +59,9 @@ from retention import RetentionOptions, run_retention
 from signals_v4_main import RouterOptions, SignalRouter, load_router_options
 from status_report import run_status
 
+if TYPE_CHECKING:
+    from metrics.exporter import MetricsExporter
+
 log = logging.getLogger("MAIN")
 
 EXIT_BOOT_FAILURE = 2
@@ -78,6 +82,8 @@ class DaemonOptions:
     watchdog_stale_s: float = 180.0
     shutdown_timeout_s: float = 8.0
     worker_retry_s: float = 5.0
+    metrics_port: int = 0  # 0: no metrics endpoint
+    metrics_host: str = "0.0.0.0"
 
     @classmethod
     def from_env(cls, settings: Settings, env: Mapping[str, str] | None = None) -> DaemonOptions:
@@ -93,7 +99,24 @@ class DaemonOptions:
             watchdog_stale_s=env_number(env, "WATCHDOG_STALE_S", 180.0, float, 0.0, 86_400.0),
             shutdown_timeout_s=env_number(env, "SHUTDOWN_TIMEOUT_S", 8.0, float, 1.0, 60.0),
             worker_retry_s=env_number(env, "WORKER_RETRY_S", 5.0, float, 0.1, 600.0),
+            metrics_port=metrics_port_setting(env),
+            metrics_host=metrics_host_setting(env),
         )
+
+
+def metrics_port_setting(env: Mapping[str, str]) -> int:
+    """METRICS_PORT: unset, 0 or off for no endpoint, else a port."""
+    if env.get("METRICS_PORT", "").strip().lower() in ("", "0", "off"):
+        return 0
+    return env_number(env, "METRICS_PORT", 0, int, 1, 65535)
+
+
+def metrics_host_setting(env: Mapping[str, str]) -> str:
+    """METRICS_HOST: an address or host name to listen on (all interfaces by default)."""
+    host = env.get("METRICS_HOST", "").strip() or DaemonOptions.metrics_host
+    if len(host) > 253 or any(ch.isspace() or ch in "/@#?[]" for ch in host):
+        raise ConfigError(f"METRICS_HOST={host[:60]!r} is not an address: use e.g. 0.0.0.0, 127.0.0.1 or ::")
+    return host
 
 
 @dataclass
@@ -138,7 +161,7 @@ async def boot(settings: Settings) -> Runtime:
             await redis.aclose()
         await pool.close()
         raise
-    log.info("booted: %s", settings.describe())
+    log.info("booted: %s (candle store in use: %s)", settings.describe(), runtime.store.name)
     return runtime
 
 
@@ -179,6 +202,12 @@ class Daemon:
         self.started_ms = int(time.time() * 1000)
         self.host = socket.gethostname()
         self.heartbeat_key = infra.heartbeat_key(self.host, os.getpid())
+        # METRICS_PORT: a Prometheus endpoint with this daemon's own registry.
+        self.metrics: MetricsExporter | None = None
+        if options.metrics_port:
+            from metrics.exporter import MetricsExporter  # aiohttp.web and the client library only when on
+
+            self.metrics = MetricsExporter(self, options.metrics_host, options.metrics_port)
 
     def workers(self) -> dict[str, Worker]:
         workers: dict[str, Worker] = {
@@ -198,11 +227,15 @@ class Daemon:
         if self.alerts:
             workers["ALERTS"] = self.alerts.run
         workers["HEARTBEAT"] = self.beat
+        if self.metrics:
+            workers["METRICS"] = self.metrics.run
         if self.feed or self.indicators:
             workers["REDIS_GUARD"] = self.guard_redis
         return workers
 
     def start(self) -> None:
+        if self.metrics:
+            self.metrics.bind()  # a port in use: BootError (exit 2) before any worker starts
         for name, fn in self.workers().items():
             self.tasks[name] = asyncio.create_task(run_safe_loop(fn, name, self.options.worker_retry_s), name=name)
         log_system_event("INFO", "MAIN", "daemon started", {"workers": sorted(self.tasks)})
@@ -327,6 +360,8 @@ class Daemon:
         if self.alerts:
             await phase("sending the queued alerts", self.alerts.drain(), min(2.0, left(1.0)))
         await phase("stopping the other workers", self._cancel(list(self.tasks)), left(0.5))
+        if self.metrics:
+            await phase("closing the metrics endpoint", self.metrics.stop(), max(0.1, min(1.0, left(0.4))))
         if self.indicators:
             self.indicators.close()
         with contextlib.suppress(Exception):

@@ -20,7 +20,7 @@ import re
 import sys
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -141,15 +141,27 @@ def mask_url(url: str) -> str:
 
 
 def read_local_services(path: Path = LOCAL_SERVICES_FILE) -> dict[str, str]:
-    """URLs of the servers `make services` provisioned (the documented defaults)."""
+    """What `make services` recorded: the URLs of the servers it started or found (the
+    documented defaults) and the tests' Redis binaries. Lines are `export NAME=VALUE` or,
+    for the URLs, `[ -n "${NAME:-}" ] || export NAME=VALUE` (applied only when unset);
+    VALUE is one shell word (quoted or escaped)."""
+    import shlex  # here: this function is the only user
+
     values: dict[str, str] = {}
     if not path.is_file():
         return values
     for line in path.read_text().splitlines():
-        line = line.strip().removeprefix("export ").strip()
+        line = line.strip()
+        if line.startswith("[") and "] || " in line:  # the guard: the environment wins, as here
+            line = line.partition("] || ")[2].strip()
+        line = line.removeprefix("export ").strip()
         if "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")
-            values[key.strip()] = value.strip().strip("'\"")
+            try:
+                words = shlex.split(value, comments=True)
+            except ValueError:  # unbalanced quotes: the text as it is
+                words = [value.strip().strip("'\"")]
+            values[key.strip()] = words[0] if words else ""
     return values
 
 
@@ -288,17 +300,80 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(debug: bool = False, stream=None) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line for log shippers (LOG_FORMAT=json):
+    `{"ts": "2025-05-16T13:44:21.123Z", "level": "INFO", "logger": "AGGREGATOR",
+    "message": "...", "exception": "Traceback ..."}` (`exception` and `stack` only when
+    the record has them)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC)
+        entry: dict[str, Any] = {
+            "ts": f"{stamp:%Y-%m-%dT%H:%M:%S}.{stamp.microsecond // 1000:03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:  # a lone surrogate or the like: never lose the line
+            return orjson.dumps({k: ascii(v) if isinstance(v, str) else v for k, v in entry.items()}).decode()
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def log_options(env: Mapping[str, str] | None = None, debug: bool = False) -> tuple[int, str]:
+    """(level, format) from LOG_LEVEL and LOG_FORMAT. LOG_LEVEL wins over DEBUG_MODE;
+    without it DEBUG_MODE=true means DEBUG, else INFO. A bad value is a ConfigError."""
+    env = os.environ if env is None else env
+    raw_level = env.get("LOG_LEVEL", "").strip().upper()
+    if raw_level and raw_level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL={raw_level[:40]!r}: use one of {', '.join(LOG_LEVELS)}")
+    level = logging.getLevelName(raw_level) if raw_level else (logging.DEBUG if debug else logging.INFO)
+    fmt = env.get("LOG_FORMAT", "").strip().lower() or "text"
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT={fmt[:40]!r}: use text or json")
+    return level, fmt
+
+
+def setup_logging(
+    debug: bool = False,
+    stream=None,
+    *,
+    level: int | str | None = None,
+    fmt: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Console logging for the process. LOG_LEVEL and LOG_FORMAT are read from `env`
+    (the process environment by default) unless `level` / `fmt` are given; a bad value
+    raises ConfigError (exit 2 at boot)."""
+    env_level, env_fmt = log_options(env, debug)
+    level = env_level if level is None else level
+    fmt = env_fmt if fmt is None else fmt
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT={fmt!r}: use text or json")
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(ConsoleFormatter(colour=hasattr(stream, "isatty") and stream.isatty()))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(ConsoleFormatter(colour=hasattr(stream, "isatty") and stream.isatty()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(level)
+    numeric = level if isinstance(level, int) else logging.getLevelName(str(level).upper())
     for noisy in ("asyncio", "websockets", "aiohttp"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, numeric))
     # Its reconnect attempts during an outage, with tracebacks: the workers log the outage once.
-    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
+    logging.getLogger("asyncpg.pool").setLevel(max(logging.ERROR, numeric))
 
 
 # --------------------------------------------------------------------------- system log
@@ -429,6 +504,9 @@ def log_system_event(level: str, module: str, message: str, details: Mapping[str
 
 # --------------------------------------------------------------------------- supervision
 
+# Crashes per worker name since the process started (the metrics endpoint exports them).
+WORKER_RESTARTS: Counter[str] = Counter()
+
 
 async def run_safe_loop(
     coro_fn: Callable[[], Awaitable[Any]],
@@ -457,6 +535,7 @@ async def run_safe_loop(
         except Exception as exc:
             if loop.time() - started >= healthy_after_s:
                 delay = retry_delay
+            WORKER_RESTARTS[name] += 1
             log_system_event(
                 "ERROR",
                 name,

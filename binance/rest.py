@@ -58,6 +58,8 @@ class WeightLimiter:
     """Keeps our request weight within the exchange's limit over a sliding window and
     honours Retry-After (429, and 418 bans)."""
 
+    total = 0  # weight spent since start (the metrics endpoint's counter)
+
     def __init__(self, limit: int, window_s: float) -> None:
         self.limit, self.window_s = limit, window_s
         self.spent: deque[tuple[float, int]] = deque()
@@ -78,6 +80,7 @@ class WeightLimiter:
                     continue
                 if self._used(now) + weight <= self.limit:
                     self.spent.append((now, weight))
+                    self.total += weight
                     return
                 await asyncio.sleep(max(0.005, self.spent[0][0] + self.window_s - now))
 

@@ -106,6 +106,8 @@ class StreamConnection:
     """One combined-stream connection: reconnects with backoff, replaces itself before
     the 24-hour cut (make before break), subscribes and unsubscribes live."""
 
+    reconnects = 0  # connections lost (the metrics endpoint's counter)
+
     def __init__(
         self,
         conn_id: int,
@@ -141,6 +143,7 @@ class StreamConnection:
                 await self._close(self.ws, timeout_s=0.3)
                 raise
             except (OSError, ConnectionLost, aiohttp.ClientError, TimeoutError) as exc:
+                self.reconnects += 1
                 delay = self.backoff.next_delay()
                 log_system_event(
                     "WARNING",
