@@ -1,6 +1,8 @@
 """Which tickers the feed follows: the enabled rows of `tickers` that have a valid name
 and that the exchange lists as TRADING (binance/symbols.py judges; this is its I/O).
-The others are recorded in `tickers.problem` (shown by `status`) and logged once."""
+The others are recorded in `tickers.problem` (shown by `status`) and logged once.
+No enabled ticker at all is logged once (WARNING, with how to add one), and again only
+after some were enabled and then none are."""
 
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ class TickerFollower:
     every EXCHANGE_INFO_REFRESH_S, and hands the set to follow to `follow`."""
 
     LISTING_WAIT_S = 5.0  # at start, how long following waits for the exchange's listing
+    NONE_ENABLED = (
+        "no ticker is enabled in `tickers`: nothing is followed; add one with "
+        "`feed-v4 tickers add BTCUSDT` (checked against the exchange) or set SYMBOLS=BTCUSDT,ETHUSDT"
+    )
 
     def __init__(
         self,
@@ -40,6 +46,7 @@ class TickerFollower:
         self.tickers = TickerFilter(settings.exchange_info_refresh_s)
         self.wake = asyncio.Event()
         self.listing_errors = RateLimitedLog("FEED", interval_s=600)
+        self.told_none_enabled = False  # the warning below is given once per empty spell
 
     def refused(self, symbol: str) -> None:
         """The exchange answered -1121 (invalid symbol) for it: stop following it."""
@@ -55,6 +62,7 @@ class TickerFollower:
                 except PG_DOWN_ERRORS:
                     await asyncio.sleep(self.settings.ticker_refresh_s)
                     continue  # the intake logs the outage
+                self._tell_if_none_enabled(enabled)
                 if (listing_task is None or listing_task.done()) and self.tickers.due(enabled, time.monotonic()):
                     listing_task = asyncio.create_task(self._fetch_listing())
                     if self.tickers.listing is None:  # the first: judged before anything is subscribed
@@ -71,6 +79,13 @@ class TickerFollower:
             if listing_task is not None:
                 listing_task.cancel()
                 await asyncio.gather(listing_task, return_exceptions=True)
+
+    def _tell_if_none_enabled(self, enabled: set[str]) -> None:
+        if enabled:
+            self.told_none_enabled = False
+        elif not self.told_none_enabled:
+            self.told_none_enabled = True
+            log_system_event("WARNING", "FEED", self.NONE_ENABLED)
 
     async def _fetch_listing(self) -> None:
         self.tickers.attempted(time.monotonic())

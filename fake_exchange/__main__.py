@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # `python fake_exchange/__main__.py`
 
 from candles import datetime_to_ms, ms_to_datetime
 from fake_exchange.book import BookConfig
+from fake_exchange.rest_api import load_listings
 from fake_exchange.server import FakeExchange
 from fake_exchange.sources import ArchiveSource, CandleSource, SyntheticSource
 from fake_exchange.trades import TRADES_PER_AGG
@@ -58,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="made-up books: best bid/ask changes per second and symbol (bookTicker events, about)",
     )
     parser.add_argument("--no-books", action="store_true", help="no order books on /public (nor GET /fapi/v1/depth)")
+    parser.add_argument(
+        "--listings",
+        metavar="FILE",
+        default=None,
+        help="a saved exchangeInfo answer whose symbols are listed too (exchangeInfo only: no data is served "
+        "for them), e.g. ../shared/data/ws_frames/fstream_2026-10-07/rest_exchange_info_trimmed.json",
+    )
     return parser.parse_args(argv)
 
 
@@ -94,6 +102,7 @@ async def serve(args: argparse.Namespace) -> None:
         trades_per_agg=args.trades_per_agg,
         book=BookConfig(book_ticker_per_s=args.book_ticker_per_s, seed=args.seed),
         books=not args.no_books,
+        listings=load_listings(args.listings) if args.listings else (),
     )
     await exchange.start()
     started = ms_to_datetime(exchange.clock.now_ms())

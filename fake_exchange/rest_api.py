@@ -7,8 +7,9 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -113,6 +114,7 @@ class RestApi:
         books: MadeUpBooks | RecordedBooks | None = None,
         book_listened: Callable[[str], bool] = lambda symbol: False,
         book_step_ms: Callable[[], int] = lambda: 100,
+        listings: Iterable[dict] = (),
     ) -> None:
         self.clock = clock
         self.source = source
@@ -126,6 +128,9 @@ class RestApi:
         self.books = books
         self._book_listened = book_listened
         self._book_step_ms = book_step_ms
+        # exchangeInfo entries beside the replayed symbols (a replayed symbol keeps its own):
+        # listed only, no klines, trades or book (their REST answers -1121 like an unknown one)
+        self.listings = [dict(item) for item in listings if item.get("symbol") not in self._symbols]
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/fapi/v1/klines", self._klines)
@@ -425,7 +430,7 @@ class RestApi:
             ],
             "exchangeFilters": [],
             "assets": [{"asset": "USDT", "marginAvailable": True, "autoAssetExchange": "-10000"}],
-            "symbols": [self._symbol_info(s) for s in self.source.symbols],
+            "symbols": [self._symbol_info(s) for s in self.source.symbols] + self.listings,
         }
 
     def _symbol_info(self, symbol: str) -> dict[str, object]:
@@ -481,6 +486,20 @@ class RestApi:
             "timeInForce": ["GTC", "IOC", "FOK", "GTX", "GTD"],
             "permissionSets": ["GRID", "COPY", "DCA"],
         }
+
+
+def load_listings(path: str | Path) -> list[dict]:
+    """The `symbols` entries of a saved exchangeInfo answer (e.g. the real one in
+    ../shared/data/ws_frames/fstream_2026-10-07/rest_exchange_info_trimmed.json, which lists a
+    SETTLING perpetual, a quarterly contract, a TradFi perpetual and a non-ASCII name), for
+    `FakeExchange(listings=...)` / `--listings FILE`."""
+    payload = orjson.loads(Path(path).read_bytes())
+    symbols = payload.get("symbols") if isinstance(payload, dict) else None
+    if not isinstance(symbols, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("symbol"), str) for s in symbols
+    ):
+        raise ValueError(f"{path}: not an exchangeInfo answer (no 'symbols' list of objects with a 'symbol')")
+    return symbols
 
 
 def _unit_str(decimals: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Iterable
 
 from aiohttp import web
 
@@ -16,8 +17,8 @@ from .hub import StreamHub
 from .recordings import RecordingSource, load_recorded_book
 from .rest_api import RestApi, WeightLimiter
 from .scheduler import PushConfig, Scheduler
-from .sources import CandleSource
-from .trades import TRADES_PER_AGG, TradeBook
+from .sources import CandleSource, SyntheticSource
+from .trades import MINUTE_MS, TRADES_PER_AGG, TradeBook
 from .ws_api import WsGateway, WsLimits
 
 
@@ -29,6 +30,8 @@ class FakeExchange:
     (wss://fstream.binance.com/public); `rest_url` replaces https://fapi.binance.com.
     Order books (`book`, None: none) are made up for synthetic and archive symbols and
     replayed for the recordings; they cost nothing until a symbol's book is asked for.
+    `listings`: extra exchangeInfo entries (rest_api.load_listings) listed beside the
+    replayed symbols, e.g. delisted or quarterly ones; nothing is served for them.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class FakeExchange:
         trades: TradeBook | None = None,
         book: BookConfig | None = None,
         books: bool = True,
+        listings: Iterable[dict] = (),
     ) -> None:
         self.source = source
         self.host = host
@@ -66,7 +70,14 @@ class FakeExchange:
         self.clock = SimClock(self._start_ms, speed)
         self.hub = StreamHub(self.stats)
         self.limiter = WeightLimiter(weight_limit, weight_window_s)
-        self.trades = trades or TradeBook(self.candle, source.first_open_time, seed, trades_per_agg)
+        # A synthetic source's trades (and their ids) begin at the replay's start: counting
+        # ids from its first minute, a month back, made up every minute since at the first
+        # boundary (2 million candles for 50 symbols), stalling the exchange for tens of
+        # seconds. Earlier minutes have no aggTrades there, as if trading began at the start.
+        trades_from = source.first_open_time
+        if isinstance(source, SyntheticSource):
+            trades_from = max(trades_from, self._start_ms - self._start_ms % MINUTE_MS)
+        self.trades = trades or TradeBook(self.candle, trades_from, seed, trades_per_agg)
         self.books = self._make_books(book or BookConfig(seed=seed)) if books else None
         self.ws = WsGateway(
             self.hub,
@@ -91,6 +102,7 @@ class FakeExchange:
             books=self.books,
             book_listened=lambda symbol: self.scheduler.book_listened(symbol),
             book_step_ms=lambda: self.scheduler.book_step_ms(),
+            listings=listings,
         )
         self.scheduler = Scheduler(
             clock=self.clock,

@@ -2,8 +2,11 @@
 # Make sure a Redis Stack (with TimeSeries) and a PostgreSQL are reachable.
 #   scripts/services.sh         provision/start (idempotent), write .local/services.env
 #   scripts/services.sh stop    stop the Redis daemon and the private PG cluster we started
-# Honours REDIS_URL and POSTGRES_URL / DATABASE_URL (then nothing is started for them),
+# Honours REDIS_URL and POSTGRES_URL / DATABASE_URL (then nothing is started for them, and
+# they are NOT written to services.env: it only records the servers this script started or
+# found itself, so a URL given for one command never becomes the next command's default),
 # FEED_REDIS_PORT (default 6390) and FEED_PG_PORT (private cluster, default 5433).
+# Sourcing services.env never overrides a URL already set in the environment.
 # All local state lives in .local/ (gitignored).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -164,6 +167,7 @@ redis_ld_path() { echo "$REDIS_LD${REDIS_LD:+${LD_LIBRARY_PATH:+:}}${LD_LIBRARY_
 rcli() { LD_LIBRARY_PATH=$(redis_ld_path) "$RS/bin/redis-cli" -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 
 # ---------------------------------------------------------------- b. Redis daemon
+redis_found=  # the URL of a server this script started or found (the only kind recorded)
 if [ -n "${REDIS_URL:-}" ]; then
     redis_url=$REDIS_URL
 else
@@ -184,6 +188,7 @@ else
     rcli MODULE LIST 2>/dev/null | grep -qx timeseries \
         || die "Redis on port $REDIS_PORT has no TimeSeries module (another server? set FEED_REDIS_PORT)"
     redis_url=redis://127.0.0.1:$REDIS_PORT/0
+    redis_found=$redis_url
 fi
 
 # ---------------------------------------------------------------- c. PostgreSQL
@@ -238,6 +243,7 @@ start_private() {  # private trust-auth cluster in .local/pg on $PG_PRIVATE_PORT
     pg_ok "$PG_PRIVATE_PORT"
 }
 
+pg_found=
 if [ -n "${POSTGRES_URL:-}" ]; then
     pg_url=$POSTGRES_URL
 elif [ -n "${DATABASE_URL:-}" ]; then
@@ -278,21 +284,43 @@ else
         say "created database $DB_NAME on port $pg_port"
     fi
     pg_url=postgresql://postgres@127.0.0.1:$pg_port/$DB_NAME
+    pg_found=$pg_url
 fi
 
 # ---------------------------------------------------------------- d. services.env
-# Owner-only (0600): REDIS_URL / POSTGRES_URL taken from the environment may hold passwords.
+# Only servers started or found here are recorded (a URL from the environment is used for
+# this run and never written); a server not looked for this time keeps what an earlier run
+# of this format recorded. Each URL line applies only when the variable is unset, so a URL
+# given in the environment for one command wins for that command (DATABASE_URL counts as a
+# POSTGRES_URL). infra.read_local_services parses these lines.
 env_file=$LOCAL/services.env
+FORMAT_MARK='# services.env format 2: URLs of servers found or started here; never override the environment'
+sq() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }  # a single-quoted shell word
+recorded_line() {  # recorded_line NAME: the line an earlier run (format 2) wrote for NAME, if any
+    [ -f "$env_file" ] && grep -qxF "$FORMAT_MARK" "$env_file" \
+        && grep -E "^\[ -n \"\\\$\{$1:-\}.*export $1=" "$env_file" | tail -n1 || true
+}
+if [ -n "$redis_found" ]; then
+    redis_line="[ -n \"\${REDIS_URL:-}\" ] || export REDIS_URL=$(sq "$redis_found")"
+else
+    redis_line=$(recorded_line REDIS_URL)
+fi
+if [ -n "$pg_found" ]; then
+    pg_line="[ -n \"\${POSTGRES_URL:-}\${DATABASE_URL:-}\" ] || export POSTGRES_URL=$(sq "$pg_found")"
+else
+    pg_line=$(recorded_line POSTGRES_URL)
+fi
 saved_umask=$(umask)
 umask 077
 rm -f "$env_file.tmp"
 {
     echo "# Written by scripts/services.sh; source it: . .local/services.env"
-    printf 'export REDIS_URL=%q\n' "$redis_url"
-    printf 'export POSTGRES_URL=%q\n' "$pg_url"
-    printf 'export REDIS_SERVER_BIN=%q\n' "$REDIS_SERVER_BIN"
-    printf 'export REDIS_TS_MODULE=%q\n' "$REDIS_TS_MODULE"
-    printf 'export REDIS_LD_LIBRARY_PATH=%q\n' "$REDIS_LD"
+    echo "$FORMAT_MARK"
+    [ -z "$redis_line" ] || echo "$redis_line"
+    [ -z "$pg_line" ] || echo "$pg_line"
+    echo "export REDIS_SERVER_BIN=$(sq "$REDIS_SERVER_BIN")"
+    echo "export REDIS_TS_MODULE=$(sq "$REDIS_TS_MODULE")"
+    echo "export REDIS_LD_LIBRARY_PATH=$(sq "$REDIS_LD")"
 } >"$env_file.tmp"
 chmod 600 "$env_file.tmp"
 mv -f "$env_file.tmp" "$env_file"
@@ -302,4 +330,6 @@ umask "$saved_umask"
 # On screen without their passwords (the file above has them).
 echo "REDIS_URL=$(mask_url "$redis_url")"
 echo "POSTGRES_URL=$(mask_url "$pg_url")"
+[ -n "$redis_found" ] || echo "REDIS_URL came from the environment: used for this run, not recorded in $env_file"
+[ -n "$pg_found" ] || echo "POSTGRES_URL came from the environment: used for this run, not recorded in $env_file"
 echo "hint: source .local/services.env to use them; 'scripts/services.sh stop' stops what was started here"

@@ -20,7 +20,8 @@ from web_data import seed
 from infra import make_redis
 
 PROJECT = Path(__file__).resolve().parents[1]
-COMMANDS = ["run", "migrate", "status", "restore", "web"]
+COMMANDS = ["run", "migrate", "status", "restore", "web", "tickers", "config"]
+SUBCOMMANDS = [["tickers", action] for action in ("list", "add", "enable", "disable", "check")]
 VERSION = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["version"]
 
 
@@ -50,7 +51,7 @@ async def test_help_on_every_command_prints_and_changes_nothing(pool, redis, red
 
 
 def helps_print_usage(env: dict[str, str]) -> None:
-    for args in (["--help"], *([command, "--help"] for command in COMMANDS)):
+    for args in (["--help"], *([*command, "--help"] for command in [[c] for c in COMMANDS] + SUBCOMMANDS)):
         run = run_main(env, *args, timeout=30)
         assert run.returncode == 0 and run.stdout.startswith("usage: feed-v4"), (args, run.stdout, run.stderr)
         assert run.stderr == "", (args, run.stderr)
@@ -64,7 +65,17 @@ def helps_print_usage(env: dict[str, str]) -> None:
 def test_version_and_bad_commands():
     run = run_main({}, "--version")
     assert run.returncode == 0 and run.stdout.strip() == f"feed-v4 {VERSION}"
-    for bad in (["bogus"], ["migrate", "--force"], ["status", "extra"]):
+    bad_commands = (
+        ["bogus"],
+        ["migrate", "--force"],
+        ["status", "extra"],
+        ["tickers"],  # an action is required
+        ["tickers", "add"],  # a SYMBOL is required
+        ["tickers", "disable", "BTCUSDT", "--no-check"],  # disable asks no exchange
+        ["tickers", "list", "BTCUSDT"],
+        ["config", "--bogus"],
+    )
+    for bad in bad_commands:
         run = run_main({}, *bad)
         assert run.returncode == 2 and "usage: feed-v4" in run.stderr and run.stdout == "", bad
 

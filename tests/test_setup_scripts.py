@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from infra import read_local_services
+
 PROJECT = Path(__file__).resolve().parents[1]
 SECRET = "s3cret"
 REAL_SERVICES_ENV = PROJECT / ".local" / "services.env"
@@ -54,10 +56,13 @@ def run_services(project: Path, **urls: str) -> subprocess.CompletedProcess[str]
     )
 
 
-def sourced(env_file: Path, *names: str) -> list[str]:
-    """The values a shell gets from `. services.env`."""
-    script = f". {env_file}; " + "; ".join(f'printf "%s\\n" "${name}"' for name in names)
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+def sourced(env_file: Path, *names: str, env: dict[str, str] | None = None) -> list[str]:
+    """The values a shell gets from `. services.env` (under `set -euo pipefail`, as make runs
+    it), with only `env`'s server URLs set beforehand."""
+    script = f"set -euo pipefail; . {env_file}; " + "; ".join(f'printf "%s\\n" "${{{name}:-}}"' for name in names)
+    base = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL", "DATABASE_URL")}
+    run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env=base | (env or {}))
+    return run.stdout.splitlines()
 
 
 @pytest.fixture
@@ -92,8 +97,11 @@ def test_services_prints_urls_without_their_passwords_and_writes_an_owner_only_e
     env_file = project / ".local" / "services.env"
     assert mode(env_file) == 0o600
     assert not (project / ".local" / "services.env.tmp").exists()
-    # The file keeps the real URLs: it is what the tests and `make run` source.
-    assert sourced(env_file, "REDIS_URL", "POSTGRES_URL") == [redis_url, pg_url]
+    # URLs given in the environment are used for this run, never recorded for the next command.
+    assert SECRET not in env_file.read_text()
+    assert sourced(env_file, "REDIS_URL", "POSTGRES_URL") == ["", ""]
+    assert "REDIS_URL" not in read_local_services(env_file) and "POSTGRES_URL" not in read_local_services(env_file)
+    assert "REDIS_URL came from the environment: used for this run, not recorded" in run.stdout
 
 
 @pytest.mark.usefixtures("real_services_env_untouched")
@@ -110,7 +118,7 @@ def test_services_env_left_world_readable_by_an_older_run_becomes_owner_only(tmp
         os.umask(old_umask)
     assert run.returncode == 0, run.stderr
     assert mode(local / "services.env") == 0o600
-    assert SECRET in (local / "services.env").read_text()
+    assert "an older run" not in (local / "services.env").read_text()  # rewritten
     assert SECRET not in run.stdout + run.stderr
 
 
@@ -147,6 +155,68 @@ def test_services_masks_every_password_form(tmp_path: Path, urls: dict[str, str]
     assert run.returncode == 0, run.stderr
     assert SECRET not in run.stdout + run.stderr, run.stdout
     assert shown in run.stdout.splitlines(), run.stdout
+
+
+def local_redis_stack() -> tuple[Path, int]:
+    """The Redis Stack `make services` runs here (its binaries and port), else skip."""
+    from urllib.parse import urlsplit
+
+    recorded = read_local_services(REAL_SERVICES_ENV).get("REDIS_URL", "")
+    parts = urlsplit(recorded)
+    stack = PROJECT / ".local" / "redis-stack"
+    if parts.hostname != "127.0.0.1" or not parts.port or not (stack / "bin" / "redis-server").is_file():
+        pytest.skip("no local Redis Stack from `make services`")
+    return stack, parts.port
+
+
+@pytest.mark.usefixtures("real_services_env_untouched")
+def test_services_records_only_what_it_found_and_sourcing_never_overrides_the_environment(tmp_path: Path):
+    """`REDIS_URL=x make services` never makes x the next command's default; a server found
+    earlier stays recorded; a URL set for one command wins over the file for that command."""
+    stack, port = local_redis_stack()
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT / "scripts", project / "scripts")
+    (project / ".local").mkdir()
+    (project / ".local" / "redis-stack").symlink_to(stack)
+    if (PROJECT / ".local" / "libssl").is_dir():
+        (project / ".local" / "libssl").symlink_to(PROJECT / ".local" / "libssl")
+    env_file = project / ".local" / "services.env"
+    found = f"redis://127.0.0.1:{port}/0"
+    pg_given = f"postgresql://feed:{SECRET}@db.example:5432/feed_v4"
+    run = run_services(project, POSTGRES_URL=pg_given, FEED_REDIS_PORT=str(port))  # Redis found, PG given
+    if run.returncode != 0:
+        pytest.skip(f"the local Redis Stack does not answer: {run.stderr}")
+    assert read_local_services(env_file).get("REDIS_URL") == found
+    assert "POSTGRES_URL" not in read_local_services(env_file) and SECRET not in env_file.read_text()
+    assert sourced(env_file, "REDIS_URL", "POSTGRES_URL") == [found, ""]
+
+    elsewhere = f"redis://:{SECRET}@cache.example:6380/0"
+    run = run_services(project, REDIS_URL=elsewhere, POSTGRES_URL=pg_given)  # both given: nothing new recorded
+    assert run.returncode == 0, run.stderr
+    assert SECRET not in env_file.read_text() + run.stdout
+    assert read_local_services(env_file).get("REDIS_URL") == found  # what was found before stays
+    # Sourcing it (what `make run` does first) keeps a URL the command was given.
+    assert sourced(env_file, "REDIS_URL", env={"REDIS_URL": "redis://given:1/0"}) == ["redis://given:1/0"]
+    assert sourced(env_file, "REDIS_URL") == [found]
+    with_pg = {"DATABASE_URL": "postgresql://given/x"}
+    assert sourced(env_file, "POSTGRES_URL", "DATABASE_URL", env=with_pg) == ["", "postgresql://given/x"]
+
+
+def test_read_local_services_reads_both_formats(tmp_path: Path):
+    path = tmp_path / "services.env"
+    path.write_text(
+        "# Written by scripts/services.sh\n"
+        "[ -n \"${REDIS_URL:-}\" ] || export REDIS_URL='redis://127.0.0.1:6390/0'\n"
+        "[ -n \"${POSTGRES_URL:-}${DATABASE_URL:-}\" ] || export POSTGRES_URL='postgresql://p@h/db'\n"
+        "export REDIS_SERVER_BIN='/a b/it'\\''s/redis-server'\n"
+        "export REDIS_TS_MODULE=/x/ts\\ module.so\n"  # the older %q format
+    )
+    assert read_local_services(path) == {
+        "REDIS_URL": "redis://127.0.0.1:6390/0",
+        "POSTGRES_URL": "postgresql://p@h/db",
+        "REDIS_SERVER_BIN": "/a b/it's/redis-server",
+        "REDIS_TS_MODULE": "/x/ts module.so",
+    }
 
 
 # ------------------------------------------------------------------------- scripts/demo.py
