@@ -128,6 +128,17 @@ def test_root_and_service_follow_the_blueprint_spec():
     check_structure(load_blueprint())
 
 
+def test_services_deploy_only_commits_whose_checks_pass():
+    """A push reaches production only after the repository's checks ran the test suite."""
+    for service in load_blueprint()["services"]:
+        assert service.get("autoDeployTrigger") == "checksPass", service["name"]
+    workflow = yaml.safe_load((PROJECT / ".github" / "workflows" / "ci.yml").read_text())
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as True
+    assert "push" in triggers and "pull_request" in triggers
+    steps = [step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"]]
+    assert any(run.strip() == ".ci/run" for run in steps), steps
+
+
 def test_worker_builds_and_starts_the_daemon():
     worker = the_worker(load_blueprint())
     # Native runtimes need both commands (Docker ones use dockerCommand instead).
