@@ -284,28 +284,8 @@ def _redis_ping_checking_tls(redis: Redis, url: str) -> Callable[[], Awaitable[A
     return ping
 
 
-# The candle store the last connect_redis chose, as the boot line names it: `timeseries`,
-# `zset (TimeSeries module missing: ...)` or `zset (REDIS_CANDLE_STORE=zset)`.
-chosen_candle_store: str | None = None
-
-
-def candle_store_choice(configured: str, problem: str | None) -> str:
-    """What the store setting resolved to, and why when it is not TimeSeries."""
-    if configured == "zset":
-        return "zset (REDIS_CANDLE_STORE=zset)"
-    if problem is None:
-        return "timeseries"
-    if problem == "no TimeSeries module":
-        return "zset (TimeSeries module missing)"
-    return f"zset (TimeSeries unusable: {problem})"
-
-
 async def connect_redis(settings: Settings) -> tuple[Redis, bool]:
-    """Connect at boot; return the client and whether TimeSeries is to be used. The
-    choice is kept in `chosen_candle_store` (`timeseries`, `zset (TimeSeries module
-    missing)`, ...) for the boot line, which restore logs once the boot got that far
-    (a boot refused later prints its one refusal line, nothing else)."""
-    global chosen_candle_store
+    """Connect at boot; return the client and whether TimeSeries is to be used."""
     check_certificate_files("REDIS_URL", settings.redis_url)
     redis = make_redis(settings.redis_url)
     hint = "check REDIS_URL or run `make services`"
@@ -313,7 +293,6 @@ async def connect_redis(settings: Settings) -> tuple[Redis, bool]:
         ping = _redis_ping_checking_tls(redis, settings.redis_url)
         await _wait_for("Redis", settings.redis_url, ping, settings.boot_wait_s, hint)
         if settings.candle_store == "zset":
-            chosen_candle_store = candle_store_choice("zset", None)
             log_system_event("INFO", "BOOT", "REDIS_CANDLE_STORE=zset: candles go to the sorted-set store")
             return redis, False
         problem = await timeseries_problem(redis)
@@ -327,7 +306,6 @@ async def connect_redis(settings: Settings) -> tuple[Redis, bool]:
             "REDIS_CANDLE_STORE=timeseries: use Redis Stack (redistimeseries.so) with a user allowed the TS.* "
             "commands, or set REDIS_CANDLE_STORE=auto to use the sorted-set store"
         )
-    chosen_candle_store = candle_store_choice(settings.candle_store, problem)
     if problem:
         log_system_event(
             "WARNING", "BOOT", f"Redis without usable TimeSeries ({problem}): candles go to the sorted-set store"

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import asyncpg
 from redis.asyncio import Redis
 
-import connections
 import core_io
 from candles import TIMEFRAMES
 from connections import connect_pg, connect_redis
@@ -59,9 +58,6 @@ async def restore_redis_from_pg(
 ) -> RestoreReport:
     """Copy PostgreSQL's newest candles and indicator values into Redis."""
     started = time.perf_counter()
-    chosen = connections.chosen_candle_store
-    # The boot line naming the store in use (REDIS_CANDLE_STORE=auto resolved).
-    log.info("candle store: %s", chosen if chosen and chosen.startswith(store.name) else store.name)
     store.forget_created()  # restore is what follows a wipe: every series is created again
     await core_io.ensure_groups(redis)
     symbols = await core_io.enabled_symbols(pool)

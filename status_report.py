@@ -367,9 +367,8 @@ def build_report(
         now_ms, source = data_end, "data end"
     elif now_ms is None:
         now_ms, source = choose_now(daemons, local_now_ms)
-        if source == "exchange":  # the heartbeat is up to a beat old: a stored close proves a later now
-            closes = [t + TF_MS["m1"] for row in pg.tickers if (t := row.last_open_ms.get("m1")) is not None]
-            now_ms = max([now_ms, *closes])
+        if source == "exchange" and data_end is not None:  # the heartbeat is up to a beat old:
+            now_ms = max(now_ms, data_end)  # a stored close proves a later now
     else:
         source = "given"
     tickers = []

@@ -86,7 +86,7 @@ def test_daemon_boots_on_plain_redis_and_stops_cleanly_on_sigterm(plain_redis_se
     text = "".join(output) + rest
     assert process.returncode == 0, text
     assert "sorted-set store" in text
-    assert "candle store: zset (TimeSeries module missing)" in text  # the store chosen, not `auto`
+    assert "(candle store in use: zset)" in text  # the store chosen, not `auto`
     assert "candle_store=auto" in text
 
 

@@ -22,8 +22,8 @@ from binance.protocol import (
     klines_weight,
     parse_frame,
 )
+from candle_publisher import widen
 from candles import Candle, bucket_start
-from feed_and_aggregate import widen
 from market_data import SHARED_DATA_DIR, read_archive
 
 FRAMES = SHARED_DATA_DIR / "ws_frames"
