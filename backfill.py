@@ -229,11 +229,11 @@ class Backfiller:
         """Store the fetched candles, then settle the gap log of each range."""
         candles = [c for _, _, batch in ready for c in batch]
         refused: list[Candle] = []
-        history = [c for _, logged, batch in ready for c in batch if _is_history(c, logged, server_now)]
-        recent = [c for _, logged, batch in ready for c in batch if not _is_history(c, logged, server_now)]
-        try:
-            await self.intake.store_m1(history, refused, history=True)
-            await self.intake.store_m1(recent, refused)
+        history = {
+            (c.symbol, c.open_time) for _, logged, batch in ready for c in batch if _is_history(c, logged, server_now)
+        }
+        try:  # one call, as the live closes wait for it: no store of theirs falls in between
+            await self.intake.store_m1(candles, refused, history=history)
         except BaseException:
             self.history.extend(run for run, logged, _ in ready if not logged)  # fetched again next round
             raise

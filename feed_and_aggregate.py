@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +105,10 @@ class CandleIntake(CandlePublisher):
         self.history_buckets: set[tuple[str, str, int]] = set()
 
     async def store_m1(
-        self, candles: Sequence[Candle], rejected: list[Candle] | None = None, history: bool = False
+        self,
+        candles: Sequence[Candle],
+        rejected: list[Candle] | None = None,
+        history: bool | Collection[tuple[str, int]] = False,
     ) -> list[Candle]:
         """Returns the candles that were new or changed (announced); those PostgreSQL
         refused go to `rejected`.
@@ -115,17 +118,18 @@ class CandleIntake(CandlePublisher):
         statement: at a quarter hour the M15s are announced with the M1s, not a
         PostgreSQL round trip later. The other buckets a new minute touches are built
         by `aggregate` (from PostgreSQL when memory does not hold them). `history`: REST
-        warm-up history or catch-up, announced with `history=1` (and so are the
-        buckets built from it)."""
+        warm-up history or catch-up (True: all of them, or the (symbol, open time) of
+        those that are), announced with `history=1`, and so are the buckets built from it."""
         if not candles:
             return []
         async with self.bucket_lock:
             return await self._store_m1(candles, rejected, history)
 
     async def _store_m1(
-        self, candles: Sequence[Candle], rejected: list[Candle] | None, history: bool = False
+        self, candles: Sequence[Candle], rejected: list[Candle] | None, history: bool | Collection[tuple[str, int]]
     ) -> list[Candle]:
         unique = {(c.symbol, c.open_time): c for c in candles}
+        marked = set(unique) if history is True else set(history or ())  # the history minutes
         self.remember(list(unique.values()))
         completed = self._completed_buckets(unique.values())
         refused: list[Candle] = []
@@ -142,21 +146,22 @@ class CandleIntake(CandlePublisher):
         fresh = [c for c in unique.values() if (c.symbol, "m1", c.open_time) in changed]
         fresh.sort(key=lambda c: c.open_time)
         if fresh:
-            await self._cache_and_announce(fresh, "m1", history)
+            await self._announce_marked(fresh, "m1", [(c.symbol, c.open_time) in marked for c in fresh])
             self.stored_m1 += len(fresh)
         # A bucket can change with none of its minutes: a repeated close completes in
-        # memory a bucket whose other minutes came since (its build still queued).
+        # memory a bucket whose other minutes came since (its build still queued). A
+        # bucket is history when the minute that completed it is.
         for tf in AGGREGATED_TFS:
             built = [b for b in completed if b.tf == tf and (b.symbol, tf, b.open_time) in changed]
             if built:
-                await self._cache_and_announce(built, tf, history)
+                last = TF_MS[tf] - M1_MS
+                await self._announce_marked(built, tf, [(b.symbol, b.open_time + last) in marked for b in built])
         if fresh:
             done = {(b.symbol, b.tf, b.open_time) for b in completed}
             buckets = affected_buckets((c.symbol, c.open_time) for c in fresh) - done
-            if history:
-                self.history_buckets |= buckets
-            elif self.history_buckets:  # a live minute's bucket is live, whatever it held before
-                self.history_buckets -= buckets
+            live = affected_buckets((c.symbol, c.open_time) for c in fresh if (c.symbol, c.open_time) not in marked)
+            # A live minute's bucket is live, whatever it held before.
+            self.history_buckets = (self.history_buckets | (buckets - live)) - live
             if self.defer_aggregation:
                 self._due(buckets)
             elif buckets:
@@ -313,6 +318,14 @@ class CandleIntake(CandlePublisher):
             finally:
                 self.aggregating = False
 
+    async def _announce_marked(self, candles: Sequence[Candle], tf: str, marks: Sequence[bool]) -> None:
+        """Cache and announce in order, runs of history (`history=1`) and live candles apart."""
+        start = 0
+        for end in range(1, len(candles) + 1):
+            if end == len(candles) or marks[end] != marks[start]:
+                await self._cache_and_announce(candles[start:end], tf, marks[start])
+                start = end
+
     async def aggregate(self, buckets: set[tuple[str, str, int]]) -> list[Candle]:
         """Build every bucket whose minutes are all stored or unfillable; announce changes."""
         if not buckets:
@@ -344,11 +357,7 @@ class CandleIntake(CandlePublisher):
         fresh = [c for c in built if (c.symbol, c.tf, c.open_time) in changed]
         for tf in AGGREGATED_TFS:
             of_tf = sorted((c for c in fresh if c.tf == tf), key=lambda c: c.open_time)
-            marks = [(c.symbol, tf, c.open_time) in self.history_buckets for c in of_tf]
-            if any(marks):
-                await self._cache_and_announce([c for c, m in zip(of_tf, marks) if m], tf, history=True)
-            if not all(marks):
-                await self._cache_and_announce([c for c, m in zip(of_tf, marks) if not m], tf)
+            await self._announce_marked(of_tf, tf, [(c.symbol, tf, c.open_time) in self.history_buckets for c in of_tf])
         if self.history_buckets:
             self.history_buckets -= {(c.symbol, c.tf, c.open_time) for c in built}
         return fresh
