@@ -22,7 +22,7 @@ import asyncpg
 
 import core_io
 from aggregation import affected_buckets
-from binance.protocol import REST_KLINES_MAX_LIMIT, FrameError, closed_rest_klines, klines_weight
+from binance.protocol import REST_KLINES_MAX_LIMIT, FrameError, closed_rest_klines
 from binance.rest import INVALID_SYMBOL, RestClient, RestError
 from candles import TF_MS, Candle
 from infra import PG_DOWN_ERRORS, Outage, RateLimitedLog, log_system_event
@@ -82,12 +82,8 @@ class Backfiller:
         self.bad_rows = RateLimitedLog("BACKFILL")
         # First history, catch-up and gap repair as one job at a time: a bar on a
         # terminal, a log line every few seconds otherwise (PROGRESS).
-        limiter = getattr(rest, "limiter", None)
         self.reporter = ProgressReporter(
-            "REST history/catch-up",
-            log,
-            progress_mode(),
-            weight=(lambda: getattr(limiter, "total", None)) if limiter is not None else None,
+            "REST history/catch-up", log, progress_mode(), weight=lambda: rest.limiter.total
         )
 
     def request_history(self, symbol: str, first: int, last: int) -> None:
@@ -189,11 +185,7 @@ class Backfiller:
 
     def _fetched(self, run: Run) -> None:
         symbol, first, last = run
-        limit = (last - first) // M1_MS + 1
-        progress = self.reporter.progress()
-        progress.advance(symbol, limit)
-        if getattr(getattr(self.rest, "limiter", None), "total", None) is None:
-            progress.add_weight(klines_weight(limit))  # the limiter keeps no count: ours
+        self.reporter.progress().advance(symbol, (last - first) // M1_MS + 1)
         self.reporter.update()
 
     def _failed(self, run: Run, logged: bool, error: Exception) -> None:

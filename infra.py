@@ -272,6 +272,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
 
 
+def format_duration(seconds: float | None) -> str:
+    """Compact and sortable by eye: 42s, 3m05s, 2h07m, 3d04h."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86_400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86_400}d{s % 86_400 // 3600:02d}h"
+
+
 # --------------------------------------------------------------------------- logging
 
 _COLOURS = {

@@ -33,7 +33,7 @@ import core_io
 import infra
 from candles import TF_MS, TIMEFRAMES, datetime_to_ms, ms_to_datetime
 from connections import connect_pg
-from infra import REDIS_RETRY_ERRORS, BootError, Settings, env_number, make_redis, mask_url
+from infra import REDIS_RETRY_ERRORS, BootError, Settings, env_number, format_duration, make_redis, mask_url
 
 STREAMS: tuple[str, ...] = (*core_io.CANDLE_STREAMS.values(), core_io.INDICATORS_READY_STREAM, core_io.SIGNALS_STREAM)
 GAP_STATUSES: tuple[str, ...] = ("missing", "backfilled", "unfillable")
@@ -531,20 +531,6 @@ def unhealthy_reasons(report: Mapping[str, Any], max_lag_s: float, max_pending: 
 # --------------------------------------------------------------------------- pure: rendering
 
 _GREEN, _RED, _YELLOW, _BOLD, _RESET = "\033[32m", "\033[31m", "\033[33m", "\033[1m", "\033[0m"
-
-
-def format_duration(seconds: float | None) -> str:
-    """Compact and sortable by eye: 42s, 3m05s, 2h07m, 3d04h."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86_400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86_400}d{s % 86_400 // 3600:02d}h"
 
 
 def format_clock(ms: int | None, now_ms: int) -> str:

@@ -58,10 +58,9 @@ class WeightLimiter:
     """Keeps our request weight within the exchange's limit over a sliding window and
     honours Retry-After (429, and 418 bans)."""
 
-    total = 0  # weight spent since start (the metrics endpoint's counter)
-
     def __init__(self, limit: int, window_s: float) -> None:
         self.limit, self.window_s = limit, window_s
+        self.total = 0  # weight spent since start (progress lines, the metrics endpoint)
         self.spent: deque[tuple[float, int]] = deque()
         self.blocked_until = 0.0
         self._lock = asyncio.Lock()

@@ -106,8 +106,6 @@ class StreamConnection:
     """One combined-stream connection: reconnects with backoff, replaces itself before
     the 24-hour cut (make before break), subscribes and unsubscribes live."""
 
-    reconnects = 0  # connections lost (the metrics endpoint's counter)
-
     def __init__(
         self,
         conn_id: int,
@@ -117,6 +115,7 @@ class StreamConnection:
         on_connected: Callable[[set[str]], None],
     ) -> None:
         self.conn_id, self.base_url, self.settings = conn_id, base_url, settings
+        self.reconnects = 0  # connections lost (the metrics endpoint's counter)
         self.on_frame, self.on_connected = on_frame, on_connected
         self.streams: set[str] = set()
         self.ws: Socket | None = None

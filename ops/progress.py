@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-from infra import ConfigError
+from infra import ConfigError, format_duration
 
 MODES = ("auto", "bar", "log", "off")
 LOG_INTERVAL_S = 5.0
@@ -48,14 +48,8 @@ def resolve_mode(mode: str, stream: IO[str] | None) -> str:
 
 
 def format_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    """An ETA: `?` while unknown, else as `status` shows durations."""
+    return "?" if seconds is None else format_duration(round(seconds))
 
 
 class Progress:
