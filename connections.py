@@ -29,6 +29,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra import ENCODE_HINT, BootError, ConfigError, Settings, log_system_event, make_redis, mask_url
+from migrations import pending_migrations
 
 
 async def timeseries_problem(redis: Redis) -> str | None:
@@ -399,3 +400,22 @@ async def connect_pg(settings: Settings, **pool_options: Any) -> asyncpg.Pool:
     return await _wait_for(
         "PostgreSQL", settings.postgres_url, attempt, settings.boot_wait_s, "check POSTGRES_URL or run `make services`"
     )
+
+
+async def wait_for_schema(pool: asyncpg.Pool, wait_s: float) -> None:
+    """A process that reads the schema (the web process, `feed-v4 tickers`) started
+    beside a daemon that is still migrating waits up to `wait_s` for it, then gives up."""
+    deadline, told = time.monotonic() + wait_s, False
+    with refused_at_boot("checking the schema"):
+        while pending := await pending_migrations(pool):
+            if time.monotonic() >= deadline:
+                raise BootError(
+                    f"the database lacks migrations {', '.join(pending[:3])}{' ...' if len(pending) > 3 else ''}: "
+                    "start the daemon or run `feed-v4 migrate` (python feed_v4_main.py migrate)"
+                )
+            if not told:
+                logging.getLogger("BOOT").info(
+                    "waiting up to %.0f s for the schema: %d migrations not applied yet", wait_s, len(pending)
+                )
+                told = True
+            await asyncio.sleep(1.0)

@@ -36,7 +36,7 @@ import feed_v4_cli
 import infra
 from alerts import TelegramAlerts
 from book.intake import BOOK_SOURCES, BookIntake, BookSettings, public_url
-from connections import connect_pg, connect_redis, refused_at_boot
+from connections import connect_pg, connect_redis, refused_at_boot, wait_for_schema
 from feed_and_aggregate import Feed, FeedSettings
 from indicators_main import IndicatorOptions, IndicatorWorker
 from infra import (
@@ -53,7 +53,7 @@ from infra import (
     setup_logging,
     system_event_log,
 )
-from migrations import apply_migrations, migration_status, pending_migrations
+from migrations import apply_migrations, migration_status
 from restore_redis_from_pg import restore_redis_from_pg
 from retention import RetentionOptions, run_retention
 from signals_v4_main import RouterOptions, SignalRouter, load_router_options
@@ -453,23 +453,6 @@ async def run_restore_command(settings: Settings, args: argparse.Namespace) -> i
     finally:
         await pool.close()
     return 0
-
-
-async def wait_for_schema(pool: asyncpg.Pool, wait_s: float) -> None:
-    """A read-only process started beside a daemon that is still migrating (a fresh
-    database, a deploy of both) waits up to BOOT_WAIT_S for the schema, then gives up."""
-    deadline, told = time.monotonic() + wait_s, False
-    with refused_at_boot("checking the schema"):
-        while pending := await pending_migrations(pool):
-            if time.monotonic() >= deadline:
-                raise BootError(
-                    f"the database lacks migrations {', '.join(pending[:3])}{' ...' if len(pending) > 3 else ''}: "
-                    "start the daemon or run `python feed_v4_main.py migrate`"
-                )
-            if not told:
-                log.info("waiting up to %.0f s for the schema: %d migrations not applied yet", wait_s, len(pending))
-                told = True
-            await asyncio.sleep(1.0)
 
 
 async def run_web_command(settings: Settings, args: argparse.Namespace) -> int:

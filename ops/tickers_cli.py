@@ -22,9 +22,8 @@ import orjson
 from binance.rest import RestClient, RestError, WeightLimiter
 from binance.symbols import suggestion
 from candles import datetime_to_ms
-from connections import connect_pg
-from infra import BootError, Settings, mask_url, system_event_log
-from migrations import pending_migrations
+from connections import connect_pg, wait_for_schema
+from infra import Settings, mask_url, system_event_log
 from ops import tickers as t
 
 EXIT_REFUSED = 1
@@ -103,11 +102,7 @@ async def fetch_listing(settings: Settings, hint: str) -> dict[str, t.Listed]:
 async def open_pool(settings: Settings) -> asyncpg.Pool:
     pool = await connect_pg(settings, min_size=1, max_size=2)
     try:
-        if pending := await pending_migrations(pool):
-            raise BootError(
-                f"the database lacks migrations {', '.join(pending[:3])}{' ...' if len(pending) > 3 else ''}: "
-                "run `feed-v4 migrate` (or start the daemon) first"
-            )
+        await wait_for_schema(pool, 0.0)  # a schema not migrated yet: one line, exit 2
     except BaseException:
         await pool.close()
         raise
