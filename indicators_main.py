@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import concurrent.futures
 import contextlib
 import logging
-import multiprocessing
 import os
 import socket
 import time
@@ -108,36 +106,6 @@ class IndicatorOptions:
 # --------------------------------------------------------------------------- configuration
 
 
-# --------------------------------------------------------------------------- pandas-ta runner
-
-
-class SlowRunner:
-    """pandas-ta in a separate process, so a slow indicator never holds up the common set."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-
-    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn")
-            )
-        return self._pool
-
-    async def call(self, fn: Any, *args: Any) -> Any:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor(), fn, *args)
-        except concurrent.futures.process.BrokenProcessPool:
-            self._pool = None
-            raise
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-
 # --------------------------------------------------------------------------- the worker
 
 
@@ -161,7 +129,7 @@ class IndicatorWorker:
         self.slow_due: dict[tuple[str, str], tuple[int, int]] = {}  # series -> bars awaiting pandas-ta
         self.slow_wake = asyncio.Event()
         self.slow_errors = RateLimitedLog(MODULE, level="ERROR")
-        self.slow_runner = SlowRunner(self.options.slow_workers)
+        self.slow_runner = slow.SlowRunner(self.options.slow_workers)
         self.retention_ms = settings.indicator_retention_days * DAY_MS
         self.newest_ms = 0  # newest bar seen, for the retention cut-off
         self.cache = hashes.IndicatorCache(redis)
@@ -308,36 +276,29 @@ class IndicatorWorker:
             layout = self.layouts[tf]
             tf_ms = TF_MS[tf]
             base = max(min(layout.history, self.options.history_max), self.options.slow_window if layout.slow else 0)
-            first: dict[str, int | None] = {}
             if fresh:
                 ids = [i.id for i in layout.instances]
-                persisted = await core_io.persisted_spans(self.pool, ids, symbols)
-                spans: dict[str, tuple[int, int]] = {}
-                for symbol in symbols:
-                    stored = [persisted[(i, symbol)] for i in ids if (i, symbol) in persisted]
-                    first[symbol] = min(last for _, last in stored) + tf_ms if stored else None
-                    if stored:
-                        spans[symbol] = (min(f for f, _ in stored), max(last for _, last in stored))
-                # A bar stored after the values around it were computed (its backfill came
-                # in while the previous run's values were on their way to PostgreSQL, and
-                # that run died before folding it in) has no values: written again from it.
-                for symbol, hole in (await core_io.first_value_holes(self.pool, tf, ids, spans)).items():
-                    first[symbol] = min(hole, first[symbol] or hole)
-                # A bar whose event was never acknowledged, and which has values: they may be
-                # those of the bar before it changed.
-                for symbol, (_, newest_value) in spans.items():
-                    redo = (write_from or {}).get((symbol, tf))
-                    if redo is not None and redo <= newest_value:
-                        first[symbol] = min(redo, first[symbol] or redo)
+                first, spans = await self._fresh_starts(tf, ids, symbols, write_from or {})
                 requests = [(s, None, base + self._bars_since(first[s], newest_m1, tf_ms)) for s in symbols]
             else:
-                for symbol in symbols:
-                    first[symbol] = (write_from or {}).get((symbol, tf))
+                first = {symbol: (write_from or {}).get((symbol, tf)) for symbol in symbols}
                 requests = [
                     (s, upto[(s, tf)], base + self._bars_since(first[s], upto[(s, tf)], tf_ms)) for s in symbols
                 ]
             counts = {r[0]: r[2] for r in requests}
             history = await core_io.fetch_history(self.pool, tf, requests)
+            while fresh:
+                # A bar stored between the look for holes and the fetch (a backfill landing
+                # while the daemon boots) is in the history as if its values were written,
+                # and its event would find it held: look again, and fetch again from it.
+                late = await core_io.first_value_holes(self.pool, tf, ids, spans)
+                moved = {s: hole for s, hole in late.items() if first[s] is None or hole < first[s]}
+                if not moved:
+                    break
+                first.update(moved)
+                requests = [(s, None, base + self._bars_since(first[s], newest_m1, tf_ms)) for s in moved]
+                counts.update({r[0]: r[2] for r in requests})
+                history.update(await core_io.fetch_history(self.pool, tf, requests))
             plans: dict[str, tuple[BarArrays, int | None]] = {}
             for symbol in symbols:
                 columns = history.get(symbol)
@@ -362,6 +323,33 @@ class IndicatorWorker:
         if first is None or newest is None or newest < first:
             return 0
         return min((newest - first) // tf_ms + 1, self.retention_ms // tf_ms)
+
+    async def _fresh_starts(
+        self, tf: str, ids: list[int], symbols: list[str], write_from: Mapping[tuple[str, str], int]
+    ) -> tuple[dict[str, int | None], dict[str, tuple[int, int]]]:
+        """Per symbol, the first bar to write at boot (None: only the newest), and the
+        span of its persisted values."""
+        tf_ms = TF_MS[tf]
+        persisted = await core_io.persisted_spans(self.pool, ids, symbols)
+        first: dict[str, int | None] = {}
+        spans: dict[str, tuple[int, int]] = {}
+        for symbol in symbols:
+            stored = [persisted[(i, symbol)] for i in ids if (i, symbol) in persisted]
+            first[symbol] = min(last for _, last in stored) + tf_ms if stored else None
+            if stored:
+                spans[symbol] = (min(f for f, _ in stored), max(last for _, last in stored))
+        # A bar stored after the values around it were computed (its backfill came in
+        # while the previous run's values were on their way to PostgreSQL, and that run
+        # died before folding it in) has no values: written again from it.
+        for symbol, hole in (await core_io.first_value_holes(self.pool, tf, ids, spans)).items():
+            first[symbol] = min(hole, first[symbol] or hole)
+        # A bar whose event was never acknowledged, and which has values: they may be
+        # those of the bar before it changed.
+        for symbol, (_, newest_value) in spans.items():
+            redo = write_from.get((symbol, tf))
+            if redo is not None and redo <= newest_value:
+                first[symbol] = min(redo, first[symbol] or redo)
+        return first, spans
 
     async def _anchors(
         self, tf: str, plans: Mapping[str, tuple[BarArrays, int | None]], counts: Mapping[str, int]

@@ -1,14 +1,17 @@
 """Any other pandas-ta indicator, recomputed by pandas-ta over a window of bars.
 
-These functions run in a separate process (see indicators_main.SlowRunner): pandas-ta
+These functions run in a separate process (see SlowRunner): pandas-ta
 takes milliseconds per call and 150 MB to import, and must never delay the
 incremental set. Values are pandas-ta's own, on the window it is given.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import inspect
 import math
+import multiprocessing
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -146,3 +149,30 @@ def compute_many(
         except Exception as exc:
             out.append(f"{indicator} failed: {exc!r}")
     return out
+
+
+class SlowRunner:
+    """pandas-ta in a separate process, so a slow indicator never holds up the common set."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self._pool
+
+    async def call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor(), fn, *args)
+        except concurrent.futures.process.BrokenProcessPool:
+            self._pool = None
+            raise
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

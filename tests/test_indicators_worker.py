@@ -150,6 +150,35 @@ async def test_a_backfill_the_previous_run_never_folded_in_is_computed_after_a_r
         assert have >= 100 // (TF_MS[tf] // 60_000), (tf, have)
 
 
+@pytest.mark.timeout(180)
+async def test_a_backfill_stored_while_the_restarted_worker_opens_its_series_is_written(pool, redis, monkeypatch):
+    """The same backfill, landing while the next run opens its series: after it looked
+    for bars without values and before it fetched the history. The history holds the
+    bars, so their events find them held; the values after them must still be written
+    again from the first of them (seen in a replay with a kill: stale values stayed)."""
+    m1, intake, running = await worker_after_history(pool, redis, 1600)
+    hole = m1[1520:1527]
+    await store_in_chunks(intake, [*m1[1500:1520], *m1[1527:1600]], 10)
+    await running.settle(redis)
+    await running.crash()
+    looked = core_io.first_value_holes
+    landed: list[bool] = []
+
+    async def backfill_lands_after_the_look(*args, **kwargs):
+        found = await looked(*args, **kwargs)
+        if not landed:
+            landed.append(True)
+            await intake.store_m1(hole)
+        return found
+
+    monkeypatch.setattr(core_io, "first_value_holes", backfill_lands_after_the_look)
+    running = Running(pool, redis)
+    await running.settle(redis)
+    await running.crash()
+    assert landed
+    assert await assert_values_match_talib(pool, [SYMBOL]) > 4_000
+
+
 def changed(candle: Candle) -> Candle:
     """The bar as a late correction has it."""
     return Candle(
