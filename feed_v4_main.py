@@ -360,6 +360,8 @@ class Daemon:
         if self.alerts:
             await phase("sending the queued alerts", self.alerts.drain(), min(2.0, left(1.0)))
         await phase("stopping the other workers", self._cancel(list(self.tasks)), left(0.5))
+        if self.feed:  # a backfill after the connections closed may have opened a session again
+            await phase("closing the REST client", self.feed.rest.close(), max(0.1, min(0.5, left(0.4))))
         if self.metrics:
             await phase("closing the metrics endpoint", self.metrics.stop(), max(0.1, min(1.0, left(0.4))))
         if self.indicators:

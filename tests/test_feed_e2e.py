@@ -81,6 +81,7 @@ async def test_replay_with_every_fault_and_a_kill_loses_nothing(pool, redis, red
         bad = await pool.fetchval("SELECT count(*) FROM system_log_v4 WHERE message LIKE 'skipped a bad frame%'")
         assert bad >= 1 and daemon.alive()
         assert daemon.terminate() == 0  # a clean stop persists every computed value
+        assert "Unclosed client session" not in daemon.output()  # every HTTP session closed
         # Every indicator value, through gaps, late bars and the kill, equals TA-Lib over the stored series.
         assert await assert_values_match_talib(pool, SYMBOLS) > len(SYMBOLS) * hours * 60 * 40
         for symbol in SYMBOLS:
