@@ -58,6 +58,7 @@ from restore_redis_from_pg import restore_redis_from_pg
 from retention import RetentionOptions, run_retention
 from signals_v4_main import RouterOptions, SignalRouter, load_router_options
 from status_report import run_status
+from storage.detect import detect_storage_mode
 
 if TYPE_CHECKING:
     from metrics.exporter import MetricsExporter
@@ -156,12 +157,18 @@ async def boot(settings: Settings) -> Runtime:
                 )
         with refused_at_boot("restoring Redis from PostgreSQL"):
             await restore_redis_from_pg(pool, redis, runtime.store, settings.redis_candles)
+        storage = await detect_storage_mode(pool)
     except BaseException:
         if redis is not None:
             await redis.aclose()
         await pool.close()
         raise
-    log.info("booted: %s (candle store in use: %s)", settings.describe(), runtime.store.name)
+    log_system_event(
+        "INFO",
+        "MAIN",
+        f"booted: {settings.describe()} (candle store in use: {runtime.store.name}; storage: {storage.describe()})",
+        {"storage": storage.as_json(), "candle_store": runtime.store.name},
+    )
     return runtime
 
 

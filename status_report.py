@@ -34,6 +34,8 @@ import infra
 from candles import TF_MS, TIMEFRAMES, datetime_to_ms, ms_to_datetime
 from connections import connect_pg
 from infra import REDIS_RETRY_ERRORS, BootError, Settings, env_number, format_duration, make_redis, mask_url
+from storage.detect import detect_storage_mode
+from storage.modes import StorageMode
 
 STREAMS: tuple[str, ...] = (*core_io.CANDLE_STREAMS.values(), core_io.INDICATORS_READY_STREAM, core_io.SIGNALS_STREAM)
 GAP_STATUSES: tuple[str, ...] = ("missing", "backfilled", "unfillable")
@@ -355,6 +357,7 @@ def build_report(
     now_ms: int | None = None,
     max_lag_s: float = DEFAULT_MAX_LAG_S,
     max_pending: int = DEFAULT_MAX_PENDING,
+    storage: StorageMode | None = None,
 ) -> dict[str, Any]:
     """Assemble the JSON-ready report (times as ms and ISO), health verdict included."""
     daemons = [parse_heartbeat(key, fields, local_now_ms) for key, fields in sorted(heartbeats.items())]
@@ -394,6 +397,8 @@ def build_report(
         "now": iso_ms(now_ms),
         "now_source": source,
         "state": "running" if daemons else "stopped",
+        "storage_mode": storage.mode if storage else None,
+        "storage": storage.as_json() if storage else None,
         "data_end_ms": data_end,
         "data_end": iso_ms(data_end),
         "data_end_age_s": age_seconds(data_end, local_now_ms),
@@ -596,6 +601,8 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
         f"now      {format_time(now_ms)} UTC ({clock.get(report['now_source'], report['now_source'])})",
         f"daemons  {len(report['daemons'])} alive",
     ]
+    if storage := report.get("storage"):
+        out.append(f"storage  {StorageMode(**storage).describe()}")
     if report.get("state") == "stopped":
         end = report.get("data_end_ms")
         out.append(
@@ -732,6 +739,7 @@ async def collect_status(
         async with asyncio.TaskGroup() as group:  # a failure of one cancels the other
             heartbeats_task = group.create_task(infra.read_heartbeats(redis))
             pg_task = group.create_task(read_pg_state(pool, local_now_ms))
+            storage_task = group.create_task(detect_storage_mode(pool))
     except ExceptionGroup as failed:
         raise failed.exceptions[0] from None
     heartbeats, pg = heartbeats_task.result(), pg_task.result()
@@ -745,6 +753,7 @@ async def collect_status(
         now_ms=now_ms,
         max_lag_s=max_lag_s,
         max_pending=max_pending,
+        storage=storage_task.result(),
     )
 
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Make sure a Redis Stack (with TimeSeries) and a PostgreSQL are reachable.
+# Make sure a Redis Stack (with TimeSeries) and a PostgreSQL are reachable, and TimescaleDB's
+# full and Apache editions on private clusters when its vendored source is there
+# (scripts/timescaledb.sh; FEED_TIMESCALEDB=off skips them).
 #   scripts/services.sh         provision/start (idempotent), write .local/services.env
 #   scripts/services.sh stop    stop the Redis daemon and the private PG cluster we started
 # Honours REDIS_URL and POSTGRES_URL / DATABASE_URL (then nothing is started for them, and
@@ -80,6 +82,7 @@ if [ "${1:-}" = stop ]; then
     if [ -f "$PGDATA_DIR/postmaster.pid" ]; then
         private_pg_ctl -m fast -w stop >/dev/null && say "stopped private PostgreSQL ($PGDATA_DIR)"
     fi
+    "$ROOT/scripts/timescaledb.sh" stop || true
     exit 0
 elif [ $# -gt 0 ]; then
     die "usage: $0 [stop]"
@@ -287,6 +290,23 @@ else
     pg_found=$pg_url
 fi
 
+# ---------------------------------------------------------------- c2. TimescaleDB (storage modes)
+# The full and Apache editions on private clusters, built once per machine from the vendored
+# source (scripts/timescaledb.sh); FEED_TIMESCALEDB=off skips them.
+ts_full= ts_apache=
+if [ "${FEED_TIMESCALEDB:-on}" != off ]; then
+    set +e
+    ts_urls=$(nolock "$ROOT/scripts/timescaledb.sh")
+    ts_rc=$?
+    set -e
+    if [ "$ts_rc" -eq 0 ]; then
+        ts_full=$(sed -n 1p <<<"$ts_urls")
+        ts_apache=$(sed -n 2p <<<"$ts_urls")
+    elif [ "$ts_rc" -ne 3 ]; then
+        die "scripts/timescaledb.sh failed (exit $ts_rc)"
+    fi
+fi
+
 # ---------------------------------------------------------------- d. services.env
 # Only servers started or found here are recorded (a URL from the environment is used for
 # this run and never written); a server not looked for this time keeps what an earlier run
@@ -318,6 +338,8 @@ rm -f "$env_file.tmp"
     echo "$FORMAT_MARK"
     [ -z "$redis_line" ] || echo "$redis_line"
     [ -z "$pg_line" ] || echo "$pg_line"
+    [ -z "$ts_full" ] || echo "[ -n \"\${TIMESCALEDB_URL:-}\" ] || export TIMESCALEDB_URL=$(sq "$ts_full")"
+    [ -z "$ts_apache" ] || echo "[ -n \"\${TIMESCALEDB_APACHE_URL:-}\" ] || export TIMESCALEDB_APACHE_URL=$(sq "$ts_apache")"
     echo "export REDIS_SERVER_BIN=$(sq "$REDIS_SERVER_BIN")"
     echo "export REDIS_TS_MODULE=$(sq "$REDIS_TS_MODULE")"
     echo "export REDIS_LD_LIBRARY_PATH=$(sq "$REDIS_LD")"
@@ -330,6 +352,7 @@ umask "$saved_umask"
 # On screen without their passwords (the file above has them).
 echo "REDIS_URL=$(mask_url "$redis_url")"
 echo "POSTGRES_URL=$(mask_url "$pg_url")"
+[ -z "$ts_full" ] || echo "TIMESCALEDB_URL=$ts_full (full edition) TIMESCALEDB_APACHE_URL=$ts_apache"
 [ -n "$redis_found" ] || echo "REDIS_URL came from the environment: used for this run, not recorded in $env_file"
 [ -n "$pg_found" ] || echo "POSTGRES_URL came from the environment: used for this run, not recorded in $env_file"
 echo "hint: source .local/services.env to use them; 'scripts/services.sh stop' stops what was started here"

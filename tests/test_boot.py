@@ -86,7 +86,8 @@ def test_daemon_boots_on_plain_redis_and_stops_cleanly_on_sigterm(plain_redis_se
     text = "".join(output) + rest
     assert process.returncode == 0, text
     assert "sorted-set store" in text
-    assert "(candle store in use: zset)" in text  # the store chosen, not `auto`
+    assert "(candle store in use: zset;" in text  # the store chosen, not `auto`
+    assert "storage: postgresql" in text  # and the storage mode, detected once
     assert "candle_store=auto" in text
 
 

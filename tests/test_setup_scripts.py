@@ -45,7 +45,7 @@ def scratch_project(root: Path) -> Path:
 
 def run_services(project: Path, **urls: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL", "DATABASE_URL")}
-    env |= urls
+    env |= {"FEED_TIMESCALEDB": "off", **urls}  # TimescaleDB's clusters: tests/test_storage_modes.py
     return subprocess.run(
         ["bash", str(project / "scripts" / "services.sh")],
         cwd=project,

@@ -367,6 +367,8 @@ async def test_json_and_text_output(pool, redis):
         "now",
         "now_source",
         "state",
+        "storage_mode",
+        "storage",
         "data_end_ms",
         "data_end",
         "data_end_age_s",
@@ -386,10 +388,12 @@ async def test_json_and_text_output(pool, redis):
         "warnings",
     }
     assert set(parsed["tickers"][0]) == {"symbol", "m1", "m5", "m15", "indicators", "open_gaps", "oldest_gap"}
+    assert parsed["storage_mode"] == "postgresql" == parsed["storage"]["mode"]  # the test server: plain
     assert parsed == report
     text = sr.render_status(report, colour=False)
     assert "BTCUSDT" in text and "ETHUSDT" in text and "HEALTHY" in text and "UNHEALTHY" not in text
     assert "12:00" in text and "2025-03-01 12:01:30 UTC (exchange clock)" in text
+    assert "storage  postgresql" in text
 
 
 @pytest.fixture
