@@ -44,7 +44,9 @@ def parser() -> argparse.ArgumentParser:
         description="Run the daemon: migrations, restore, then every worker until SIGTERM/SIGINT (exit 0).",
     )
     migrate = commands.add_parser(
-        "migrate", help="apply the database migrations and exit", description="Apply the pending migrations (sql/)."
+        "migrate",
+        help="apply the database migrations and the storage mode, and exit",
+        description="Apply the pending migrations (sql/), then TimescaleDB where the server loads it.",
     )
     migrate.add_argument(
         "--status",

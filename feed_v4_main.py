@@ -1,7 +1,7 @@
 """Entry point of the feed_v4 daemon.
 
     python feed_v4_main.py            run the daemon
-    python feed_v4_main.py migrate    apply the SQL migrations and exit
+    python feed_v4_main.py migrate    apply the SQL migrations and the storage mode, and exit
     python feed_v4_main.py status     print the state from Redis and PostgreSQL (--json)
 
 Boot order: settings (every option checked before any connection), PostgreSQL,
@@ -58,7 +58,7 @@ from restore_redis_from_pg import restore_redis_from_pg
 from retention import RetentionOptions, run_retention
 from signals_v4_main import RouterOptions, SignalRouter, load_router_options
 from status_report import run_status
-from storage.detect import detect_storage_mode
+from storage.setup import apply_storage, timescaledb_setting
 
 if TYPE_CHECKING:
     from metrics.exporter import MetricsExporter
@@ -141,6 +141,7 @@ class Runtime:
 
 
 async def boot(settings: Settings) -> Runtime:
+    timescaledb = timescaledb_setting(os.environ)
     pool = await connect_pg(settings)
     redis: Redis | None = None
     try:
@@ -157,7 +158,8 @@ async def boot(settings: Settings) -> Runtime:
                 )
         with refused_at_boot("restoring Redis from PostgreSQL"):
             await restore_redis_from_pg(pool, redis, runtime.store, settings.redis_candles)
-        storage = await detect_storage_mode(pool)
+        with refused_at_boot("setting up the storage mode"):
+            storage = await apply_storage(pool, timescaledb)
     except BaseException:
         if redis is not None:
             await redis.aclose()
@@ -438,9 +440,12 @@ async def run_migrate(settings: Settings, args: argparse.Namespace) -> int:
             return 1 if pending else 0
         with refused_at_boot("applying the migrations"):
             applied = await apply_migrations(pool)
+        with refused_at_boot("setting up the storage mode"):
+            storage = await apply_storage(pool, timescaledb_setting(os.environ))
     finally:
         await pool.close()
     print(f"migrations applied: {', '.join(applied) if applied else 'none (schema up to date)'}")
+    print(f"storage: {storage.describe()}")
     return 0
 
 

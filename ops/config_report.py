@@ -119,6 +119,7 @@ def parsers() -> list[tuple[str, Callable[[Mapping[str, str]], Any]]]:
     from retention import RetentionOptions
     from signals_v4_main import load_router_options
     from status_report import status_thresholds
+    from storage.setup import timescaledb_setting
     from web.app import WebSettings
 
     def settings_then(fn: Callable[[Settings, Mapping[str, str]], Any]) -> Callable[[Mapping[str, str]], Any]:
@@ -144,6 +145,7 @@ def parsers() -> list[tuple[str, Callable[[Mapping[str, str]], Any]]]:
         ("status", status_thresholds),
         ("logging", infra.log_options),
         ("progress", progress_mode),
+        ("storage", timescaledb_setting),
     ]
 
 

@@ -1,0 +1,168 @@
+"""The storage mode applied on real servers: a database filled by the plain schema is
+moved to TimescaleDB's Apache and full editions with no row lost or changed, and the
+same candles and indicator work stores the same rows in all three modes."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import asyncpg
+import pytest
+from daemon import DaemonProcess
+from replay import (
+    HISTORY_M1,
+    M1,
+    START,
+    SYMBOLS,
+    assert_store_matches_source,
+    complete,
+    daemon_env,
+    pause_mid_minute,
+    until,
+    until_sim,
+)
+from servers import drop_database, recreate_database, setting
+
+import core_io
+from fake_exchange import ArchiveSource, FakeExchange
+from feed_and_aggregate import CandleIntake
+from infra import ConfigError
+from market_data import read_archive
+from migrations import apply_migrations
+from storage.layout import HYPERTABLES
+from storage.modes import APACHE, FULL, PLAIN
+from storage.setup import apply_storage, timescaledb_setting
+from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
+from tests.test_indicators_worker import Running
+
+SYMBOL = "LINKUSDT"
+SERVERS = {PLAIN: "POSTGRES_URL", APACHE: "TIMESCALEDB_APACHE_URL", FULL: "TIMESCALEDB_URL"}
+SCRATCH = "feed_v4_storage_setup"
+# Every stored row of the tables the modes change, in a fixed order (numeric as text: exact).
+SNAPSHOT_SQL = {
+    table.table: "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') || ':' || count(*) "
+    f"FROM {table.table} t"
+    for table in HYPERTABLES
+}
+
+
+def server_url(mode: str) -> str:
+    try:
+        return setting(SERVERS[mode])
+    except RuntimeError:
+        pytest.fail(f"{SERVERS[mode]} is unknown: `make services` builds TimescaleDB from ../shared/vendor")
+
+
+async def snapshot(pool: asyncpg.Pool) -> dict[str, str]:
+    return {table: await pool.fetchval(sql) for table, sql in SNAPSHOT_SQL.items()}
+
+
+async def hypertables(pool: asyncpg.Pool) -> set[str]:
+    rows = await pool.fetch("SELECT hypertable_name FROM timescaledb_information.hypertables")
+    return {r["hypertable_name"] for r in rows}
+
+
+async def fill(pool: asyncpg.Pool, redis, minutes: slice, first: bool = False) -> None:
+    """Candles (M1, and the M5/M15 built from them) stored while the indicator worker runs:
+    each bar's values, for the default indicators."""
+    if first:
+        await configure(pool, COMMON_CASES)
+        await core_io.enable_symbols(pool, [SYMBOL])
+    intake = CandleIntake(pool, redis, core_io.make_candle_store(redis, True, 250), stream_maxlen=100_000)
+    m1 = list(islice(read_archive(SYMBOL), minutes.stop))[minutes]
+    await core_io.ensure_groups(redis)
+    running = Running(pool, redis)
+    await running.settle(redis)
+    for start in range(0, len(m1), 20):
+        await intake.store_m1(m1[start : start + 20])
+    await running.settle(redis)
+    await running.crash()
+
+
+def test_the_timescaledb_setting_is_auto_or_off():
+    assert timescaledb_setting({}) == "auto"
+    assert timescaledb_setting({"TIMESCALEDB": " OFF "}) == "off"
+    with pytest.raises(ConfigError, match="TIMESCALEDB='yes' is not one of auto, off"):
+        timescaledb_setting({"TIMESCALEDB": "yes"})
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", [APACHE, FULL])
+async def test_a_plain_database_moves_to_timescaledb_in_place_with_every_row_kept(mode, redis):
+    url = await recreate_database(server_url(mode), SCRATCH)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=6)
+    try:
+        await apply_migrations(pool)
+        assert (await apply_storage(pool, "off")).mode == PLAIN  # TIMESCALEDB=off: today's plain schema
+        await fill(pool, redis, slice(0, 1500), first=True)
+        await fill(pool, redis, slice(1500, 1600))
+        before = await snapshot(pool)
+        empty = {table for table, value in before.items() if value.endswith(":0")}
+        assert empty == {"orderflow4", "book_m1_4"}  # no trades, no book here: candles and values
+        moved = await apply_storage(pool)
+        assert moved.mode == mode and moved.timescaledb_version
+        assert await hypertables(pool) == {t.table for t in HYPERTABLES}
+        assert await snapshot(pool) == before
+        chunks = await pool.fetchval(
+            "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = 'ohlcv4_m1'"
+        )
+        assert chunks == 2  # 1,600 minutes from midnight: two 1-day chunks
+        assert (await apply_storage(pool)).mode == mode  # again: nothing to do
+        await fill(pool, redis, slice(1600, 1700))  # and the daemon's writes go on, into the chunks
+        assert await assert_values_match_talib(pool, [SYMBOL]) > 8_000
+    finally:
+        await pool.close()
+        await drop_database(server_url(mode), SCRATCH)
+
+
+@pytest.mark.timeout(240)
+async def test_the_same_work_stores_the_same_rows_in_all_three_modes(redis):
+    stored: dict[str, dict[str, str]] = {}
+    for mode in (PLAIN, APACHE, FULL):
+        await redis.flushall()
+        url = await recreate_database(server_url(mode), SCRATCH)
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=6)
+        try:
+            await apply_migrations(pool)
+            assert (await apply_storage(pool)).mode == mode
+            await fill(pool, redis, slice(0, 1500), first=True)
+            await fill(pool, redis, slice(1500, 1600))
+            stored[mode] = await snapshot(pool)
+        finally:
+            await pool.close()
+            await drop_database(server_url(mode), SCRATCH)
+    assert stored[PLAIN] == stored[APACHE] == stored[FULL]
+
+
+@pytest.mark.timeout(240)
+async def test_the_daemon_boots_on_the_full_edition_and_its_replay_matches_the_exchange(redis, redis_url):
+    """A database with today's plain schema: the daemon makes it TimescaleDB at boot, says
+    so, and replays with faults into hypertables exactly as into plain tables."""
+    symbols = SYMBOLS[:3]
+    url = await recreate_database(server_url(FULL), SCRATCH)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=6)
+    source = ArchiveSource(symbols, start_ms=START - (HISTORY_M1 + 30) * M1, end_ms=START + 50 * M1)
+    exchange = FakeExchange(source, start_ms=START, speed=300, seed=7)
+    exchange.faults.drop_missing_close = 0.02
+    exchange.faults.duplicate_close = 0.03
+    await exchange.start()
+    daemon = DaemonProcess(daemon_env(exchange, redis_url, url, symbols))
+    try:
+        await apply_migrations(pool)
+        await configure(pool, COMMON_CASES)
+        daemon.start()
+        await until_sim(exchange, START + 35 * M1, daemon)
+        last_closed = await pause_mid_minute(exchange)
+        await until(lambda: complete(pool, symbols, last_closed, redis), 90, "the daemon to catch up")
+        assert await assert_store_matches_source(pool, redis, source, symbols, last_closed) > 0
+        assert daemon.terminate() == 0
+        assert f"storage: {FULL} 2.28.3" in daemon.output()
+        assert await hypertables(pool) == {t.table for t in HYPERTABLES}
+        assert await assert_values_match_talib(pool, symbols) > len(symbols) * 30 * 40
+        logged = await pool.fetchval("SELECT count(*) FROM system_log_v4 WHERE message LIKE '%is a hypertable now%'")
+        assert logged == len(HYPERTABLES)
+    finally:
+        daemon.cleanup()
+        await exchange.stop()
+        await pool.close()
+        await drop_database(server_url(FULL), SCRATCH)
