@@ -340,17 +340,7 @@ class CandleIntake(CandlePublisher):
         complete = {key: members for key in buckets if (members := self._remembered(*key)) is not None}
         for symbol, tf, bucket in sorted(complete):
             built.append(aggregate(tf, bucket, complete[(symbol, tf, bucket)]))
-        rest = buckets - complete.keys()
-        spans = sorted({(s, bucket_start(b, "m15")) for s, _, b in rest})
-        ranges = [(s, start, start + TF_MS["m15"]) for s, start in spans]
-        m1 = await core_io.fetch_m1_ranges(self.pool, ranges) if ranges else {}
-        unfillable = await core_io.fetch_unfillable_m1(self.pool, ranges) if ranges else set()
-        for symbol, tf, bucket in sorted(rest):
-            members = [c for c in m1.get(symbol, ()) if bucket <= c.open_time < bucket + TF_MS[tf]]
-            present = {c.open_time for c in members}
-            lost = {t for t in bucket_minutes(tf, bucket) if (symbol, t) in unfillable}
-            if buildable(tf, bucket, present, lost):
-                built.append(aggregate(tf, bucket, members))
+        built += await build_buckets(self.pool, buckets - complete.keys())
         if not built:
             return []
         changed = await self._upsert(built)
@@ -361,6 +351,24 @@ class CandleIntake(CandlePublisher):
         if self.history_buckets:
             self.history_buckets -= {(c.symbol, c.tf, c.open_time) for c in built}
         return fresh
+
+
+async def build_buckets(pool: asyncpg.Pool, buckets: set[tuple[str, str, int]]) -> list[Candle]:
+    """The buckets whose minutes are all stored or unfillable, built from PostgreSQL."""
+    spans = sorted({(s, bucket_start(b, "m15")) for s, _, b in buckets})
+    ranges = [(s, start, start + TF_MS["m15"]) for s, start in spans]
+    if not ranges:
+        return []
+    m1 = await core_io.fetch_m1_ranges(pool, ranges)
+    unfillable = await core_io.fetch_unfillable_m1(pool, ranges)
+    built = []
+    for symbol, tf, bucket in sorted(buckets):
+        members = [c for c in m1.get(symbol, ()) if bucket <= c.open_time < bucket + TF_MS[tf]]
+        present = {c.open_time for c in members}
+        lost = {t for t in bucket_minutes(tf, bucket) if (symbol, t) in unfillable}
+        if buildable(tf, bucket, present, lost):
+            built.append(aggregate(tf, bucket, members))
+    return built
 
 
 # --------------------------------------------------------------------------- the feed

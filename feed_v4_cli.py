@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tomllib
+from datetime import date
 from importlib import metadata
 from pathlib import Path
 
@@ -106,12 +107,47 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     config.add_argument("--json", action="store_true", help="print the settings as JSON")
+    importer = commands.add_parser(
+        "import",
+        help="take history from Binance's public archives (data.binance.vision)",
+        description=(
+            "Daily kline files of a date range into PostgreSQL: each verified against its .CHECKSUM, its rows "
+            "checked and COPYed in, the day's M5/M15 built again, gaps it fills marked backfilled. Resumable "
+            "and idempotent: a file already taken in (same sha256) is skipped. Exit 1 when a file failed (the "
+            "others are imported)."
+        ),
+    )
+    importer.add_argument("--from", dest="first", required=True, type=_day, metavar="YYYY-MM-DD", help="first day")
+    importer.add_argument("--to", dest="last", required=True, type=_day, metavar="YYYY-MM-DD", help="last day")
+    importer.add_argument(
+        "--symbols", type=_symbols, metavar="A,B,...", help="comma list (default: the enabled tickers)"
+    )
+    importer.add_argument(
+        "--source",
+        default="https://data.binance.vision",
+        help="the archive's base URL or a folder laid out the same way (default: %(default)s)",
+    )
+    importer.add_argument("--kind", choices=("klines",), default="klines", help="what to import (default: klines)")
     commands.add_parser(
         "web",
         help="serve the read API and chart page",
         description="The read API and chart page (read only): WEB_HOST, WEB_PORT, WEB_TOKEN (README).",
     )
     return root
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day as YYYY-MM-DD") from None
+
+
+def _symbols(text: str) -> list[str]:
+    symbols = [s.strip().upper() for s in text.split(",") if s.strip()]
+    if not symbols:
+        raise argparse.ArgumentTypeError("no symbol given")
+    return symbols
 
 
 def main(argv: list[str] | None = None) -> int:

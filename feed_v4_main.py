@@ -497,6 +497,12 @@ async def run_tickers_command(settings: Settings, args: argparse.Namespace) -> i
     return await run_tickers(settings, args)
 
 
+async def run_import_command(settings: Settings, args: argparse.Namespace) -> int:
+    from archive.cli import run_import
+
+    return await run_import(settings, args)
+
+
 async def run_daemon_command(settings: Settings, args: argparse.Namespace) -> int:
     return await run_daemon(settings)
 
@@ -508,6 +514,7 @@ COMMANDS = {
     "restore": run_restore_command,
     "web": run_web_command,
     "tickers": run_tickers_command,
+    "import": run_import_command,
 }
 
 

@@ -37,6 +37,7 @@ class Faults:
     book_drop_diff: float = 0.0  # a diff depth event is never sent: the next one's `pu` breaks the chain
     stale_snapshots: int = 0  # the next N GET /fapi/v1/depth answer an old book (older than diffs sent)
     book_burst_factor: float = 1.0  # while > 1: made-up books change (and bookTickers go out) this many times faster
+    archive_corrupt: set[str] = field(default_factory=set)  # archive file names served damaged (checksum fails)
     retry_after_s: int = 1
     ban_retry_after_s: int = 2
     rng: random.Random = field(default_factory=lambda: random.Random(7), repr=False, compare=False)

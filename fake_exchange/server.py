@@ -10,6 +10,7 @@ from aiohttp import web
 
 from candles import Candle
 
+from .archive import ArchiveTree
 from .book import BookConfig, MadeUpBooks, RecordedBooks
 from .clock import SimClock
 from .faults import Faults, Stats
@@ -116,6 +117,15 @@ class FakeExchange:
             trades=self.trades,
             books=self.books,
         )
+        self.archive = ArchiveTree(
+            source.symbols,
+            source.first_open_time,
+            source.last_open_time,
+            source.candle,
+            self.trades.minute,
+            self.clock.now_ms,
+            lambda: self.faults.archive_corrupt,
+        )
         self._runner: web.AppRunner | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -125,6 +135,7 @@ class FakeExchange:
         app = web.Application()
         self.ws.add_routes(app)
         self.rest.add_routes(app)
+        app.router.add_get("/{path:data/.+}", self._archive_file)
         # 64 KiB request lines: a /stream?streams= URL with 1024 streams is ~30 KB (aiohttp's default is 8 KiB).
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, shutdown_timeout=1.0, max_line_size=65_536
@@ -155,6 +166,14 @@ class FakeExchange:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def _archive_file(self, request: web.Request) -> web.Response:
+        """data.binance.vision's files, as its bucket answers them (404 for no file)."""
+        data = self.archive.file(request.match_info["path"])
+        if data is None:
+            return web.Response(status=404, text="<Error><Code>NoSuchKey</Code></Error>", content_type="text/xml")
+        kind = "text/plain" if request.path.endswith(".CHECKSUM") else "application/zip"
+        return web.Response(body=data, content_type=kind)
+
     # --- addresses ----------------------------------------------------------------------------
 
     @property
@@ -163,6 +182,11 @@ class FakeExchange:
 
     @property
     def rest_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def archive_url(self) -> str:
+        """The base of the archive tree (data.binance.vision's `https://data.binance.vision`)."""
         return f"http://{self.host}:{self.port}"
 
     @property

@@ -27,6 +27,7 @@ TEST_DATABASE = f"feed_v4_test_{os.getpid()}"  # parallel runs never share one
 
 DATA_TABLES = (
     "tickers",
+    "archive_imports_v4",
     "ohlcv4_m1",
     "ohlcv4_m5",
     "ohlcv4_m15",

@@ -1,0 +1,252 @@
+"""`feed-v4 import`: Binance's daily archive files into PostgreSQL, resumable and idempotent.
+
+Per file: its `.CHECKSUM` first (a file already taken in with the same sha256 is skipped
+without downloading it), then the zip, verified, parsed and checked row by row; its rows
+go in with one COPY into a temporary table and one upsert from it (an identical row
+changes nothing); the M5/M15 buckets of its day are built again from PostgreSQL; the gap
+log's rows for its minutes become 'backfilled'; last, the file is recorded in
+`archive_imports_v4`. A stop anywhere leaves the file unrecorded, and the next run does
+it again, changing nothing that is already right.
+
+Consumers hear of it once a symbol's files are done: the candles within the Redis
+cache's window are cached and announced as any backfill is (`history=1`); of older
+changes, one `history=1` event per series for its oldest changed bar, from which the
+indicator worker rewrites the series (one correction, not one per candle: a month is
+43,200 minutes a symbol, more than the streams keep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+from redis.asyncio import Redis
+
+import core_io
+from aggregation import AGGREGATED_TFS, affected_buckets
+from archive.files import KINDS, ArchiveError, csv_rows, daily_path, days, file_name, kline_candles, verify
+from archive.progress import ImportProgress
+from candles import TF_MS, Candle, datetime_to_ms
+from feed_and_aggregate import build_buckets
+from infra import log_system_event
+
+log = logging.getLogger("IMPORT")
+
+MODULE = "IMPORT"
+DEFAULT_SOURCE = "https://data.binance.vision"
+REJECTED_SHOWN = 3  # reasons quoted in the log line of a file with refused rows
+
+_STAGE_SQL = (
+    "CREATE TEMP TABLE IF NOT EXISTS archive_m1 (symbol text, t int8, open numeric, high numeric, low numeric, "
+    "close numeric, volume numeric, quote_volume numeric, trades integer, taker_buy_volume numeric, "
+    "taker_buy_quote_volume numeric) ON COMMIT DELETE ROWS"
+)
+_COLUMNS = (
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "quote_volume",
+    "trades",
+    "taker_buy_volume",
+    "taker_buy_quote_volume",
+)
+_UPSERT_SQL = (
+    f"INSERT INTO ohlcv4_m1 (symbol, open_time, {', '.join(_COLUMNS)}) "
+    f"SELECT symbol, 'epoch'::timestamptz + t * interval '1 millisecond', {', '.join(_COLUMNS)} FROM archive_m1 "
+    f"ON CONFLICT (symbol, open_time) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS)} "
+    f"WHERE {' OR '.join(f'ohlcv4_m1.{c} IS DISTINCT FROM EXCLUDED.{c}' for c in _COLUMNS)} "
+    "RETURNING (extract(epoch FROM open_time) * 1000)::int8 AS t, (xmax = 0) AS inserted"
+)
+_RECORD_SQL = (
+    "INSERT INTO archive_imports_v4 (kind, symbol, day, sha256, rows, rejected, changed) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (kind, symbol, day) DO UPDATE SET sha256 = EXCLUDED.sha256, "
+    "rows = EXCLUDED.rows, rejected = EXCLUDED.rejected, changed = EXCLUDED.changed, imported_at = now()"
+)
+
+
+class ArchiveReader:
+    """The archive's files by path, from a base URL (data.binance.vision or a mirror) or a
+    folder laid out the same way. None: no such file (HTTP 404)."""
+
+    def __init__(self, source: str, timeout_s: float = 120.0) -> None:
+        self.source = source.rstrip("/")
+        self.remote = source.startswith(("http://", "https://"))
+        self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def read(self, path: str) -> bytes | None:
+        if not self.remote:
+            file = Path(self.source) / path
+            return await asyncio.to_thread(file.read_bytes) if file.is_file() else None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        async with self._session.get(f"{self.source}/{path}") as response:
+            if response.status == 404:
+                return None
+            if response.status != 200:
+                raise ArchiveError(f"{path}: HTTP {response.status}")
+            return await response.read()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+@dataclass
+class FileOutcome:
+    symbol: str
+    day: date
+    status: str  # imported, skipped (same sha256 already in), absent (no such file), failed
+    rows: int = 0
+    rejected: int = 0
+    changed: int = 0
+    size: int = 0
+    reason: str = ""
+
+
+@dataclass
+class Announcements:
+    """What a symbol's files changed, told to consumers once the symbol is done."""
+
+    changed: dict[str, dict[int, Candle]] = field(default_factory=lambda: defaultdict(dict))
+
+    def add(self, candles: Sequence[Candle]) -> None:
+        for candle in candles:
+            self.changed[candle.tf][candle.open_time] = candle
+
+
+class Importer:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        store: core_io.CandleStore,
+        reader: ArchiveReader,
+        cache_bars: int,
+        stream_maxlen: int,
+    ) -> None:
+        self.pool, self.redis, self.store, self.reader = pool, redis, store, reader
+        self.cache_bars, self.maxlen = cache_bars, stream_maxlen
+
+    async def run(
+        self, kind: str, symbols: Sequence[str], first: date, last: date, progress: ImportProgress | None = None
+    ) -> list[FileOutcome]:
+        if kind != "klines":
+            raise ValueError(f"importing {kind!r} is not built yet: klines only ({', '.join(KINDS)} are archived)")
+        outcomes: list[FileOutcome] = []
+        for symbol in symbols:
+            told = Announcements()
+            for day in days(first, last):
+                outcome = await self.import_file(symbol, day, told)
+                outcomes.append(outcome)
+                if progress is not None:
+                    progress.file_done(outcome.rows, outcome.size)
+            await self.announce(symbol, told)
+        return outcomes
+
+    async def import_file(self, symbol: str, day: date, told: Announcements) -> FileOutcome:
+        """One daily klines file; every failure is this file's alone."""
+        path = daily_path("klines", symbol, day)
+        name = file_name("klines", symbol, day)
+        try:
+            checksum = await self.reader.read(path + ".CHECKSUM")
+            if checksum is None:
+                if await self.reader.read(path) is None:
+                    return FileOutcome(symbol, day, "absent")
+                raise ArchiveError(f"{name} has no .CHECKSUM: not verified, not imported")
+            expected = checksum.decode("ascii", "replace").split()[0:1]
+            done = await self.pool.fetchval(
+                "SELECT sha256 FROM archive_imports_v4 WHERE kind = 'klines' AND symbol = $1 AND day = $2", symbol, day
+            )
+            if expected and done == expected[0].lower():
+                return FileOutcome(symbol, day, "skipped")
+            data = await self.reader.read(path)
+            if data is None:
+                raise ArchiveError(f"{name}: its .CHECKSUM is there but the file is not")
+            digest = verify(data, checksum.decode("ascii", "replace"), name)
+            rejected: list[str] = []
+            candles = kline_candles(symbol, day, csv_rows(data, name), rejected)
+        except (ArchiveError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, ArchiveError) else f"{name}: {exc!r}"
+            log_system_event("ERROR", MODULE, f"not imported: {reason}", {"symbol": symbol, "day": str(day)})
+            return FileOutcome(symbol, day, "failed", reason=reason)
+        if rejected:
+            log_system_event(
+                "WARNING",
+                MODULE,
+                f"{name}: {len(rejected)} rows refused, the other {len(candles)} imported: "
+                + "; ".join(rejected[:REJECTED_SHOWN]),
+                {"symbol": symbol, "day": str(day), "rejected": rejected[:100]},
+            )
+        changed = await self.store_m1(symbol, candles)
+        buckets = await build_buckets(self.pool, affected_buckets((symbol, c.open_time) for c in candles))
+        changed_buckets = {(s, tf, t) for s, tf, t in await core_io.upsert_candles(self.pool, buckets)}
+        told.add([c for c in candles if c.open_time in changed])
+        told.add([b for b in buckets if (b.symbol, b.tf, b.open_time) in changed_buckets])
+        await core_io.set_missing_status(self.pool, [(symbol, c.open_time) for c in candles], "backfilled")
+        count = len(changed) + len(changed_buckets)
+        await self.pool.execute(_RECORD_SQL, "klines", symbol, day, digest, len(candles), len(rejected), count)
+        return FileOutcome(symbol, day, "imported", len(candles), len(rejected), count, len(data))
+
+    async def store_m1(self, symbol: str, candles: Sequence[Candle]) -> set[int]:
+        """COPY into a temporary table, one upsert from it: the open times new or changed."""
+        text = "".join(
+            f"{symbol},{c.open_time},{c.open},{c.high},{c.low},{c.close},{c.volume},{c.quote_volume},{c.trades},"
+            f"{c.taker_buy_volume},{c.taker_buy_quote_volume}\n"
+            for c in candles
+        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_STAGE_SQL)
+            await conn.copy_to_table("archive_m1", source=io.BytesIO(text.encode()), format="csv")
+            rows = await conn.fetch(_UPSERT_SQL)
+        replaced = sum(not r["inserted"] for r in rows)
+        if replaced:
+            log_system_event(
+                "WARNING",
+                MODULE,
+                f"{symbol}: {replaced} stored M1 candles differed from the archive's and were replaced",
+                {"symbol": symbol, "replaced": replaced},
+            )
+        return {r["t"] for r in rows}
+
+    async def announce(self, symbol: str, told: Announcements) -> None:
+        """Recent changes cached and announced; of older ones, the oldest per series."""
+        for tf in ("m1", *AGGREGATED_TFS):
+            changed = told.changed.get(tf)
+            if not changed:
+                continue
+            newest = await self.pool.fetchval(
+                f"SELECT max(open_time) FROM {core_io.candle_table(tf)} WHERE symbol = $1", symbol
+            )
+            horizon = datetime_to_ms(newest) - self.cache_bars * TF_MS[tf]
+            recent = [changed[t] for t in sorted(changed) if t > horizon]
+            older = [t for t in changed if t <= horizon]
+            if recent:
+                await core_io.publish_candles(self.store, self.redis, [(tf, core_io.HistoryBatch(recent))], self.maxlen)
+            if older:
+                event = core_io.announced_event(changed[min(older)], history=True)
+                await core_io.publish(self.redis, core_io.CANDLE_STREAMS[tf], [event], self.maxlen)
+
+
+def summarize(outcomes: Sequence[FileOutcome], elapsed_s: float) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for outcome in outcomes:
+        counts[outcome.status] += 1
+    rows = sum(o.rows for o in outcomes)
+    size = sum(o.size for o in outcomes)
+    parts = ", ".join(f"{counts[s]} {s}" for s in ("imported", "skipped", "absent", "failed") if counts[s])
+    rate = rows / elapsed_s if elapsed_s > 0 else 0.0
+    return (
+        f"import done: {len(outcomes)} files ({parts or 'none'}), {rows:,} rows, {size / 1e6:.1f} MB "
+        f"in {elapsed_s:.1f} s ({rate:,.0f} rows/s)"
+    )
