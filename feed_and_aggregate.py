@@ -355,15 +355,21 @@ class CandleIntake(CandlePublisher):
 
 async def build_buckets(pool: asyncpg.Pool, buckets: set[tuple[str, str, int]]) -> list[Candle]:
     """The buckets whose minutes are all stored or unfillable, built from PostgreSQL."""
-    spans = sorted({(s, bucket_start(b, "m15")) for s, _, b in buckets})
-    ranges = [(s, start, start + TF_MS["m15"]) for s, start in spans]
+    ranges: list[tuple[str, int, int]] = []
+    for symbol, start in sorted({(s, bucket_start(b, "m15")) for s, _, b in buckets}):
+        if ranges and ranges[-1][0] == symbol and ranges[-1][2] == start:  # contiguous: one range
+            ranges[-1] = (symbol, ranges[-1][1], start + TF_MS["m15"])
+        else:
+            ranges.append((symbol, start, start + TF_MS["m15"]))
     if not ranges:
         return []
     m1 = await core_io.fetch_m1_ranges(pool, ranges)
     unfillable = await core_io.fetch_unfillable_m1(pool, ranges)
+    by_time = {symbol: {c.open_time: c for c in candles} for symbol, candles in m1.items()}
     built = []
     for symbol, tf, bucket in sorted(buckets):
-        members = [c for c in m1.get(symbol, ()) if bucket <= c.open_time < bucket + TF_MS[tf]]
+        minutes = by_time.get(symbol, {})
+        members = [minutes[t] for t in bucket_minutes(tf, bucket) if t in minutes]
         present = {c.open_time for c in members}
         lost = {t for t in bucket_minutes(tf, bucket) if (symbol, t) in unfillable}
         if buildable(tf, bucket, present, lost):

@@ -3,7 +3,7 @@
 Per file: its `.CHECKSUM` first (a file already taken in with the same sha256 is skipped
 without downloading it), then the zip, verified, parsed and checked row by row; its rows
 go in with one COPY into a temporary table and one upsert from it (an identical row
-changes nothing); the M5/M15 buckets of its day are built again from PostgreSQL; the gap
+changes nothing); the day's M5/M15 are built again (from the file, PostgreSQL filling in); the gap
 log's rows for its minutes become 'backfilled'; last, the file is recorded in
 `archive_imports_v4`. A stop anywhere leaves the file unrecorded, and the next run does
 it again, changing nothing that is already right.
@@ -31,10 +31,10 @@ import asyncpg
 from redis.asyncio import Redis
 
 import core_io
-from aggregation import AGGREGATED_TFS, affected_buckets
+from aggregation import AGGREGATED_TFS, affected_buckets, aggregate, bucket_minutes
 from archive.files import KINDS, ArchiveError, csv_rows, daily_path, days, file_name, kline_candles, verify
 from archive.progress import ImportProgress
-from candles import TF_MS, Candle, datetime_to_ms
+from candles import TF_MS, Candle, datetime_to_ms, ms_to_datetime
 from feed_and_aggregate import build_buckets
 from infra import log_system_event
 
@@ -66,6 +66,12 @@ _UPSERT_SQL = (
     f"ON CONFLICT (symbol, open_time) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS)} "
     f"WHERE {' OR '.join(f'ohlcv4_m1.{c} IS DISTINCT FROM EXCLUDED.{c}' for c in _COLUMNS)} "
     "RETURNING (extract(epoch FROM open_time) * 1000)::int8 AS t, (xmax = 0) AS inserted"
+)
+# The gap log's rows of the file's span whose minute is stored now (a stored candle wins).
+_SETTLE_GAPS_SQL = (
+    "UPDATE missing_m1_log_v4 g SET status = 'backfilled', fixed_at = now() "
+    "WHERE g.symbol = $1 AND g.open_time >= $2 AND g.open_time <= $3 AND g.status <> 'backfilled' "
+    "AND EXISTS (SELECT 1 FROM ohlcv4_m1 c WHERE c.symbol = g.symbol AND c.open_time = g.open_time)"
 )
 _RECORD_SQL = (
     "INSERT INTO archive_imports_v4 (kind, symbol, day, sha256, rows, rejected, changed) "
@@ -189,14 +195,30 @@ class Importer:
                 {"symbol": symbol, "day": str(day), "rejected": rejected[:100]},
             )
         changed = await self.store_m1(symbol, candles)
-        buckets = await build_buckets(self.pool, affected_buckets((symbol, c.open_time) for c in candles))
+        buckets = await self.buckets_of(symbol, candles)
         changed_buckets = {(s, tf, t) for s, tf, t in await core_io.upsert_candles(self.pool, buckets)}
         told.add([c for c in candles if c.open_time in changed])
         told.add([b for b in buckets if (b.symbol, b.tf, b.open_time) in changed_buckets])
-        await core_io.set_missing_status(self.pool, [(symbol, c.open_time) for c in candles], "backfilled")
+        if candles:
+            first = ms_to_datetime(candles[0].open_time)
+            await self.pool.execute(_SETTLE_GAPS_SQL, symbol, first, ms_to_datetime(candles[-1].open_time))
         count = len(changed) + len(changed_buckets)
         await self.pool.execute(_RECORD_SQL, "klines", symbol, day, digest, len(candles), len(rejected), count)
         return FileOutcome(symbol, day, "imported", len(candles), len(rejected), count, len(data))
+
+    async def buckets_of(self, symbol: str, candles: Sequence[Candle]) -> list[Candle]:
+        """The M5/M15 of the file's minutes: from the file where it holds all of a
+        bucket's minutes (a whole day does), else from PostgreSQL (a minute only the
+        feed had, or one REST and the archive never had)."""
+        by_time = {c.open_time: c for c in candles}
+        built, rest = [], set()
+        for key in sorted(affected_buckets((symbol, c.open_time) for c in candles)):
+            members = [by_time.get(t) for t in bucket_minutes(key[1], key[2])]
+            if all(members):
+                built.append(aggregate(key[1], key[2], members))  # type: ignore[arg-type]
+            else:
+                rest.add(key)
+        return built + await build_buckets(self.pool, rest)
 
     async def store_m1(self, symbol: str, candles: Sequence[Candle]) -> set[int]:
         """COPY into a temporary table, one upsert from it: the open times new or changed."""

@@ -10,17 +10,16 @@ FACTS_SQL = """
 SELECT current_setting('server_version_num')::int AS server_version_num,
        (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb') AS installed,
        (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb') AS available,
-       'timescaledb' = ANY(string_to_array(replace(current_setting('shared_preload_libraries'), ' ', ''), ','))
-           AS preloaded,
        current_setting('timescaledb.license', true) AS license
 """
+# Loaded (shared_preload_libraries) shows as its license setting being defined: readable by
+# any user, where shared_preload_libraries itself is for superusers and pg_read_all_settings.
 
 
 async def read_facts(pool: asyncpg.Pool | asyncpg.Connection) -> ServerFacts:
     row = await pool.fetchrow(FACTS_SQL)
-    return ServerFacts(
-        row["server_version_num"], row["installed"], row["available"], bool(row["preloaded"]), row["license"] or None
-    )
+    license = row["license"] or None
+    return ServerFacts(row["server_version_num"], row["installed"], row["available"], license is not None, license)
 
 
 async def detect_storage_mode(pool: asyncpg.Pool | asyncpg.Connection) -> StorageMode:

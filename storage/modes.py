@@ -23,7 +23,7 @@ class ServerFacts:
     server_version_num: int
     installed: str | None  # timescaledb's extversion in this database
     available: str | None  # default_version in pg_available_extensions
-    preloaded: bool  # timescaledb in shared_preload_libraries
+    preloaded: bool  # the library is loaded (shared_preload_libraries): its license setting exists
     license: str | None  # SHOW timescaledb.license, when the library is loaded
 
 

@@ -26,7 +26,7 @@ from servers import drop_database, recreate_database, setting
 import core_io
 from fake_exchange import ArchiveSource, FakeExchange
 from feed_and_aggregate import CandleIntake
-from infra import ConfigError
+from infra import ConfigError, system_event_log
 from market_data import read_archive
 from migrations import apply_migrations
 from storage.layout import HYPERTABLES
@@ -166,3 +166,34 @@ async def test_the_daemon_boots_on_the_full_edition_and_its_replay_matches_the_e
         await exchange.stop()
         await pool.close()
         await drop_database(server_url(FULL), SCRATCH)
+
+
+async def test_a_user_who_may_not_create_the_extension_runs_plain_with_a_warning():
+    """Hosted PostgreSQL gives no superuser: the storage mode must still be read (not
+    from shared_preload_libraries, which only superusers may see) and the daemon run.
+    TimescaleDB is a trusted extension (a user with CREATE on the database may create
+    it): this user has the schema but not CREATE on the database."""
+    role = "feed_v4_storage_user"
+    url = await recreate_database(server_url(FULL), SCRATCH)
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        await admin.execute(f'GRANT CONNECT, TEMPORARY ON DATABASE "{SCRATCH}" TO "{role}"')
+        await admin.execute(f'GRANT ALL ON SCHEMA public TO "{role}"')
+        pool = await asyncpg.create_pool(url.replace("postgresql://postgres@", f"postgresql://{role}@", 1))
+        try:
+            await apply_migrations(pool)
+            mode = await apply_storage(pool)
+            assert mode.mode == PLAIN and "not created in this database" in mode.note
+            await system_event_log.flush(pool)
+            warned = await pool.fetchval("SELECT message FROM system_log_v4 WHERE level = 'WARNING'")
+            assert warned.startswith("TimescaleDB not created, tables stay plain:")
+        finally:
+            await pool.close()
+    finally:
+        await admin.close()
+        await drop_database(server_url(FULL), SCRATCH)
+        conn = await asyncpg.connect(server_url(FULL))
+        await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await conn.close()
