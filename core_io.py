@@ -42,6 +42,7 @@ from gap_log import (  # noqa: F401 (the gap log is part of this module's interf
     log_missing_m1,
     set_missing_status,
 )
+from storage.retention import drop_old_chunks
 
 log = logging.getLogger("CORE_IO")
 
@@ -533,13 +534,17 @@ async def delete_indicator_rows(
 
 async def prune_indicator_values(pool: asyncpg.Pool, retention_ms: int, batch: int) -> int:
     """Delete one small batch of values older than the retention, counted back from the
-    newest stored M1 (the exchange's clock). Returns how many were deleted."""
+    newest stored M1 (the exchange's clock). Returns how many were deleted. Under
+    TimescaleDB the whole chunks past it go first (storage.retention)."""
     newest = await newest_m1_time(pool)
     if newest is None:
         return 0
     cutoff = ms_to_datetime(newest - retention_ms)
+    await drop_old_chunks(pool, "indicator_values_v4", cutoff)
     status = await pool.execute(
-        "DELETE FROM indicator_values_v4 WHERE ctid = ANY(ARRAY("
+        # A ctid names a row in each chunk or partition that has that slot: the outer
+        # condition keeps every row it reaches one that must go anyway (a TID scan).
+        "DELETE FROM indicator_values_v4 WHERE open_time < $1 AND ctid = ANY(ARRAY("
         "SELECT ctid FROM indicator_values_v4 WHERE open_time < $1 LIMIT $2))",
         cutoff,
         batch,

@@ -7,7 +7,9 @@ Per mode, on a scratch database of that server (the servers `make services` star
   TimescaleDB: chunks and their indexes);
 - the last 1,000 M1 of a symbol, and one day of its M1: median of 30 reads (server side);
 - one-second trade bars of 789 symbols written as the daemon writes them (book/store.py,
-  10 s a flush): sustained rows/s against the live rate (789 rows/s a table; budget 10x).
+  10 s a flush): sustained rows/s against the live rate (789 rows/s a table; budget 10x);
+- retention of indicator values: a week of hourly values of 789 symbols, two days kept:
+  the whole chunks dropped (TimescaleDB) and the batched DELETE of what is left.
 
 Not measured yet (issue 17 continues): compression, continuous aggregates, footprint
 reads, aggTrades import (budget 500k rows/s). Prints; asserts nothing.
@@ -38,6 +40,7 @@ from infra import make_redis
 from migrations import apply_migrations
 from storage.layout import HYPERTABLES
 from storage.modes import APACHE, FULL, PLAIN
+from storage.retention import drop_old_chunks
 from storage.setup import apply_storage
 from tests.servers import RedisServer, drop_database, recreate_database, setting
 
@@ -98,6 +101,37 @@ async def one_second_rate(pool: asyncpg.Pool) -> float:
         await book_store.write_seconds(pool, trades, [], [], [], [])
         written += len(trades)
     return written / (time.perf_counter() - started)
+
+
+async def retention_ms(pool: asyncpg.Pool) -> tuple[int, float, float]:
+    """A week of hourly values of 789 symbols x 10 outputs, two days kept: (rows removed,
+    ms for the whole chunks, ms for the batched DELETE that follows)."""
+    start = day_start_ms(date(2026, 3, 2))
+    hours = [start + h * 3_600_000 for h in range(7 * 24)]
+    for name in (f"OUT_{i}" for i in range(10)):
+        keys = [(s, t) for s in range(LIVE_SYMBOLS) for t in hours]
+        await core_io.upsert_indicator_rows(
+            pool, [1] * len(keys), [f"S{s:04d}USDT" for s, _ in keys], [t for _, t in keys], [name] * len(keys),
+            [1.0] * len(keys),
+        )  # fmt: skip
+    await pool.execute("ANALYZE indicator_values_v4")
+    before = await pool.fetchval("SELECT count(*) FROM indicator_values_v4")
+    cutoff = core_io.ms_to_datetime(hours[-1] - 2 * 86_400_000)
+    started = time.perf_counter()
+    await drop_old_chunks(pool, "indicator_values_v4", cutoff)
+    chunks_ms = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    while (
+        await pool.execute(
+            "DELETE FROM indicator_values_v4 WHERE open_time < $1 AND ctid = ANY(ARRAY("
+            "SELECT ctid FROM indicator_values_v4 WHERE open_time < $1 LIMIT 10000))",
+            cutoff,
+        )
+        != "DELETE 0"
+    ):
+        pass
+    delete_ms = (time.perf_counter() - started) * 1000
+    return before - await pool.fetchval("SELECT count(*) FROM indicator_values_v4"), chunks_ms, delete_ms
 
 
 async def bench_mode(mode: str, folder: Path, symbols: list[str], redis_url: str) -> None:

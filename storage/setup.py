@@ -7,7 +7,6 @@ lock, so two processes booting at once do it once. Every step is idempotent.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 
@@ -17,9 +16,7 @@ from infra import ConfigError, log_system_event
 from migrations import ADVISORY_LOCK_KEY
 from storage.detect import read_facts
 from storage.layout import HYPERTABLES
-from storage.modes import PLAIN, StorageMode, classify
-
-log = logging.getLogger("STORAGE")
+from storage.modes import StorageMode, classify
 
 CHOICES = ("auto", "off")
 
@@ -49,10 +46,7 @@ async def apply_storage(pool: asyncpg.Pool, choice: str = "auto") -> StorageMode
                     return classify(facts)
                 log_system_event("INFO", "STORAGE", "created the timescaledb extension")
             await _make_hypertables(conn)
-        mode = classify(await read_facts(conn))
-    if mode.mode == PLAIN:  # cannot be: the extension is there
-        raise RuntimeError(f"storage mode after creating TimescaleDB: {mode.describe()}")
-    return mode
+        return classify(await read_facts(conn))
 
 
 async def _make_hypertables(conn: asyncpg.Connection) -> None:

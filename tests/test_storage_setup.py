@@ -4,6 +4,8 @@ same candles and indicator work stores the same rows in all three modes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import date
 from itertools import islice
 
 import asyncpg
@@ -24,6 +26,7 @@ from replay import (
 from servers import drop_database, recreate_database, setting
 
 import core_io
+from archive.files import day_start_ms
 from fake_exchange import ArchiveSource, FakeExchange
 from feed_and_aggregate import CandleIntake
 from infra import ConfigError, system_event_log
@@ -197,3 +200,38 @@ async def test_a_user_who_may_not_create_the_extension_runs_plain_with_a_warning
         conn = await asyncpg.connect(server_url(FULL))
         await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
         await conn.close()
+
+
+@pytest.mark.parametrize("mode", [PLAIN, FULL])
+async def test_a_week_of_values_with_two_days_kept_ends_with_exactly_those_chunks(mode):
+    """Hourly values for a week (6-hour chunks under TimescaleDB), two days kept counted
+    from the newest candle: the chunks wholly before the cut-off are dropped, the one
+    across it loses its older rows by the batched DELETE, and the rest stays."""
+    url = await recreate_database(server_url(mode), SCRATCH)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=3)
+    try:
+        await apply_migrations(pool)
+        assert (await apply_storage(pool)).mode == mode
+        start = day_start_ms(date(2026, 2, 1))
+        hours = [start + h * 3_600_000 for h in range(7 * 24)]
+        newest = hours[-1]
+        await core_io.upsert_candles(pool, [replace(next(read_archive(SYMBOL)), open_time=newest)])  # the clock
+        await core_io.upsert_indicator_rows(
+            pool, [1] * len(hours), [SYMBOL] * len(hours), hours, ["EMA_9"] * len(hours), [1.0] * len(hours)
+        )
+        while await core_io.prune_indicator_values(pool, 2 * 86_400_000, batch=10):
+            pass
+        kept = [core_io.datetime_to_ms(r[0]) for r in await pool.fetch("SELECT open_time FROM indicator_values_v4")]
+        assert sorted(kept) == [t for t in hours if t >= newest - 2 * 86_400_000]  # 49 hours
+        if mode == FULL:
+            chunks = await pool.fetch(
+                "SELECT range_start FROM timescaledb_information.chunks "
+                "WHERE hypertable_name = 'indicator_values_v4' ORDER BY range_start"
+            )
+            first_kept = newest - 2 * 86_400_000
+            first_kept -= first_kept % (6 * 3_600_000)  # the chunk across the cut-off
+            assert [core_io.datetime_to_ms(r[0]) for r in chunks] == list(range(first_kept, newest + 1, 6 * 3_600_000))
+            assert len(chunks) == 9
+    finally:
+        await pool.close()
+        await drop_database(server_url(mode), SCRATCH)
