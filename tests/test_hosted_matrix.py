@@ -276,7 +276,10 @@ def refused(scenario: str, refusal: Refusal) -> None:
 
 
 def applied_by(stdout: str) -> list[str]:
-    line = stdout.strip().splitlines()[-1]
+    """The migrations a `migrate` applied (its line before the storage mode's)."""
+    lines = stdout.strip().splitlines()
+    assert len(lines) >= 2 and lines[-1].startswith("storage: "), stdout
+    line = lines[-2]
     assert line.startswith("migrations applied: "), stdout
     names = line.removeprefix("migrations applied: ")
     return [] if names.startswith("none") else names.split(", ")
