@@ -50,6 +50,7 @@ SCRATCH = "feed_v4_storage_bench"
 LIVE_SYMBOLS = 789
 SECONDS = 120
 FLUSH_S = 10
+DEFAULT_OUTPUTS = 27  # sql/002's set: 28 output names, 27 with a value on a bar (one SuperTrend line)
 
 
 def write_tree(folder: Path) -> tuple[list[str], int]:
@@ -116,6 +117,20 @@ async def retention_ms(pool: asyncpg.Pool) -> tuple[int, float, float]:
         )  # fmt: skip
     await pool.execute("ANALYZE indicator_values_v4")
     before = await pool.fetchval("SELECT count(*) FROM indicator_values_v4")
+    hyper = (
+        await pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') AND EXISTS "
+            "(SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_name = 'indicator_values_v4')"
+        )
+        if await pool.fetchval("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
+        else False
+    )
+    size = await table_bytes(pool, "indicator_values_v4", {"indicator_values_v4"} if hyper else set())
+    per_day = (1440 + 288 + 96) * DEFAULT_OUTPUTS  # rows a symbol a day with the default set
+    print(
+        f"{'':20} values      {size / before:.0f} bytes a value row: ~{size / before * per_day / 1e6:.1f} MB "
+        f"a symbol a day with the default set ({DEFAULT_OUTPUTS} outputs on M1, M5, M15)"
+    )
     cutoff = core_io.ms_to_datetime(hours[-1] - 2 * 86_400_000)
     started = time.perf_counter()
     await drop_old_chunks(pool, "indicator_values_v4", cutoff)
@@ -173,6 +188,11 @@ async def bench_mode(mode: str, folder: Path, symbols: list[str], redis_url: str
         print(
             f"{mode:20} 1 s bars    {rate:,.0f} rows/s for {LIVE_SYMBOLS} symbols "
             f"({rate / LIVE_SYMBOLS:.0f}x the live rate; budget 10x)"
+        )
+        removed, chunks, deleted = await retention_ms(pool)
+        print(
+            f"{mode:20} retention   a week of values, 2 days kept: {removed:,} rows gone; whole chunks "
+            f"{chunks:.1f} ms, batched DELETE of the rest {deleted:.0f} ms"
         )
         await importer.reader.close()
     finally:
