@@ -6,12 +6,14 @@ statement per batch, never a round trip per row. No business logic lives here.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from itertools import chain
 from typing import Any
 
@@ -78,7 +80,7 @@ def candle_table(tf: str) -> str:
 
 # --------------------------------------------------------------------------- candles in PostgreSQL
 
-_CANDLE_COLUMNS = (
+CANDLE_COLUMNS = (
     "open",
     "high",
     "low",
@@ -91,7 +93,7 @@ _CANDLE_COLUMNS = (
 )
 
 
-_NUMERIC_COLUMNS = frozenset(_CANDLE_COLUMNS) - {"trades"}
+_NUMERIC_COLUMNS = frozenset(CANDLE_COLUMNS) - {"trades"}
 
 
 def _upsert_part_sql(tf: str, first_param: int) -> str:
@@ -99,20 +101,26 @@ def _upsert_part_sql(tf: str, first_param: int) -> str:
     as text and times as epoch ms: asyncpg encodes a numeric in ~3 µs, text in a fraction
     of that (9 ms saved on 500 candles), and PostgreSQL casts exactly."""
     table = candle_table(tf)
-    columns = list(_CANDLE_COLUMNS) + (["m1_count"] if tf != "m1" else [])
+    columns = list(CANDLE_COLUMNS) + (["m1_count"] if tf != "m1" else [])
     kinds = ["text" if c in _NUMERIC_COLUMNS else "smallint" if c == "m1_count" else "integer" for c in columns]
     params = [f"${first_param}::text[]", f"${first_param + 1}::int8[]"]
     params += [f"${first_param + 2 + i}::{kind}[]" for i, kind in enumerate(kinds)]
     selected = ", ".join(f"u.{c}::numeric" if c in _NUMERIC_COLUMNS else f"u.{c}" for c in columns)
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
-    changed = " OR ".join(f"{table}.{c} IS DISTINCT FROM EXCLUDED.{c}" for c in columns)
     return (
         f"INSERT INTO {table} (symbol, open_time, {', '.join(columns)}) "
         f"SELECT u.symbol, 'epoch'::timestamptz + u.t * interval '1 millisecond', {selected} "
         f"FROM unnest({', '.join(params)}) AS u(symbol, t, {', '.join(columns)}) "
-        f"ON CONFLICT (symbol, open_time) DO UPDATE SET {updates} WHERE {changed} "
+        f"{update_if_changed_sql(table, columns)} "
         f"RETURNING symbol, (extract(epoch FROM open_time) * 1000)::int8 AS t"
     )
+
+
+def update_if_changed_sql(table: str, columns: Sequence[str]) -> str:
+    """A candle upsert's conflict clause: a row is rewritten only where it differs, so an
+    identical repeat changes (and returns) nothing."""
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
+    changed = " OR ".join(f"{table}.{c} IS DISTINCT FROM EXCLUDED.{c}" for c in columns)
+    return f"ON CONFLICT (symbol, open_time) DO UPDATE SET {updates} WHERE {changed}"
 
 
 @functools.cache
@@ -184,7 +192,7 @@ async def fetch_candles(pool: asyncpg.Pool, symbol: str, tf: str, start_ms: int,
     """Exact candles with start <= open_time < end, oldest first."""
     extra = ", m1_count" if tf != "m1" else ""
     rows = await pool.fetch(
-        f"SELECT symbol, open_time, {', '.join(_CANDLE_COLUMNS)}{extra} FROM {candle_table(tf)} "
+        f"SELECT symbol, open_time, {', '.join(CANDLE_COLUMNS)}{extra} FROM {candle_table(tf)} "
         "WHERE symbol = $1 AND open_time >= $2 AND open_time < $3 ORDER BY open_time",
         symbol,
         ms_to_datetime(start_ms),
@@ -534,13 +542,30 @@ async def delete_indicator_rows(
 
 async def prune_indicator_values(pool: asyncpg.Pool, retention_ms: int, batch: int) -> int:
     """Delete one small batch of values older than the retention, counted back from the
-    newest stored M1 (the exchange's clock). Returns how many were deleted. Under
-    TimescaleDB the whole chunks past it go first (storage.retention)."""
+    newest stored M1 (the exchange's clock). Returns how many were deleted."""
+    newest = await newest_m1_time(pool)
+    return 0 if newest is None else await _delete_values_before(pool, ms_to_datetime(newest - retention_ms), batch)
+
+
+async def prune_indicator_round(
+    pool: asyncpg.Pool, retention_ms: int, batch: int, pause_s: float = 0.05
+) -> tuple[int, int]:
+    """Every value past the retention: under TimescaleDB the whole chunks first
+    (storage.retention), then batches with a pause between them (never a long lock).
+    Returns (chunks dropped, rows deleted)."""
     newest = await newest_m1_time(pool)
     if newest is None:
-        return 0
+        return 0, 0
     cutoff = ms_to_datetime(newest - retention_ms)
-    await drop_old_chunks(pool, "indicator_values_v4", cutoff)
+    chunks = await drop_old_chunks(pool, "indicator_values_v4", cutoff)
+    total = 0
+    while (deleted := await _delete_values_before(pool, cutoff, batch)) >= batch:
+        total += deleted
+        await asyncio.sleep(pause_s)
+    return len(chunks), total + deleted
+
+
+async def _delete_values_before(pool: asyncpg.Pool, cutoff: datetime, batch: int) -> int:
     status = await pool.execute(
         # A ctid names a row in each chunk or partition that has that slot: the outer
         # condition keeps every row it reaches one that must go anyway (a TID scan).
@@ -785,7 +810,7 @@ async def fetch_candles_at(pool: asyncpg.Pool, tf: str, keys: Sequence[tuple[str
         return []
     extra = ", m.m1_count" if tf != "m1" else ""
     rows = await pool.fetch(
-        f"SELECT m.symbol, m.open_time, {', '.join('m.' + c for c in _CANDLE_COLUMNS)}{extra} "
+        f"SELECT m.symbol, m.open_time, {', '.join('m.' + c for c in CANDLE_COLUMNS)}{extra} "
         "FROM unnest($1::text[], $2::timestamptz[]) AS k(symbol, open_time) "
         f"JOIN {candle_table(tf)} m ON m.symbol = k.symbol AND m.open_time = k.open_time ORDER BY m.open_time",
         *key_arrays(keys),
@@ -798,7 +823,7 @@ async def fetch_m1_ranges(pool: asyncpg.Pool, ranges: Sequence[tuple[str, int, i
     if not ranges:
         return {}
     rows = await pool.fetch(
-        f"SELECT DISTINCT m.symbol, m.open_time, {', '.join('m.' + c for c in _CANDLE_COLUMNS)} "
+        f"SELECT DISTINCT m.symbol, m.open_time, {', '.join('m.' + c for c in CANDLE_COLUMNS)} "
         "FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS r(symbol, start_at, end_at) "
         "JOIN ohlcv4_m1 m ON m.symbol = r.symbol AND m.open_time >= r.start_at AND m.open_time < r.end_at "
         "ORDER BY m.symbol, m.open_time",

@@ -334,13 +334,9 @@ class CandleIntake(CandlePublisher):
             return await self._aggregate(buckets)
 
     async def _aggregate(self, buckets: set[tuple[str, str, int]]) -> list[Candle]:
-        built: list[Candle] = []
         # A bucket whose minutes all passed through this intake is built from memory;
         # the others from what PostgreSQL holds (after a restart, a backfill, a gap).
-        complete = {key: members for key in buckets if (members := self._remembered(*key)) is not None}
-        for symbol, tf, bucket in sorted(complete):
-            built.append(aggregate(tf, bucket, complete[(symbol, tf, bucket)]))
-        built += await build_buckets(self.pool, buckets - complete.keys())
+        built = await build_buckets(self.pool, buckets, self._remembered)
         if not built:
             return []
         changed = await self._upsert(built)
@@ -353,21 +349,33 @@ class CandleIntake(CandlePublisher):
         return fresh
 
 
-async def build_buckets(pool: asyncpg.Pool, buckets: set[tuple[str, str, int]]) -> list[Candle]:
-    """The buckets whose minutes are all stored or unfillable, built from PostgreSQL."""
+async def build_buckets(
+    pool: asyncpg.Pool,
+    buckets: set[tuple[str, str, int]],
+    remembered: Callable[[str, str, int], Sequence[Candle] | None] = lambda symbol, tf, bucket: None,
+) -> list[Candle]:
+    """The buckets whose minutes are all stored or unfillable: from `remembered` where it
+    holds all of a bucket's minutes, the others from PostgreSQL."""
+    built: list[Candle] = []
+    rest: set[tuple[str, str, int]] = set()
+    for key in sorted(buckets):
+        members = remembered(*key)
+        if members is None:
+            rest.add(key)
+        else:
+            built.append(aggregate(key[1], key[2], members))
     ranges: list[tuple[str, int, int]] = []
-    for symbol, start in sorted({(s, bucket_start(b, "m15")) for s, _, b in buckets}):
+    for symbol, start in sorted({(s, bucket_start(b, "m15")) for s, _, b in rest}):
         if ranges and ranges[-1][0] == symbol and ranges[-1][2] == start:  # contiguous: one range
             ranges[-1] = (symbol, ranges[-1][1], start + TF_MS["m15"])
         else:
             ranges.append((symbol, start, start + TF_MS["m15"]))
     if not ranges:
-        return []
+        return built
     m1 = await core_io.fetch_m1_ranges(pool, ranges)
     unfillable = await core_io.fetch_unfillable_m1(pool, ranges)
     by_time = {symbol: {c.open_time: c for c in candles} for symbol, candles in m1.items()}
-    built = []
-    for symbol, tf, bucket in sorted(buckets):
+    for symbol, tf, bucket in sorted(rest):
         minutes = by_time.get(symbol, {})
         members = [minutes[t] for t in bucket_minutes(tf, bucket) if t in minutes]
         present = {c.open_time for c in members}

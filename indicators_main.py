@@ -866,15 +866,14 @@ class IndicatorWorker:
     async def run_pruner(self) -> None:
         while True:
             await asyncio.sleep(self.options.prune_interval_s)
-            total = 0
-            while True:
-                deleted = await core_io.prune_indicator_values(self.pool, self.retention_ms, self.options.prune_batch)
-                total += deleted
-                if deleted < self.options.prune_batch:
-                    break
-                await asyncio.sleep(0.05)  # small batches: never a long lock
-            if total:
-                log.info("pruned %d indicator values older than %d days", total, self.settings.indicator_retention_days)
+            chunks, rows = await core_io.prune_indicator_round(self.pool, self.retention_ms, self.options.prune_batch)
+            if chunks or rows:
+                log.info(
+                    "pruned indicator values older than %d days: %d chunks dropped, %d rows deleted",
+                    self.settings.indicator_retention_days,
+                    chunks,
+                    rows,
+                )
 
     def close(self) -> None:
         self.slow_runner.close()

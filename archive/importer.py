@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import operator
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 import core_io
-from aggregation import AGGREGATED_TFS, affected_buckets, aggregate, bucket_minutes
+from aggregation import AGGREGATED_TFS, affected_buckets, bucket_minutes
 from archive.files import KINDS, ArchiveError, csv_rows, daily_path, days, file_name, kline_candles, verify
 from archive.progress import ImportProgress
 from candles import TF_MS, Candle, datetime_to_ms, ms_to_datetime
@@ -45,28 +46,18 @@ DEFAULT_SOURCE = "https://data.binance.vision"
 REJECTED_SHOWN = 3  # reasons quoted in the log line of a file with refused rows
 
 _STAGE_SQL = (
-    "CREATE TEMP TABLE IF NOT EXISTS archive_m1 (symbol text, t int8, open numeric, high numeric, low numeric, "
-    "close numeric, volume numeric, quote_volume numeric, trades integer, taker_buy_volume numeric, "
-    "taker_buy_quote_volume numeric) ON COMMIT DELETE ROWS"
+    "CREATE TEMP TABLE IF NOT EXISTS archive_m1 (symbol text, t int8, "
+    + ", ".join(f"{c} {'integer' if c == 'trades' else 'numeric'}" for c in core_io.CANDLE_COLUMNS)
+    + ") ON COMMIT DELETE ROWS"
 )
-_COLUMNS = (
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "quote_volume",
-    "trades",
-    "taker_buy_volume",
-    "taker_buy_quote_volume",
-)
+_COLUMNS = ", ".join(core_io.CANDLE_COLUMNS)
 _UPSERT_SQL = (
-    f"INSERT INTO ohlcv4_m1 (symbol, open_time, {', '.join(_COLUMNS)}) "
-    f"SELECT symbol, 'epoch'::timestamptz + t * interval '1 millisecond', {', '.join(_COLUMNS)} FROM archive_m1 "
-    f"ON CONFLICT (symbol, open_time) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _COLUMNS)} "
-    f"WHERE {' OR '.join(f'ohlcv4_m1.{c} IS DISTINCT FROM EXCLUDED.{c}' for c in _COLUMNS)} "
+    f"INSERT INTO ohlcv4_m1 (symbol, open_time, {_COLUMNS}) "
+    f"SELECT symbol, 'epoch'::timestamptz + t * interval '1 millisecond', {_COLUMNS} FROM archive_m1 "
+    f"{core_io.update_if_changed_sql('ohlcv4_m1', core_io.CANDLE_COLUMNS)} "
     "RETURNING (extract(epoch FROM open_time) * 1000)::int8 AS t, (xmax = 0) AS inserted"
 )
+_FIELDS = operator.attrgetter(*core_io.CANDLE_COLUMNS)  # a candle's values in the staging table's order
 # The gap log's rows of the file's span whose minute is stored now (a stored candle wins).
 _SETTLE_GAPS_SQL = (
     "UPDATE missing_m1_log_v4 g SET status = 'backfilled', fixed_at = now() "
@@ -174,7 +165,8 @@ class Importer:
                 if await self.reader.read(path) is None:
                     return FileOutcome(symbol, day, "absent")
                 raise ArchiveError(f"{name} has no .CHECKSUM: not verified, not imported")
-            expected = checksum.decode("ascii", "replace").split()[0:1]
+            checksum_text = checksum.decode("ascii", "replace")
+            expected = checksum_text.split()[0:1]
             done = await self.pool.fetchval(
                 "SELECT sha256 FROM archive_imports_v4 WHERE kind = 'klines' AND symbol = $1 AND day = $2", symbol, day
             )
@@ -183,7 +175,7 @@ class Importer:
             data = await self.reader.read(path)
             if data is None:
                 raise ArchiveError(f"{name}: its .CHECKSUM is there but the file is not")
-            digest = verify(data, checksum.decode("ascii", "replace"), name)
+            digest = verify(data, checksum_text, name)
             rejected: list[str] = []
             candles = kline_candles(symbol, day, csv_rows(data, name), rejected)
         except (ArchiveError, aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -215,22 +207,16 @@ class Importer:
         bucket's minutes (a whole day does), else from PostgreSQL (a minute only the
         feed had, or one REST and the archive never had)."""
         by_time = {c.open_time: c for c in candles}
-        built, rest = [], set()
-        for key in sorted(affected_buckets((symbol, c.open_time) for c in candles)):
-            members = [by_time.get(t) for t in bucket_minutes(key[1], key[2])]
-            if all(members):
-                built.append(aggregate(key[1], key[2], members))  # type: ignore[arg-type]
-            else:
-                rest.add(key)
-        return built + await build_buckets(self.pool, rest)
+
+        def in_file(symbol: str, tf: str, bucket: int) -> list[Candle] | None:
+            members = [by_time.get(t) for t in bucket_minutes(tf, bucket)]
+            return members if all(members) else None  # type: ignore[return-value]
+
+        return await build_buckets(self.pool, affected_buckets((symbol, c.open_time) for c in candles), in_file)
 
     async def store_m1(self, symbol: str, candles: Sequence[Candle]) -> set[int]:
         """COPY into a temporary table, one upsert from it: the open times new or changed."""
-        text = "".join(
-            f"{symbol},{c.open_time},{c.open},{c.high},{c.low},{c.close},{c.volume},{c.quote_volume},{c.trades},"
-            f"{c.taker_buy_volume},{c.taker_buy_quote_volume}\n"
-            for c in candles
-        )
+        text = "".join(f"{symbol},{c.open_time},{','.join(map(str, _FIELDS(c)))}\n" for c in candles)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(_STAGE_SQL)
             await conn.copy_to_table("archive_m1", source=io.BytesIO(text.encode()), format="csv")

@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from book.seconds import TradeSecond
 from fake_exchange import ArchiveSource
 from fake_exchange.archive import ArchiveTree
 from infra import make_redis
+from market_data import read_archive
 from migrations import apply_migrations
 from storage.layout import HYPERTABLES
 from storage.modes import APACHE, FULL, PLAIN
@@ -131,20 +133,13 @@ async def retention_ms(pool: asyncpg.Pool) -> tuple[int, float, float]:
         f"{'':20} values      {size / before:.0f} bytes a value row: ~{size / before * per_day / 1e6:.1f} MB "
         f"a symbol a day with the default set ({DEFAULT_OUTPUTS} outputs on M1, M5, M15)"
     )
+    await core_io.upsert_candles(pool, [replace(next(read_archive("LINKUSDT")), open_time=hours[-1])])  # the clock
     cutoff = core_io.ms_to_datetime(hours[-1] - 2 * 86_400_000)
     started = time.perf_counter()
     await drop_old_chunks(pool, "indicator_values_v4", cutoff)
     chunks_ms = (time.perf_counter() - started) * 1000
     started = time.perf_counter()
-    while (
-        await pool.execute(
-            "DELETE FROM indicator_values_v4 WHERE open_time < $1 AND ctid = ANY(ARRAY("
-            "SELECT ctid FROM indicator_values_v4 WHERE open_time < $1 LIMIT 10000))",
-            cutoff,
-        )
-        != "DELETE 0"
-    ):
-        pass
+    await core_io.prune_indicator_round(pool, 2 * 86_400_000, 10_000, pause_s=0)  # what is left: batches
     delete_ms = (time.perf_counter() - started) * 1000
     return before - await pool.fetchval("SELECT count(*) FROM indicator_values_v4"), chunks_ms, delete_ms
 

@@ -219,8 +219,7 @@ async def test_a_week_of_values_with_two_days_kept_ends_with_exactly_those_chunk
         await core_io.upsert_indicator_rows(
             pool, [1] * len(hours), [SYMBOL] * len(hours), hours, ["EMA_9"] * len(hours), [1.0] * len(hours)
         )
-        while await core_io.prune_indicator_values(pool, 2 * 86_400_000, batch=10):
-            pass
+        await core_io.prune_indicator_round(pool, 2 * 86_400_000, batch=10, pause_s=0)
         kept = [core_io.datetime_to_ms(r[0]) for r in await pool.fetch("SELECT open_time FROM indicator_values_v4")]
         assert sorted(kept) == [t for t in hours if t >= newest - 2 * 86_400_000]  # 49 hours
         if mode == FULL:
