@@ -6,14 +6,12 @@ statement per batch, never a round trip per row. No business logic lives here.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from itertools import chain
 from typing import Any
 
@@ -44,7 +42,8 @@ from gap_log import (  # noqa: F401 (the gap log is part of this module's interf
     log_missing_m1,
     set_missing_status,
 )
-from storage.retention import drop_old_chunks
+from storage import partitions
+from storage.retention import drop_expired
 
 log = logging.getLogger("CORE_IO")
 
@@ -485,7 +484,11 @@ async def upsert_indicator_rows(
 ) -> None:
     """Columns of unique keys (the caller dedupes); times as ms, converted in SQL."""
     if ids:
-        await pool.execute(_UPSERT_INDICATOR_ROWS_SQL, ids, symbols, times_ms, names, values)
+        await partitions.write_through(
+            pool,
+            {"indicator_values_v4": times_ms},
+            lambda: pool.execute(_UPSERT_INDICATOR_ROWS_SQL, ids, symbols, times_ms, names, values),
+        )
 
 
 # The bars of one layout (the same instance ids and output names for every bar) as a
@@ -515,7 +518,11 @@ async def upsert_indicator_matrix(
     """Bar b's output k is values[b * len(ids) + k]; one statement; returns rows written."""
     if not symbols:
         return 0
-    status = await pool.execute(_UPSERT_INDICATOR_MATRIX_SQL, symbols, times_ms, list(ids), list(names), values)
+    status = await partitions.write_through(
+        pool,
+        {"indicator_values_v4": times_ms},
+        lambda: pool.execute(_UPSERT_INDICATOR_MATRIX_SQL, symbols, times_ms, list(ids), list(names), values),
+    )
     return int(status.split()[-1])
 
 
@@ -540,41 +547,11 @@ async def delete_indicator_rows(
     )
 
 
-async def prune_indicator_values(pool: asyncpg.Pool, retention_ms: int, batch: int) -> int:
-    """Delete one small batch of values older than the retention, counted back from the
-    newest stored M1 (the exchange's clock). Returns how many were deleted."""
+async def prune_indicator_values(pool: asyncpg.Pool, retention_ms: int) -> list[str]:
+    """The pieces of indicator values wholly older than the retention, counted back from
+    the newest stored M1 (the exchange's clock), dropped; their names. No row DELETE."""
     newest = await newest_m1_time(pool)
-    return 0 if newest is None else await _delete_values_before(pool, ms_to_datetime(newest - retention_ms), batch)
-
-
-async def prune_indicator_round(
-    pool: asyncpg.Pool, retention_ms: int, batch: int, pause_s: float = 0.05
-) -> tuple[int, int]:
-    """Every value past the retention: under TimescaleDB the whole chunks first
-    (storage.retention), then batches with a pause between them (never a long lock).
-    Returns (chunks dropped, rows deleted)."""
-    newest = await newest_m1_time(pool)
-    if newest is None:
-        return 0, 0
-    cutoff = ms_to_datetime(newest - retention_ms)
-    chunks = await drop_old_chunks(pool, "indicator_values_v4", cutoff)
-    total = 0
-    while (deleted := await _delete_values_before(pool, cutoff, batch)) >= batch:
-        total += deleted
-        await asyncio.sleep(pause_s)
-    return len(chunks), total + deleted
-
-
-async def _delete_values_before(pool: asyncpg.Pool, cutoff: datetime, batch: int) -> int:
-    status = await pool.execute(
-        # A ctid names a row in each chunk or partition that has that slot: the outer
-        # condition keeps every row it reaches one that must go anyway (a TID scan).
-        "DELETE FROM indicator_values_v4 WHERE open_time < $1 AND ctid = ANY(ARRAY("
-        "SELECT ctid FROM indicator_values_v4 WHERE open_time < $1 LIMIT $2))",
-        cutoff,
-        batch,
-    )
-    return int(status.split()[-1])
+    return [] if newest is None else await drop_expired(pool, ["indicator_values_v4"], retention_ms, newest)
 
 
 async def set_instance_errors(pool: asyncpg.Pool, errors: Mapping[int, str]) -> None:

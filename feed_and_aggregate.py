@@ -52,7 +52,7 @@ from infra import (
     log_system_event,
 )
 from orderflow import store as orderflow_store
-from orderflow.intake import OrderFlowIntake
+from orderflow.intake import OrderFlowIntake, OrderFlowSettings
 from ticker_following import TickerFollower
 
 M1_MS = TF_MS["m1"]
@@ -456,7 +456,13 @@ class Feed:
         self.rest_fallback = False
         self.fallback_fetched_at = 0.0
         self.orderflow = OrderFlowIntake(
-            self.pool, self.redis, self.rest, self.settings.stream_maxlen, lambda: self.clock.now_ms, self._tick_of
+            self.pool,
+            self.redis,
+            self.rest,
+            self.settings.stream_maxlen,
+            lambda: self.clock.now_ms,
+            self._tick_of,
+            OrderFlowSettings.from_env(),
         )
 
     # ---- frames (synchronous: called for every frame, must stay cheap)

@@ -83,7 +83,6 @@ class IndicatorOptions:
     persist_max_rows: int = 1_000_000  # beyond this, reading waits for PostgreSQL
     reload_s: float = 5.0
     prune_interval_s: float = 60.0
-    prune_batch: int = 10_000
     consumer: str = field(default_factory=lambda: f"indicators-{socket.gethostname()}")
 
     @classmethod
@@ -98,7 +97,6 @@ class IndicatorOptions:
             persist_max_rows=env_number(env, "INDICATOR_PERSIST_MAX_ROWS", 1_000_000, int, 1000, 50_000_000),
             reload_s=env_number(env, "INDICATOR_RELOAD_S", 5.0, float, 0.1, 3600),
             prune_interval_s=env_number(env, "INDICATOR_PRUNE_INTERVAL_S", 60.0, float, 1, 86_400),
-            prune_batch=env_number(env, "INDICATOR_PRUNE_BATCH", 10_000, int, 100, 1_000_000),
             consumer=env.get("INDICATOR_CONSUMER", "").strip() or f"indicators-{socket.gethostname()}",
         )
 
@@ -866,13 +864,17 @@ class IndicatorWorker:
     async def run_pruner(self) -> None:
         while True:
             await asyncio.sleep(self.options.prune_interval_s)
-            chunks, rows = await core_io.prune_indicator_round(self.pool, self.retention_ms, self.options.prune_batch)
-            if chunks or rows:
+            try:
+                dropped = await core_io.prune_indicator_values(self.pool, self.retention_ms)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log_system_event("WARNING", "INDICATORS", f"retention not run: {exc!r}")
+                continue
+            if dropped:
                 log.info(
-                    "pruned indicator values older than %d days: %d chunks dropped, %d rows deleted",
+                    "indicator values older than %d days: %d pieces dropped (%s)",
                     self.settings.indicator_retention_days,
-                    chunks,
-                    rows,
+                    len(dropped),
+                    ", ".join(dropped),
                 )
 
     def close(self) -> None:

@@ -8,11 +8,14 @@ Per mode, on a scratch database of that server (the servers `make services` star
 - the last 1,000 M1 of a symbol, and one day of its M1: median of 30 reads (server side);
 - one-second trade bars of 789 symbols written as the daemon writes them (book/store.py,
   10 s a flush): sustained rows/s against the live rate (789 rows/s a table; budget 10x);
+- one day of one-second features of a symbol (20 symbols' day stored) and the footprint
+  of one M15 bar (a month of 20 symbols' M15 footprints, 40 rows each): median of 30;
 - retention of indicator values: a week of hourly values of 789 symbols, two days kept:
-  the whole chunks dropped (TimescaleDB) and the batched DELETE of what is left.
+  the whole pieces dropped (chunks or partitions; no row DELETE);
+- full edition: bytes before and after compressing every chunk, per table.
 
-Not measured yet (issue 17 continues): compression, continuous aggregates, footprint
-reads, aggTrades import (budget 500k rows/s). Prints; asserts nothing.
+Not measured yet (issue 17 continues): continuous aggregates, aggTrades import (budget
+500k rows/s). Prints; asserts nothing.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from fake_exchange.archive import ArchiveTree
 from infra import make_redis
 from market_data import read_archive
 from migrations import apply_migrations
-from storage.layout import HYPERTABLES
+from storage import partitions
+from storage.compression import compress_all
+from storage.layout import HOUR_MS
 from storage.modes import APACHE, FULL, PLAIN
-from storage.retention import drop_old_chunks
 from storage.setup import apply_storage
 from tests.servers import RedisServer, drop_database, recreate_database, setting
 
@@ -84,14 +88,29 @@ async def median_ms(pool: asyncpg.Pool, sql: str, *args: object) -> float:
     return statistics.median(times)
 
 
-async def table_bytes(pool: asyncpg.Pool, table: str, hypertables: set[str]) -> int:
-    if table in hypertables:
+async def table_bytes(pool: asyncpg.Pool, table: str) -> int:
+    """Rows and indexes, whatever the pieces: chunks (compressed ones as stored) or partitions."""
+    kind = await partitions.table_kind(pool, table)
+    if kind == partitions.HYPERTABLE:
         return await pool.fetchval("SELECT hypertable_size($1::regclass)", table)
-    return await pool.fetchval("SELECT pg_total_relation_size($1::regclass)", table)
+    if kind == partitions.SINGLE:
+        return await pool.fetchval("SELECT pg_total_relation_size($1::regclass)", table)
+    return await pool.fetchval(
+        "SELECT sum(pg_total_relation_size(relid))::bigint FROM pg_partition_tree($1::regclass) WHERE isleaf", table
+    )
+
+
+async def compressed(pool: asyncpg.Pool, tables: list[str]) -> str:
+    """Each table's bytes before and after every chunk of it is compressed."""
+    sizes = []
+    for table in tables:
+        before = await table_bytes(pool, table)
+        await compress_all(pool, table)
+        sizes.append(f"{table} {before / 1e6:.1f} -> {await table_bytes(pool, table) / 1e6:.1f} MB")
+    return ", ".join(sizes)
 
 
 async def one_second_rate(pool: asyncpg.Pool) -> float:
-    book_store._known_hours.clear()  # partitions of another database
     symbols = [f"S{i:04d}USDT" for i in range(LIVE_SYMBOLS)]
     start = day_start_ms(date(2026, 3, 2))
     written, started = 0, time.perf_counter()
@@ -106,9 +125,9 @@ async def one_second_rate(pool: asyncpg.Pool) -> float:
     return written / (time.perf_counter() - started)
 
 
-async def retention_ms(pool: asyncpg.Pool) -> tuple[int, float, float]:
+async def retention_ms(pool: asyncpg.Pool) -> tuple[int, int, float]:
     """A week of hourly values of 789 symbols x 10 outputs, two days kept: (rows removed,
-    ms for the whole chunks, ms for the batched DELETE that follows)."""
+    pieces dropped, ms it took)."""
     start = day_start_ms(date(2026, 3, 2))
     hours = [start + h * 3_600_000 for h in range(7 * 24)]
     for name in (f"OUT_{i}" for i in range(10)):
@@ -119,29 +138,63 @@ async def retention_ms(pool: asyncpg.Pool) -> tuple[int, float, float]:
         )  # fmt: skip
     await pool.execute("ANALYZE indicator_values_v4")
     before = await pool.fetchval("SELECT count(*) FROM indicator_values_v4")
-    hyper = (
-        await pool.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') AND EXISTS "
-            "(SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_name = 'indicator_values_v4')"
-        )
-        if await pool.fetchval("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
-        else False
-    )
-    size = await table_bytes(pool, "indicator_values_v4", {"indicator_values_v4"} if hyper else set())
+    size = await table_bytes(pool, "indicator_values_v4")
     per_day = (1440 + 288 + 96) * DEFAULT_OUTPUTS  # rows a symbol a day with the default set
     print(
         f"{'':20} values      {size / before:.0f} bytes a value row: ~{size / before * per_day / 1e6:.1f} MB "
         f"a symbol a day with the default set ({DEFAULT_OUTPUTS} outputs on M1, M5, M15)"
     )
     await core_io.upsert_candles(pool, [replace(next(read_archive("LINKUSDT")), open_time=hours[-1])])  # the clock
-    cutoff = core_io.ms_to_datetime(hours[-1] - 2 * 86_400_000)
     started = time.perf_counter()
-    await drop_old_chunks(pool, "indicator_values_v4", cutoff)
-    chunks_ms = (time.perf_counter() - started) * 1000
-    started = time.perf_counter()
-    await core_io.prune_indicator_round(pool, 2 * 86_400_000, 10_000, pause_s=0)  # what is left: batches
-    delete_ms = (time.perf_counter() - started) * 1000
-    return before - await pool.fetchval("SELECT count(*) FROM indicator_values_v4"), chunks_ms, delete_ms
+    dropped = await core_io.prune_indicator_values(pool, 2 * 86_400_000)
+    drop_ms = (time.perf_counter() - started) * 1000
+    return before - await pool.fetchval("SELECT count(*) FROM indicator_values_v4"), len(dropped), drop_ms
+
+
+FEATURES_DAY_SQL = """
+INSERT INTO features_1s4 (symbol, ts, microprice, i1, i10, ofi, volume_imbalance, vpin, vpin_bulk, volatility,
+    log_return)
+SELECT 'S' || lpad(s::text, 4, '0') || 'USDT', $1::timestamptz + t * interval '1 second',
+       60000 + random(), random(), random(), random(), random(), random(), random(), random(), random()
+FROM generate_series(0, 19) s, generate_series(0, 86399) t
+"""
+FOOTPRINTS_SQL = """
+INSERT INTO orderflow4 (symbol, tf, open_time, buy_units, sell_units, delta_min, delta_max, cvd, cvd_day,
+    agg_trades, trades, buy_trades, sell_trades, max_trade_qty, row_size, row_index, bid_units, ask_units,
+    bid_trades, ask_trades)
+SELECT 'S' || lpad(s::text, 4, '0') || 'USDT', 'm15', $1::timestamptz + b * interval '15 minutes',
+       1000, 900, -50, 80, 100, 100, 400, 600, 200, 200, 30, 1000000,
+       array(SELECT 6000000 + r FROM generate_series(1, 40) r),
+       array(SELECT (random() * 1e8)::bigint FROM generate_series(1, 40)),
+       array(SELECT (random() * 1e8)::bigint FROM generate_series(1, 40)),
+       array(SELECT (random() * 50)::int FROM generate_series(1, 40)),
+       array(SELECT (random() * 50)::int FROM generate_series(1, 40))
+FROM generate_series(0, 19) s, generate_series(0, 30 * 96 - 1) b
+"""
+
+
+async def fine_reads(pool: asyncpg.Pool) -> tuple[float, float]:
+    """(ms for a day of a symbol's one-second features, ms for one M15 bar's footprint)."""
+    day = day_start_ms(date(2026, 3, 10))
+    await partitions.ensure(pool, "features_1s4", range(day, day + 86_400_000, HOUR_MS))
+    await pool.execute(FEATURES_DAY_SQL, core_io.ms_to_datetime(day))
+    month = day_start_ms(date(2026, 1, 1))
+    await partitions.ensure(pool, "orderflow4", range(month, month + 31 * 86_400_000, 86_400_000))
+    await pool.execute(FOOTPRINTS_SQL, core_io.ms_to_datetime(month))
+    await pool.execute("ANALYZE features_1s4; ANALYZE orderflow4")
+    features = await median_ms(
+        pool,
+        "SELECT * FROM features_1s_v4 WHERE symbol = $1 AND ts >= $2 AND ts < $2 + interval '1 day'",
+        "S0007USDT",
+        core_io.ms_to_datetime(day),
+    )
+    footprint = await median_ms(
+        pool,
+        "SELECT * FROM footprint_v4 WHERE symbol = $1 AND tf = 'm15' AND open_time = $2",
+        "S0007USDT",
+        core_io.ms_to_datetime(month + 14 * 86_400_000),
+    )
+    return features, footprint
 
 
 async def bench_mode(mode: str, folder: Path, symbols: list[str], redis_url: str) -> None:
@@ -151,7 +204,6 @@ async def bench_mode(mode: str, folder: Path, symbols: list[str], redis_url: str
     try:
         await apply_migrations(pool)
         assert (await apply_storage(pool)).mode == mode
-        hypertables = {t.table for t in HYPERTABLES} if mode != PLAIN else set()
         importer = Importer(
             pool, redis, core_io.make_candle_store(redis, True, 250), ArchiveReader(str(folder)), 250, 100_000
         )
@@ -167,7 +219,7 @@ async def bench_mode(mode: str, folder: Path, symbols: list[str], redis_url: str
         symbol_days = len(symbols) * len(days(FIRST, LAST))
         sizes = []
         for table in ("ohlcv4_m1", "ohlcv4_m5", "ohlcv4_m15"):
-            sizes.append(f"{table} {await table_bytes(pool, table, hypertables) / symbol_days:,.0f}")
+            sizes.append(f"{table} {await table_bytes(pool, table) / symbol_days:,.0f}")
         print(f"{mode:20} bytes/symbol/day  {', '.join(sizes)}")
         last = await median_ms(
             pool, "SELECT * FROM ohlcv4_m1 WHERE symbol = $1 ORDER BY open_time DESC LIMIT 1000", symbols[0]
@@ -184,11 +236,19 @@ async def bench_mode(mode: str, folder: Path, symbols: list[str], redis_url: str
             f"{mode:20} 1 s bars    {rate:,.0f} rows/s for {LIVE_SYMBOLS} symbols "
             f"({rate / LIVE_SYMBOLS:.0f}x the live rate; budget 10x)"
         )
-        removed, chunks, deleted = await retention_ms(pool)
+        features, footprint = await fine_reads(pool)
         print(
-            f"{mode:20} retention   a week of values, 2 days kept: {removed:,} rows gone; whole chunks "
-            f"{chunks:.1f} ms, batched DELETE of the rest {deleted:.0f} ms"
+            f"{mode:20} reads       a day of a symbol's 1 s features {features:.1f} ms, "
+            f"one M15 footprint {footprint:.2f} ms (median of 30)"
         )
+        removed, pieces, drop_ms = await retention_ms(pool)
+        print(
+            f"{mode:20} retention   a week of values, 2 days kept: {removed:,} rows gone with {pieces} "
+            f"whole pieces in {drop_ms:.1f} ms (no row DELETE)"
+        )
+        if mode == FULL:
+            tables = ["ohlcv4_m1", "ohlcv4_m5", "ohlcv4_m15", "indicator_values_v4", "features_1s4", "orderflow4"]
+            print(f"{mode:20} compressed  {await compressed(pool, tables)}")
         await importer.reader.close()
     finally:
         await redis.aclose()

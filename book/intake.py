@@ -41,6 +41,8 @@ from book.seconds import SECOND_MS
 from book.symbol import Kind, Second, SymbolSeconds
 from infra import Outage, RateLimitedLog, env_number, log_system_event
 from orderflow.fold import UNIT, AggTrade
+from storage.layout import HOUR_MS, ONE_SECOND_TABLES
+from storage.retention import drop_expired
 
 MODULE = "BOOK"
 SNAPSHOT_LIMIT = 1000
@@ -485,7 +487,9 @@ class BookIntake:
             # On the exchange's clock, once it is known: a replay of older data keeps its hours.
             if self.clock_ms:
                 try:
-                    dropped = await book_store.drop_expired(self.pool, self.settings.retention_h, self.clock_ms)
+                    dropped = await drop_expired(
+                        self.pool, ONE_SECOND_TABLES, self.settings.retention_h * HOUR_MS, self.clock_ms
+                    )
                     if dropped:
                         log_system_event(
                             "INFO", MODULE, f"retention dropped {len(dropped)} partitions", {"names": dropped}

@@ -1,7 +1,7 @@
 """The book domain in and out of PostgreSQL and Redis (SPEC section 14): the thin I/O
 beside the pure bars (book/seconds.py, book/per_second.py, book/minutes.py).
 
-PostgreSQL: the one-second tables of migration 009, partitioned by hour on `ts`. A
+PostgreSQL: the one-second tables of migration 009, in hourly pieces on `ts`. A
 flush (~220 symbols × up to four kinds a second) is one statement: a data-modifying CTE
 per table, each an `INSERT ... SELECT FROM unnest(...)` of column arrays, so it is one
 round trip and one transaction. Seconds are final when written (a second is closed on
@@ -9,13 +9,8 @@ the exchange's clock and never reopened), so they are `ON CONFLICT DO NOTHING`: 
 re-sent after a lost reply neither fails nor duplicates. Prices and quantities go as the
 exact decimal text of their units, never through a float.
 
-Partitions are made on demand for the hours a batch touches and the hour after its
-newest (so that normally the DDL, which takes the parent's ACCESS EXCLUSIVE lock for a
-moment, runs an hour ahead of the rows that need it, and gives up after 200 ms behind a
-long reader instead of stalling the flush); made hours are remembered per process, so
-the hot path costs no DDL round trip. Should a partition vanish behind that memory
-(dropped by another process, a schema rebuilt), the insert fails as "no partition", the
-hours are made again, and the batch is sent once more.
+Partitions (plain PostgreSQL) are made on demand, an hour ahead, by storage.partitions;
+TimescaleDB makes its chunks itself.
 
 Redis: `features:<SYMBOL>` (the newest second; an absent feature is an absent field),
 the bounded stream `features_1s` (every second), `book:<SYMBOL>` (the depth filter).
@@ -24,9 +19,7 @@ the bounded stream `features_1s` (every second), `book:<SYMBOL>` (the depth filt
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -39,16 +32,11 @@ from book.seconds import DepthSecond, TickerSecond, TradeSecond
 from candles import datetime_to_ms, ms_to_datetime
 from core_io import xadd_command
 from orderflow.fold import units_text
+from storage import partitions
+from storage.layout import ONE_SECOND_TABLES
 
-HOUR_MS = 3_600_000
 FEATURES_STREAM = "features_1s"
-PARTITIONED = ("trades_1s4", "book_ticker_1s4", "depth_1s4", "features_1s4")
-DROP_LOCK_TIMEOUT = "2s"  # a DROP waiting for its lock holds up the inserts queued behind it
-AHEAD_LOCK_TIMEOUT = "200ms"  # the next hour's partitions: tried again on the next flush
 FEATURE_NAMES = ("microprice", "i1", "i10", "ofi", "volume_imbalance", "vpin", "vpin_bulk", "volatility", "log_return")
-
-_PARTITION_NAME = re.compile(r"^(?P<table>\w+)_p(?P<hour>\d{10})$")
-_known_hours: set[int] = set()  # hours whose four partitions this process made or found
 
 
 def features_key(symbol: str) -> str:
@@ -57,92 +45,6 @@ def features_key(symbol: str) -> str:
 
 def book_key(symbol: str) -> str:
     return f"book:{symbol}"
-
-
-# --------------------------------------------------------------------------- partitions
-
-
-def partition_name(table: str, hour_ms: int) -> str:
-    """`trades_1s4_p2026120600`: the table and the hour's start, UTC."""
-    return f"{table}_p{ms_to_datetime(hour_ms):%Y%m%d%H}"
-
-
-def _partition_ddl(table: str, hour_ms: int) -> str:
-    """DDL takes no parameters; every part here is made from an int and our own names."""
-    start, end = ms_to_datetime(hour_ms), ms_to_datetime(hour_ms + HOUR_MS)
-    return (
-        f"CREATE TABLE IF NOT EXISTS {partition_name(table, hour_ms)} PARTITION OF {table} "
-        f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
-    )
-
-
-async def ensure_partitions(pool: asyncpg.Pool, hours: Iterable[int]) -> None:
-    """The four tables' partitions for these hours (ms; any time in an hour stands for
-    it), made if missing. Nothing is sent for hours made before by this process."""
-    wanted = {hour - hour % HOUR_MS for hour in hours} - _known_hours
-    if wanted:
-        await _make_partitions(pool, wanted)
-
-
-async def _make_partitions(pool: asyncpg.Pool, hours: set[int], lock_timeout: str | None = None) -> bool:
-    """One look-up of what exists, then a statement per missing partition (four an hour).
-    Two processes may race: IF NOT EXISTS covers the usual case; the loser of an exact
-    tie gets a duplicate error from the catalogue, which means the partition is there.
-    With `lock_timeout`, gives up (False, nothing remembered) rather than wait longer
-    for the parent's lock (a long reader holds it; the inserts would queue behind)."""
-    names = {partition_name(table, hour): (table, hour) for hour in hours for table in PARTITIONED}
-    existing = await pool.fetch(
-        "SELECT n FROM unnest($1::text[]) AS n WHERE to_regclass(quote_ident(n)) IS NOT NULL", list(names)
-    )
-    missing = set(names) - {r["n"] for r in existing}
-    for name in sorted(missing):
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                if lock_timeout is not None:
-                    await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
-                await conn.execute(_partition_ddl(*names[name]))
-        except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-            pass
-        except asyncpg.LockNotAvailableError:
-            return False
-    _known_hours.update(hours)
-    return True
-
-
-async def drop_expired(pool: asyncpg.Pool, retention_hours: int, now_ms: int) -> list[str]:
-    """Drop the partitions whose hour ended at or before `now_ms` − retention (whole
-    hours: no row is deleted); their names. A partition whose lock is not had within
-    DROP_LOCK_TIMEOUT (a long reader) is left for the next run. Logs nothing: the caller
-    does."""
-    cutoff = now_ms - retention_hours * HOUR_MS
-    rows = await pool.fetch(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = ANY($1::regclass[]) ORDER BY c.relname",
-        list(PARTITIONED),
-    )
-    dropped: list[str] = []
-    for row in rows:
-        match = _PARTITION_NAME.match(row["relname"])
-        if match is None or match["table"] not in PARTITIONED:
-            continue  # not one of ours
-        hour = _hour_of(match["hour"])
-        if hour + HOUR_MS > cutoff:
-            continue
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'")
-                await conn.execute(f"DROP TABLE IF EXISTS {row['relname']}")
-        except asyncpg.LockNotAvailableError:
-            continue
-        _known_hours.discard(hour)
-        dropped.append(row["relname"])
-    return dropped
-
-
-def _hour_of(digits: str) -> int:
-    """'2026120600' -> that hour's start in ms."""
-    moment = datetime.strptime(digits, "%Y%m%d%H").replace(tzinfo=UTC)
-    return int(moment.timestamp()) * 1000
 
 
 # --------------------------------------------------------------------------- seconds
@@ -377,22 +279,11 @@ async def write_seconds(
 ) -> None:
     """One flush, all or nothing, in one statement; safe to send again."""
     stamps = [bar.ts for batch in (trades, tickers, depths, features) for _, bar in batch]
-    if not stamps and not minutes:
+    times = {table: stamps for table in ONE_SECOND_TABLES} if stamps else {}  # the same hours in all four
+    if not times and not minutes:
         return
-    hours = {ts - ts % HOUR_MS for ts in stamps}
-    if hours:
-        await ensure_partitions(pool, hours)
-        ahead = max(hours) + HOUR_MS  # made before the rows that need it, if the lock comes soon
-        if ahead not in _known_hours:
-            await _make_partitions(pool, {ahead}, AHEAD_LOCK_TIMEOUT)
     params = write_params(trades, tickers, depths, features, minutes)
-    try:
-        await pool.execute(_WRITE_SQL, *params)
-    except asyncpg.CheckViolationError as error:
-        if "no partition" not in str(error):
-            raise
-        await _make_partitions(pool, hours)  # remembered, but gone: made again
-        await pool.execute(_WRITE_SQL, *params)
+    await partitions.write_through(pool, times, lambda: pool.execute(_WRITE_SQL, *params))
 
 
 async def newest_seconds(pool: asyncpg.Pool, symbols: Sequence[str]) -> dict[str, int]:

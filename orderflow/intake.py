@@ -12,8 +12,9 @@ exchange serves are marked unfillable in `trade_gaps_v4`, logged once.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
@@ -24,7 +25,7 @@ import core_io
 from binance.protocol import KlineUpdate
 from binance.rest import RestClient, RestError
 from candles import DAY_MS, bucket_start
-from infra import PG_DOWN_ERRORS, REDIS_DOWN_ERRORS, Outage, RateLimitedLog, log_system_event
+from infra import PG_DOWN_ERRORS, REDIS_DOWN_ERRORS, Outage, RateLimitedLog, env_number, log_system_event
 from orderflow import store
 from orderflow.chain import HIGHER, SymbolChain
 from orderflow.fold import AggTrade, BarFlow, fold
@@ -33,6 +34,7 @@ from orderflow.profile import ImbalanceRules
 from orderflow.render import FootprintRenderer
 from orderflow.rows import day_row, first_price_row
 from orderflow.tape import KlineCheck, Outcome, Tape, verify
+from storage.retention import drop_expired
 
 MODULE = "ORDERFLOW"
 M1_MS = 60_000
@@ -50,6 +52,12 @@ class OrderFlowSettings:
     refetch_concurrency: int = 2
     refetch_retry_s: float = 5.0
     stale_minute_ms: int = 90_000  # an open minute no close came for, this long after its end
+    retention_days: int = 30  # ORDERFLOW_RETENTION_DAYS; 0: kept forever
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OrderFlowSettings:
+        env = os.environ if env is None else env
+        return cls(retention_days=env_number(env, "ORDERFLOW_RETENTION_DAYS", 30, int, 0, 36_500))
 
 
 class OrderFlowIntake:
@@ -530,8 +538,24 @@ class OrderFlowIntake:
             self._publish(chain.offer(minute, None))
         return True
 
+    async def run_retention(self) -> None:
+        """Whole pieces of orderflow4 past ORDERFLOW_RETENTION_DAYS are dropped, never rows,
+        on the exchange's clock once it is known (a replay of older data keeps its days)."""
+        while self.settings.retention_days:
+            if self.now_ms():
+                try:
+                    dropped = await drop_expired(
+                        self.pool, ["orderflow4"], self.settings.retention_days * DAY_MS, self.now_ms()
+                    )
+                    if dropped:
+                        log_system_event("INFO", MODULE, f"retention dropped {len(dropped)} pieces", {"names": dropped})
+                except (OSError, asyncpg.PostgresError) as exc:
+                    log_system_event("WARNING", MODULE, f"retention not run: {exc!r}")
+            await asyncio.sleep(600 if self.now_ms() else 5)
+
     def workers(self) -> dict[str, Callable[[], object]]:
         return {
+            "ORDERFLOW_RETENTION": self.run_retention,
             "ORDERFLOW_WRITE": self.run_writer,
             "ORDERFLOW_PUBLISH": self.run_publisher,
             "ORDERFLOW_TICK": self.run_ticker,

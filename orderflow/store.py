@@ -16,6 +16,7 @@ from core_io import xadd_command
 from orderflow.fold import BarFlow
 from orderflow.output import FinalBar
 from orderflow.render import FootprintRenderer
+from storage import partitions
 
 ORDERFLOW_READY_STREAM = "orderflow_ready"
 
@@ -133,7 +134,9 @@ async def upsert_bars(pool: asyncpg.Pool, bars: Sequence[FinalBar]) -> None:
     statement (a pipelined executemany of 500 bars took 110-700 ms, its rows executed
     one by one, on a loop busy with trades)."""
     if bars:
-        await pool.execute(_UPSERT_SQL, *upsert_params([bar.record() for bar in bars]))
+        params = upsert_params([bar.record() for bar in bars])
+        times = {"orderflow4": [bar.bar.open_time for bar in bars]}
+        await partitions.write_through(pool, times, lambda: pool.execute(_UPSERT_SQL, *params))
 
 
 def publish_commands(

@@ -1,5 +1,7 @@
 """Brings a database to its storage mode: TimescaleDB created where the server loads it,
-and the growing tables made hypertables in place (their rows copied into chunks once).
+the growing tables made hypertables (their rows moved into chunks once) or, on plain
+PostgreSQL, the ones with a retention made natively partitioned; on the full edition,
+older chunks compressed by policy.
 
 Runs after the SQL migrations, at boot and in `migrate`, under the migrations' advisory
 lock, so two processes booting at once do it once. Every step is idempotent.
@@ -14,8 +16,11 @@ import asyncpg
 
 from infra import ConfigError, log_system_event
 from migrations import ADVISORY_LOCK_KEY
+from storage import partitions
+from storage.compression import compress_by_policy
+from storage.convert import hypertable_from_partitions, partition_in_place
 from storage.detect import read_facts
-from storage.layout import HYPERTABLES
+from storage.layout import TIME_TABLES, TimeTable
 from storage.modes import StorageMode, classify
 
 CHOICES = ("auto", "off")
@@ -30,36 +35,35 @@ def timescaledb_setting(env: Mapping[str, str]) -> str:
 
 
 async def apply_storage(pool: asyncpg.Pool, choice: str = "auto") -> StorageMode:
-    """The extension (when wanted and loadable) and the hypertables; returns the mode."""
+    """The extension (when wanted and loadable), the tables' pieces; returns the mode."""
     async with pool.acquire() as conn:
         facts = await read_facts(conn)
-        if choice == "off" or not (facts.installed or (facts.available and facts.preloaded)):
-            return classify(facts)
+        timescale = choice != "off" and (facts.installed or (facts.available and facts.preloaded))
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK_KEY)
-            if not facts.installed:
+            if timescale and not facts.installed:
                 try:
                     async with conn.transaction():
                         await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
                 except asyncpg.PostgresError as exc:  # e.g. not allowed to create it
                     log_system_event("WARNING", "STORAGE", f"TimescaleDB not created, tables stay plain: {exc}")
-                    return classify(facts)
-                log_system_event("INFO", "STORAGE", "created the timescaledb extension")
-            await _make_hypertables(conn)
-        return classify(await read_facts(conn))
+                    timescale = False
+                else:
+                    log_system_event("INFO", "STORAGE", "created the timescaledb extension")
+            for table in TIME_TABLES:
+                await _cut(conn, table, timescale)
+            mode = classify(await read_facts(conn))
+            if mode.full:
+                await compress_by_policy(conn)
+    partitions.forget(pool)
+    return mode
 
 
-async def _make_hypertables(conn: asyncpg.Connection) -> None:
-    done = {
-        r["hypertable_name"]
-        for r in await conn.fetch(
-            "SELECT hypertable_name FROM timescaledb_information.hypertables WHERE hypertable_schema = 'public'"
-        )
-    }
-    for table in HYPERTABLES:
-        if table.table in done:
-            continue
-        started = time.monotonic()
+async def _cut(conn: asyncpg.Connection, table: TimeTable, timescale: bool) -> None:
+    """One table to its mode's shape, if it is not there yet."""
+    kind = await partitions.table_kind(conn, table.table)
+    started = time.monotonic()
+    if timescale and kind == partitions.SINGLE:
         rows = await conn.fetchval(f"SELECT count(*) FROM {table.table}")
         await conn.execute(
             "SELECT create_hypertable($1::regclass, by_range($2::name, $3::text::interval), migrate_data => true)",
@@ -67,10 +71,18 @@ async def _make_hypertables(conn: asyncpg.Connection) -> None:
             table.time_column,
             table.chunk,
         )
-        log_system_event(
-            "INFO",
-            "STORAGE",
-            f"{table.table} is a hypertable now ({table.chunk} chunks; {rows} rows moved in "
-            f"{time.monotonic() - started:.2f} s)",
-            {"table": table.table, "rows": rows},
-        )
+        done = f"is a hypertable now ({table.chunk} chunks; {rows} rows moved"
+    elif timescale and kind == partitions.NATIVE:
+        rows = await hypertable_from_partitions(conn, table)
+        done = f"is a hypertable now, from native partitions ({table.chunk} chunks; {rows} rows copied"
+    elif not timescale and kind == partitions.SINGLE and table.partitioned_plain:
+        rows = await partition_in_place(conn, table)
+        done = f"is partitioned by {table.chunk} now ({rows} rows kept in place"
+    else:
+        return
+    log_system_event(
+        "INFO",
+        "STORAGE",
+        f"{table.table} {done} in {time.monotonic() - started:.2f} s)",
+        {"table": table.table, "rows": rows},
+    )

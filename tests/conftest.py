@@ -22,6 +22,7 @@ from servers import PostgresServer, RedisServer, drop_database, recreate_databas
 import core_io
 from infra import make_redis
 from migrations import apply_migrations
+from storage.setup import apply_storage
 
 TEST_DATABASE = f"feed_v4_test_{os.getpid()}"  # parallel runs never share one
 
@@ -66,17 +67,36 @@ def plain_redis_server() -> Iterator[RedisServer]:
     server.cleanup()
 
 
+# FEED_TEST_STORAGE picks the server of `pg_url` (and so the storage mode every test on it
+# runs in): `make test` runs the suites marked `storage_modes` once more per TimescaleDB
+# edition.
+STORAGE_SERVERS = {
+    "postgresql": "POSTGRES_URL",
+    "timescaledb-apache": "TIMESCALEDB_APACHE_URL",
+    "timescaledb-full": "TIMESCALEDB_URL",
+}
+
+
+def storage_server() -> str:
+    mode = os.environ.get("FEED_TEST_STORAGE", "postgresql")
+    if mode not in STORAGE_SERVERS:
+        raise pytest.UsageError(f"FEED_TEST_STORAGE={mode!r} is not one of {', '.join(STORAGE_SERVERS)}")
+    return setting(STORAGE_SERVERS[mode])
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh database on the PostgreSQL that `make services` found or started."""
-    yield asyncio.run(recreate_database(setting("POSTGRES_URL"), TEST_DATABASE))
-    asyncio.run(drop_database(setting("POSTGRES_URL"), TEST_DATABASE))
+    server = storage_server()
+    yield asyncio.run(recreate_database(server, TEST_DATABASE))
+    asyncio.run(drop_database(server, TEST_DATABASE))
 
 
 @pytest.fixture
 async def pool(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=6)
     await apply_migrations(pool)
+    await apply_storage(pool)  # the tables in their production shape (plain: partitions)
     await pool.execute(f"TRUNCATE {', '.join(DATA_TABLES)} RESTART IDENTITY CASCADE")
     yield pool
     await pool.close()

@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 import random
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import asyncpg
@@ -25,8 +26,11 @@ from book.vpin import Vpin
 from candles import datetime_to_ms, ms_to_datetime
 from core_io import execute_checked
 from orderflow.fold import UNIT, AggTrade, units_decimal
+from storage import partitions
+from storage.layout import HOUR_MS, ONE_SECOND_TABLES
+from storage.retention import drop_expired
 
-HOUR = store.HOUR_MS
+HOUR = HOUR_MS
 T0 = 1_721_347_200_000  # 2024-07-19 00:00 UTC
 
 Second = tuple[TradeSecond | None, TickerSecond | None, DepthSecond | None, Features | None]
@@ -163,12 +167,13 @@ async def test_migration_makes_the_section_14_views_over_hourly_partitioned_tabl
         "SELECT c.relname, p.partstrat::text, p.partdefid::int8, a.attname::text FROM pg_partitioned_table p "
         "JOIN pg_class c ON c.oid = p.partrelid "
         "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = p.partattrs[0] "
-        "ORDER BY c.relname"
+        "WHERE c.relname = ANY($1::text[]) ORDER BY c.relname",
+        list(ONE_SECOND_TABLES),
     )
     assert [tuple(r) for r in partitioned] == [
-        (table, "r", 0, "ts") for table in sorted(store.PARTITIONED)
+        (table, "r", 0, "ts") for table in sorted(ONE_SECOND_TABLES)
     ]  # by range on ts, no DEFAULT partition
-    for table in (*store.PARTITIONED, "book_m1_4"):
+    for table in (*ONE_SECOND_TABLES, "book_m1_4"):
         key = await pool.fetch(
             "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
             "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = $1::regclass AND i.indisprimary "
@@ -245,12 +250,12 @@ async def test_a_retried_flush_neither_fails_nor_duplicates(pool):
     lists = batch(seconds)
     minutes = rollup("BTCUSDT", seconds["BTCUSDT"])
     await store.write_seconds(pool, *lists, minutes)
-    counts = [await pool.fetchval(f"SELECT count(*) FROM {t}") for t in (*store.PARTITIONED, "book_m1_4")]
+    counts = [await pool.fetchval(f"SELECT count(*) FROM {t}") for t in (*ONE_SECOND_TABLES, "book_m1_4")]
     written = await pool.fetch("SELECT open_time, written_at FROM book_m1_4 ORDER BY open_time")
     await store.write_seconds(pool, *lists, minutes)  # the reply was lost: the same batch again
     more = batch({"BTCUSDT": simulate(T0 + 2 * HOUR + 90_000, 10, seed=4)})
     await store.write_seconds(pool, *(a + b for a, b in zip(lists, more)), minutes)  # and merged with the next
-    again = [await pool.fetchval(f"SELECT count(*) FROM {t}") for t in (*store.PARTITIONED, "book_m1_4")]
+    again = [await pool.fetchval(f"SELECT count(*) FROM {t}") for t in (*ONE_SECOND_TABLES, "book_m1_4")]
     assert again == [n + len(new) for n, new in zip(counts, more)] + [counts[-1]]
     assert await pool.fetch("SELECT open_time, written_at FROM book_m1_4 ORDER BY open_time") == written
 
@@ -277,7 +282,7 @@ async def _partitions(pool) -> set[str]:
     rows = await pool.fetch(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
         "WHERE i.inhparent = ANY($1::regclass[])",
-        list(store.PARTITIONED),
+        list(ONE_SECOND_TABLES),
     )
     return {r["relname"] for r in rows}
 
@@ -288,23 +293,26 @@ async def test_partitions_are_made_on_demand_for_every_hour_a_batch_spans(pool):
     await store.write_seconds(pool, *batch({"BTCUSDT": parts[0] + parts[1]}), [])
     names = await _partitions(pool)
     for hour in (10, 13, 14):  # the batch's hours and the one after its newest
-        for table in store.PARTITIONED:
+        for table in ONE_SECOND_TABLES:
             assert f"{table}_p20240719{hour:02d}" in names
     assert not any(n.endswith(("p2024071911", "p2024071912")) for n in names)  # none for hours without rows
-    assert store.partition_name("trades_1s4", base + 123) == "trades_1s4_p2024071910"
+    assert partitions.partition_name("trades_1s4", base + 123) == "trades_1s4_p2024071910"
     routed = await pool.fetch("SELECT tableoid::regclass::text AS part, ts FROM trades_1s4 ORDER BY ts")
-    assert all(r["part"] == store.partition_name("trades_1s4", datetime_to_ms(r["ts"])) for r in routed)
+    assert all(r["part"] == partitions.partition_name("trades_1s4", datetime_to_ms(r["ts"])) for r in routed)
 
 
 async def test_processes_racing_to_make_a_partition_both_succeed(pool):
     hour = T0 + 20 * HOUR
-    await asyncio.gather(*(store._make_partitions(pool, {hour}) for _ in range(5)))
-    assert {store.partition_name(t, hour) for t in store.PARTITIONED} <= await _partitions(pool)
+    await asyncio.gather(
+        *(partitions.ensure(pool, t, [hour], ahead=False) for t in ONE_SECOND_TABLES for _ in range(5))
+    )
+    assert {partitions.partition_name(t, hour) for t in ONE_SECOND_TABLES} <= await _partitions(pool)
 
 
 async def test_the_next_hour_is_made_ahead_unless_a_long_reader_holds_the_table(pool, pg_url):
     hour = T0 + 60 * HOUR
-    await store.ensure_partitions(pool, [hour])
+    for table in ONE_SECOND_TABLES:
+        await partitions.ensure(pool, table, [hour], ahead=False)
     reader = await asyncpg.connect(pg_url)
     try:
         async with reader.transaction():
@@ -312,11 +320,16 @@ async def test_the_next_hour_is_made_ahead_unless_a_long_reader_holds_the_table(
             began = asyncio.get_running_loop().time()
             await store.write_seconds(pool, *batch({"BTCUSDT": simulate(hour, 2, seed=31)}), [])
             assert asyncio.get_running_loop().time() - began < 2  # the flush went on without it
-            assert store.partition_name("trades_1s4", hour + HOUR) not in await _partitions(pool)
+            assert partitions.partition_name("trades_1s4", hour + HOUR) not in await _partitions(pool)
     finally:
         await reader.close()
     await store.write_seconds(pool, *batch({"BTCUSDT": simulate(hour + 2000, 2, seed=32)}), [])
-    assert store.partition_name("trades_1s4", hour + HOUR) in await _partitions(pool)
+    assert partitions.partition_name("trades_1s4", hour + HOUR) in await _partitions(pool)
+
+
+def _hour_of(partition: str) -> int:
+    """'trades_1s4_p2026120600' -> that hour's start in ms."""
+    return datetime_to_ms(datetime.strptime(partition[-10:], "%Y%m%d%H").replace(tzinfo=UTC))
 
 
 async def test_drop_expired_drops_only_whole_old_hours_and_the_views_go_on(pool):
@@ -324,16 +337,16 @@ async def test_drop_expired_drops_only_whole_old_hours_and_the_views_go_on(pool)
     hours = [base + k * HOUR for k in range(5)]
     await store.write_seconds(pool, *batch({"BTCUSDT": [s for h in hours for s in simulate(h, 3, seed=h)]}), [])
     now = hours[4] + 1_800_000  # 30 min into the last hour
-    dropped = await store.drop_expired(pool, retention_hours=2, now_ms=now)  # keeps what ended after hours[2]
-    expired = {store.partition_name(t, h) for t in store.PARTITIONED for h in hours[:2]}
-    assert expired <= set(dropped) and dropped == sorted(dropped)
-    assert all(store._hour_of(n[-10:]) + HOUR <= now - 2 * HOUR for n in dropped)
+    dropped = await drop_expired(pool, ONE_SECOND_TABLES, 2 * HOUR, now)  # keeps what ended after hours[2]
+    expired = {partitions.partition_name(t, h) for t in ONE_SECOND_TABLES for h in hours[:2]}
+    assert expired <= set(dropped)
+    assert all(_hour_of(n) + HOUR <= now - 2 * HOUR for n in dropped)
     left = await _partitions(pool)
-    assert not expired & left and {store.partition_name("depth_1s4", h) for h in hours[2:]} <= left
+    assert not expired & left and {partitions.partition_name("depth_1s4", h) for h in hours[2:]} <= left
     for view in SECTION_14_VIEWS:
         stamps = [datetime_to_ms(r["ts"]) for r in await pool.fetch(f"SELECT ts FROM {view}")]
         assert stamps and min(stamps) >= hours[2], view
-    assert await store.drop_expired(pool, retention_hours=2, now_ms=now) == []
+    assert await drop_expired(pool, ONE_SECOND_TABLES, 2 * HOUR, now) == []
     # A late batch for a dropped hour makes its partition again rather than failing.
     await store.write_seconds(pool, *batch({"BTCUSDT": simulate(hours[0], 2, seed=9)}), [])
     assert await pool.fetchval("SELECT count(*) FROM features_1s_v4 WHERE ts < $1", ms_to_datetime(hours[1])) == 2
@@ -343,8 +356,8 @@ async def test_a_partition_gone_behind_the_cache_is_made_again(pool):
     hour = T0 + 40 * HOUR
     seconds = simulate(hour, 2, seed=7)
     await store.write_seconds(pool, *batch({"BTCUSDT": seconds}), [])
-    for table in store.PARTITIONED:  # dropped by another process: this one still remembers the hour
-        await pool.execute(f"DROP TABLE {store.partition_name(table, hour)}")
+    for table in ONE_SECOND_TABLES:  # dropped by another process: this one still remembers the hour
+        await pool.execute(f"DROP TABLE {partitions.partition_name(table, hour)}")
     await store.write_seconds(pool, *batch({"BTCUSDT": seconds}), [])
     assert await pool.fetchval("SELECT count(*) FROM features_1s_v4 WHERE ts >= $1", ms_to_datetime(hour)) == 2
 

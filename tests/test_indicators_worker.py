@@ -334,15 +334,19 @@ async def test_bad_config_is_skipped_pandas_ta_runs_aside_and_new_instances_join
         await running.crash()
 
 
-async def test_old_values_are_pruned_in_batches_counted_from_the_newest_bar(pool):
+async def test_old_values_are_dropped_by_whole_pieces_counted_from_the_newest_bar(pool):
     m1 = list(islice(read_archive(SYMBOL), 1))
     await core_io.upsert_candles(pool, m1)
     newest = m1[0].open_time
     day = 86_400_000
-    times = [newest - 20 * day, newest - 15 * day, newest - 13 * day, newest]
-    await core_io.upsert_indicator_rows(pool, [1] * 4, [SYMBOL] * 4, times, ["EMA_9"] * 4, [1.0, 2.0, 3.0, 4.0])
-    assert await core_io.prune_indicator_values(pool, 14 * day, batch=1) == 1
-    assert await core_io.prune_indicator_values(pool, 14 * day, batch=10) == 1
-    assert await core_io.prune_indicator_values(pool, 14 * day, batch=10) == 0
+    hour = 3_600_000
+    keep = 14 * day - 3 * hour  # the cut-off 3 hours into a 6-hour piece
+    times = [newest - 20 * day, newest - 15 * day, newest - 14 * day - 1, newest - 14 * day + hour, newest]
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    await core_io.upsert_indicator_rows(pool, [1] * 5, [SYMBOL] * 5, times, ["EMA_9"] * 5, values)
+    dropped = await core_io.prune_indicator_values(pool, keep)
+    assert len(dropped) == 3 and all(name.startswith("indicator_values_v4_p") for name in dropped)
+    assert await core_io.prune_indicator_values(pool, keep) == []
     left = await pool.fetch("SELECT value FROM indicator_values_v4 ORDER BY open_time")
-    assert [r["value"] for r in left] == [3.0, 4.0]
+    # 4.0 is older than the cut-off but in the piece across it: kept whole, no row DELETE
+    assert [r["value"] for r in left] == [4.0, 5.0]

@@ -14,7 +14,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 import core_io
-from book.store import _make_partitions, book_document, features_key
+from book.store import book_document, features_key
 from candle_stores import make_candle_store
 from candles import Candle
 from infra import make_redis
@@ -23,6 +23,7 @@ from orderflow.output import CvdChain, FinalBar
 from orderflow.profile import ImbalanceRules
 from orderflow.render import FootprintRenderer
 from orderflow.store import footprint_key, upsert_bars
+from storage import partitions
 from web.app import ReadApi, WebSettings
 
 TOKEN = "test-token-0123456789abcdef"
@@ -109,7 +110,8 @@ async def seed(pool: asyncpg.Pool, redis: Redis) -> dict:
     await redis.set(f"book:{SYMBOL}", orjson.dumps(book))
     second0 = T0 + 10 * M1
     # Made whatever this process remembers: other tests drop partitions behind its memo.
-    await _make_partitions(pool, {second0 // 3_600_000 * 3_600_000})
+    partitions.forget(pool, "features_1s4")
+    await partitions.ensure(pool, "features_1s4", [second0], ahead=False)
     await pool.executemany(
         "INSERT INTO features_1s4 (symbol, ts, microprice, i1) VALUES ($1, to_timestamp($2 / 1000.0), $3, $4)",
         [(SYMBOL, second0 + s * 1000, 65000.0 + s, 0.1 * s) for s in range(10)],
