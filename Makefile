@@ -22,9 +22,14 @@ browser: setup
 services:
 	scripts/services.sh
 
-# Run the test suite against the local services.
+# Run the test suite against the local services (plain PostgreSQL), then the suites
+# marked storage_modes again on each TimescaleDB edition (skipped with FEED_TIMESCALEDB=off).
+STORAGE_MODES ?= timescaledb-apache timescaledb-full
 test: setup services browser
 	$(ENV) $(VENV)/python -m pytest $(PYTEST_ARGS)
+	$(ENV) if [ -z "$${TIMESCALEDB_URL:-}" ]; then echo "no TimescaleDB (FEED_TIMESCALEDB=off): storage modes not run"; \
+	else for mode in $(STORAGE_MODES); do echo "== storage mode $$mode"; \
+	FEED_TEST_STORAGE=$$mode $(VENV)/python -m pytest -m storage_modes $(PYTEST_ARGS); done; fi
 
 # Static checks.
 lint: setup

@@ -25,6 +25,8 @@ from infra import system_event_log
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
 from tests.test_indicators_worker import Running
 
+pytestmark = pytest.mark.storage_modes  # run again on each TimescaleDB edition by `make test`
+
 FIRST, LAST = date(2026, 2, 1), date(2026, 2, 3)
 PAIR = SYMBOLS[:2]
 DAY_MS = 86_400_000

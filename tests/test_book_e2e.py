@@ -20,6 +20,8 @@ from fake_exchange import ArchiveSource, FakeExchange
 from fake_exchange.book import BookConfig
 from orderflow.fold import UNIT, to_units
 
+pytestmark = pytest.mark.storage_modes  # run again on each TimescaleDB edition by `make test`
+
 SYMBOLS = ["LINKUSDT", "NEARUSDT", "DOTUSDT"]
 SECOND = 1_000
 

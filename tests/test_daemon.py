@@ -171,6 +171,7 @@ async def test_sigterm_in_the_middle_of_a_burst_loses_nothing(pool, redis, redis
         await exchange.stop()
 
 
+@pytest.mark.storage_modes
 @pytest.mark.timeout(480)
 async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url, pg_url):
     day = 24 * 60

@@ -46,6 +46,7 @@ async def private_pg() -> AsyncIterator[tuple[PostgresServer, str, asyncpg.Pool]
         server.cleanup()
 
 
+@pytest.mark.storage_modes
 @pytest.mark.timeout(300)
 async def test_redis_flushall_then_restart(pool, redis, redis_stack_server, redis_url, pg_url):
     async with fault_run("redis-flush-restart", pool, redis, redis_url, pg_url, minutes=240) as run:

@@ -83,6 +83,7 @@ def report(run: FaultRun, **extra: object) -> None:
 KILLS = 5
 
 
+@pytest.mark.storage_modes
 @pytest.mark.timeout(240)
 async def test_kill_9_at_five_random_moments_then_restart(pool, redis, redis_url, pg_url):
     rng = random.Random(2026)

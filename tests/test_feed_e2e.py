@@ -28,6 +28,7 @@ from fake_exchange import ArchiveSource, FakeExchange
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
 
 
+@pytest.mark.storage_modes
 @pytest.mark.timeout(300)
 async def test_replay_with_every_fault_and_a_kill_loses_nothing(pool, redis, redis_url, pg_url):
     hours = 3

@@ -22,6 +22,8 @@ from orderflow.profile import ImbalanceRules
 from orderflow.rows import TF_ROW_MULTIPLE
 from orderflow.store import ORDERFLOW_COLUMNS
 
+pytestmark = pytest.mark.storage_modes  # run again on each TimescaleDB edition by `make test`
+
 SYMBOLS = ["LINKUSDT", "NEARUSDT", "ALGOUSDT"]
 
 
