@@ -795,6 +795,8 @@ class Feed:
             flow.to_publish and not flow.redis_outage.active
         ):
             await asyncio.sleep(0.01)
+        if flow.raw is not None:
+            await flow.raw.drain()
         if self.prices:
             prices, self.prices = self.prices, {}
             await core_io.set_mark_prices(self.redis, prices)

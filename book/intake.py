@@ -13,7 +13,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -42,6 +42,7 @@ from book.symbol import Kind, Second, SymbolSeconds
 from infra import Outage, RateLimitedLog, env_number, log_system_event
 from orderflow.fold import UNIT, AggTrade
 from storage.layout import HOUR_MS, ONE_SECOND_TABLES
+from storage.raw import BOOK_TICKERS, RawSettings, RawWriter
 from storage.retention import drop_expired
 
 MODULE = "BOOK"
@@ -65,6 +66,7 @@ class BookSettings:
     volatility_window: int = 60  # VOLATILITY_WINDOW_S: one-second returns
     snapshot_concurrency: int = 2
     write_every_s: float = 1.0
+    raw: RawSettings = field(default_factory=RawSettings)  # RAW_BOOK_TICKERS: every update in book_tickers4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BookSettings:
@@ -78,6 +80,7 @@ class BookSettings:
             vpin_buckets_per_day=env_number(env, "VPIN_BUCKETS", 50, int, 1, 100_000),
             vpin_window=env_number(env, "VPIN_WINDOW", 50, int, 1, 10_000),
             volatility_window=env_number(env, "VOLATILITY_WINDOW_S", 60, int, 2, 86_400),
+            raw=RawSettings.from_env(env),
         )
 
 
@@ -126,6 +129,7 @@ class BookIntake:
         self.pg_outage = Outage(MODULE, "PostgreSQL")
         self.redis_outage = Outage(MODULE, "Redis")
         self.stats = {"frames": 0, "ticks": 0, "diffs": 0, "trades": 0, "seconds": 0, "snapshots": 0, "bad": 0}
+        self.raw = RawWriter(pool, BOOK_TICKERS, settings.raw) if settings.raw.book_tickers else None
         # Benches: (symbol, second, time.time() when the frame that finished it came, when it was in Redis).
         self.published: list[tuple[str, int, float, float]] | None = None
         self.finished_at: dict[tuple[str, int], float] = {}
@@ -154,6 +158,8 @@ class BookIntake:
             try:
                 if isinstance(event, BookTick):
                     self.stats["ticks"] += 1
+                    if self.raw is not None:
+                        self.raw.add((symbol, event.event_ms, *event[:5]))  # storage.raw.BOOK_TICKERS's order
                     state.on_tick(event)
                 else:
                     self.stats["diffs"] += 1
@@ -490,6 +496,9 @@ class BookIntake:
                     dropped = await drop_expired(
                         self.pool, ONE_SECOND_TABLES, self.settings.retention_h * HOUR_MS, self.clock_ms
                     )
+                    dropped += await drop_expired(
+                        self.pool, ["book_tickers4"], self.settings.raw.retention_h * HOUR_MS, self.clock_ms
+                    )
                     if dropped:
                         log_system_event(
                             "INFO", MODULE, f"retention dropped {len(dropped)} partitions", {"names": dropped}
@@ -507,6 +516,8 @@ class BookIntake:
         self.minutes_to_write += [row for rollup in self.rollups.values() if (row := rollup.flush()) is not None]
         if self.minutes_to_write and not self.pg_outage.active:
             await self._write_due(Backoff(0.2, 1.0))
+        if self.raw is not None:
+            await self.raw.drain()
 
     def workers(self) -> dict[str, Callable[[], Any]]:
         return {
@@ -517,4 +528,4 @@ class BookIntake:
             "BOOK_FILTER": self.run_depth_filter,
             "BOOK_WRITE": self.run_writer,
             "BOOK_RETENTION": self.run_retention,
-        }
+        } | ({"BOOK_RAW": self.raw.run} if self.raw is not None else {})

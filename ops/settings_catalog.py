@@ -60,6 +60,10 @@ _ROWS: list[tuple[str, str, str, str]] = [
     ("feed", "FRAME_TIME_TOLERANCE_S", "3600", "a frame this far ahead of the exchange clock is held"),
     ("feed", "ORDERFLOW", "on", "off: no aggTrades, no order flow"),
     ("feed", "ORDERFLOW_RETENTION_DAYS", "30", "order flow and footprints kept (0: forever)"),
+    ("feed", "RAW_TRADES", "off", "on: every aggTrade also kept in agg_trades4"),
+    ("book", "RAW_BOOK_TICKERS", "off", "on: every bookTicker update also kept in book_tickers4"),
+    ("feed", "RAW_RETENTION_H", "24", "hours of raw aggTrades and bookTicker updates kept"),
+    ("feed", "RAW_BUFFER_MAX_ROWS", "1000000", "raw rows held per table while PostgreSQL is away"),
     ("feed", "WATCHDOG_STALE_S", "180", "no closed kline stored this long: exit 3 (0: off)"),
     ("book", "BOOK", "on", "off: no book streams"),
     ("book", "BOOK_RANGE_PCT", "1", "depth filter: levels within +- this % of the mid"),
@@ -165,5 +169,5 @@ PREFIXES = (
     "SYMBOL", "REDIS_", "POSTGRES", "PG_", "DATABASE", "WEB_", "BOOK", "INDICATOR", "SIGNAL", "FEED_", "WS_",
     "REST_", "TELEGRAM_", "BINANCE_", "ALERT_", "HEARTBEAT_", "WATCHDOG_", "STATUS_", "RETENTION_", "METRICS_",
     "LOG_", "DEMO_", "GAP_", "VPIN_", "ORDERFLOW", "EXCHANGE_", "STREAM", "SYSTEM_LOG", "TRADE_", "FEATURES_",
-    "SHUTDOWN_", "WORKER_", "BOOT_", "DEBUG", "INITIAL_", "RECONCILE_", "FRAME_", "TICKER", "VOLATILITY_",
+    "SHUTDOWN_", "WORKER_", "BOOT_", "DEBUG", "INITIAL_", "RECONCILE_", "FRAME_", "TICKER", "VOLATILITY_", "RAW_",
 )  # fmt: skip

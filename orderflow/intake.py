@@ -15,7 +15,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 
 import asyncpg
@@ -34,6 +34,7 @@ from orderflow.profile import ImbalanceRules
 from orderflow.render import FootprintRenderer
 from orderflow.rows import day_row, first_price_row
 from orderflow.tape import KlineCheck, Outcome, Tape, verify
+from storage.raw import AGG_TRADES, RawSettings, RawWriter
 from storage.retention import drop_expired
 
 MODULE = "ORDERFLOW"
@@ -53,11 +54,15 @@ class OrderFlowSettings:
     refetch_retry_s: float = 5.0
     stale_minute_ms: int = 90_000  # an open minute no close came for, this long after its end
     retention_days: int = 30  # ORDERFLOW_RETENTION_DAYS; 0: kept forever
+    raw: RawSettings = field(default_factory=RawSettings)  # RAW_TRADES: every aggTrade kept in agg_trades4 too
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrderFlowSettings:
         env = os.environ if env is None else env
-        return cls(retention_days=env_number(env, "ORDERFLOW_RETENTION_DAYS", 30, int, 0, 36_500))
+        return cls(
+            retention_days=env_number(env, "ORDERFLOW_RETENTION_DAYS", 30, int, 0, 36_500),
+            raw=RawSettings.from_env(env),
+        )
 
 
 class OrderFlowIntake:
@@ -100,6 +105,7 @@ class OrderFlowIntake:
         self.redis_outage = Outage(MODULE, "Redis")
         self.errors = RateLimitedLog(MODULE)
         self.renderer = FootprintRenderer()
+        self.raw = RawWriter(pool, AGG_TRADES, self.settings.raw) if self.settings.raw.trades else None
 
     # ----------------------------------------------------------------- frames (synchronous)
 
@@ -109,6 +115,8 @@ class OrderFlowIntake:
             return
         if self.trade_listener is not None:
             self.trade_listener(symbol, trade)
+        if self.raw is not None:
+            self.raw.add(raw_trade(symbol, trade))
         self.stats["trades"] += 1
         try:
             tape.add(trade)
@@ -210,7 +218,7 @@ class OrderFlowIntake:
             if record is None:
                 continue
             next_minute = core_io.datetime_to_ms(record["open_time"]) + M1_MS
-            chains = {tf: _cvd_of(newest.get((symbol, tf))) for tf in ("m1", *HIGHER)}
+            chains = {tf: CvdChain.after(newest.get((symbol, tf))) for tf in ("m1", *HIGHER)}
             parts: dict[str, list[BarFlow] | None] = {}
             for tf in HIGHER:  # the stored minutes of the forming buckets, if all are there
                 start = bucket_start(next_minute, tf)
@@ -493,6 +501,8 @@ class OrderFlowIntake:
             raise
         by_minute: dict[int, list[AggTrade]] = {}
         for trade in trades:
+            if self.raw is not None:
+                self.raw.add(raw_trade(symbol, trade))
             by_minute.setdefault(trade.time_ms - trade.time_ms % M1_MS, []).append(trade)
         settled, filled = True, []
         for minute in wanted:
@@ -539,14 +549,18 @@ class OrderFlowIntake:
         return True
 
     async def run_retention(self) -> None:
-        """Whole pieces of orderflow4 past ORDERFLOW_RETENTION_DAYS are dropped, never rows,
-        on the exchange's clock once it is known (a replay of older data keeps its days)."""
-        while self.settings.retention_days:
+        """Whole pieces of orderflow4 past ORDERFLOW_RETENTION_DAYS (0: none) and of the raw
+        trades past RAW_RETENTION_H are dropped, never rows, on the exchange's clock once it
+        is known (a replay of older data keeps its days)."""
+        kept = {"agg_trades4": self.settings.raw.retention_h * 3_600_000}
+        if self.settings.retention_days:
+            kept["orderflow4"] = self.settings.retention_days * DAY_MS
+        while True:
             if self.now_ms():
                 try:
-                    dropped = await drop_expired(
-                        self.pool, ["orderflow4"], self.settings.retention_days * DAY_MS, self.now_ms()
-                    )
+                    dropped = []
+                    for table, keep_ms in kept.items():
+                        dropped += await drop_expired(self.pool, [table], keep_ms, self.now_ms())
                     if dropped:
                         log_system_event("INFO", MODULE, f"retention dropped {len(dropped)} pieces", {"names": dropped})
                 except (OSError, asyncpg.PostgresError) as exc:
@@ -560,11 +574,18 @@ class OrderFlowIntake:
             "ORDERFLOW_PUBLISH": self.run_publisher,
             "ORDERFLOW_TICK": self.run_ticker,
             "ORDERFLOW_REFETCH": self.run_refetcher,
-        }
+        } | ({"ORDERFLOW_RAW": self.raw.run} if self.raw is not None else {})
 
 
-def _cvd_of(record) -> CvdChain:
-    if record is None:
-        return CvdChain()
-    open_time = core_io.datetime_to_ms(record["open_time"])
-    return CvdChain(int(record["cvd"]), int(record["cvd_day"]), open_time - open_time % DAY_MS)
+def raw_trade(symbol: str, trade: AggTrade) -> tuple:
+    """A row of agg_trades4, in storage.raw.AGG_TRADES's column order."""
+    return (
+        symbol,
+        trade.time_ms,
+        trade.agg_id,
+        trade.price,
+        trade.qty,
+        trade.first_trade_id,
+        trade.last_trade_id,
+        trade.buyer_maker,
+    )

@@ -43,6 +43,16 @@ cluster() {  # cluster DIR PORT LICENSE: a trust-auth cluster loading TimescaleD
             "unix_socket_directories = '/tmp'" "shared_buffers = 64MB" "max_connections = 60" \
             | as_pg_owner tee -a "$dir/postgresql.conf" >/dev/null
     fi
+    # The job scheduler (compression, continuous aggregate policies) needs a background
+    # worker per running job besides the launcher: with PostgreSQL's default of 8 worker
+    # processes and TimescaleDB's 16 background workers, jobs failed to start.
+    if ! grep -q '^max_worker_processes' "$dir/postgresql.conf"; then
+        printf '%s\n' "max_worker_processes = 16" "timescaledb.max_background_workers = 8" \
+            | as_pg_owner tee -a "$dir/postgresql.conf" >/dev/null
+        if "$BINDIR/pg_isready" -q -h 127.0.0.1 -p "$port"; then
+            as_pg_owner "$BINDIR/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
+        fi
+    fi
     if ! "$BINDIR/pg_isready" -q -h 127.0.0.1 -p "$port"; then
         touch "$dir.log" && { ! is_root || chown postgres: "$dir.log"; }
         say "starting TimescaleDB ($license) on 127.0.0.1:$port"

@@ -34,6 +34,8 @@ COMPRESSED: tuple[Compression, ...] = (
     Compression("book_ticker_1s4", "symbol", "ts DESC", "3 hours"),
     Compression("depth_1s4", "symbol", "ts DESC", "3 hours"),
     Compression("features_1s4", "symbol", "ts DESC", "3 hours"),
+    Compression("agg_trades4", "symbol", "agg_id DESC", "3 hours"),
+    Compression("book_tickers4", "symbol", "update_id DESC", "3 hours"),
 )
 
 

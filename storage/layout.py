@@ -50,6 +50,8 @@ TIME_TABLES: tuple[TimeTable, ...] = (
     TimeTable("book_ticker_1s4", "ts", HOUR_MS, True, "as trades_1s4"),
     TimeTable("depth_1s4", "ts", HOUR_MS, True, "as trades_1s4"),
     TimeTable("features_1s4", "ts", HOUR_MS, True, "as trades_1s4"),
+    TimeTable("agg_trades4", "ts", HOUR_MS, True, "raw aggTrades (optional): ~10 M rows an hour for the market"),
+    TimeTable("book_tickers4", "ts", HOUR_MS, True, "raw bookTicker updates (optional): 10-100x the trades"),
 )
 BY_NAME = {t.table: t for t in TIME_TABLES}
 ONE_SECOND_TABLES = ("trades_1s4", "book_ticker_1s4", "depth_1s4", "features_1s4")

@@ -17,6 +17,7 @@ import asyncpg
 from infra import ConfigError, log_system_event
 from migrations import ADVISORY_LOCK_KEY
 from storage import partitions
+from storage.aggregates import make_rollups
 from storage.compression import compress_by_policy
 from storage.convert import hypertable_from_partitions, partition_in_place
 from storage.detect import read_facts
@@ -55,6 +56,8 @@ async def apply_storage(pool: asyncpg.Pool, choice: str = "auto") -> StorageMode
             mode = classify(await read_facts(conn))
             if mode.full:
                 await compress_by_policy(conn)
+            for name in await make_rollups(conn, mode.full):
+                log_system_event("INFO", "STORAGE", f"{name} made ({'continuous aggregate' if mode.full else 'view'})")
     partitions.forget(pool)
     return mode
 

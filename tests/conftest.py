@@ -39,6 +39,8 @@ DATA_TABLES = (
     "book_ticker_1s4",
     "depth_1s4",
     "features_1s4",
+    "agg_trades4",
+    "book_tickers4",
     "book_m1_4",
     "indicator_values_v4",
     "missing_m1_log_v4",
