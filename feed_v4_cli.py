@@ -127,7 +127,9 @@ def parser() -> argparse.ArgumentParser:
         default="https://data.binance.vision",
         help="the archive's base URL or a folder laid out the same way (default: %(default)s)",
     )
-    importer.add_argument("--kind", choices=("klines",), default="klines", help="what to import (default: klines)")
+    importer.add_argument(
+        "--kind", choices=("klines", "aggTrades"), default="klines", help="what to import (default: klines)"
+    )
     commands.add_parser(
         "web",
         help="serve the read API and chart page",

@@ -33,11 +33,23 @@ from redis.asyncio import Redis
 
 import core_io
 from aggregation import AGGREGATED_TFS, affected_buckets, bucket_minutes
-from archive.files import KINDS, ArchiveError, csv_rows, daily_path, days, file_name, kline_candles, verify
+from archive.files import (
+    KINDS,
+    ArchiveError,
+    csv_rows,
+    daily_path,
+    day_start_ms,
+    days,
+    file_name,
+    kline_candles,
+    verify,
+)
 from archive.progress import ImportProgress
+from archive.trades import refresh_rollups, store_trades
 from candles import TF_MS, Candle, datetime_to_ms, ms_to_datetime
 from feed_and_aggregate import build_buckets
 from infra import log_system_event
+from orderflow.history import rebuild_days
 
 log = logging.getLogger("IMPORT")
 
@@ -138,50 +150,66 @@ class Importer:
     async def run(
         self, kind: str, symbols: Sequence[str], first: date, last: date, progress: ImportProgress | None = None
     ) -> list[FileOutcome]:
-        if kind != "klines":
-            raise ValueError(f"importing {kind!r} is not built yet: klines only ({', '.join(KINDS)} are archived)")
+        if kind not in KINDS:
+            raise ValueError(f"unknown archive kind {kind!r}: one of {', '.join(KINDS)}")
         outcomes: list[FileOutcome] = []
         for symbol in symbols:
             told = Announcements()
+            traded: list[date] = []
             for day in days(first, last):
-                outcome = await self.import_file(symbol, day, told)
+                if kind == "klines":
+                    outcome = await self.import_file(symbol, day, told)
+                else:
+                    outcome = await self.import_trades(symbol, day)
+                    if outcome.status == "imported":
+                        traded.append(day)
                 outcomes.append(outcome)
                 if progress is not None:
                     progress.file_done(outcome.rows, outcome.size)
             await self.announce(symbol, told)
+            for run in contiguous(traded):
+                await self.rebuild_order_flow(symbol, run)
         if any(o.status == "imported" for o in outcomes):
             # Fresh planner statistics after a bulk load: without them the newest 1,000 M1
             # of a symbol were read by a sequential scan (25 ms, not 1 ms, after a month).
-            await self.pool.execute("ANALYZE ohlcv4_m1, ohlcv4_m5, ohlcv4_m15")
+            tables = "ohlcv4_m1, ohlcv4_m5, ohlcv4_m15" if kind == "klines" else "agg_trades4"
+            await self.pool.execute(f"ANALYZE {tables}")
         return outcomes
+
+    async def fetch_verified(self, kind: str, symbol: str, day: date) -> tuple[bytes, str] | FileOutcome:
+        """The file and its sha256, checked against its `.CHECKSUM`; or why there is nothing
+        to do (absent, skipped: the same sha256 is in already). ArchiveError: not usable."""
+        path = daily_path(kind, symbol, day)
+        name = file_name(kind, symbol, day)
+        checksum = await self.reader.read(path + ".CHECKSUM")
+        if checksum is None:
+            if await self.reader.read(path) is None:
+                return FileOutcome(symbol, day, "absent")
+            raise ArchiveError(f"{name} has no .CHECKSUM: not verified, not imported")
+        checksum_text = checksum.decode("ascii", "replace")
+        expected = checksum_text.split()[0:1]
+        done = await self.pool.fetchval(
+            "SELECT sha256 FROM archive_imports_v4 WHERE kind = $1 AND symbol = $2 AND day = $3", kind, symbol, day
+        )
+        if expected and done == expected[0].lower():
+            return FileOutcome(symbol, day, "skipped")
+        data = await self.reader.read(path)
+        if data is None:
+            raise ArchiveError(f"{name}: its .CHECKSUM is there but the file is not")
+        return data, verify(data, checksum_text, name)
 
     async def import_file(self, symbol: str, day: date, told: Announcements) -> FileOutcome:
         """One daily klines file; every failure is this file's alone."""
-        path = daily_path("klines", symbol, day)
         name = file_name("klines", symbol, day)
         try:
-            checksum = await self.reader.read(path + ".CHECKSUM")
-            if checksum is None:
-                if await self.reader.read(path) is None:
-                    return FileOutcome(symbol, day, "absent")
-                raise ArchiveError(f"{name} has no .CHECKSUM: not verified, not imported")
-            checksum_text = checksum.decode("ascii", "replace")
-            expected = checksum_text.split()[0:1]
-            done = await self.pool.fetchval(
-                "SELECT sha256 FROM archive_imports_v4 WHERE kind = 'klines' AND symbol = $1 AND day = $2", symbol, day
-            )
-            if expected and done == expected[0].lower():
-                return FileOutcome(symbol, day, "skipped")
-            data = await self.reader.read(path)
-            if data is None:
-                raise ArchiveError(f"{name}: its .CHECKSUM is there but the file is not")
-            digest = verify(data, checksum_text, name)
+            fetched = await self.fetch_verified("klines", symbol, day)
+            if isinstance(fetched, FileOutcome):
+                return fetched
+            data, digest = fetched
             rejected: list[str] = []
             candles = kline_candles(symbol, day, csv_rows(data, name), rejected)
         except (ArchiveError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-            reason = str(exc) if isinstance(exc, ArchiveError) else f"{name}: {exc!r}"
-            log_system_event("ERROR", MODULE, f"not imported: {reason}", {"symbol": symbol, "day": str(day)})
-            return FileOutcome(symbol, day, "failed", reason=reason)
+            return _failed(symbol, day, name, exc)
         if rejected:
             log_system_event(
                 "WARNING",
@@ -201,6 +229,41 @@ class Importer:
         count = len(changed) + len(changed_buckets)
         await self.pool.execute(_RECORD_SQL, "klines", symbol, day, digest, len(candles), len(rejected), count)
         return FileOutcome(symbol, day, "imported", len(candles), len(rejected), count, len(data))
+
+    async def import_trades(self, symbol: str, day: date) -> FileOutcome:
+        """One daily aggTrades file into the raw trades (archive/trades.py)."""
+        name = file_name("aggTrades", symbol, day)
+        try:
+            fetched = await self.fetch_verified("aggTrades", symbol, day)
+            if isinstance(fetched, FileOutcome):
+                return fetched
+            data, digest = fetched
+            rows, refused, stored, examples = await store_trades(self.pool, symbol, day, data, name)
+        except (ArchiveError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return _failed(symbol, day, name, exc)
+        if refused:
+            log_system_event(
+                "WARNING",
+                MODULE,
+                f"{name}: {refused} rows refused, the other {rows - refused} imported: e.g. {examples}",
+                {"symbol": symbol, "day": str(day), "rejected": refused},
+            )
+        await refresh_rollups(self.pool, day)
+        await self.pool.execute(_RECORD_SQL, "aggTrades", symbol, day, digest, rows - refused, refused, stored)
+        return FileOutcome(symbol, day, "imported", rows - refused, refused, stored, len(data))
+
+    async def rebuild_order_flow(self, symbol: str, run: list[date]) -> None:
+        """The order flow of imported days, from their trades (orderflow/history.py)."""
+        rebuilt = await rebuild_days(self.pool, self.redis, symbol, [day_start_ms(d) for d in run], self.maxlen)
+        log_system_event(
+            "WARNING" if rebuilt.refused else "INFO",
+            MODULE,
+            f"{symbol} {run[0]}..{run[-1]}: order flow rebuilt from the archive's trades: {rebuilt.minutes} minutes, "
+            f"{rebuilt.bars} bars, {rebuilt.gaps_filled} gaps filled"
+            + (f", {rebuilt.refused} minutes not written (no kline stored, or trades that disagree with it)"
+               if rebuilt.refused else ""),
+            {"symbol": symbol, "minutes": rebuilt.minutes, "refused": rebuilt.refused},
+        )  # fmt: skip
 
     async def buckets_of(self, symbol: str, candles: Sequence[Candle]) -> list[Candle]:
         """The M5/M15 of the file's minutes: from the file where it holds all of a
@@ -248,6 +311,23 @@ class Importer:
             if older:
                 event = core_io.announced_event(changed[min(older)], history=True)
                 await core_io.publish(self.redis, core_io.CANDLE_STREAMS[tf], [event], self.maxlen)
+
+
+def contiguous(sorted_days: Sequence[date]) -> list[list[date]]:
+    """Runs of consecutive days."""
+    runs: list[list[date]] = []
+    for day in sorted_days:
+        if runs and (day - runs[-1][-1]).days == 1:
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    return runs
+
+
+def _failed(symbol: str, day: date, name: str, exc: BaseException) -> FileOutcome:
+    reason = str(exc) if isinstance(exc, ArchiveError) else f"{name}: {exc!r}"
+    log_system_event("ERROR", MODULE, f"not imported: {reason}", {"symbol": symbol, "day": str(day)})
+    return FileOutcome(symbol, day, "failed", reason=reason)
 
 
 def summarize(outcomes: Sequence[FileOutcome], elapsed_s: float) -> str:

@@ -14,8 +14,10 @@ Per mode, on a scratch database of that server (the servers `make services` star
   the whole pieces dropped (chunks or partitions; no row DELETE);
 - full edition: bytes before and after compressing every chunk, per table.
 
-Not measured yet (issue 17 continues): continuous aggregates, aggTrades import (budget
-500k rows/s). Prints; asserts nothing.
+- aggTrades import: a busy symbol's day (2,000,000 rows, one zip) into agg_trades4 by
+  archive/trades.py (COPY, then the checked INSERT), rows/s (budget 500k).
+
+Prints; asserts nothing.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import core_io
 from archive.files import daily_path, day_start_ms, days
 from archive.importer import ArchiveReader, Importer
+from archive.trades import store_trades
 from book import store as book_store
 from book.seconds import TradeSecond
 from fake_exchange import ArchiveSource
-from fake_exchange.archive import ArchiveTree
+from fake_exchange.archive import AGG_TRADE_HEADER, ArchiveTree, zipped
 from infra import make_redis
 from market_data import read_archive
 from migrations import apply_migrations
@@ -197,6 +200,28 @@ async def fine_reads(pool: asyncpg.Pool) -> tuple[float, float]:
     return features, footprint
 
 
+TRADE_ROWS = 2_000_000
+
+
+def trades_zip(day: date) -> bytes:
+    """A made-up day of one busy symbol's aggTrades, as the archive zips them."""
+    start, step = day_start_ms(day), 86_400_000 // TRADE_ROWS
+    lines = [
+        f"{a},{60000 + (a % 997) / 10:.1f},{(a % 89) / 1000 + 0.001:.3f},{3 * a},{3 * a + 2},{start + a * step},"
+        f"{'true' if a % 3 else 'false'}"
+        for a in range(TRADE_ROWS)
+    ]
+    return zipped("BENCHUSDT-aggTrades.zip", lines, AGG_TRADE_HEADER)
+
+
+async def trade_import_rate(pool: asyncpg.Pool, data: bytes, day: date) -> float:
+    started = time.perf_counter()
+    rows, refused, stored, _ = await store_trades(pool, "BENCHUSDT", day, data, "BENCHUSDT-aggTrades.zip")
+    elapsed = time.perf_counter() - started
+    assert rows == stored == TRADE_ROWS and refused == 0, (rows, refused, stored)
+    return rows / elapsed
+
+
 async def bench_mode(mode: str, folder: Path, symbols: list[str], redis_url: str) -> None:
     url = await recreate_database(setting(SERVERS[mode]), SCRATCH)
     pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
@@ -236,6 +261,8 @@ async def bench_mode(mode: str, folder: Path, symbols: list[str], redis_url: str
             f"{mode:20} 1 s bars    {rate:,.0f} rows/s for {LIVE_SYMBOLS} symbols "
             f"({rate / LIVE_SYMBOLS:.0f}x the live rate; budget 10x)"
         )
+        rate = await trade_import_rate(pool, trades_zip(date(2026, 3, 20)), date(2026, 3, 20))
+        print(f"{mode:20} import      aggTrades: {TRADE_ROWS:,} rows of a day, {rate:,.0f} rows/s (budget 500k)")
         features, footprint = await fine_reads(pool)
         print(
             f"{mode:20} reads       a day of a symbol's 1 s features {features:.1f} ms, "

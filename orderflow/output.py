@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from candles import DAY_MS, ms_to_datetime
+from candles import DAY_MS, datetime_to_ms, ms_to_datetime
 from orderflow.fold import BarFlow, units_text
 from orderflow.profile import ImbalanceRules, Profile, profile
 
@@ -21,6 +21,14 @@ class CvdChain:
     cvd: int = 0
     cvd_day: int = 0
     day: int | None = None
+
+    @classmethod
+    def after(cls, record: Any) -> CvdChain:
+        """Going on from a stored bar (a row of orderflow4; None: from nothing)."""
+        if record is None:
+            return cls()
+        open_time = datetime_to_ms(record["open_time"])
+        return cls(int(record["cvd"]), int(record["cvd_day"]), open_time - open_time % DAY_MS)
 
     def chain(self, open_time: int, delta: int) -> tuple[int, int]:
         day = open_time - open_time % DAY_MS

@@ -9,7 +9,8 @@ import asyncio
 import os
 import subprocess
 import sys
-from datetime import date
+from datetime import date, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ from candles import datetime_to_ms, ms_to_datetime
 from fake_exchange import ArchiveSource, FakeExchange
 from feed_and_aggregate import CandleIntake
 from infra import system_event_log
+from orderflow.store import ORDERFLOW_COLUMNS
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
 from tests.test_indicators_worker import Running
+from tests.test_orderflow_e2e import recompute
 
 pytestmark = pytest.mark.storage_modes  # run again on each TimescaleDB edition by `make test`
 
@@ -78,6 +81,65 @@ async def test_days_of_two_symbols_come_in_exactly_once(pool, redis, exchange, i
     again = await run.run("klines", PAIR, FIRST, LAST)
     assert [o.status for o in again] == ["skipped"] * 6  # by the .CHECKSUM alone
     assert await redis.xlen(core_io.CANDLE_STREAMS["m15"]) == len(events)  # nothing changed, nothing told
+
+
+async def test_days_of_agg_trades_come_in_once_and_give_their_order_flow(pool, redis, exchange, importer):
+    """Two days (one file with a header line, one without) into the raw trades by COPY:
+    every trade the exchange made, once; the minutes PostgreSQL rolls up from them (a
+    continuous aggregate on the full edition, materialised by the import) equal the
+    klines they were made from; the order flow rebuilt from them equals a recomputation
+    from the exchange's trades, an unfillable gap among them is filled; a second run
+    takes nothing."""
+    run = importer(pool, redis, exchange.archive_url)
+    symbol, second_day = PAIR[0], FIRST + timedelta(days=1)
+    assert [o.status for o in await run.run("klines", [symbol], FIRST, second_day)] == ["imported"] * 2
+    gap = day_start_ms(second_day) + 600 * 60_000
+    await pool.execute(
+        "INSERT INTO trade_gaps_v4 (symbol, open_time, status, reason) VALUES ($1, $2, 'unfillable', 'too old')",
+        symbol,
+        ms_to_datetime(gap),
+    )
+    outcomes = await run.run("aggTrades", [symbol], FIRST, second_day)
+    assert [o.status for o in outcomes] == ["imported"] * 2 and all(o.rejected == 0 for o in outcomes)
+    minutes = range(day_start_ms(FIRST), day_start_ms(second_day) + DAY_MS, 60_000)
+    sent = [r for t in minutes for r in exchange.trades.minute(symbol, t)]
+    stored = await pool.fetch(
+        "SELECT agg_id, price, quantity, first_id, last_id, ts, buyer_maker FROM agg_trades_v4 ORDER BY agg_id"
+    )
+    assert [(r["agg_id"], r["price"], r["quantity"], r["first_id"], r["last_id"]) for r in stored] == [
+        (t["a"], Decimal(t["p"]), Decimal(t["q"]), t["f"], t["l"]) for t in sent
+    ]
+    assert [(core_io.datetime_to_ms(r["ts"]), r["buyer_maker"]) for r in stored] == [(t["T"], t["m"]) for t in sent]
+    assert sum(o.rows for o in outcomes) == len(sent) > 10_000
+    rolled = {
+        core_io.datetime_to_ms(r["open_time"]): r
+        for r in await pool.fetch("SELECT * FROM raw_trades_1m_v4 WHERE symbol = $1", symbol)
+    }
+    assert len(rolled) == len(minutes)
+    for t in minutes:
+        candle = exchange.source.candle(symbol, t)
+        row = rolled[t]
+        got = tuple(row[k] for k in ("open", "high", "low", "close", "volume", "taker_buy_volume", "trades"))
+        wanted = (candle.open, candle.high, candle.low, candle.close, candle.volume, candle.taker_buy_volume)
+        assert got == (*wanted, candle.trades), t
+    flows = await pool.fetch(f"SELECT {', '.join(ORDERFLOW_COLUMNS)} FROM orderflow4 WHERE symbol = $1", symbol)
+    stored = {(r["tf"], datetime_to_ms(r["open_time"])): r for r in flows}
+    expected = recompute(exchange, symbol, stored, minutes[0], minutes[-1])
+    assert set(stored) == set(expected) and len(expected) == 2 * (1440 + 288 + 96)
+    assert all(tuple(stored[key]) == record for key, record in expected.items())
+    rules = await pool.fetch("SELECT day, rule FROM orderflow_rows4 WHERE symbol = $1 ORDER BY day", symbol)
+    assert [r["rule"] for r in rules] == ["price", "atr"]  # no day before the first: its first price decides
+    assert await pool.fetchval("SELECT status FROM trade_gaps_v4 WHERE open_time = $1", ms_to_datetime(gap)) == "filled"
+    events = [f for _, f in await redis.xrange("orderflow_ready") if f.get("history") == "1"]
+    assert sorted(f["tf"] for f in events) == ["m1", "m15", "m5"] and {f["open_time"] for f in events} == {
+        str(minutes[0])
+    }
+    again = await run.run("aggTrades", [symbol], FIRST, second_day)
+    assert [o.status for o in again] == ["skipped"] * 2
+    await pool.execute("DELETE FROM archive_imports_v4")  # the files taken again: every trade is there already
+    taken = await run.run("aggTrades", [symbol], FIRST, second_day)
+    assert [(o.status, o.changed) for o in taken] == [("imported", 0)] * 2
+    assert await pool.fetchval("SELECT count(*) FROM agg_trades4") == len(sent)
 
 
 async def test_a_damaged_file_fails_alone_and_a_second_run_takes_only_it(pool, redis, exchange, importer):
