@@ -49,7 +49,7 @@ cluster() {  # cluster DIR PORT LICENSE: a trust-auth cluster loading TimescaleD
     if ! grep -q '^max_worker_processes' "$dir/postgresql.conf"; then
         printf '%s\n' "max_worker_processes = 16" "timescaledb.max_background_workers = 8" \
             | as_pg_owner tee -a "$dir/postgresql.conf" >/dev/null
-        if "$BINDIR/pg_isready" -q -h 127.0.0.1 -p "$port"; then
+        if as_pg_owner "$BINDIR/pg_ctl" -D "$dir" status >/dev/null 2>&1; then  # running: restarted below
             as_pg_owner "$BINDIR/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
         fi
     fi
