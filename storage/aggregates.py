@@ -149,10 +149,11 @@ async def make_rollups(conn: asyncpg.Connection, continuous: bool) -> list[str]:
                 rollup.refresh_end,
             )
             made.append(rollup.name)
-        else:
-            existed = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", rollup.name)
-            await conn.execute(rollup_sql(rollup, False))  # (again: a newer release's definition)
-            if not existed:
-                made.append(rollup.name)
-    await conn.execute(VIEWS_SQL)
+        elif not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", rollup.name):
+            await conn.execute(rollup_sql(rollup, False))
+            made.append(rollup.name)
+    readers = ("raw_trades_1s_v4", "raw_trades_1m_v4", "raw_book_tickers_1m_v4", "market_1m_v4")
+    present = await conn.fetchval("SELECT count(*) FROM unnest($1::text[]) n WHERE to_regclass(n) IS NOT NULL", readers)
+    if made or present < len(readers):  # only then: replacing a view is for its owner
+        await conn.execute(VIEWS_SQL)
     return made

@@ -36,7 +36,19 @@ def timescaledb_setting(env: Mapping[str, str]) -> str:
 
 
 async def apply_storage(pool: asyncpg.Pool, choice: str = "auto") -> StorageMode:
-    """The extension (when wanted and loadable), the tables' pieces; returns the mode."""
+    """The extension (when wanted and loadable), the tables' pieces; returns the mode. A
+    role that does not own the tables (a runtime role beside the one that migrates) runs
+    with them as they are, with a WARNING."""
+    try:
+        return await _apply(pool, choice)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        log_system_event("WARNING", "STORAGE", f"storage left as it is (this role may not change it): {exc}")
+        return classify(await read_facts(pool))
+    finally:
+        partitions.forget(pool)
+
+
+async def _apply(pool: asyncpg.Pool, choice: str) -> StorageMode:
     async with pool.acquire() as conn:
         facts = await read_facts(conn)
         timescale = choice != "off" and (facts.installed or (facts.available and facts.preloaded))
@@ -58,7 +70,6 @@ async def apply_storage(pool: asyncpg.Pool, choice: str = "auto") -> StorageMode
                 await compress_by_policy(conn)
             for name in await make_rollups(conn, mode.full):
                 log_system_event("INFO", "STORAGE", f"{name} made ({'continuous aggregate' if mode.full else 'view'})")
-    partitions.forget(pool)
     return mode
 
 
