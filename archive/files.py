@@ -67,8 +67,8 @@ def verify(data: bytes, checksum_text: str, name: str) -> str:
     return digest
 
 
-def csv_rows(data: bytes, name: str) -> Iterator[list[str]]:
-    """The rows of the zip's one CSV, the header line (if any) left out."""
+def csv_member(data: bytes, name: str) -> tuple[zipfile.ZipFile, zipfile.ZipInfo, bool]:
+    """The zip's one CSV and whether it starts with a header line (recent files do)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = [m for m in archive.infolist() if not m.is_dir()]
@@ -76,13 +76,22 @@ def csv_rows(data: bytes, name: str) -> Iterator[list[str]]:
             raise ArchiveError(f"{name}: a zip of {len(members)} files, not one CSV")
         if members[0].file_size > MAX_ZIP_BYTES:
             raise ArchiveError(f"{name}: {members[0].file_size} bytes unpacked, over the cap")
-        text = io.TextIOWrapper(archive.open(members[0]), encoding="ascii", newline="")
-        for index, row in enumerate(csv.reader(text)):
-            if not row:
-                continue
-            if index == 0 and not row[0].strip().isdigit():
-                continue  # the header line of recent files
-            yield row
+        with archive.open(members[0]) as head:
+            first = head.read(1)
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ArchiveError(f"{name}: not a readable zip ({exc})") from exc
+    return archive, members[0], bool(first) and not first.isdigit()
+
+
+def csv_rows(data: bytes, name: str) -> Iterator[list[str]]:
+    """The rows of the zip's one CSV, the header line (if any) left out."""
+    archive, member, header = csv_member(data, name)
+    try:
+        text = io.TextIOWrapper(archive.open(member), encoding="ascii", newline="")
+        rows = csv.reader(text)
+        if header:
+            next(rows, None)
+        yield from (row for row in rows if row)
     except (zipfile.BadZipFile, UnicodeDecodeError, csv.Error, EOFError) as exc:
         raise ArchiveError(f"{name}: not a readable zip of CSV ({exc})") from exc
 

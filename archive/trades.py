@@ -12,13 +12,12 @@ materialise outlives the raw rows' retention.
 
 from __future__ import annotations
 
-import io
 import zipfile
 from datetime import date
 
 import asyncpg
 
-from archive.files import MAX_ZIP_BYTES, ArchiveError, day_start_ms
+from archive.files import ArchiveError, csv_member, day_start_ms
 from candles import DAY_MS, ms_to_datetime
 from storage import partitions
 from storage.layout import HOUR_MS
@@ -49,22 +48,6 @@ _REJECTED_SQL = (
 TRADE_ROLLUPS = ("raw_trades_1s4", "raw_trades_1m4")
 
 
-def csv_member(data: bytes, name: str) -> tuple[zipfile.ZipFile, zipfile.ZipInfo, bool]:
-    """The zip's one CSV and whether it starts with a header line (recent files do)."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        if len(members) != 1:
-            raise ArchiveError(f"{name}: a zip of {len(members)} files, not one CSV")
-        if members[0].file_size > MAX_ZIP_BYTES:
-            raise ArchiveError(f"{name}: {members[0].file_size} bytes unpacked, over the cap")
-        with archive.open(members[0]) as head:
-            first = head.read(1)
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise ArchiveError(f"{name}: not a readable zip ({exc})") from exc
-    return archive, members[0], bool(first) and not first.isdigit()
-
-
 async def store_trades(
     pool: asyncpg.Pool, symbol: str, day: date, data: bytes, name: str
 ) -> tuple[int, int, int, list]:
@@ -93,10 +76,12 @@ async def refresh_rollups(pool: asyncpg.Pool, day: date) -> None:
     """On the full edition, the day's trade rollups materialised (elsewhere they are views)."""
     if not await pool.fetchval("SELECT to_regclass('timescaledb_information.continuous_aggregates') IS NOT NULL"):
         return
-    rows = await pool.fetch("SELECT view_name FROM timescaledb_information.continuous_aggregates")
+    continuous = {
+        r["view_name"] for r in await pool.fetch("SELECT view_name FROM timescaledb_information.continuous_aggregates")
+    }
     first = day_start_ms(day)
     for name in TRADE_ROLLUPS:
-        if name in {r["view_name"] for r in rows}:
+        if name in continuous:
             # One batch for the day: in TimescaleDB's default batches the 1-second rollup of a
             # day of one symbol took 18 s here, in one 1.4 s.
             await pool.execute(
