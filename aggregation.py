@@ -1,4 +1,4 @@
-"""M1 → M5/M15 aggregation and M1 gap detection: pure, no I/O.
+"""M1 → M5/M15 (→ H1 → H4 → D1) aggregation and M1 gap detection: pure, no I/O.
 
 Everything runs on the exchange's event time, so a replay at any speed behaves like
 a live day.
@@ -9,26 +9,32 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from candles import TF_MS, Candle, bucket_start
+from candles import TF_MS, TIMEFRAMES, Candle, bucket_start
 
 M1_MS = TF_MS["m1"]
-AGGREGATED_TFS = ("m5", "m15")
+AGGREGATED_TFS = TIMEFRAMES[1:]  # built by this deployment: M5, M15 and the higher ones asked for
+# What each timeframe is built from. Exact either way (sums of exact decimals, the first
+# open, the last close); a higher bucket from its few parts keeps the intake's memory
+# small (a D1 from minutes would hold 1,440 candles per symbol).
+SOURCE_TF: dict[str, str] = {"m5": "m1", "m15": "m1", "h1": "m15", "h4": "h1", "d1": "h4"}
+LEVEL: dict[str, int] = {"m1": 0, "m5": 1, "m15": 1, "h1": 2, "h4": 3, "d1": 4}  # a source's level is lower
 
 
-def aggregate(tf: str, bucket_open: int, m1_candles: Sequence[Candle]) -> Candle:
-    """Exact aggregate of the M1 candles of one bucket (given oldest first). One pass
-    over the minutes (a quarter hour builds 1,000 buckets on the way to their
-    announcement: a pass per field took four times as long)."""
-    if not m1_candles:
-        raise ValueError("a bucket needs at least one M1 candle")
-    first = m1_candles[0]
+def aggregate(tf: str, bucket_open: int, parts: Sequence[Candle]) -> Candle:
+    """Exact aggregate of one bucket's parts (M1 candles, or the buckets of its source
+    timeframe; given oldest first). One pass over the parts (a quarter hour builds 1,000
+    buckets on the way to their announcement: a pass per field took four times as long)."""
+    if not parts:
+        raise ValueError("a bucket needs at least one candle")
+    first = parts[0]
     high, low, volume, quote_volume = first.high, first.low, first.volume, first.quote_volume
     trades, taker_buy_volume, taker_buy_quote_volume = (
         first.trades,
         first.taker_buy_volume,
         first.taker_buy_quote_volume,
     )
-    for candle in m1_candles[1:]:
+    minutes = first.m1_count or 1
+    for candle in parts[1:]:
         if candle.high > high:
             high = candle.high
         if candle.low < low:
@@ -38,6 +44,7 @@ def aggregate(tf: str, bucket_open: int, m1_candles: Sequence[Candle]) -> Candle
         trades += candle.trades
         taker_buy_volume += candle.taker_buy_volume
         taker_buy_quote_volume += candle.taker_buy_quote_volume
+        minutes += candle.m1_count or 1
     return Candle(
         first.symbol,
         tf,
@@ -45,13 +52,13 @@ def aggregate(tf: str, bucket_open: int, m1_candles: Sequence[Candle]) -> Candle
         first.open,
         high,
         low,
-        m1_candles[-1].close,
+        parts[-1].close,
         volume,
         quote_volume,
         trades,
         taker_buy_volume,
         taker_buy_quote_volume,
-        len(m1_candles),
+        minutes,
     )
 
 
@@ -59,19 +66,30 @@ def bucket_minutes(tf: str, bucket_open: int) -> range:
     return range(bucket_open, bucket_open + TF_MS[tf], M1_MS)
 
 
-def affected_buckets(m1_keys: Iterable[tuple[str, int]]) -> set[tuple[str, str, int]]:
-    """(symbol, tf, bucket open) of every M5/M15 bucket that holds one of these minutes."""
-    return {(symbol, tf, bucket_start(open_time, tf)) for symbol, open_time in m1_keys for tf in AGGREGATED_TFS}
+def bucket_parts(tf: str, bucket_open: int) -> range:
+    """Open times of the source candles a bucket is built from."""
+    return range(bucket_open, bucket_open + TF_MS[tf], TF_MS[SOURCE_TF[tf]])
+
+
+def affected_buckets(
+    m1_keys: Iterable[tuple[str, int]], tfs: Sequence[str] = AGGREGATED_TFS
+) -> set[tuple[str, str, int]]:
+    """(symbol, tf, bucket open) of every bucket of `tfs` that holds one of these minutes."""
+    return {(symbol, tf, bucket_start(open_time, tf)) for symbol, open_time in m1_keys for tf in tfs}
 
 
 def buildable(tf: str, bucket_open: int, present: set[int], unfillable: set[int]) -> bool:
-    """A bucket is built once each of its minutes is stored or known unfillable.
+    """A bucket is built once each of its parts is stored, or is made only of minutes
+    known unfillable (`present`: open times of parts; `unfillable`: of minutes).
 
-    A bucket with a merely missing minute waits for the backfill; one made only of
-    unfillable minutes has nothing to build from.
+    A bucket with a merely missing minute waits for the backfill (its part is not built
+    yet either); one made only of unfillable minutes has nothing to build from.
     """
-    minutes = bucket_minutes(tf, bucket_open)
-    return bool(present) and all(m in present or m in unfillable for m in minutes)
+    source = SOURCE_TF[tf]
+    return bool(present) and all(
+        part in present or all(m in unfillable for m in bucket_minutes(source, part))
+        for part in bucket_parts(tf, bucket_open)
+    )
 
 
 @dataclass

@@ -254,5 +254,5 @@ class Backfiller:
                 f"{len(lost)} minutes the exchange does not have",
                 {"first": list(lost[0]), "last": list(lost[-1])},
             )
-            await self.intake.aggregate(affected_buckets(lost))
+            await self.intake.aggregate(affected_buckets(lost, self.intake.aggregated))
         return len(candles)

@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-TIMEFRAMES: tuple[str, ...] = ("m1", "m5", "m15")
-TF_MS: dict[str, int] = {"m1": 60_000, "m5": 300_000, "m15": 900_000}
 DAY_MS = 86_400_000
-M1_PER_BUCKET: dict[str, int] = {"m1": 1, "m5": 5, "m15": 15}
+TF_MS: dict[str, int] = {
+    "m1": 60_000,
+    "m5": 300_000,
+    "m15": 900_000,
+    "h1": 3_600_000,
+    "h4": 14_400_000,
+    "d1": DAY_MS,
+}
+ALL_TIMEFRAMES: tuple[str, ...] = tuple(TF_MS)  # what the schema, the streams and the readers know
+BASE_TIMEFRAMES = ("m1", "m5", "m15")  # always built (the design card)
+M1_PER_BUCKET: dict[str, int] = {tf: size // 60_000 for tf, size in TF_MS.items()}
+
+
+def parse_timeframes(text: str | None) -> tuple[str, ...]:
+    """The timeframes a deployment builds, from `TIMEFRAMES` (e.g. "m1,m5,m15,h4").
+
+    M1, M5 and M15 are always built. A higher timeframe brings the ones under it: H4 is
+    built from H1 and D1 from H4 (a few buckets each, where building D1 from minutes
+    would hold 1,440 of them per symbol in memory)."""
+    asked = {part.strip().lower() for part in (text or "").split(",") if part.strip()}
+    unknown = sorted(asked - set(TF_MS))
+    if unknown:
+        raise ValueError(f"TIMEFRAMES: unknown timeframe(s) {', '.join(unknown)}; known: {', '.join(TF_MS)}")
+    highest = max((ALL_TIMEFRAMES.index(tf) for tf in asked), default=0)
+    return ALL_TIMEFRAMES[: max(highest + 1, len(BASE_TIMEFRAMES))]
+
+
+# Built, stored, cached and announced by this deployment (every process reads the same
+# environment). I/O code handles ALL_TIMEFRAMES, so a row of any timeframe is never lost.
+TIMEFRAMES: tuple[str, ...] = parse_timeframes(os.environ.get("TIMEFRAMES"))
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

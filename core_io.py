@@ -34,7 +34,17 @@ from candle_stores import (  # noqa: F401 (the candle cache is part of this modu
     write_bars,
     write_candles,
 )
-from candles import TF_MS, TIMEFRAMES, Bar, Candle, datetime_to_ms, key_arrays, ms_to_datetime, range_arrays
+from candles import (
+    ALL_TIMEFRAMES,
+    TF_MS,
+    TIMEFRAMES,
+    Bar,
+    Candle,
+    datetime_to_ms,
+    key_arrays,
+    ms_to_datetime,
+    range_arrays,
+)
 from gap_log import (  # noqa: F401 (the gap log is part of this module's interface)
     close_missing_m1,
     fetch_missing_m1,
@@ -49,7 +59,14 @@ log = logging.getLogger("CORE_IO")
 
 # --------------------------------------------------------------------------- names
 
-CANDLE_STREAMS: dict[str, str] = {tf: f"ohlcv_{tf}_ready" for tf in TIMEFRAMES}
+
+def candle_stream(tf: str) -> str:
+    """Where candles of `tf` are announced (any timeframe: a row is never unannounceable)."""
+    return f"ohlcv_{tf}_ready"
+
+
+# The streams of the timeframes this deployment builds: those its readers consume.
+CANDLE_STREAMS: dict[str, str] = {tf: candle_stream(tf) for tf in TIMEFRAMES}
 INDICATORS_READY_STREAM = "indicators_ready_stream"
 SIGNALS_STREAM = "signals_stream"
 
@@ -147,7 +164,7 @@ async def upsert_candles(
         by_tf[candle.tf][(candle.symbol, candle.open_time)] = candle
     if not by_tf:
         return []
-    tfs = tuple(tf for tf in TIMEFRAMES if tf in by_tf)
+    tfs = tuple(tf for tf in ALL_TIMEFRAMES if tf in by_tf)
     params: list[list[Any]] = []
     for tf in tfs:
         rows = list(by_tf[tf].values())
@@ -214,8 +231,8 @@ def _series_arrays_sql(tf: str, cast: str) -> str:
     )
 
 
-_LAST_COLUMNS_SQL = {tf: _series_arrays_sql(tf, "text") for tf in TIMEFRAMES}
-_HISTORY_SQL = {tf: _series_arrays_sql(tf, "float8") for tf in TIMEFRAMES}
+_LAST_COLUMNS_SQL = {tf: _series_arrays_sql(tf, "text") for tf in ALL_TIMEFRAMES}
+_HISTORY_SQL = {tf: _series_arrays_sql(tf, "float8") for tf in ALL_TIMEFRAMES}
 FAR_FUTURE_MS = 32_503_680_000_000  # year 3000: "no upper bound"
 
 
@@ -456,7 +473,7 @@ _OBV_SQL = {
         "WINDOW w AS (ORDER BY open_time)) x) AS obv "
         "FROM unnest($1::text[], $2::timestamptz[]) AS s(symbol, at)"
     )
-    for tf in TIMEFRAMES
+    for tf in ALL_TIMEFRAMES
 }
 
 
@@ -636,7 +653,7 @@ async def publish_candles(
     events = [announced_event(c, getattr(batch, "history", False)) for _, batch in batches for c in batch]
     items = candle_columns(candles, events)
     writes = store.write_commands(items)
-    announcements = [xadd_command(CANDLE_STREAMS[event["tf"]], event, maxlen) for event in events]
+    announcements = [xadd_command(candle_stream(event["tf"]), event, maxlen) for event in events]
     replies = await execute_packed(redis, [*writes, *announcements])
     for reply in replies[len(writes) :]:
         if isinstance(reply, Exception):
@@ -647,7 +664,7 @@ async def publish_candles(
         await write_candles(store, [c for _, batch in lost for c in batch])
         for (tf, batch), (_, source) in zip(lost, batches):
             history = getattr(source, "history", False)
-            await publish(redis, CANDLE_STREAMS[tf], [announced_event(c, history) for c in batch], maxlen)
+            await publish(redis, candle_stream(tf), [announced_event(c, history) for c in batch], maxlen)
 
 
 async def publish(redis: Redis, stream: str, events: Sequence[Mapping[str, Any]], maxlen: int) -> None:
@@ -797,18 +814,26 @@ async def fetch_candles_at(pool: asyncpg.Pool, tf: str, keys: Sequence[tuple[str
 
 async def fetch_m1_ranges(pool: asyncpg.Pool, ranges: Sequence[tuple[str, int, int]]) -> dict[str, list[Candle]]:
     """Exact M1 candles with start <= open_time < end for each (symbol, start, end)."""
+    return await fetch_candle_ranges(pool, "m1", ranges)
+
+
+async def fetch_candle_ranges(
+    pool: asyncpg.Pool, tf: str, ranges: Sequence[tuple[str, int, int]]
+) -> dict[str, list[Candle]]:
+    """Exact candles of `tf` with start <= open_time < end for each (symbol, start, end)."""
     if not ranges:
         return {}
+    extra = ", m.m1_count" if tf != "m1" else ""
     rows = await pool.fetch(
-        f"SELECT DISTINCT m.symbol, m.open_time, {', '.join('m.' + c for c in CANDLE_COLUMNS)} "
+        f"SELECT DISTINCT m.symbol, m.open_time, {', '.join('m.' + c for c in CANDLE_COLUMNS)}{extra} "
         "FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS r(symbol, start_at, end_at) "
-        "JOIN ohlcv4_m1 m ON m.symbol = r.symbol AND m.open_time >= r.start_at AND m.open_time < r.end_at "
+        f"JOIN {candle_table(tf)} m ON m.symbol = r.symbol AND m.open_time >= r.start_at AND m.open_time < r.end_at "
         "ORDER BY m.symbol, m.open_time",
         *range_arrays(ranges),
     )
     out: dict[str, list[Candle]] = defaultdict(list)
     for r in rows:
-        out[r["symbol"]].append(_candle_from_record(r, "m1"))
+        out[r["symbol"]].append(_candle_from_record(r, tf))
     return out
 
 

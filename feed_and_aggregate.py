@@ -24,7 +24,16 @@ import asyncpg
 from redis.asyncio import Redis
 
 import core_io
-from aggregation import AGGREGATED_TFS, GapTracker, affected_buckets, aggregate, bucket_minutes, buildable
+from aggregation import (
+    AGGREGATED_TFS,
+    LEVEL,
+    SOURCE_TF,
+    GapTracker,
+    affected_buckets,
+    aggregate,
+    bucket_parts,
+)
+from aggregation_io import build_buckets
 from backfill import Backfiller
 from binance.clock import ExchangeClock
 from binance.protocol import (
@@ -56,6 +65,7 @@ from orderflow.intake import OrderFlowIntake, OrderFlowSettings
 from ticker_following import TickerFollower
 
 M1_MS = TF_MS["m1"]
+PARENT_TF = {source: tf for tf, source in SOURCE_TF.items() if source != "m1"}
 log = logging.getLogger("FEED")
 
 
@@ -75,9 +85,11 @@ class CandleIntake(CandlePublisher):
         defer_aggregation: bool = False,
         held_max: int = 50_000,
         background: bool = False,
+        aggregated: Sequence[str] = AGGREGATED_TFS,
     ) -> None:
         super().__init__(pool, redis, store, stream_maxlen, held_max, background)
         self.stored_m1 = 0
+        self.aggregated = tuple(aggregated)  # the timeframes built from M1, lower first
         # Deferred: buckets are built by `run_aggregator`, so building 500 M15 buckets at a
         # quarter hour never delays the next M1 closes (a crash loses nothing: the boot
         # reconciliation rebuilds recent buckets).
@@ -87,6 +99,10 @@ class CandleIntake(CandlePublisher):
         self.buckets_due: set[tuple[str, str, int]] = set()
         # The M1 candles stored lately (this and the previous M15 bucket), per symbol.
         self.recent_m1: dict[str, dict[int, Candle]] = {}
+        # The buckets stored lately that higher buckets are built from (M15 for H1, H1
+        # for H4, H4 for D1): those of this and the previous higher bucket, per series.
+        self.recent_parts: dict[tuple[str, str], dict[int, Candle]] = {}
+        self.part_tfs = {SOURCE_TF[tf] for tf in self.aggregated} - {"m1"}
         self.buckets_wake = asyncio.Event()
         self.aggregating = False
         # Candles of a write that failed: PostgreSQL may still have committed it (a reply
@@ -135,12 +151,13 @@ class CandleIntake(CandlePublisher):
         refused: list[Candle] = []
         changed = await self._upsert([*unique.values(), *completed], refused)
         self.last_stored_at = time.monotonic()
+        self._remember_parts(completed, refused)
         refused_m1 = [c for c in refused if c.tf == "m1"]
         if refused_m1:  # not stored: never in a bucket, nor settled; their buckets are rebuilt from PostgreSQL
             for candle in refused_m1:
                 unique.pop((candle.symbol, candle.open_time), None)
                 self.recent_m1.get(candle.symbol, {}).pop(candle.open_time, None)
-            self._due(affected_buckets((c.symbol, c.open_time) for c in refused_m1))
+            self._due(affected_buckets(((c.symbol, c.open_time) for c in refused_m1), self.aggregated))
             if rejected is not None:
                 rejected += refused_m1
         fresh = [c for c in unique.values() if (c.symbol, "m1", c.open_time) in changed]
@@ -151,15 +168,18 @@ class CandleIntake(CandlePublisher):
         # A bucket can change with none of its minutes: a repeated close completes in
         # memory a bucket whose other minutes came since (its build still queued). A
         # bucket is history when the minute that completed it is.
-        for tf in AGGREGATED_TFS:
+        for tf in self.aggregated:
             built = [b for b in completed if b.tf == tf and (b.symbol, tf, b.open_time) in changed]
             if built:
                 last = TF_MS[tf] - M1_MS
                 await self._announce_marked(built, tf, [(b.symbol, b.open_time + last) in marked for b in built])
         if fresh:
             done = {(b.symbol, b.tf, b.open_time) for b in completed}
-            buckets = affected_buckets((c.symbol, c.open_time) for c in fresh) - done
-            live = affected_buckets((c.symbol, c.open_time) for c in fresh if (c.symbol, c.open_time) not in marked)
+            touched = affected_buckets(((c.symbol, c.open_time) for c in fresh), self.aggregated)
+            buckets = {b for b in touched - done if self._may_end(b)}
+            live = affected_buckets(
+                ((c.symbol, c.open_time) for c in fresh if (c.symbol, c.open_time) not in marked), self.aggregated
+            )
             # A live minute's bucket is live, whatever it held before.
             self.history_buckets = (self.history_buckets | (buckets - live)) - live
             if self.defer_aggregation:
@@ -175,16 +195,45 @@ class CandleIntake(CandlePublisher):
         return fresh
 
     def _completed_buckets(self, m1: Iterable[Candle]) -> list[Candle]:
-        """The M5/M15 buckets these minutes end, when memory holds all their minutes."""
+        """The buckets these minutes end, when memory holds all their parts (a higher
+        bucket's last part is built here too, lower timeframes first)."""
         built: dict[tuple[str, str, int], Candle] = {}
         for candle in m1:
             end = candle.open_time + M1_MS
-            for tf in AGGREGATED_TFS:
+            for tf in self.aggregated:
                 if end % TF_MS[tf] == 0:
                     key = (candle.symbol, tf, end - TF_MS[tf])
-                    if key not in built and (members := self._remembered(*key)) is not None:
-                        built[key] = aggregate(tf, key[2], members)
+                    source = SOURCE_TF[tf]
+                    members = [
+                        built.get((candle.symbol, source, t)) or self._remembered(candle.symbol, source, t)
+                        for t in bucket_parts(tf, key[2])
+                    ]
+                    if key not in built and all(members):
+                        built[key] = aggregate(tf, key[2], members)  # type: ignore[arg-type]
         return list(built.values())
+
+    def _may_end(self, bucket: tuple[str, str, int]) -> bool:
+        """False for a higher bucket (H1 and up) still forming: the symbol's newest stored
+        minute is before its last, so building it would only find parts missing. M5/M15
+        are always tried (a bucket whose last minute is unfillable ends without one)."""
+        symbol, tf, start = bucket
+        minutes = self.recent_m1.get(symbol)
+        return LEVEL[tf] < 2 or not minutes or start + TF_MS[tf] <= max(minutes) + M1_MS
+
+    def _remember_parts(self, built: Iterable[Candle], refused: Collection[Candle] = ()) -> None:
+        """Keep the stored buckets higher ones are built from, pruned as each series grows."""
+        if not self.part_tfs:
+            return
+        rejected = {(c.symbol, c.tf, c.open_time) for c in refused}
+        for c in built:
+            if c.tf in self.part_tfs and (c.symbol, c.tf, c.open_time) not in rejected:
+                parts = self.recent_parts.setdefault((c.symbol, c.tf), {})
+                parts[c.open_time] = c
+                parent = PARENT_TF[c.tf]
+                if len(parts) > 2 * TF_MS[parent] // TF_MS[c.tf]:
+                    horizon = bucket_start(max(parts), parent) - TF_MS[parent]
+                    for t in [t for t in parts if t < horizon]:
+                        del parts[t]
 
     def _due(self, buckets: set[tuple[str, str, int]]) -> None:
         if buckets:
@@ -220,7 +269,9 @@ class CandleIntake(CandlePublisher):
         recent = await self.pool.fetch(
             "SELECT symbol, open_time FROM ohlcv4_m1 WHERE open_time >= $1", ms_to_datetime(cutoff)
         )
-        await self.aggregate(affected_buckets((r["symbol"], datetime_to_ms(r["open_time"])) for r in recent))
+        await self.aggregate(
+            affected_buckets(((r["symbol"], datetime_to_ms(r["open_time"])) for r in recent), self.aggregated)
+        )
         repaired = 0
         for tf, stream in core_io.CANDLE_STREAMS.items():
             announced = await core_io.announced_candles(self.redis, stream)
@@ -291,10 +342,11 @@ class CandleIntake(CandlePublisher):
                 for t in [t for t in minutes if t < horizon]:
                     del minutes[t]
 
-    def _remembered(self, symbol: str, tf: str, bucket: int) -> list[Candle] | None:
-        minutes = self.recent_m1.get(symbol, {})
-        members = [minutes.get(t) for t in bucket_minutes(tf, bucket)]
-        return members if all(members) else None  # type: ignore[return-value]
+    def _remembered(self, symbol: str, tf: str, open_time: int) -> Candle | None:
+        """A stored M1 candle, or a stored bucket higher ones are built from, if memory has it."""
+        if tf == "m1":
+            return self.recent_m1.get(symbol, {}).get(open_time)
+        return self.recent_parts.get((symbol, tf), {}).get(open_time)
 
     async def run_aggregator(self) -> None:
         """Builds the buckets `store_m1` left due, all that piled up in one go."""
@@ -339,50 +391,16 @@ class CandleIntake(CandlePublisher):
         built = await build_buckets(self.pool, buckets, self._remembered)
         if not built:
             return []
-        changed = await self._upsert(built)
+        refused: list[Candle] = []
+        changed = await self._upsert(built, refused)
+        self._remember_parts(built, refused)
         fresh = [c for c in built if (c.symbol, c.tf, c.open_time) in changed]
-        for tf in AGGREGATED_TFS:
+        for tf in self.aggregated:
             of_tf = sorted((c for c in fresh if c.tf == tf), key=lambda c: c.open_time)
             await self._announce_marked(of_tf, tf, [(c.symbol, tf, c.open_time) in self.history_buckets for c in of_tf])
         if self.history_buckets:
             self.history_buckets -= {(c.symbol, c.tf, c.open_time) for c in built}
         return fresh
-
-
-async def build_buckets(
-    pool: asyncpg.Pool,
-    buckets: set[tuple[str, str, int]],
-    remembered: Callable[[str, str, int], Sequence[Candle] | None] = lambda symbol, tf, bucket: None,
-) -> list[Candle]:
-    """The buckets whose minutes are all stored or unfillable: from `remembered` where it
-    holds all of a bucket's minutes, the others from PostgreSQL."""
-    built: list[Candle] = []
-    rest: set[tuple[str, str, int]] = set()
-    for key in sorted(buckets):
-        members = remembered(*key)
-        if members is None:
-            rest.add(key)
-        else:
-            built.append(aggregate(key[1], key[2], members))
-    ranges: list[tuple[str, int, int]] = []
-    for symbol, start in sorted({(s, bucket_start(b, "m15")) for s, _, b in rest}):
-        if ranges and ranges[-1][0] == symbol and ranges[-1][2] == start:  # contiguous: one range
-            ranges[-1] = (symbol, ranges[-1][1], start + TF_MS["m15"])
-        else:
-            ranges.append((symbol, start, start + TF_MS["m15"]))
-    if not ranges:
-        return built
-    m1 = await core_io.fetch_m1_ranges(pool, ranges)
-    unfillable = await core_io.fetch_unfillable_m1(pool, ranges)
-    by_time = {symbol: {c.open_time: c for c in candles} for symbol, candles in m1.items()}
-    for symbol, tf, bucket in sorted(rest):
-        minutes = by_time.get(symbol, {})
-        members = [minutes[t] for t in bucket_minutes(tf, bucket) if t in minutes]
-        present = {c.open_time for c in members}
-        lost = {t for t in bucket_minutes(tf, bucket) if (symbol, t) in unfillable}
-        if buildable(tf, bucket, present, lost):
-            built.append(aggregate(tf, bucket, members))
-    return built
 
 
 # --------------------------------------------------------------------------- the feed

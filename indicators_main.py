@@ -170,6 +170,8 @@ class IndicatorWorker:
                 continue
             self.broken.pop(instance_id, None)
             try:
+                if tf not in TIMEFRAMES:
+                    raise IndicatorConfigError(f"timeframe {tf} is not built here: add it to TIMEFRAMES")
                 instance = parse_common(instance_id, indicator, tf, TF_MINUTES[tf], raw)
                 if instance is not None:
                     incremental[tf].append(instance)

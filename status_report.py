@@ -34,10 +34,15 @@ import infra
 from candles import TF_MS, TIMEFRAMES, datetime_to_ms, ms_to_datetime
 from connections import connect_pg
 from infra import REDIS_RETRY_ERRORS, BootError, Settings, env_number, format_duration, make_redis, mask_url
+from orderflow.chain import ORDERFLOW_TIMEFRAMES
 from storage.detect import detect_storage_mode
 from storage.modes import StorageMode
 
-STREAMS: tuple[str, ...] = (*core_io.CANDLE_STREAMS.values(), core_io.INDICATORS_READY_STREAM, core_io.SIGNALS_STREAM)
+STREAMS: tuple[str, ...] = (
+    *(core_io.CANDLE_STREAMS[tf] for tf in TIMEFRAMES),
+    core_io.INDICATORS_READY_STREAM,
+    core_io.SIGNALS_STREAM,
+)
 GAP_STATUSES: tuple[str, ...] = ("missing", "backfilled", "unfillable")
 PROBLEM_LEVELS: tuple[str, ...] = ("WARNING", "ERROR", "CRITICAL")
 
@@ -211,7 +216,7 @@ _ORDERFLOW_SQL = (
     "SELECT t.symbol, "
     + ", ".join(
         f"(SELECT max(open_time) FROM orderflow4 o WHERE o.symbol = t.symbol AND o.tf = '{tf}') AS last_{tf}"
-        for tf in TIMEFRAMES
+        for tf in ORDERFLOW_TIMEFRAMES
     )
     + " FROM tickers t WHERE t.status = 'enabled' AND t.trades"
 )
@@ -267,7 +272,9 @@ async def read_pg_state(pool: asyncpg.Pool, local_now_ms: int) -> PgState:
             (r["id"], r["indicator"], r["timeframe"], r["error"]) for r in await conn.fetch(_SKIPPED_INSTANCES_SQL)
         ]
         orderflow = {
-            r["symbol"]: {tf: None if r[f"last_{tf}"] is None else datetime_to_ms(r[f"last_{tf}"]) for tf in TIMEFRAMES}
+            r["symbol"]: {
+                tf: None if r[f"last_{tf}"] is None else datetime_to_ms(r[f"last_{tf}"]) for tf in ORDERFLOW_TIMEFRAMES
+            }
             for r in await conn.fetch(_ORDERFLOW_SQL)
             if r["last_m1"] is not None
         }
@@ -284,7 +291,7 @@ async def read_pg_state(pool: asyncpg.Pool, local_now_ms: int) -> PgState:
 def orderflow_summary(pg: PgState, now_ms: int) -> dict[str, Any]:
     """Per timeframe the most lagging symbol's newest bar; the trade gaps."""
     lag: dict[str, Any] = {}
-    for tf in TIMEFRAMES:
+    for tf in ORDERFLOW_TIMEFRAMES:
         newest = [(t, symbol) for symbol, times in pg.orderflow.items() if (t := times.get(tf)) is not None]
         worst = min(newest, default=None)
         lag[tf] = None if worst is None else {"symbol": worst[1], **(bar_point(worst[0], tf, now_ms) or {})}
@@ -649,7 +656,8 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
             codes += ["", _YELLOW if colour and t["open_gaps"] else "", ""]
             rows.append(row)
             paint.append(codes)
-        headers = ["SYMBOL", "M1", "LAG", "M5", "LAG", "M15", "LAG", "IND LAG m1/m5/m15", "GAPS", "OLDEST GAP"]
+        headers = ["SYMBOL", *(h for tf in TIMEFRAMES for h in (tf.upper(), "LAG")), f"IND LAG {'/'.join(TIMEFRAMES)}"]
+        headers += ["GAPS", "OLDEST GAP"]
         out += render_table(headers, rows, paint)
     else:
         out.append("  no enabled ticker in `tickers` (set SYMBOLS or enable rows)")

@@ -32,7 +32,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 import core_io
-from aggregation import AGGREGATED_TFS, affected_buckets, bucket_minutes
+from aggregation import AGGREGATED_TFS, affected_buckets
+from aggregation_io import build_buckets
 from archive.files import (
     KINDS,
     ArchiveError,
@@ -46,8 +47,7 @@ from archive.files import (
 )
 from archive.progress import ImportProgress
 from archive.trades import refresh_rollups, store_trades
-from candles import TF_MS, Candle, datetime_to_ms, ms_to_datetime
-from feed_and_aggregate import build_buckets
+from candles import TF_MS, TIMEFRAMES, Candle, datetime_to_ms, ms_to_datetime
 from infra import log_system_event
 from orderflow.history import rebuild_days
 
@@ -172,7 +172,7 @@ class Importer:
         if any(o.status == "imported" for o in outcomes):
             # Fresh planner statistics after a bulk load: without them the newest 1,000 M1
             # of a symbol were read by a sequential scan (25 ms, not 1 ms, after a month).
-            tables = "ohlcv4_m1, ohlcv4_m5, ohlcv4_m15" if kind == "klines" else "agg_trades4"
+            tables = ", ".join(map(core_io.candle_table, TIMEFRAMES)) if kind == "klines" else "agg_trades4"
             await self.pool.execute(f"ANALYZE {tables}")
         return outcomes
 
@@ -266,14 +266,13 @@ class Importer:
         )  # fmt: skip
 
     async def buckets_of(self, symbol: str, candles: Sequence[Candle]) -> list[Candle]:
-        """The M5/M15 of the file's minutes: from the file where it holds all of a
-        bucket's minutes (a whole day does), else from PostgreSQL (a minute only the
-        feed had, or one REST and the archive never had)."""
+        """The M5/M15 (and higher) buckets of the file's minutes: from the file where it
+        holds all of a bucket's minutes (a whole day does), else from PostgreSQL (a minute
+        only the feed had, or one REST and the archive never had)."""
         by_time = {c.open_time: c for c in candles}
 
-        def in_file(symbol: str, tf: str, bucket: int) -> list[Candle] | None:
-            members = [by_time.get(t) for t in bucket_minutes(tf, bucket)]
-            return members if all(members) else None  # type: ignore[return-value]
+        def in_file(symbol: str, tf: str, open_time: int) -> Candle | None:
+            return by_time.get(open_time) if tf == "m1" else None
 
         return await build_buckets(self.pool, affected_buckets((symbol, c.open_time) for c in candles), in_file)
 
@@ -310,7 +309,7 @@ class Importer:
                 await core_io.publish_candles(self.store, self.redis, [(tf, core_io.HistoryBatch(recent))], self.maxlen)
             if older:
                 event = core_io.announced_event(changed[min(older)], history=True)
-                await core_io.publish(self.redis, core_io.CANDLE_STREAMS[tf], [event], self.maxlen)
+                await core_io.publish(self.redis, core_io.candle_stream(tf), [event], self.maxlen)
 
 
 def contiguous(sorted_days: Sequence[date]) -> list[list[date]]:

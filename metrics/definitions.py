@@ -24,9 +24,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from candles import TF_MS, TIMEFRAMES
+
 PREFIX = "feed_v4_"
-TIMEFRAMES = ("m1", "m5", "m15")
-TF_MS = {"m1": 60_000, "m5": 300_000, "m15": 900_000}
 M1_MS = TF_MS["m1"]
 
 # Seconds, from a bar's closing frame to the moment it is in both PostgreSQL and Redis
@@ -44,8 +44,12 @@ def bar_end(tf: str, open_time: int) -> int:
     return open_time + TF_MS[tf]
 
 
-# The timeframes whose bars end with a minute, by the longest of them.
-_ENDING = {"m1": ("m1",), "m5": ("m1", "m5"), "m15": ("m1", "m5", "m15")}
+_ENDING_M1 = ("m1",)
+
+
+def _ending(end: int) -> tuple[str, ...]:
+    """The timeframes built here whose bars end with the minute ending at `end`."""
+    return tuple(tf for tf in TIMEFRAMES if end % TF_MS[tf] == 0)
 
 
 class DaemonMetrics:
@@ -98,7 +102,7 @@ class DaemonMetrics:
         now = time.monotonic()
         end = open_time + M1_MS
         stored, ready = self.stored_arrivals, self.ready_arrivals if self.time_indicators else None
-        for tf in _ENDING["m1" if end % 300_000 else "m5" if end % 900_000 else "m15"]:
+        for tf in _ENDING_M1 if end % 300_000 else _ending(end):
             key = (tf, symbol, end)
             if key not in stored:
                 stored[key] = now
@@ -109,7 +113,7 @@ class DaemonMetrics:
         now = time.monotonic()
         arrivals, newest = self.stored_arrivals, self.newest_stored
         for tf, candles in batches:
-            if tf not in TF_MS or not candles:
+            if tf not in self._stored_count or not candles:
                 continue
             self._stored_count[tf].inc(len(candles))
             waits, span = self._stored_waits[tf], TF_MS[tf]

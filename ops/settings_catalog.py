@@ -58,6 +58,7 @@ _ROWS: list[tuple[str, str, str, str]] = [
     ("feed", "RECONCILE_WINDOW_M1", "120", "minutes re-checked at boot"),
     ("feed", "FEED_BUFFER_MAX_CANDLES", "50000", "candles held in memory while a server is away"),
     ("feed", "FRAME_TIME_TOLERANCE_S", "3600", "a frame this far ahead of the exchange clock is held"),
+    ("feed", "TIMEFRAMES", "m1,m5,m15", "candle timeframes built; h1, h4, d1 add the higher ones"),
     ("feed", "ORDERFLOW", "on", "off: no aggTrades, no order flow"),
     ("feed", "ORDERFLOW_RETENTION_DAYS", "30", "order flow and footprints kept (0: forever)"),
     ("feed", "RAW_TRADES", "off", "on: every aggTrade also kept in agg_trades4"),

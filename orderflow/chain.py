@@ -22,6 +22,7 @@ from orderflow.rows import TF_ROW_MULTIPLE
 
 M1_MS = 60_000
 HIGHER = ("m5", "m15")
+ORDERFLOW_TIMEFRAMES = ("m1", *HIGHER)  # not the higher candle timeframes (README: Higher timeframes)
 
 
 @dataclass

@@ -4,6 +4,7 @@ a whole series (and the documented formulas for what TA-Lib lacks)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import talib
@@ -122,10 +123,10 @@ def close_enough(got: float, want: float) -> bool:
     return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
 
 
-async def configure(pool, cases: list[tuple[str, dict[str, str]]]) -> None:
-    """These instances, and no others, on every timeframe."""
+async def configure(pool, cases: list[tuple[str, dict[str, str]]], timeframes: Sequence[str] = TFS) -> None:
+    """These instances, and no others, on every timeframe (M1/M5/M15 unless told)."""
     await pool.execute("DELETE FROM indicator_instances_v4")
-    for tf in TFS:
+    for tf in timeframes:
         for indicator, params in cases:
             instance_id = await pool.fetchval(
                 "INSERT INTO indicator_instances_v4 (indicator, timeframe) VALUES ($1, $2) RETURNING id", indicator, tf

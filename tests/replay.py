@@ -13,7 +13,7 @@ from daemon import DaemonProcess
 
 import core_io
 from aggregation import aggregate
-from candles import TF_MS, Candle, datetime_to_ms, ms_to_datetime
+from candles import ALL_TIMEFRAMES, BASE_TIMEFRAMES, TF_MS, Candle, datetime_to_ms, ms_to_datetime
 from fake_exchange import ArchiveSource, FakeExchange
 
 M1 = 60_000
@@ -35,7 +35,20 @@ def daemon_env(exchange: FakeExchange, redis_url: str, pg_url: str, symbols: lis
         "WS_BACKOFF_MAX_S": "1",
         "TICKER_REFRESH_S": "0.3",
         "BOOT_WAIT_S": "10",
+        "TIMEFRAMES": ",".join(ALL_TIMEFRAMES),  # every replay checks H1/H4/D1 too
     }
+
+
+async def timeframes_in_use(pool) -> tuple[str, ...]:
+    """M1/M5/M15, and each higher timeframe with rows: the replayed daemons build them
+    all (daemon_env), a feed run inside the tests' process the configured ones."""
+    higher = [tf for tf in ALL_TIMEFRAMES[len(BASE_TIMEFRAMES) :]]
+    found = await pool.fetch(
+        " UNION ALL ".join(
+            f"SELECT '{tf}' AS tf WHERE EXISTS (SELECT FROM {core_io.candle_table(tf)})" for tf in higher
+        )
+    )
+    return (*BASE_TIMEFRAMES, *(tf for tf in higher if tf in {r["tf"] for r in found}))
 
 
 async def until(predicate: Callable, timeout: float, what: str, interval: float = 0.25) -> None:
@@ -79,10 +92,10 @@ async def complete(pool, symbols: list[str], last_closed: int, redis=None) -> bo
 
 
 async def buckets_built(pool, symbols: list[str], last_closed: int) -> bool:
-    """Every M5/M15 bucket that `last_closed` completes is stored: they are built by the
+    """Every bucket that `last_closed` completes is stored: they are built by the
     aggregator a moment after their last minute (later still when it came by backfill),
     and the caches' check alone passes while the newest bucket is still being built."""
-    for tf in ("m5", "m15"):
+    for tf in (await timeframes_in_use(pool))[1:]:
         newest_complete = (last_closed + M1) // TF_MS[tf] * TF_MS[tf] - TF_MS[tf]
         rows = await pool.fetch(
             f"SELECT symbol, max(open_time) AS last FROM {core_io.candle_table(tf)} WHERE symbol = ANY($1) GROUP BY 1",
@@ -95,9 +108,10 @@ async def buckets_built(pool, symbols: list[str], last_closed: int) -> bool:
 
 
 async def caches_caught_up(pool, redis, symbols: list[str]) -> bool:
-    keys = [(symbol, tf) for symbol in symbols for tf in core_io.CANDLE_STREAMS]
+    timeframes = await timeframes_in_use(pool)
+    keys = [(symbol, tf) for symbol in symbols for tf in timeframes]
     cached = await core_io.TimeSeriesCandleStore(redis, 250).read_last_many(keys, 1)
-    for tf in core_io.CANDLE_STREAMS:
+    for tf in timeframes:
         rows = await pool.fetch(
             f"SELECT symbol, max(open_time) AS last FROM {core_io.candle_table(tf)} WHERE symbol = ANY($1) GROUP BY 1",
             symbols,
@@ -120,12 +134,15 @@ async def diagnose(pool, daemon: DaemonProcess, last_closed: int) -> str:
     )
 
 
-def expected_candles(source: ArchiveSource, symbol: str, first: int, last_closed: int) -> dict[str, list[Candle]]:
-    """What the archive says every timeframe must hold from `first` to `last_closed`."""
+def expected_candles(
+    source: ArchiveSource, symbol: str, first: int, last_closed: int, timeframes=BASE_TIMEFRAMES
+) -> dict[str, list[Candle]]:
+    """What the archive says every timeframe must hold from `first` to `last_closed`
+    (each bucket straight from its minutes, not through the lower timeframes)."""
     m1 = archive_m1(source, symbol, first, last_closed)
     by_time = {c.open_time: c for c in m1}
     result = {"m1": m1}
-    for tf in ("m5", "m15"):
+    for tf in timeframes[1:]:
         size = TF_MS[tf]
         result[tf] = [
             aggregate(tf, bucket, [by_time[t] for t in range(bucket, bucket + size, M1) if t in by_time])
@@ -137,15 +154,16 @@ def expected_candles(source: ArchiveSource, symbol: str, first: int, last_closed
 async def candle_mismatches(
     pool, redis, source: ArchiveSource, symbols: list[str], last_closed: int
 ) -> tuple[int, int, list[tuple]]:
-    """(candles expected, candles stored, every difference): each M1/M5/M15 row from a
-    symbol's first M1 to `last_closed` against the archive, with no hole, and the Redis
-    candle caches against PostgreSQL."""
+    """(candles expected, candles stored, every difference): each row of every timeframe
+    in use from a symbol's first M1 to `last_closed` against the archive, with no hole,
+    and the Redis candle caches against PostgreSQL."""
     expected_total = stored_total = 0
     wrong: list[tuple] = []
     caches = core_io.TimeSeriesCandleStore(redis, 250)
+    timeframes = await timeframes_in_use(pool)
     for symbol in symbols:
         first = datetime_to_ms(await pool.fetchval("SELECT min(open_time) FROM ohlcv4_m1 WHERE symbol = $1", symbol))
-        for tf, expected in expected_candles(source, symbol, first, last_closed).items():
+        for tf, expected in expected_candles(source, symbol, first, last_closed, timeframes).items():
             stored = await core_io.fetch_candles(pool, symbol, tf, first, last_closed + M1)
             stored = [c for c in stored if c.open_time + TF_MS[tf] <= last_closed + M1]
             expected_total += len(expected)
@@ -180,7 +198,8 @@ async def candle_mismatches(
 async def unannounced(pool, redis, since_ms: int = 0) -> list[tuple]:
     """Stored candles (opened at or after `since_ms`) missing from their stream."""
     wrong: list[tuple] = []
-    for tf, stream in core_io.CANDLE_STREAMS.items():
+    for tf in ALL_TIMEFRAMES:
+        stream = core_io.candle_stream(tf)
         announced = defaultdict(set)
         for _, fields in await redis.xrange(stream):
             announced[fields["symbol"]].add(int(fields["open_time"]))

@@ -28,7 +28,7 @@ from servers import FakeTelegram
 
 import core_io
 import infra
-from candles import datetime_to_ms
+from candles import TF_MS, datetime_to_ms
 from fake_exchange import ArchiveSource, FakeExchange
 from feed_v4_main import EXIT_STALE_FEED, Daemon, DaemonOptions, boot
 from infra import load_settings, system_event_log
@@ -184,7 +184,7 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
     faults.late_close = 0.01
     faults.malformed_frame = 0.002
     await exchange.start()
-    await configure(pool, COMMON_CASES)
+    await configure(pool, COMMON_CASES, ("m1", "m5", "m15", "h1", "h4"))
     env = daemon_env(exchange, redis_url, pg_url, SYMBOLS)
     daemon = DaemonProcess(env)
     hour = 60 * M1
@@ -227,7 +227,8 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
             assert ticker["m1"]["lag_s"] < 120 and ticker["open_gaps"] == 0, ticker
             newest = ticker["m1"]["open_time_ms"]
             assert ticker["indicators"]["m1"]["open_time_ms"] == newest, ticker
-            assert ticker["m15"]["open_time_ms"] == (newest + M1) // (15 * M1) * (15 * M1) - 15 * M1, ticker
+            for tf in ("m15", "h1", "h4", "d1"):  # the newest whole bucket of each
+                assert ticker[tf]["open_time_ms"] == (newest + M1) // TF_MS[tf] * TF_MS[tf] - TF_MS[tf], ticker
         assert report["gaps"]["missing"] == 0 and report["gaps"]["backfilled"] >= exchange.stats.closes_dropped > 0
         m1_stream = report["streams"][core_io.CANDLE_STREAMS["m1"]]
         assert m1_stream["length"] > 0 and m1_stream["groups"][core_io.INDICATOR_GROUP]["pending"] == 0
@@ -239,6 +240,9 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
         assert time.monotonic() - stopped < 10
         checked = await assert_store_matches_source(pool, redis, source, SYMBOLS, last_closed)
         assert checked >= len(SYMBOLS) * (day + HISTORY_M1)
+        for tf, whole in (("h1", 24), ("h4", 6), ("d1", 1)):  # the replayed day, at least
+            stored = await pool.fetchval(f"SELECT count(*) FROM {core_io.candle_table(tf)}")
+            assert stored >= len(SYMBOLS) * whole, tf
         await assert_every_candle_announced(pool, redis)
         gap_log = {
             (r["symbol"], datetime_to_ms(r["open_time"]))

@@ -69,6 +69,7 @@ async def test_absurd_parameters_and_a_failing_kernel_never_stop_the_other_insta
         await add_instance(pool, "bbands", {"lower_std": "1e300"}): "must be at most 1e+06",
         await add_instance(pool, "hma", {"length": "1e300"}): "beyond 1e+06",
         await add_instance(pool, "ema", {"length": "9"}, "m5"): None,  # runs
+        await add_instance(pool, "ema", {"length": "9"}, "h1"): "timeframe h1 is not built here",  # TIMEFRAMES
         await add_instance(pool, failing_indicator, {"length": "5"}): "failed while computing",
     }
     await core_io.enable_symbols(pool, [SYMBOL])

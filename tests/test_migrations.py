@@ -151,7 +151,7 @@ async def test_money_columns_are_exact_numeric(pool):
     "statement",
     [
         "INSERT INTO tickers (symbol, status) VALUES ('X', 'paused')",
-        "INSERT INTO indicator_instances_v4 (indicator, timeframe) VALUES ('ema', 'h1')",
+        "INSERT INTO indicator_instances_v4 (indicator, timeframe) VALUES ('ema', 'h2')",
         "INSERT INTO missing_m1_log_v4 (symbol, open_time, status) VALUES ('X', now(), 'lost')",
         "INSERT INTO system_log_v4 (level, module, message) VALUES ('LOUD', 'm', 'x')",
         "INSERT INTO signal_phrases (phrase, action) VALUES ('buy', 'open_sideways')",

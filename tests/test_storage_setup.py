@@ -27,6 +27,7 @@ from servers import drop_database, recreate_database, setting
 
 import core_io
 from archive.files import day_start_ms
+from candles import ALL_TIMEFRAMES
 from fake_exchange import ArchiveSource, FakeExchange
 from feed_and_aggregate import CandleIntake
 from infra import ConfigError, system_event_log
@@ -69,12 +70,13 @@ async def hypertables(pool: asyncpg.Pool) -> set[str]:
 
 
 async def fill(pool: asyncpg.Pool, redis, minutes: slice, first: bool = False) -> None:
-    """Candles (M1, and the M5/M15 built from them) stored while the indicator worker runs:
+    """Candles (M1, and the M5 to D1 built from them) stored while the indicator worker runs:
     each bar's values, for the default indicators."""
     if first:
         await configure(pool, COMMON_CASES)
         await core_io.enable_symbols(pool, [SYMBOL])
-    intake = CandleIntake(pool, redis, core_io.make_candle_store(redis, True, 250), stream_maxlen=100_000)
+    store = core_io.make_candle_store(redis, True, 250)
+    intake = CandleIntake(pool, redis, store, stream_maxlen=100_000, aggregated=ALL_TIMEFRAMES[1:])
     m1 = list(islice(read_archive(SYMBOL), minutes.stop))[minutes]
     await core_io.ensure_groups(redis)
     running = Running(pool, redis)

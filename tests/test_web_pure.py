@@ -54,6 +54,18 @@ def test_bad_channels_are_refused_with_the_reason(text, reason):
         channel_param(text, KNOWN)
 
 
+def test_higher_timeframes_are_served_where_built_and_never_for_order_flow():
+    built = ("m1", "m5", "m15", "h1", "h4", "d1")
+    assert channel_param("candles:BTCUSDT:H4", KNOWN, built) == "candles:BTCUSDT:h4"
+    assert channel_param("indicators:BTCUSDT:d1", KNOWN, built) == "indicators:BTCUSDT:d1"
+    for kind in ("orderflow", "footprint"):
+        with pytest.raises(BadRequest, match="'h1' is not one of m1, m5, m15"):
+            channel_param(f"{kind}:BTCUSDT:h1", KNOWN, built)
+    assert range_query({"symbol": "BTCUSDT", "tf": "d1"}, KNOWN, timeframes=built).tf == "d1"
+    with pytest.raises(BadRequest, match="'d1' is not one of m1, m5, m15"):
+        range_query({"symbol": "BTCUSDT", "tf": "d1"}, KNOWN, timeframes=("m1", "m5", "m15"))
+
+
 def test_subscription_messages():
     assert subscription_request({"unsubscribe": ["book:BTCUSDT"]}, KNOWN) == ("unsubscribe", ["book:BTCUSDT"])
     for bad in ([], {"subscribe": "book:BTCUSDT"}, {"subscribe": [], "unsubscribe": []}, {"watch": []}):
