@@ -1,9 +1,18 @@
-"""A daily aggTrades file into `agg_trades4` (the raw trades, storage/raw.py), at the
-server's speed: the zip's CSV goes to PostgreSQL as it is, one COPY into a temporary
-table that parses it (no Python per row: a busy symbol's day is millions of rows), then
-one INSERT that checks each row, converts it to the table's units and keeps each trade
-once (`ON CONFLICT DO NOTHING`: a file taken again, or trades the daemon stored live).
-Rows that fail the checks are counted and a few quoted, never stored.
+"""A daily aggTrades file into `agg_trades4` (the raw trades, storage/raw.py), with no
+Python per row (a busy symbol's day is millions of rows).
+
+- **A day with no trade of the symbol stored yet** (the usual import): the CSV is read in
+  chunks of whole columns (pandas' C reader, in a thread), checked and converted to
+  binary COPY rows by numpy (archive/trade_rows.py) and streamed straight into
+  `agg_trades4` while the next chunk is read: the server only stores. A value that path
+  cannot convert exactly, a CSV it cannot read, or a trade already there (the daemon
+  storing live trades meanwhile, a repeated id) undoes it, and the file takes the next path.
+- **Otherwise** (exact, slower): the CSV goes to PostgreSQL as it is, one COPY into a
+  temporary table that parses it, then one INSERT that checks each row, converts it to
+  the table's units and keeps each trade once (`ON CONFLICT DO NOTHING`: a file taken
+  again, or trades the daemon stored live).
+
+Either way rows that fail the checks are counted and a few quoted, never stored.
 
 On the full edition the trade rollups of the day are then materialised
 (`refresh_continuous_aggregate`): their policy looks back two hours only, and what they
@@ -12,12 +21,28 @@ materialise outlives the raw rows' retention.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import logging
 import zipfile
+import zlib
+from collections.abc import AsyncIterator
 from datetime import date
 
 import asyncpg
+import pandas as pd
 
 from archive.files import ArchiveError, csv_member, day_start_ms
+from archive.trade_rows import (
+    COPY_HEADER,
+    COPY_TRAILER,
+    CSV_COLUMNS,
+    CSV_TYPES,
+    Converted,
+    DecimalScanner,
+    Unconvertible,
+    copy_rows,
+)
 from candles import DAY_MS, ms_to_datetime
 from storage import partitions
 from storage.layout import HOUR_MS
@@ -26,7 +51,6 @@ _STAGE_SQL = (
     "CREATE TEMP TABLE IF NOT EXISTS archive_trades (agg_id int8, price numeric, quantity numeric, "
     "first_id int8, last_id int8, t int8, buyer_maker boolean) ON COMMIT DELETE ROWS"
 )
-_CSV_COLUMNS = ["agg_id", "price", "quantity", "first_id", "last_id", "t", "buyer_maker"]
 # What a row must be to be stored: a positive price and a quantity of whole units (1e-8),
 # ids in order, a time inside the file's day.
 _VALID = (
@@ -46,6 +70,7 @@ _REJECTED_SQL = (
     f"WHERE NOT ({_VALID}) LIMIT 3"
 )
 TRADE_ROLLUPS = ("raw_trades_1s4", "raw_trades_1m4")
+log = logging.getLogger("ARCHIVE")
 
 
 async def store_trades(
@@ -55,14 +80,77 @@ async def store_trades(
     archive, member, header = csv_member(data, name)
     first = day_start_ms(day)
     await partitions.ensure(pool, "agg_trades4", range(first, first + DAY_MS, HOUR_MS))
+    if not await pool.fetchval(_DAY_HAS_TRADES_SQL, symbol, ms_to_datetime(first), ms_to_datetime(first + DAY_MS)):
+        try:
+            return await _copy_converted(pool, symbol, first, archive, member, header)
+        except (ValueError, asyncpg.UniqueViolationError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            log.info("%s: taking the exact path (%s)", name, exc)
+    return await _copy_checked(pool, symbol, first, archive, member, header, name)
+
+
+_DAY_HAS_TRADES_SQL = "SELECT EXISTS (SELECT FROM agg_trades4 WHERE symbol = $1 AND ts >= $2 AND ts < $3)"
+CHUNK_ROWS = 250_000
+
+
+async def _copy_converted(
+    pool: asyncpg.Pool, symbol: str, first: int, archive: zipfile.ZipFile, member: zipfile.ZipInfo, header: bool
+) -> tuple[int, int, int, list]:
+    """The fast path: chunks converted in a thread while the server stores the previous one."""
+    loop = asyncio.get_running_loop()
+    total = refused = 0
+    examples: list[tuple] = []
+    with archive.open(member) as raw:
+        scanner = DecimalScanner(raw)
+        chunks = pd.read_csv(
+            io.BufferedReader(scanner, 1 << 20),
+            header=0 if header else None,
+            names=list(CSV_COLUMNS),
+            dtype=CSV_TYPES,
+            engine="c",
+            chunksize=CHUNK_ROWS,
+        )
+
+        def convert_next() -> Converted | None:
+            frame = next(chunks, None)
+            if scanner.too_precise:  # every byte of a chunk is read before it is returned
+                raise Unconvertible("a value with more than 8 decimals")
+            if frame is None:
+                return None
+            return copy_rows(symbol, first, first + DAY_MS, {c: frame[c].to_numpy() for c in CSV_COLUMNS})
+
+        async def rows() -> AsyncIterator[bytes]:
+            nonlocal total, refused
+            yield COPY_HEADER
+            while (part := await loop.run_in_executor(None, convert_next)) is not None:
+                total += part.kept + part.refused
+                refused += part.refused
+                examples.extend(part.examples[: 3 - len(examples)])
+                yield part.rows
+            yield COPY_TRAILER
+
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.copy_to_table("agg_trades4", source=rows(), format="binary")
+    return total, refused, total - refused, examples
+
+
+async def _copy_checked(
+    pool: asyncpg.Pool,
+    symbol: str,
+    first: int,
+    archive: zipfile.ZipFile,
+    member: zipfile.ZipInfo,
+    header: bool,
+    name: str,
+) -> tuple[int, int, int, list]:
+    """The exact path: PostgreSQL parses the CSV's decimals and checks each row."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(_STAGE_SQL)
         try:
             with archive.open(member) as csv_file:
                 await conn.copy_to_table(
-                    "archive_trades", source=csv_file, columns=_CSV_COLUMNS, format="csv", header=header
+                    "archive_trades", source=csv_file, columns=list(CSV_COLUMNS), format="csv", header=header
                 )
-        except (asyncpg.DataError, zipfile.BadZipFile, EOFError) as exc:  # a field COPY cannot read
+        except (asyncpg.DataError, zipfile.BadZipFile, EOFError, zlib.error) as exc:  # a field COPY cannot read
             raise ArchiveError(f"{name}: not a readable aggTrades CSV ({exc})") from exc
         total = int(await conn.fetchval("SELECT count(*) FROM archive_trades"))
         stored = int((await conn.execute(_INSERT_SQL, symbol, first, first + DAY_MS)).split()[-1])
