@@ -1,5 +1,5 @@
-"""One symbol's final M1 order flow, published in minute order as M1, M5 and M15 bars.
-Pure.
+"""One symbol's final M1 order flow, published in minute order as M1, M5 and M15 bars
+(and the H1, H4 and D1 that TIMEFRAMES builds). Pure.
 
 A minute is published only after every minute before it (as candles are): its CVD is
 the sum of the deltas before it, so a minute refetched late holds back the ones after
@@ -12,17 +12,28 @@ bucket (the first minute ever followed) skips that bucket.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from candles import TF_MS, bucket_start
+from candles import TF_MS, TIMEFRAMES, bucket_start
 from orderflow.fold import BarFlow, merge, merge_into
 from orderflow.output import CvdChain, FinalBar
 from orderflow.profile import ImbalanceRules
 from orderflow.rows import TF_ROW_MULTIPLE
 
 M1_MS = 60_000
-HIGHER = ("m5", "m15")
-ORDERFLOW_TIMEFRAMES = ("m1", *HIGHER)  # not the higher candle timeframes (README: Higher timeframes)
+HIGHER = TIMEFRAMES[1:]  # the merged timeframes: M5, M15 and the higher ones built here
+ORDERFLOW_TIMEFRAMES = ("m1", *HIGHER)
+# What a forming bucket is resumed from after a restart, the coarsest that fits first
+# (stored bars are whole): a forming D1 at 23:59 is 5 H4, 3 H1, 3 M15 and 14 M1 bars
+# read back, not 1,439 M1.
+PARTS_OF: dict[str, tuple[str, ...]] = {
+    "m5": ("m1",),
+    "m15": ("m1",),
+    "h1": ("m15", "m1"),
+    "h4": ("h1", "m15", "m1"),
+    "d1": ("h4", "h1", "m15", "m1"),
+}
 
 
 @dataclass
@@ -37,13 +48,15 @@ class Bucket:
     whole: bool = True  # no minute of it unfillable
     merged: BarFlow | None = None
 
-    def add(self, bar: BarFlow | None) -> None:
-        self.minutes += 1
+    def add(self, bar: BarFlow | None, part_tf: str = "m1") -> None:
+        """A published minute (None: unfillable), or a stored whole bar of `part_tf`."""
+        self.minutes += TF_MS[part_tf] // M1_MS
         if bar is None:
             self.whole = False
             return
         if self.merged is None:
-            self.merged = merge(self.start, bar.row_size * TF_ROW_MULTIPLE[self.tf], [bar])
+            m1_row = bar.row_size // TF_ROW_MULTIPLE[part_tf]
+            self.merged = merge(self.start, m1_row * TF_ROW_MULTIPLE[self.tf], [bar])
         else:
             merge_into(self.merged, bar)
 
@@ -57,8 +70,15 @@ class SymbolChain:
     rules: ImbalanceRules = field(default_factory=ImbalanceRules)
     next_minute: int | None = None  # the first minute not published; None until one is offered
     waiting: dict[int, BarFlow | None] = field(default_factory=dict)  # None: unfillable
-    cvd: dict[str, CvdChain] = field(default_factory=lambda: {tf: CvdChain() for tf in ("m1", *HIGHER)})
-    buckets: dict[str, Bucket | None] = field(default_factory=lambda: dict.fromkeys(HIGHER))
+    higher: tuple[str, ...] = HIGHER
+    cvd: dict[str, CvdChain] = field(default_factory=dict)
+    buckets: dict[str, Bucket | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for tf in ("m1", *self.higher):
+            self.cvd.setdefault(tf, CvdChain())
+        for tf in self.higher:
+            self.buckets.setdefault(tf, None)
 
     def start(self, minute: int) -> None:
         """The first minute of a chain with nothing published: the minutes after it wait
@@ -66,15 +86,18 @@ class SymbolChain:
         if self.next_minute is None:
             self.next_minute = minute
 
-    def resume(self, next_minute: int, cvd: dict[str, CvdChain], parts: dict[str, list[BarFlow] | None]) -> None:
+    def resume(
+        self, next_minute: int, cvd: dict[str, CvdChain], parts: dict[str, list[tuple[str, BarFlow]] | None]
+    ) -> None:
         """After a restart: the minute after the newest published, the series' CVD at
-        their newest bars, and the published M1 bars of the forming M5/M15 buckets."""
+        their newest bars, and the stored bars the forming buckets are made of so far
+        (`forming_parts`; None: that bucket is not whole and will not be written)."""
         self.next_minute = next_minute
         self.cvd.update(cvd)
         for tf, bars in parts.items():
             bucket = self.buckets[tf] = Bucket(tf, bucket_start(next_minute, tf)) if bars is not None else None
-            for bar in bars or ():
-                bucket.add(bar)  # type: ignore[union-attr]
+            for part_tf, bar in bars or ():
+                bucket.add(bar, part_tf)  # type: ignore[union-attr]
 
     def skip_to(self, minute: int) -> None:
         """Every minute before `minute` is unfillable (a long outage): none is written,
@@ -82,7 +105,7 @@ class SymbolChain:
         if self.next_minute is not None and self.next_minute < minute:
             self.next_minute = minute
             self.waiting = {m: b for m, b in self.waiting.items() if m >= minute}
-            self.buckets = dict.fromkeys(HIGHER)
+            self.buckets = dict.fromkeys(self.higher)
 
     def offer(self, minute: int, bar: BarFlow | None) -> list[FinalBar]:
         """A final minute (None: unfillable); returns the bars now published."""
@@ -97,7 +120,7 @@ class SymbolChain:
             bar = self.waiting.pop(minute)
             if bar is not None:
                 out.append(FinalBar.of(self.symbol, "m1", bar, self.cvd["m1"], self.rules))
-            for tf in HIGHER:
+            for tf in self.higher:
                 merged = self._bucket(tf, minute, bar)
                 if merged is not None:
                     out.append(FinalBar.of(self.symbol, tf, merged, self.cvd[tf], self.rules))
@@ -125,3 +148,20 @@ class SymbolChain:
         if bucket is not None and bucket.start == start and bucket.merged is not None:
             bars.insert(0, bucket.merged)
         return merge(start, minute_bar.row_size * TF_ROW_MULTIPLE[tf], bars)
+
+
+def forming_parts(
+    tf: str, next_minute: int, stored: Mapping[tuple[str, int], BarFlow]
+) -> list[tuple[str, BarFlow]] | None:
+    """The stored (tf, open time) bars a forming bucket of `tf` is made of before
+    `next_minute`, the coarsest that fit first. None when one is missing: a minute of it
+    was unfillable, or the chain began inside it; the bucket will not be written."""
+    time, parts = bucket_start(next_minute, tf), []
+    while time < next_minute:
+        part_tf = next(p for p in PARTS_OF[tf] if time % TF_MS[p] == 0 and time + TF_MS[p] <= next_minute)
+        bar = stored.get((part_tf, time))
+        if bar is None:
+            return None
+        parts.append((part_tf, bar))
+        time += TF_MS[part_tf]
+    return parts

@@ -27,7 +27,7 @@ from binance.rest import RestClient, RestError
 from candles import DAY_MS, bucket_start
 from infra import PG_DOWN_ERRORS, REDIS_DOWN_ERRORS, Outage, RateLimitedLog, env_number, log_system_event
 from orderflow import store
-from orderflow.chain import HIGHER, SymbolChain
+from orderflow.chain import HIGHER, ORDERFLOW_TIMEFRAMES, PARTS_OF, SymbolChain, forming_parts
 from orderflow.fold import AggTrade, BarFlow, fold
 from orderflow.output import CvdChain, FinalBar
 from orderflow.profile import ImbalanceRules
@@ -41,10 +41,10 @@ MODULE = "ORDERFLOW"
 M1_MS = 60_000
 SERVED_MS = 48 * 3_600_000  # the exchange serves aggTrades of the last 48 hours
 RULE_HOURS = 23  # the row rule reads the first 23 hours of the previous day: known by 23:00
-# Ticks between forming refreshes (M1: every tick, 250 ms): M5 every second, M15 every two
-# (their documents grow through the bucket; after a burst they are the refresh's main
-# cost until the bucket ends).
-FORMING_EVERY = {"m5": 4, "m15": 8}
+# Ticks between forming refreshes (M1: every tick, 250 ms): M5 every second, M15 every two,
+# H1 and H4 every four, D1 every eight (their documents grow through the bucket; after a
+# burst they are the refresh's main cost until the bucket ends).
+FORMING_EVERY = {"m5": 4, "m15": 8, "h1": 16, "h4": 16, "d1": 32}
 
 
 @dataclass(frozen=True)
@@ -201,15 +201,16 @@ class OrderFlowIntake:
         await self.plan_day(new, today)
         if now - today >= RULE_HOURS * 3_600_000:
             await self.plan_day(new, today + DAY_MS)
-        newest = await store.newest_bars(self.pool, new)
+        newest = await store.newest_bars(self.pool, new, ORDERFLOW_TIMEFRAMES)
         ranges = []
         for symbol in new:
             record = newest.get((symbol, "m1"))
             if record is None:
                 continue
             last = core_io.datetime_to_ms(record["open_time"])
-            ranges.append((symbol, bucket_start(last + M1_MS, "m15"), last))
-        stored_parts = await store.m1_bars_between(self.pool, ranges)
+            ranges.append((symbol, bucket_start(last + M1_MS, HIGHER[-1]), last))
+        part_tfs = sorted({p for tf in HIGHER for p in PARTS_OF[tf]})
+        stored_parts = await store.bars_between(self.pool, ranges, part_tfs)
         current = now - now % M1_MS
         for symbol in new:
             self.tapes[symbol] = Tape(self.row_size(symbol))
@@ -218,13 +219,9 @@ class OrderFlowIntake:
             if record is None:
                 continue
             next_minute = core_io.datetime_to_ms(record["open_time"]) + M1_MS
-            chains = {tf: CvdChain.after(newest.get((symbol, tf))) for tf in ("m1", *HIGHER)}
-            parts: dict[str, list[BarFlow] | None] = {}
-            for tf in HIGHER:  # the stored minutes of the forming buckets, if all are there
-                start = bucket_start(next_minute, tf)
-                bars = [b for b in stored_parts.get(symbol, []) if b.open_time >= start]
-                parts[tf] = bars if len(bars) == (next_minute - start) // M1_MS else None
-            chain.resume(next_minute, chains, parts)
+            chains = {tf: CvdChain.after(newest.get((symbol, tf))) for tf in ORDERFLOW_TIMEFRAMES}
+            stored = stored_parts.get(symbol, {})
+            chain.resume(next_minute, chains, {tf: forming_parts(tf, next_minute, stored) for tf in HIGHER})
             served_from = current - SERVED_MS + 5 * M1_MS
             served_from -= served_from % M1_MS
             if next_minute < served_from:  # beyond the exchange's 48 hours: one log line, no row per minute
@@ -376,9 +373,10 @@ class OrderFlowIntake:
             now = self.now_ms()
             if not now:
                 continue
+            stale = now - now % M1_MS - self.settings.stale_minute_ms
             for symbol, tape in list(self.tapes.items()):
                 tape.tick(now)
-                for minute in tape.drop_before(now - now % M1_MS - self.settings.stale_minute_ms):
+                for minute in tape.drop_before(stale):
                     tape.outcomes.append(Outcome(minute, "refetch", None, "no close came for it"))
                 if tape.outcomes:
                     self._take(symbol, tape)

@@ -3,8 +3,8 @@
 Deterministic by construction (the same stored candles give the same size, live or
 rebuilt): the mean true range of the previous UTC day's M1 candles over a target row
 count, snapped down to the tick size times 1, 2 or 5 × 10^k (at least one tick).
-M5 and M15 rows are whole multiples of the M1 row, so their footprints are merged
-from M1 footprints exactly.
+M5 to D1 rows are whole multiples of the M1 row, so their footprints are merged from M1
+footprints exactly.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 TARGET_ROWS = 10  # rows an average M1 bar spans
-TF_ROW_MULTIPLE = {"m1": 1, "m5": 2, "m15": 4}  # ranges grow about as √(minutes): 1, 2.2, 3.9
+# Ranges grow about as √(minutes): 1, 2.2, 3.9, 7.7, 15.5, 38. Each divides the next, so
+# a forming bucket can be resumed from stored coarser bars (orderflow/chain.py).
+TF_ROW_MULTIPLE = {"m1": 1, "m5": 2, "m15": 4, "h1": 8, "h4": 16, "d1": 32}
 DEFAULT_TICKS = 10  # the M1 row, in ticks, for a symbol with no previous day
 
 

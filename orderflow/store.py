@@ -228,30 +228,38 @@ def bar_of_record(record: Mapping[str, Any]) -> BarFlow:
     return bar
 
 
-async def newest_bars(pool: asyncpg.Pool, symbols: Sequence[str]) -> dict[tuple[str, str], asyncpg.Record]:
+async def newest_bars(
+    pool: asyncpg.Pool, symbols: Sequence[str], timeframes: Sequence[str]
+) -> dict[tuple[str, str], asyncpg.Record]:
     """Each series' newest stored bar (symbol, tf) -> its row, one index probe each."""
     rows = await pool.fetch(
-        "SELECT o.* FROM unnest($1::text[]) AS s(symbol) CROSS JOIN unnest(ARRAY['m1', 'm5', 'm15']) AS t(tf) "
+        "SELECT o.* FROM unnest($1::text[]) AS s(symbol) CROSS JOIN unnest($2::text[]) AS t(tf) "
         "CROSS JOIN LATERAL (SELECT * FROM orderflow4 f WHERE f.symbol = s.symbol AND f.tf = t.tf "
         "ORDER BY f.open_time DESC LIMIT 1) o",
         list(symbols),
+        list(timeframes),
     )
     return {(r["symbol"], r["tf"]): r for r in rows}
 
 
-async def m1_bars_between(pool: asyncpg.Pool, ranges: Sequence[tuple[str, int, int]]) -> dict[str, list[BarFlow]]:
-    """Stored M1 bars per symbol in [first, last], oldest first, one query."""
+async def bars_between(
+    pool: asyncpg.Pool, ranges: Sequence[tuple[str, int, int]], timeframes: Sequence[str]
+) -> dict[str, dict[tuple[str, int], BarFlow]]:
+    """Stored bars of these timeframes per symbol opened in [first, last], one query:
+    symbol -> (tf, open time) -> bar."""
     rows = await pool.fetch(
         "SELECT f.* FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS r(symbol, first, last) "
-        "JOIN orderflow4 f ON f.symbol = r.symbol AND f.tf = 'm1' AND f.open_time BETWEEN r.first AND r.last "
-        "ORDER BY f.symbol, f.open_time",
+        "JOIN orderflow4 f ON f.symbol = r.symbol AND f.tf = ANY($4::text[]) "
+        "AND f.open_time BETWEEN r.first AND r.last",
         [r[0] for r in ranges],
         [ms_to_datetime(r[1]) for r in ranges],
         [ms_to_datetime(r[2]) for r in ranges],
+        list(timeframes),
     )
-    out: dict[str, list[BarFlow]] = {}
+    out: dict[str, dict[tuple[str, int], BarFlow]] = {}
     for record in rows:
-        out.setdefault(record["symbol"], []).append(bar_of_record(record))
+        bar = bar_of_record(record)
+        out.setdefault(record["symbol"], {})[(record["tf"], bar.open_time)] = bar
     return out
 
 

@@ -24,18 +24,26 @@ CREATE TABLE IF NOT EXISTS ohlcv4_d1 (
     CHECK (extract(epoch FROM open_time)::bigint % 86400 = 0)
 );
 
--- Indicator instances may use them. The check is replaced only while it still has the
--- base three (a lock on a small table, once per database).
+-- Indicator instances and order flow may use them. A check that still lists only the
+-- base three is replaced (found by its definition: a table made over again in place keeps
+-- its checks but not always their names); a lock on each table, once per database.
+-- TimescaleDB takes this on a hypertable with compressed chunks too.
 DO $$
+DECLARE
+    item record;
 BEGIN
-    IF EXISTS (
-        SELECT 1 FROM pg_constraint
-        WHERE conrelid = 'indicator_instances_v4'::regclass
-          AND conname = 'indicator_instances_v4_timeframe_check'
-          AND pg_get_constraintdef(oid) NOT LIKE '%d1%'
-    ) THEN
-        ALTER TABLE indicator_instances_v4 DROP CONSTRAINT indicator_instances_v4_timeframe_check;
-        ALTER TABLE indicator_instances_v4 ADD CONSTRAINT indicator_instances_v4_timeframe_check
-            CHECK (timeframe IN ('m1', 'm5', 'm15', 'h1', 'h4', 'd1'));
-    END IF;
+    FOR item IN
+        SELECT c.conrelid::regclass AS tab, c.conname, t.col
+        FROM pg_constraint c
+        JOIN (VALUES ('indicator_instances_v4'::regclass, 'timeframe'), ('orderflow4'::regclass, 'tf')) AS t(tab, col)
+          ON c.conrelid = t.tab
+        WHERE c.contype = 'c' AND NOT c.coninhcount > 0
+          AND pg_get_constraintdef(c.oid) LIKE '%''m15''%' AND pg_get_constraintdef(c.oid) NOT LIKE '%''d1''%'
+    LOOP
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', item.tab, item.conname);
+        EXECUTE format(
+            'ALTER TABLE %s ADD CONSTRAINT %I CHECK (%I IN (''m1'', ''m5'', ''m15'', ''h1'', ''h4'', ''d1''))',
+            item.tab, item.conname, item.col
+        );
+    END LOOP;
 END $$;

@@ -32,7 +32,12 @@ from candles import TF_MS, datetime_to_ms
 from fake_exchange import ArchiveSource, FakeExchange
 from feed_v4_main import EXIT_STALE_FEED, Daemon, DaemonOptions, boot
 from infra import load_settings, system_event_log
+from orderflow import store
+from orderflow.fold import merge
+from orderflow.rows import TF_ROW_MULTIPLE
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
+
+FAR = core_io.FAR_FUTURE_MS
 
 
 def archive(symbols: list[str], minutes: int) -> ArchiveSource:
@@ -251,12 +256,33 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
         injected = {gap for gap in exchange.stats.dropped_closes if START + 5 * M1 <= gap[1] <= last_closed}
         assert injected and injected <= gap_log
         assert await assert_values_match_talib(pool, SYMBOLS) > len(SYMBOLS) * day * 40
+        assert await assert_higher_order_flow_merges_its_minutes(pool, SYMBOLS) >= len(SYMBOLS)
 
         after = run_main(env, "status", "--json")  # the daemon is gone: its heartbeat with it
         assert after.returncode == 1 and any("heartbeat" in r for r in json.loads(after.stdout)["unhealthy"])
     finally:
         daemon.cleanup()
         await exchange.stop()
+
+
+async def assert_higher_order_flow_merges_its_minutes(pool, symbols: list[str]) -> int:
+    """Every H1, H4 and D1 order-flow bar is the merge of its 60, 240 or 1,440 stored M1
+    bars, and every bucket whose minutes are all stored has its bar; returns how many."""
+    checked = 0
+    for symbol in symbols:
+        stored = (await store.bars_between(pool, [(symbol, 0, FAR)], ["m1", "h1", "h4", "d1"])).get(symbol, {})
+        minutes = {t: bar for (tf, t), bar in stored.items() if tf == "m1"}
+        for tf in ("h1", "h4", "d1"):
+            size = TF_MS[tf]
+            got = {t: bar for (part, t), bar in stored.items() if part == tf}
+            starts = {t - t % size for t in minutes}
+            whole = {s for s in starts if all(s + k * M1 in minutes for k in range(size // M1))}
+            assert set(got) == whole, (symbol, tf, sorted(set(got) ^ whole)[:5])
+            for start, bar in got.items():
+                parts = [minutes[start + k * M1] for k in range(size // M1)]
+                assert bar == merge(start, parts[0].row_size * TF_ROW_MULTIPLE[tf], parts), (symbol, tf, start)
+            checked += len(got)
+    return checked
 
 
 async def _indicators_at(redis, symbols: list[str], open_time: int) -> bool:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import random
 
 from binance.symbols import parse_listing
-from candles import DAY_MS
-from orderflow.chain import SymbolChain
+from candles import DAY_MS, TF_MS
+from orderflow.chain import SymbolChain, forming_parts
 from orderflow.fold import AggTrade, BarFlow, fold, merge
 from orderflow.output import CvdChain
 from orderflow.rows import day_row, first_price_row
@@ -113,9 +113,59 @@ def test_a_resumed_chain_merges_the_stored_minutes_of_its_buckets():
     }
     cvd["m15"] = CvdChain()
     stored = list(bars.values())[:7]
-    resumed.resume(DAY + 7 * M1, cvd, {"m5": stored[5:], "m15": stored})
+    resumed.resume(DAY + 7 * M1, cvd, {"m5": [("m1", b) for b in stored[5:]], "m15": [("m1", b) for b in stored]})
     rest = published(resumed, list(bars.items())[7:])
     assert [(b.tf, b.bar, b.cvd) for b in first_part + rest] == [(b.tf, b.bar, b.cvd) for b in expected]
+
+
+HIGHER = ("m5", "m15", "h1", "h4", "d1")
+
+
+def test_h1_h4_and_d1_are_the_merge_of_their_minutes_and_a_restart_resumes_them_from_stored_bars():
+    """Two days of minutes (some quiet) through a chain with every timeframe; a restart at
+    random minutes resumes from the stored bars, coarsest first (forming_parts), and goes
+    on to publish exactly what the unbroken chain published."""
+    minutes = [DAY + k * M1 for k in range(2 * 1440)]
+    bars = {t: minute_bar(t, k + 1) for k, t in enumerate(minutes)}
+    whole = SymbolChain("LINKUSDT", higher=HIGHER)
+    whole.start(DAY)
+    expected = published(whole, list(bars.items()))
+    for tf, multiple in (("h1", 8), ("h4", 16), ("d1", 32)):
+        finals = [b for b in expected if b.tf == tf]
+        assert len(finals) == 2 * DAY_MS // TF_MS[tf]
+        for final in finals:
+            start = final.bar.open_time
+            parts = [bars[t] for t in range(start, start + TF_MS[tf], M1)]
+            assert final.bar == merge(start, multiple * ROW, parts), (tf, start)
+    assert [b.cvd for b in expected if b.tf == "d1"][-1] == sum(b.delta for b in bars.values())
+    for restart in [*random.Random(5).sample(minutes[1:], 12), DAY + 1440 * M1 + 1439 * M1]:
+        before = [b for b in expected if b.bar.open_time + TF_MS[b.tf] <= restart]
+        stored = {(b.tf, b.bar.open_time): b.bar for b in before}
+        newest = {b.tf: b for b in before}  # the newest stored bar of each series
+        cvd = {
+            tf: CvdChain(b.cvd, b.cvd_day, b.bar.open_time - b.bar.open_time % DAY_MS)
+            if (b := newest.get(tf))
+            else CvdChain()
+            for tf in ("m1", *HIGHER)
+        }
+        resumed = SymbolChain("LINKUSDT", higher=HIGHER)
+        parts = {tf: forming_parts(tf, restart, stored) for tf in HIGHER}
+        if restart % DAY_MS > 4 * 3_600_000:
+            assert len(parts["d1"]) < 30, "read back as coarse bars, not minutes"
+        resumed.resume(restart, cvd, parts)
+        rest = published(resumed, [(t, bars[t]) for t in minutes if t >= restart])
+        after = [b for b in expected if b.bar.open_time + TF_MS[b.tf] > restart]
+        assert [(b.tf, b.bar, b.cvd, b.cvd_day) for b in rest] == [(b.tf, b.bar, b.cvd, b.cvd_day) for b in after]
+
+
+def test_a_forming_bucket_with_a_part_missing_is_not_resumed():
+    stored = {("h1", DAY): minute_bar(DAY, 1), ("m1", DAY + 60 * M1): minute_bar(DAY + 60 * M1, 2)}
+    assert forming_parts("h4", DAY + 61 * M1, stored) == [
+        ("h1", stored[("h1", DAY)]),
+        ("m1", stored[("m1", DAY + 60 * M1)]),
+    ]
+    assert forming_parts("h4", DAY + 62 * M1, stored) is None  # 01:01 is not there
+    assert forming_parts("d1", DAY, stored) == []  # nothing formed yet
 
 
 def test_the_forming_bucket_merges_its_published_minutes_and_the_forming_one():

@@ -275,7 +275,8 @@ def test_the_row_size_comes_from_the_previous_days_true_range():
     assert m1_row_size([], tick) == 10 * tick
     assert [row_size(to_units("0.5"), tf) for tf in ("m1", "m5", "m15")] == [to_units(x) for x in ("0.5", "1", "2")]
     assert row_size(to_units("0.5"), "m15", fixed=to_units("0.3")) == to_units("1.2")
-    assert all(TF_ROW_MULTIPLE["m15"] % m == 0 for m in TF_ROW_MULTIPLE.values()), "M15 merges M5 rows too"
+    multiples = list(TF_ROW_MULTIPLE.values())
+    assert all(b % a == 0 for a, b in pairwise(multiples)), "each merges the rows of those below"
 
 
 # --------------------------------------------------------------------------- real trades

@@ -148,9 +148,9 @@ async def test_a_stored_bar_comes_back_as_the_fold_left_it_and_the_newest_per_se
     empty = FinalBar.of("ETHUSDT", "m1", BarFlow(bars[-1].bar.open_time + M1, to_units("0.5")), CvdChain(), RULES)
     await store.upsert_bars(pool, [*bars, empty])
     first, last = bars[0].bar.open_time, empty.bar.open_time
-    loaded = (await store.m1_bars_between(pool, [("ETHUSDT", first, last)]))["ETHUSDT"]
-    assert loaded == [b.bar for b in bars] + [empty.bar]
-    newest = await store.newest_bars(pool, ["ETHUSDT", "NOSUCHUSDT"])
+    loaded = (await store.bars_between(pool, [("ETHUSDT", first, last)], ["m1", "m5"]))["ETHUSDT"]
+    assert loaded == {("m1", b.bar.open_time): b.bar for b in [*bars, empty]}
+    newest = await store.newest_bars(pool, ["ETHUSDT", "NOSUCHUSDT"], ["m1", "m5", "m15"])
     assert set(newest) == {("ETHUSDT", "m1")} and newest[("ETHUSDT", "m1")]["open_time"] == ms_to_datetime(last)
 
 

@@ -34,6 +34,7 @@ async def demo_with_chart(redis_url: str, pg_url: str, tmp_path: Path):
     database = f"feed_v4_web_test_{os.getpid()}"
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "POSTGRES_URL", "DATABASE_URL")}
     env.update(REDIS_URL=redis_url, POSTGRES_URL=pg_url, DEMO_DATABASE=database, DEMO_DIR=str(tmp_path))
+    env["TIMEFRAMES"] = "m1,m5,m15,h1"  # the page offers what is built
     await drop_database(pg_url, database)
     demo = await asyncio.create_subprocess_exec(
         sys.executable, str(PROJECT / "scripts" / "demo.py"), "--fresh", "--speed", "60", "--web-port",
@@ -175,5 +176,13 @@ async def test_the_chart_page_in_chromium_on_the_demo(redis_stack_server, pg_url
             width = await phone.evaluate("document.documentElement.scrollWidth")
             assert width <= 390, f"the page is {width} px wide on a 390 px screen"
             await phone.screenshot(path=SCREENSHOTS / "chart_phone.png")
+
+            # a higher timeframe: its candles, indicators and footprints, and no error
+            await page.goto(f"{base}/?symbol={symbol}&tf=h1#token={token}")
+            await page.wait_for_function("() => window.feedChart && window.feedChart.ready", timeout=30_000)
+            hourly = await page.evaluate("({bars: feedChart.bars, footprints: feedChart.footprints})")
+            assert hourly["bars"] >= 10, hourly
+            options = await page.eval_on_selector_all("#tf option", "els => els.map(e => e.value)")
+            assert "h1" in options, options
             await browser.close()
             assert not problems, problems

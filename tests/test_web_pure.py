@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from web.limits import ConnectionCounts, RequestBuckets
-from web.params import BadRequest, channel_param, range_query, subscription_request
+from web.params import BadRequest, channel_param, range_query, subscription_request, tf_param
 from web.shapes import float_or_none, indicator_row, merge_indicator_rows, orderflow_from_hash
 
 KNOWN = {"BTCUSDT", "ETHUSDT"}
@@ -54,16 +54,13 @@ def test_bad_channels_are_refused_with_the_reason(text, reason):
         channel_param(text, KNOWN)
 
 
-def test_higher_timeframes_are_served_where_built_and_never_for_order_flow():
+def test_higher_timeframes_are_served_where_built():
     built = ("m1", "m5", "m15", "h1", "h4", "d1")
     assert channel_param("candles:BTCUSDT:H4", KNOWN, built) == "candles:BTCUSDT:h4"
-    assert channel_param("indicators:BTCUSDT:d1", KNOWN, built) == "indicators:BTCUSDT:d1"
-    for kind in ("orderflow", "footprint"):
-        with pytest.raises(BadRequest, match="'h1' is not one of m1, m5, m15"):
-            channel_param(f"{kind}:BTCUSDT:h1", KNOWN, built)
-    assert range_query({"symbol": "BTCUSDT", "tf": "d1"}, KNOWN, timeframes=built).tf == "d1"
-    with pytest.raises(BadRequest, match="'d1' is not one of m1, m5, m15"):
-        range_query({"symbol": "BTCUSDT", "tf": "d1"}, KNOWN, timeframes=("m1", "m5", "m15"))
+    assert channel_param("footprint:BTCUSDT:d1", KNOWN, built) == "footprint:BTCUSDT:d1"  # none will come
+    assert tf_param({"tf": "D1"}, built) == "d1"
+    with pytest.raises(BadRequest, match="'d1' is not one of m1, m5, m15"):  # this process builds the default
+        range_query({"symbol": "BTCUSDT", "tf": "d1"}, KNOWN)
 
 
 def test_subscription_messages():

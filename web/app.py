@@ -33,7 +33,6 @@ from redis.exceptions import RedisError
 from candle_stores import CandleStore
 from candles import TIMEFRAMES
 from infra import ConfigError, RateLimitedLog, env_bool, env_number, log_system_event, system_event_log
-from orderflow.chain import ORDERFLOW_TIMEFRAMES
 from web import reads
 from web.limits import ConnectionCounts, RequestBuckets
 from web.params import (
@@ -295,7 +294,7 @@ class ReadApi:
         return json_response(await reads.indicator_rows(self.pool, self.redis, q.symbol, q.tf, q.limit, q.end))
 
     async def orderflow(self, request: web.Request) -> web.Response:
-        q = range_query(request.query, await self.query_symbols(request), timeframes=ORDERFLOW_TIMEFRAMES)
+        q = range_query(request.query, await self.query_symbols(request))
         return json_response(await reads.orderflow_json(self.pool, q.symbol, q.tf, q.limit, q.end))
 
     async def footprint(self, request: web.Request) -> web.Response:
@@ -303,7 +302,7 @@ class ReadApi:
         if unknown:
             raise BadRequest(f"unknown parameter(s): {', '.join(sorted(unknown))[:200]}")
         symbol = symbol_param(request.query, await self.query_symbols(request))
-        tf = tf_param(request.query, ORDERFLOW_TIMEFRAMES)
+        tf = tf_param(request.query)
         open_time = time_param(request.query, "open_time")
         found = None
         if open_time is None:
@@ -316,9 +315,7 @@ class ReadApi:
         return json_response(found)
 
     async def footprints(self, request: web.Request) -> web.Response:
-        q = range_query(
-            request.query, await self.query_symbols(request), MAX_FOOTPRINTS, timeframes=ORDERFLOW_TIMEFRAMES
-        )
+        q = range_query(request.query, await self.query_symbols(request), MAX_FOOTPRINTS)
         return json_response(
             await reads.footprints_json(self.pool, self.redis, self.footprint_cache, q.symbol, q.tf, q.limit, q.end)
         )

@@ -12,7 +12,6 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from candles import TIMEFRAMES
-from orderflow.chain import ORDERFLOW_TIMEFRAMES
 
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5_000
@@ -21,7 +20,6 @@ MAX_FEATURES = 5_000
 MAX_TIME_MS = 32_503_680_000_000  # year 3000
 SYMBOL_PATTERN = re.compile(r"[A-Z0-9]{2,30}")  # Binance's contract symbols are ASCII upper-case and digits
 CHANNEL_KINDS_TF = ("candles", "indicators", "orderflow", "footprint")
-ORDERFLOW_KINDS = ("orderflow", "footprint")  # order flow has M1/M5/M15 only
 CHANNEL_KINDS_SYMBOL = ("book", "features")
 
 
@@ -77,18 +75,14 @@ def time_param(query: Mapping[str, str], name: str) -> int | None:
 
 
 def range_query(
-    query: Mapping[str, str],
-    known: Collection[str],
-    max_limit: int = MAX_LIMIT,
-    with_tf: bool = True,
-    timeframes: Collection[str] = TIMEFRAMES,
+    query: Mapping[str, str], known: Collection[str], max_limit: int = MAX_LIMIT, with_tf: bool = True
 ) -> RangeQuery:
     unknown = set(query) - {"symbol", "limit", "end", *(("tf",) if with_tf else ())}
     if unknown:
         raise BadRequest(f"unknown parameter(s): {', '.join(sorted(unknown))[:200]}")
     return RangeQuery(
         symbol=symbol_param(query, known),
-        tf=tf_param(query, timeframes) if with_tf else "",
+        tf=tf_param(query) if with_tf else "",
         limit=int_param(query, "limit", min(DEFAULT_LIMIT, max_limit), 1, max_limit) or DEFAULT_LIMIT,
         end=time_param(query, "end"),
     )
@@ -103,8 +97,7 @@ def channel_param(text: object, known: Collection[str], timeframes: Collection[s
     kind = parts[0].lower()
     if kind in CHANNEL_KINDS_TF and len(parts) == 3:
         symbol = symbol_param({"symbol": parts[1]}, known)
-        allowed = [tf for tf in timeframes if tf in ORDERFLOW_TIMEFRAMES] if kind in ORDERFLOW_KINDS else timeframes
-        return f"{kind}:{symbol}:{tf_param({'tf': parts[2]}, allowed)}"
+        return f"{kind}:{symbol}:{tf_param({'tf': parts[2]}, timeframes)}"
     if kind in CHANNEL_KINDS_SYMBOL and len(parts) == 2:
         return f"{kind}:{symbol_param({'symbol': parts[1]}, known)}"
     raise BadRequest(
