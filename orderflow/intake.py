@@ -159,6 +159,19 @@ class OrderFlowIntake:
                 self._ask(symbol, outcome.open_time, outcome.reason)
         tape.outcomes.clear()
 
+    def _ask_unseen(self, symbol: str, tape: Tape, stale: int) -> None:
+        """Minutes the chain waits for that nothing would bring: no trade, close or refetch
+        of theirs is known. A connection lost across whole minutes loses their trades and
+        closes, and only the minute the id jump lands in is marked; a quiet minute has no
+        id to jump at all. Without this the symbol's order flow stopped at the hole until
+        a restart."""
+        chain = self.chains.get(symbol)
+        if chain is None or chain.next_minute is None:
+            return
+        known = [min(found) for found in (chain.waiting, tape.bars, tape.closes) if found]
+        for minute in range(chain.next_minute, min([stale, *known]), M1_MS):
+            self._ask(symbol, minute, "no trade or close came for it")
+
     def _publish(self, bars: Sequence[FinalBar]) -> None:
         if bars:
             self.to_write += bars
@@ -380,6 +393,8 @@ class OrderFlowIntake:
                     tape.outcomes.append(Outcome(minute, "refetch", None, "no close came for it"))
                 if tape.outcomes:
                     self._take(symbol, tape)
+                if not self.finals:  # else the writer is behind: a minute may be final, not chained yet
+                    self._ask_unseen(symbol, tape, stale)
             ticks += 1
             if not self.writing:  # else this tick's refresh waits for the next one
                 await self._forming(ticks)

@@ -256,7 +256,9 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
         injected = {gap for gap in exchange.stats.dropped_closes if START + 5 * M1 <= gap[1] <= last_closed}
         assert injected and injected <= gap_log
         assert await assert_values_match_talib(pool, SYMBOLS) > len(SYMBOLS) * day * 40
-        assert await assert_higher_order_flow_merges_its_minutes(pool, SYMBOLS) >= len(SYMBOLS)
+        # Order flow catches up behind the candles at 1,200x (its refetches are REST-bound):
+        # whole hours past the 03:00 drop show it went on (it stopped there before).
+        assert await assert_higher_order_flow_merges_its_minutes(pool, SYMBOLS) >= 4 * len(SYMBOLS)
 
         after = run_main(env, "status", "--json")  # the daemon is gone: its heartbeat with it
         assert after.returncode == 1 and any("heartbeat" in r for r in json.loads(after.stdout)["unhealthy"])
