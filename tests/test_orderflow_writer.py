@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
+import pytest
+
 from binance.protocol import KlineUpdate
 from binance.rest import RestClient, WeightLimiter
 from candles import Candle
@@ -80,3 +82,37 @@ async def test_symbols_closing_together_are_written_in_chunks_and_announced_in_o
     first_m5 = next(n for n, e in enumerate(entries) if e["tf"] == "m5")
     last_m1 = max(n for n, e in enumerate(entries) if e["tf"] == "m1")
     assert last_m1 < first_m5
+
+
+@pytest.mark.parametrize("lost_trades", [True, False])
+async def test_minutes_lost_whole_with_a_connection_are_refetched_once_stale(pool, redis, lost_trades):
+    """A connection lost across minutes 2-5: their trades (an id jump, or none: a quiet
+    symbol) and closes never come. The chain waits at minute 2; once it is stale every
+    minute up to the first one known is asked for, not only the one the jump lands in."""
+    symbol, now = "S00USDT", T0 + 7 * M1
+    rest = RestClient("http://127.0.0.1:9", WeightLimiter(2400, 60))  # never asked
+    intake = OrderFlowIntake(pool, redis, rest, 10_000, lambda: now)
+    await intake.follow([symbol])
+    intake.refetch.clear()
+    for minute_index in (0, 1, 6):
+        trades = minute_trades(0, minute_index)
+        if minute_index == 6 and not lost_trades:  # the ids go on: nothing traded in between
+            shift = 12  # minutes 2-5 would have held 3 trades each
+            trades = [
+                t._replace(agg_id=t.agg_id - shift, first_trade_id=t.first_trade_id - shift,
+                           last_trade_id=t.last_trade_id - shift)
+                for t in trades
+            ]  # fmt: skip
+        if minute_index == 6:
+            intake.resume([symbol])  # the new connection
+        for trade in trades:
+            intake.on_trade(symbol, trade)
+        intake.on_close(closing(symbol, T0 + minute_index * M1, trades))
+    intake._chain_finals(100)
+    tape = intake.tapes[symbol]
+    assert intake.chains[symbol].next_minute == T0 + 2 * M1
+    intake._ask_unseen(symbol, tape, T0 + 2 * M1)  # not stale yet
+    assert {m for _, m in intake.refetch} <= {T0 + 6 * M1}
+    intake._ask_unseen(symbol, tape, now)
+    assert {m for _, m in intake.refetch} >= {T0 + m * M1 for m in range(2, 6)}
+    assert T0 + 7 * M1 not in {m for _, m in intake.refetch}
