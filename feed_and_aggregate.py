@@ -31,6 +31,7 @@ from aggregation import (
     GapTracker,
     affected_buckets,
     aggregate,
+    bucket_minutes,
     bucket_parts,
 )
 from aggregation_io import build_buckets
@@ -99,6 +100,7 @@ class CandleIntake(CandlePublisher):
         self.buckets_due: set[tuple[str, str, int]] = set()
         # The M1 candles stored lately (this and the previous M15 bucket), per symbol.
         self.recent_m1: dict[str, dict[int, Candle]] = {}
+        self.newest_m1: dict[str, int] = {}  # the newest minute stored through this intake, per symbol
         # The buckets stored lately that higher buckets are built from (M15 for H1, H1
         # for H4, H4 for D1): those of this and the previous higher bucket, per series.
         self.recent_parts: dict[tuple[str, str], dict[int, Candle]] = {}
@@ -201,24 +203,34 @@ class CandleIntake(CandlePublisher):
         for candle in m1:
             end = candle.open_time + M1_MS
             for tf in self.aggregated:
-                if end % TF_MS[tf] == 0:
-                    key = (candle.symbol, tf, end - TF_MS[tf])
-                    source = SOURCE_TF[tf]
-                    members = [
-                        built.get((candle.symbol, source, t)) or self._remembered(candle.symbol, source, t)
-                        for t in bucket_parts(tf, key[2])
-                    ]
-                    if key not in built and all(members):
-                        built[key] = aggregate(tf, key[2], members)  # type: ignore[arg-type]
+                if end % TF_MS[tf]:
+                    continue
+                key = (candle.symbol, tf, end - TF_MS[tf])
+                if key not in built and (members := self._parts_in_memory(key, built)) is not None:
+                    built[key] = aggregate(tf, key[2], members)
         return list(built.values())
+
+    def _parts_in_memory(
+        self, bucket: tuple[str, str, int], built: dict[tuple[str, str, int], Candle]
+    ) -> list[Candle] | None:
+        """A bucket's parts if memory (or this batch's `built`) holds them all."""
+        symbol, tf, start = bucket
+        source = SOURCE_TF[tf]
+        if source == "m1":
+            minutes = self.recent_m1.get(symbol, {})
+            parts = [minutes.get(t) for t in bucket_minutes(tf, start)]
+        else:
+            stored = self.recent_parts.get((symbol, source), {})
+            parts = [built.get((symbol, source, t)) or stored.get(t) for t in bucket_parts(tf, start)]
+        return parts if all(parts) else None  # type: ignore[return-value]
 
     def _may_end(self, bucket: tuple[str, str, int]) -> bool:
         """False for a higher bucket (H1 and up) still forming: the symbol's newest stored
         minute is before its last, so building it would only find parts missing. M5/M15
         are always tried (a bucket whose last minute is unfillable ends without one)."""
         symbol, tf, start = bucket
-        minutes = self.recent_m1.get(symbol)
-        return LEVEL[tf] < 2 or not minutes or start + TF_MS[tf] <= max(minutes) + M1_MS
+        newest = self.newest_m1.get(symbol)
+        return LEVEL[tf] < 2 or newest is None or start + TF_MS[tf] <= newest + M1_MS
 
     def _remember_parts(self, built: Iterable[Candle], refused: Collection[Candle] = ()) -> None:
         """Keep the stored buckets higher ones are built from, pruned as each series grows."""
@@ -337,6 +349,8 @@ class CandleIntake(CandlePublisher):
             if minutes is None:
                 minutes = self.recent_m1[c.symbol] = {}
             minutes[c.open_time] = c
+            if c.open_time > self.newest_m1.get(c.symbol, -1):
+                self.newest_m1[c.symbol] = c.open_time
             if len(minutes) > self.RECENT_M1_KEPT:
                 horizon = bucket_start(max(minutes), "m15") - TF_MS["m15"]
                 for t in [t for t in minutes if t < horizon]:
