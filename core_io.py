@@ -812,11 +812,6 @@ async def fetch_candles_at(pool: asyncpg.Pool, tf: str, keys: Sequence[tuple[str
     return [_candle_from_record(r, tf) for r in rows]
 
 
-async def fetch_m1_ranges(pool: asyncpg.Pool, ranges: Sequence[tuple[str, int, int]]) -> dict[str, list[Candle]]:
-    """Exact M1 candles with start <= open_time < end for each (symbol, start, end)."""
-    return await fetch_candle_ranges(pool, "m1", ranges)
-
-
 async def fetch_candle_ranges(
     pool: asyncpg.Pool, tf: str, ranges: Sequence[tuple[str, int, int]]
 ) -> dict[str, list[Candle]]:

@@ -356,12 +356,6 @@ class CandleIntake(CandlePublisher):
                 for t in [t for t in minutes if t < horizon]:
                     del minutes[t]
 
-    def _remembered(self, symbol: str, tf: str, open_time: int) -> Candle | None:
-        """A stored M1 candle, or a stored bucket higher ones are built from, if memory has it."""
-        if tf == "m1":
-            return self.recent_m1.get(symbol, {}).get(open_time)
-        return self.recent_parts.get((symbol, tf), {}).get(open_time)
-
     async def run_aggregator(self) -> None:
         """Builds the buckets `store_m1` left due, all that piled up in one go."""
         backoff = Backoff(0.2, 5.0)
@@ -402,7 +396,7 @@ class CandleIntake(CandlePublisher):
     async def _aggregate(self, buckets: set[tuple[str, str, int]]) -> list[Candle]:
         # A bucket whose minutes all passed through this intake is built from memory;
         # the others from what PostgreSQL holds (after a restart, a backfill, a gap).
-        built = await build_buckets(self.pool, buckets, self._remembered)
+        built = await build_buckets(self.pool, buckets, self._parts_in_memory)
         if not built:
             return []
         refused: list[Candle] = []
@@ -790,7 +784,7 @@ class Feed:
         # The minutes of each symbol's current M15 bucket, so the first boundary after a
         # (re)start builds its M5/M15 from memory, in the same statement as the M1s.
         recent = [(s, bucket_start(t, "m15"), t + M1_MS) for s, t in stored.items()]
-        for candles in (await core_io.fetch_m1_ranges(self.pool, recent)).values():
+        for candles in (await core_io.fetch_candle_ranges(self.pool, "m1", recent)).values():
             self.intake.remember(candles)
         # Decided now, before the first live close can be stored and hide the empty history.
         self.needs_history |= added - set(stored)

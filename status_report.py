@@ -38,11 +38,7 @@ from orderflow.chain import ORDERFLOW_TIMEFRAMES
 from storage.detect import detect_storage_mode
 from storage.modes import StorageMode
 
-STREAMS: tuple[str, ...] = (
-    *(core_io.CANDLE_STREAMS[tf] for tf in TIMEFRAMES),
-    core_io.INDICATORS_READY_STREAM,
-    core_io.SIGNALS_STREAM,
-)
+STREAMS: tuple[str, ...] = (*core_io.CANDLE_STREAMS.values(), core_io.INDICATORS_READY_STREAM, core_io.SIGNALS_STREAM)
 GAP_STATUSES: tuple[str, ...] = ("missing", "backfilled", "unfillable")
 PROBLEM_LEVELS: tuple[str, ...] = ("WARNING", "ERROR", "CRITICAL")
 

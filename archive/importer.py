@@ -32,8 +32,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 import core_io
-from aggregation import AGGREGATED_TFS, affected_buckets
-from aggregation_io import build_buckets
+from aggregation import AGGREGATED_TFS, SOURCE_TF, affected_buckets, bucket_parts
+from aggregation_io import Bucket, build_buckets
 from archive.files import (
     KINDS,
     ArchiveError,
@@ -210,14 +210,7 @@ class Importer:
             candles = kline_candles(symbol, day, csv_rows(data, name), rejected)
         except (ArchiveError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             return _failed(symbol, day, name, exc)
-        if rejected:
-            log_system_event(
-                "WARNING",
-                MODULE,
-                f"{name}: {len(rejected)} rows refused, the other {len(candles)} imported: "
-                + "; ".join(rejected[:REJECTED_SHOWN]),
-                {"symbol": symbol, "day": str(day), "rejected": rejected[:100]},
-            )
+        _log_refused(name, symbol, day, len(rejected), len(candles), rejected)
         changed = await self.store_m1(symbol, candles)
         buckets = await self.buckets_of(symbol, candles)
         changed_buckets = {(s, tf, t) for s, tf, t in await core_io.upsert_candles(self.pool, buckets)}
@@ -241,13 +234,7 @@ class Importer:
             rows, refused, stored, examples = await store_trades(self.pool, symbol, day, data, name)
         except (ArchiveError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             return _failed(symbol, day, name, exc)
-        if refused:
-            log_system_event(
-                "WARNING",
-                MODULE,
-                f"{name}: {refused} rows refused, the other {rows - refused} imported: e.g. {examples}",
-                {"symbol": symbol, "day": str(day), "rejected": refused},
-            )
+        _log_refused(name, symbol, day, refused, rows - refused, examples)
         await refresh_rollups(self.pool, day)
         await self.pool.execute(_RECORD_SQL, "aggTrades", symbol, day, digest, rows - refused, refused, stored)
         return FileOutcome(symbol, day, "imported", rows - refused, refused, stored, len(data))
@@ -271,8 +258,13 @@ class Importer:
         only the feed had, or one REST and the archive never had)."""
         by_time = {c.open_time: c for c in candles}
 
-        def in_file(symbol: str, tf: str, open_time: int) -> Candle | None:
-            return by_time.get(open_time) if tf == "m1" else None
+        def in_file(bucket: Bucket, built: dict[Bucket, Candle]) -> list[Candle] | None:
+            _, tf, start = bucket
+            source = SOURCE_TF[tf]
+            parts = [
+                by_time.get(t) if source == "m1" else built.get((symbol, source, t)) for t in bucket_parts(tf, start)
+            ]
+            return parts if all(parts) else None  # type: ignore[return-value]
 
         return await build_buckets(self.pool, affected_buckets((symbol, c.open_time) for c in candles), in_file)
 
@@ -321,6 +313,18 @@ def contiguous(sorted_days: Sequence[date]) -> list[list[date]]:
         else:
             runs.append([day])
     return runs
+
+
+def _log_refused(name: str, symbol: str, day: date, refused: int, kept: int, examples: Sequence[object]) -> None:
+    """One WARNING a file for the rows it refused, a few quoted (the others are kept)."""
+    if refused:
+        quoted = [str(example) for example in examples[:REJECTED_SHOWN]]
+        log_system_event(
+            "WARNING",
+            MODULE,
+            f"{name}: {refused} rows refused, the other {kept} imported: " + "; ".join(quoted),
+            {"symbol": symbol, "day": str(day), "refused": refused, "examples": [str(e) for e in examples[:100]]},
+        )
 
 
 def _failed(symbol: str, day: date, name: str, exc: BaseException) -> FileOutcome:

@@ -57,7 +57,7 @@ def copy_rows(symbol: str, day_start: int, day_end: int, columns: dict[str, np.n
     price_units, price_exact = _units(price)
     qty_units, qty_exact = _units(quantity)
     finite = np.isfinite(price) & np.isfinite(quantity)
-    if not (price_exact | ~finite).all() or not (qty_exact | ~finite).all():
+    if not ((price_exact & qty_exact) | ~finite).all():
         raise Unconvertible("a price or quantity this path cannot convert exactly")
     t, agg_id, first_id, last_id = columns["t"], columns["agg_id"], columns["first_id"], columns["last_id"]
     valid = (
@@ -75,29 +75,26 @@ def copy_rows(symbol: str, day_start: int, day_end: int, columns: dict[str, np.n
         for i in np.flatnonzero(~valid)[:3]
     ]
     name = symbol.encode()
-    layout = np.dtype(
+    int8_columns = {
+        "ts": (t - PG_EPOCH_MS) * 1000,  # timestamptz: microseconds from 2000-01-01
+        "agg_id": agg_id,
+        "price": price_units,
+        "qty": qty_units,
+        "first_id": first_id,
+        "last_id": last_id,
+    }
+    layout = np.dtype(  # each field: its length (int4), then its bytes, big-endian
         [("fields", ">i2"), ("symbol_len", ">i4"), ("symbol", f"S{len(name)}")]
-        + [item for field in ("ts", "agg_id", "price", "qty", "first_id", "last_id") for item in _int8(field)]
+        + [item for field in int8_columns for item in ((f"{field}_len", ">i4"), (field, ">i8"))]
         + [("maker_len", ">i4"), ("maker", "u1")]
     )
     out = np.empty(kept, dtype=layout)
     out["fields"], out["symbol_len"], out["symbol"], out["maker_len"] = 8, len(name), name, 1
-    for field, values in (
-        ("ts", (t[valid] - PG_EPOCH_MS) * 1000),
-        ("agg_id", agg_id[valid]),
-        ("price", price_units[valid]),
-        ("qty", qty_units[valid]),
-        ("first_id", first_id[valid]),
-        ("last_id", last_id[valid]),
-    ):
+    for field, values in int8_columns.items():
         out[f"{field}_len"] = 8
-        out[field] = values
+        out[field] = values[valid]
     out["maker"] = columns["buyer_maker"][valid]
     return Converted(out.tobytes(), kept, len(valid) - kept, examples)
-
-
-def _int8(field: str) -> list[tuple[str, str]]:
-    return [(f"{field}_len", ">i4"), (field, ">i8")]
 
 
 def _units(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

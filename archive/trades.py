@@ -45,6 +45,7 @@ from archive.trade_rows import (
 )
 from candles import DAY_MS, ms_to_datetime
 from storage import partitions
+from storage.aggregates import continuous_aggregates
 from storage.layout import HOUR_MS
 
 _STAGE_SQL = (
@@ -162,11 +163,7 @@ async def _copy_checked(
 
 async def refresh_rollups(pool: asyncpg.Pool, day: date) -> None:
     """On the full edition, the day's trade rollups materialised (elsewhere they are views)."""
-    if not await pool.fetchval("SELECT to_regclass('timescaledb_information.continuous_aggregates') IS NOT NULL"):
-        return
-    continuous = {
-        r["view_name"] for r in await pool.fetch("SELECT view_name FROM timescaledb_information.continuous_aggregates")
-    }
+    continuous = await continuous_aggregates(pool)
     first = day_start_ms(day)
     for name in TRADE_ROLLUPS:
         if name in continuous:

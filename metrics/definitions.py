@@ -44,9 +44,6 @@ def bar_end(tf: str, open_time: int) -> int:
     return open_time + TF_MS[tf]
 
 
-_ENDING_M1 = ("m1",)
-
-
 def _ending(end: int) -> tuple[str, ...]:
     """The timeframes built here whose bars end with the minute ending at `end`."""
     return tuple(tf for tf in TIMEFRAMES if end % TF_MS[tf] == 0)
@@ -102,7 +99,7 @@ class DaemonMetrics:
         now = time.monotonic()
         end = open_time + M1_MS
         stored, ready = self.stored_arrivals, self.ready_arrivals if self.time_indicators else None
-        for tf in _ENDING_M1 if end % 300_000 else _ending(end):
+        for tf in _ending(end):
             key = (tf, symbol, end)
             if key not in stored:
                 stored[key] = now

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from aggregation import SOURCE_TF
 from candles import TF_MS, TIMEFRAMES, bucket_start
 from orderflow.fold import BarFlow, merge, merge_into
 from orderflow.output import CvdChain, FinalBar
@@ -24,16 +25,21 @@ from orderflow.rows import TF_ROW_MULTIPLE
 M1_MS = 60_000
 HIGHER = TIMEFRAMES[1:]  # the merged timeframes: M5, M15 and the higher ones built here
 ORDERFLOW_TIMEFRAMES = ("m1", *HIGHER)
+
+
+def _sources(tf: str) -> tuple[str, ...]:
+    """The timeframes `tf` is built from, down to M1 (D1: H4, H1, M15, M1)."""
+    chain = []
+    while tf in SOURCE_TF:
+        tf = SOURCE_TF[tf]
+        chain.append(tf)
+    return tuple(chain)
+
+
 # What a forming bucket is resumed from after a restart, the coarsest that fits first
 # (stored bars are whole): a forming D1 at 23:59 is 5 H4, 3 H1, 3 M15 and 14 M1 bars
 # read back, not 1,439 M1.
-PARTS_OF: dict[str, tuple[str, ...]] = {
-    "m5": ("m1",),
-    "m15": ("m1",),
-    "h1": ("m15", "m1"),
-    "h4": ("h1", "m15", "m1"),
-    "d1": ("h4", "h1", "m15", "m1"),
-}
+PARTS_OF: dict[str, tuple[str, ...]] = {tf: _sources(tf) for tf in SOURCE_TF}
 
 
 @dataclass

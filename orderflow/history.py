@@ -28,11 +28,10 @@ from orderflow.chain import HIGHER, SymbolChain
 from orderflow.fold import AggTrade, fold
 from orderflow.output import CvdChain, FinalBar
 from orderflow.profile import ImbalanceRules
-from orderflow.rows import day_row, first_price_row
+from orderflow.rows import first_price_row
 from orderflow.tape import KlineCheck, verify
 
 M1_MS = 60_000
-RULE_HOURS = 23
 READ_CHUNK = 200_000
 WRITE_CHUNK = 1_000
 
@@ -57,13 +56,12 @@ class Rebuilt:
 
 
 async def day_row_size(pool: asyncpg.Pool, symbol: str, day: int, first_price: int | None) -> int:
-    """The day's M1 row: stored, else by the rule (then stored; the first decision wins)."""
-    stored = await store.row_sizes(pool, day, [symbol])
-    if symbol in stored:
-        return stored[symbol]
-    ranges = await store.day_ranges(pool, [symbol], day - DAY_MS, day - DAY_MS + RULE_HOURS * 3_600_000)
-    rule = day_row(*ranges.get(symbol, (0, 0, None)), None) or first_price_row(first_price, None)
-    return (await store.decide_row_sizes(pool, day, {symbol: rule}))[symbol]
+    """The day's M1 row as the live path decides it (store.plan_day_rows), else by the
+    day's first price (then stored; the first decision wins)."""
+    planned = await store.plan_day_rows(pool, day, [symbol], lambda _: None)
+    if symbol in planned:
+        return planned[symbol]
+    return (await store.decide_row_sizes(pool, day, {symbol: first_price_row(first_price, None)}))[symbol]
 
 
 async def read_trades(pool: asyncpg.Pool, symbol: str, start: int, end: int) -> list[AggTrade]:
@@ -108,7 +106,8 @@ async def rebuild_days(
     filled: list[int] = []
     for day in days:
         candles = {
-            c.open_time: c for c in (await core_io.fetch_m1_ranges(pool, [(symbol, day, day + DAY_MS)])).get(symbol, [])
+            c.open_time: c
+            for c in (await core_io.fetch_candle_ranges(pool, "m1", [(symbol, day, day + DAY_MS)])).get(symbol, [])
         }
         trades = await read_trades(pool, symbol, day, day + DAY_MS)
         row = await day_row_size(pool, symbol, day, trades[0].price if trades else None)

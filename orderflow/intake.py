@@ -32,7 +32,7 @@ from orderflow.fold import AggTrade, BarFlow, fold
 from orderflow.output import CvdChain, FinalBar
 from orderflow.profile import ImbalanceRules
 from orderflow.render import FootprintRenderer
-from orderflow.rows import day_row, first_price_row
+from orderflow.rows import RULE_HOURS, first_price_row
 from orderflow.tape import KlineCheck, Outcome, Tape, verify
 from storage.raw import AGG_TRADES, RawSettings, RawWriter
 from storage.retention import drop_expired
@@ -40,7 +40,6 @@ from storage.retention import drop_expired
 MODULE = "ORDERFLOW"
 M1_MS = 60_000
 SERVED_MS = 48 * 3_600_000  # the exchange serves aggTrades of the last 48 hours
-RULE_HOURS = 23  # the row rule reads the first 23 hours of the previous day: known by 23:00
 # Ticks between forming refreshes (M1: every tick, 250 ms): M5 every second, M15 every two,
 # H1 and H4 every four, D1 every eight (their documents grow through the bucket; after a
 # burst they are the refresh's main cost until the bucket ends).
@@ -272,17 +271,7 @@ class OrderFlowIntake:
 
     async def plan_day(self, symbols: Sequence[str], day: int) -> None:
         """Decide (or read) the M1 rows of `day` from the first 23 hours of the day before."""
-        stored = await store.row_sizes(self.pool, day, symbols)
-        missing = [s for s in symbols if s not in stored]
-        if missing:
-            ranges = await store.day_ranges(self.pool, missing, day - DAY_MS, day - DAY_MS + RULE_HOURS * 3_600_000)
-            decided = {}
-            for symbol in missing:
-                rule = day_row(*ranges.get(symbol, (0, 0, None)), self.tick_of(symbol))
-                if rule is not None:  # else the day's first price decides
-                    decided[symbol] = rule
-            stored |= await store.decide_row_sizes(self.pool, day, decided)
-        for symbol, size in stored.items():
+        for symbol, size in (await store.plan_day_rows(self.pool, day, symbols, self.tick_of)).items():
             self.m1_rows[(symbol, day)] = size
 
     # ----------------------------------------------------------------- workers

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 TARGET_ROWS = 10  # rows an average M1 bar spans
+RULE_HOURS = 23  # the rule reads the first 23 hours of the previous day: known by 23:00
 # Ranges grow about as √(minutes): 1, 2.2, 3.9, 7.7, 15.5, 38. Each divides the next, so
 # a forming bucket can be resumed from stored coarser bars (orderflow/chain.py).
 TF_ROW_MULTIPLE = {"m1": 1, "m5": 2, "m15": 4, "h1": 8, "h4": 16, "d1": 32}

@@ -3,7 +3,7 @@ Batched: one statement for many bars, one Redis round for many keys."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 from typing import Any
 
@@ -11,11 +11,12 @@ import asyncpg
 from redis.asyncio import Redis
 
 from candle_stores import execute_checked
-from candles import datetime_to_ms, ms_to_datetime
+from candles import DAY_MS, datetime_to_ms, ms_to_datetime
 from core_io import xadd_command
 from orderflow.fold import BarFlow
 from orderflow.output import FinalBar
 from orderflow.render import FootprintRenderer
+from orderflow.rows import RULE_HOURS, day_row
 from storage import partitions
 
 ORDERFLOW_READY_STREAM = "orderflow_ready"
@@ -306,6 +307,25 @@ async def decide_row_sizes(pool: asyncpg.Pool, day: int, decided: Mapping[str, t
             [v[1] for v in decided.values()],
         )
     return await row_sizes(pool, day, list(decided))
+
+
+async def plan_day_rows(
+    pool: asyncpg.Pool, day: int, symbols: Sequence[str], tick_of: Callable[[str], int | None]
+) -> dict[str, int]:
+    """The M1 rows of `day`: stored, else decided by the rule from the first RULE_HOURS of
+    the day before and stored (the first decision wins). A symbol with no such day is left
+    out: its day's first price decides (rows.first_price_row)."""
+    stored = await row_sizes(pool, day, symbols)
+    missing = [s for s in symbols if s not in stored]
+    if missing:
+        ranges = await day_ranges(pool, missing, day - DAY_MS, day - DAY_MS + RULE_HOURS * 3_600_000)
+        decided = {
+            symbol: rule
+            for symbol in missing
+            if (rule := day_row(*ranges.get(symbol, (0, 0, None)), tick_of(symbol))) is not None
+        }
+        stored |= await decide_row_sizes(pool, day, decided)
+    return stored
 
 
 async def fixed_rows(pool: asyncpg.Pool, symbols: Sequence[str]) -> dict[str, int]:

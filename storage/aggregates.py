@@ -121,24 +121,24 @@ def rollup_sql(rollup: Rollup, continuous: bool) -> str:
     )
 
 
+async def continuous_aggregates(conn: asyncpg.Connection | asyncpg.Pool) -> set[str]:
+    """The names of this database's continuous aggregates (none without TimescaleDB)."""
+    if not await conn.fetchval("SELECT to_regclass('timescaledb_information.continuous_aggregates') IS NOT NULL"):
+        return set()
+    rows = await conn.fetch("SELECT view_name FROM timescaledb_information.continuous_aggregates")
+    return {r["view_name"] for r in rows}
+
+
 async def make_rollups(conn: asyncpg.Connection, continuous: bool) -> list[str]:
     """The rollups in this mode's form, and the reader views over them; the names made
     or changed. A plain view left by a plain or Apache past becomes a continuous
     aggregate (the views over it are made again after)."""
     made = []
+    materialised = await continuous_aggregates(conn) if continuous else set()
     for rollup in ROLLUPS:
-        kind = (
-            await conn.fetchval(
-                "SELECT CASE WHEN EXISTS (SELECT 1 FROM timescaledb_information.continuous_aggregates "
-                "WHERE view_name = $1) THEN 'continuous' ELSE 'view' END FROM pg_class WHERE oid = to_regclass($1)",
-                rollup.name,
-            )
-            if continuous
-            else None
-        )
-        if continuous and kind == "continuous":
-            continue
         if continuous:
+            if rollup.name in materialised:
+                continue
             await conn.execute(f"DROP VIEW IF EXISTS {rollup.name} CASCADE")  # the reader views come back below
             await conn.execute(rollup_sql(rollup, True))
             await conn.execute(

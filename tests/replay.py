@@ -42,13 +42,14 @@ def daemon_env(exchange: FakeExchange, redis_url: str, pg_url: str, symbols: lis
 async def timeframes_in_use(pool) -> tuple[str, ...]:
     """M1/M5/M15, and each higher timeframe with rows: the replayed daemons build them
     all (daemon_env), a feed run inside the tests' process the configured ones."""
-    higher = [tf for tf in ALL_TIMEFRAMES[len(BASE_TIMEFRAMES) :]]
+    higher = ALL_TIMEFRAMES[len(BASE_TIMEFRAMES) :]
     found = await pool.fetch(
         " UNION ALL ".join(
             f"SELECT '{tf}' AS tf WHERE EXISTS (SELECT FROM {core_io.candle_table(tf)})" for tf in higher
         )
     )
-    return (*BASE_TIMEFRAMES, *(tf for tf in higher if tf in {r["tf"] for r in found}))
+    built = {r["tf"] for r in found}
+    return (*BASE_TIMEFRAMES, *(tf for tf in higher if tf in built))
 
 
 async def until(predicate: Callable, timeout: float, what: str, interval: float = 0.25) -> None:

@@ -166,7 +166,7 @@ async def test_a_candle_postgresql_refuses_is_set_aside_and_the_batch_is_stored(
     assert len(fresh) == 14
     stored = await core_io.fetch_candles(pool, "NEARUSDT", "m1", T0, T0 + 15 * M1)
     assert [c.open_time for c in stored] == [c.open_time for c in NEAR[:15] if c is not NEAR[7]]
-    assert intake._remembered("NEARUSDT", "m15", T0) is None  # never bucketed from memory
+    assert intake._parts_in_memory(("NEARUSDT", "m15", T0), {}) is None  # never bucketed from memory
     errors = await until_logged(pool, "PostgreSQL refused the m1 candle NEARUSDT")
     assert errors
 
