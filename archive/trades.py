@@ -4,9 +4,10 @@ Python per row (a busy symbol's day is millions of rows).
 - **A day with no trade of the symbol stored yet** (the usual import): the CSV is read in
   chunks of whole columns (pandas' C reader, in a thread), checked and converted to
   binary COPY rows by numpy (archive/trade_rows.py) and streamed straight into
-  `agg_trades4` while the next chunk is read: the server only stores. A value that path
-  cannot convert exactly, a CSV it cannot read, or a trade already there (the daemon
-  storing live trades meanwhile, a repeated id) undoes it, and the file takes the next path.
+  `agg_trades4` over two COPY streams while the next chunk is read: the server only
+  stores. A value that path cannot convert exactly, a CSV it cannot read, or a trade
+  already there (the daemon storing live trades meanwhile, a repeated id) undoes it, and
+  the file takes the next path.
 - **Otherwise** (exact, slower): the CSV goes to PostgreSQL as it is, one COPY into a
   temporary table that parses it, then one INSERT that checks each row, converts it to
   the table's units and keeps each trade once (`ON CONFLICT DO NOTHING`: a file taken
@@ -22,6 +23,7 @@ materialise outlives the raw rows' retention.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import zipfile
@@ -83,23 +85,45 @@ async def store_trades(
     await partitions.ensure(pool, "agg_trades4", range(first, first + DAY_MS, HOUR_MS))
     if not await pool.fetchval(_DAY_HAS_TRADES_SQL, symbol, ms_to_datetime(first), ms_to_datetime(first + DAY_MS)):
         try:
-            return await _copy_converted(pool, symbol, first, archive, member, header)
-        except (ValueError, asyncpg.UniqueViolationError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            return await _copy_converted(pool, symbol, first, archive, member, header, name)
+        except (
+            ValueError,
+            asyncpg.UniqueViolationError,
+            asyncpg.LockNotAvailableError,
+            zipfile.BadZipFile,
+            EOFError,
+            zlib.error,
+        ) as exc:
             log.info("%s: taking the exact path (%s)", name, exc)
     return await _copy_checked(pool, symbol, first, archive, member, header, name)
 
 
 _DAY_HAS_TRADES_SQL = "SELECT EXISTS (SELECT FROM agg_trades4 WHERE symbol = $1 AND ts >= $2 AND ts < $3)"
 CHUNK_ROWS = 250_000
+STREAMS = 2
+COPY_LOCK_TIMEOUT = "10s"  # then the exact path: a compression of the hour, a trade twice in the file
+COPY_TIMEOUT_S = 1800.0  # a whole day of a busy symbol in one statement: not the pool's 20 s
 
 
 async def _copy_converted(
-    pool: asyncpg.Pool, symbol: str, first: int, archive: zipfile.ZipFile, member: zipfile.ZipInfo, header: bool
+    pool: asyncpg.Pool,
+    symbol: str,
+    first: int,
+    archive: zipfile.ZipFile,
+    member: zipfile.ZipInfo,
+    header: bool,
+    name: str,
 ) -> tuple[int, int, int, list]:
-    """The fast path: chunks converted in a thread while the server stores the previous one."""
+    """The fast path: chunks converted in a thread while the server stores the previous
+    ones, over two COPY streams when the day's pieces could be made first (the server's
+    side is the slower: one stream left a core idle), committed together."""
+    fits = pool.get_max_size() > STREAMS  # a connection left for the others
+    streams = STREAMS if fits and await _day_chunks_made(pool, symbol, first) else 1
+    log.debug("%s: %d COPY stream(s)", name, streams)
     loop = asyncio.get_running_loop()
     total = refused = 0
     examples: list[tuple] = []
+    queues: list[asyncio.Queue[bytes | None]] = [asyncio.Queue(maxsize=2) for _ in range(streams)]
     with archive.open(member) as raw:
         scanner = DecimalScanner(raw)
         chunks = pd.read_csv(
@@ -119,19 +143,75 @@ async def _copy_converted(
                 return None
             return copy_rows(symbol, first, first + DAY_MS, {c: frame[c].to_numpy() for c in CSV_COLUMNS})
 
-        async def rows() -> AsyncIterator[bytes]:
+        async def produce() -> None:
             nonlocal total, refused
-            yield COPY_HEADER
+            turn = 0
             while (part := await loop.run_in_executor(None, convert_next)) is not None:
                 total += part.kept + part.refused
                 refused += part.refused
                 examples.extend(part.examples[: 3 - len(examples)])
-                yield part.rows
+                await queues[turn % streams].put(part.rows)
+                turn += 1
+            for queue in queues:
+                await queue.put(None)
+
+        async def rows(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+            yield COPY_HEADER
+            while (block := await queue.get()) is not None:
+                yield block
             yield COPY_TRAILER
 
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.copy_to_table("agg_trades4", source=rows(), format="binary")
+        async with contextlib.AsyncExitStack() as stack:
+            connections = [await stack.enter_async_context(pool.acquire()) for _ in range(streams)]
+            transactions = [conn.transaction() for conn in connections]
+            try:
+                for conn, transaction in zip(connections, transactions, strict=True):
+                    await transaction.start()
+                    # should a piece be made after all (retention dropped one meanwhile), no hang
+                    await conn.execute(f"SET LOCAL lock_timeout = '{COPY_LOCK_TIMEOUT}'")
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(produce())
+                    for conn, queue in zip(connections, queues, strict=True):
+                        source = rows(queue)
+                        group.create_task(
+                            conn.copy_to_table("agg_trades4", source=source, format="binary", timeout=COPY_TIMEOUT_S)
+                        )
+            except BaseException as failed:
+                for transaction in transactions:
+                    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                        await transaction.rollback()
+                if isinstance(failed, BaseExceptionGroup):
+                    raise failed.exceptions[0] from None
+                raise
+            for transaction in transactions:  # a crash between leaves rows the exact path keeps once
+                await transaction.commit()
     return total, refused, total - refused, examples
+
+
+async def _day_chunks_made(pool: asyncpg.Pool, symbol: str, first: int) -> bool:
+    """The day's pieces all there before two streams fill them: two COPYs that each make a
+    chunk the other then needs wait on each other for ever, behind the one client feeding
+    both. Native partitions are made by `store_trades`; TimescaleDB makes a chunk for a
+    row, so a row per hour is written and removed in one transaction (nothing is seen of
+    it; its chunk stays). False (one stream) where that fails."""
+    if await partitions.table_kind(pool, "agg_trades4") != partitions.HYPERTABLE:
+        return True
+    hours = [ms_to_datetime(t) for t in range(first, first + DAY_MS, HOUR_MS)]
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(_PLACEHOLDERS_SQL, symbol, hours)
+            await conn.execute(_PLACEHOLDERS_GONE_SQL, symbol, hours)
+    except asyncpg.PostgresError as exc:
+        log.info("agg_trades4: the day's chunks not made ahead (%s); one COPY stream", exc)
+        return False
+    return True
+
+
+_PLACEHOLDERS_SQL = (  # agg_id -1: never a trade's
+    "INSERT INTO agg_trades4 (symbol, ts, agg_id, price_units, qty_units, first_id, last_id, buyer_maker) "
+    "SELECT $1, ts, -1, 1, 0, 0, 0, false FROM unnest($2::timestamptz[]) AS ts"
+)
+_PLACEHOLDERS_GONE_SQL = "DELETE FROM agg_trades4 WHERE symbol = $1 AND agg_id = -1 AND ts = ANY($2::timestamptz[])"
 
 
 async def _copy_checked(
@@ -149,12 +229,18 @@ async def _copy_checked(
         try:
             with archive.open(member) as csv_file:
                 await conn.copy_to_table(
-                    "archive_trades", source=csv_file, columns=list(CSV_COLUMNS), format="csv", header=header
+                    "archive_trades",
+                    source=csv_file,
+                    columns=list(CSV_COLUMNS),
+                    format="csv",
+                    header=header,
+                    timeout=COPY_TIMEOUT_S,
                 )
         except (asyncpg.DataError, zipfile.BadZipFile, EOFError, zlib.error) as exc:  # a field COPY cannot read
             raise ArchiveError(f"{name}: not a readable aggTrades CSV ({exc})") from exc
         total = int(await conn.fetchval("SELECT count(*) FROM archive_trades"))
-        stored = int((await conn.execute(_INSERT_SQL, symbol, first, first + DAY_MS)).split()[-1])
+        inserted = await conn.execute(_INSERT_SQL, symbol, first, first + DAY_MS, timeout=COPY_TIMEOUT_S)
+        stored = int(inserted.split()[-1])
         # Every row new: none refused (the common case; no second pass over the file's rows).
         valid = total if stored == total else await conn.fetchval(_VALID_COUNT_SQL, symbol, first, first + DAY_MS)
         refused = await conn.fetch(_REJECTED_SQL, symbol, first, first + DAY_MS) if valid < total else []

@@ -113,7 +113,7 @@ async def compressed(pool: asyncpg.Pool, tables: list[str]) -> str:
     for table in tables:
         before = await table_bytes(pool, table)
         await compress_all(pool, table)
-        sizes.append(f"{table} {before / 1e6:.1f} -> {await table_bytes(pool, table) / 1e6:.1f} MB")
+        sizes.append(f"{table} {before / 1e3:,.0f} -> {await table_bytes(pool, table) / 1e3:,.0f} kB")
     return ", ".join(sizes)
 
 
@@ -283,7 +283,7 @@ async def bench_mode(mode: str, folder: Path, symbols: list[str], redis_url: str
             f"whole pieces in {drop_ms:.1f} ms (no row DELETE)"
         )
         if mode == FULL:
-            tables = ["ohlcv4_m1", "ohlcv4_m5", "ohlcv4_m15", "indicator_values_v4", "features_1s4", "orderflow4"]
+            tables = [*map(core_io.candle_table, TIMEFRAMES), "indicator_values_v4", "features_1s4", "orderflow4"]
             print(f"{mode:20} compressed  {await compressed(pool, tables)}")
         await importer.reader.close()
     finally:

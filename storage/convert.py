@@ -109,7 +109,8 @@ async def hypertable_from_partitions(conn: asyncpg.Connection, table: TimeTable)
     await _set_aside(conn, table.table, aside, shape[3])
     await _rebuild(conn, table.table, aside, None, shape)
     await conn.execute(
-        "SELECT create_hypertable($1::regclass, by_range($2::name, $3::text::interval))",
+        "SELECT create_hypertable($1::regclass, by_range($2::name, $3::text::interval), "
+        "create_default_indexes => false)",
         table.table,
         table.time_column,
         table.chunk,

@@ -14,10 +14,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from archive import trades
 from archive.files import ArchiveError, csv_member, day_start_ms
 from archive.trade_rows import DecimalScanner, _units
 from archive.trades import _copy_checked, store_trades
+from candles import ms_to_datetime
 from fake_exchange.archive import AGG_TRADE_HEADER, zipped
+from storage import partitions
+
+pytestmark = pytest.mark.storage_modes  # run again on each TimescaleDB edition by `make test`
 
 SYMBOL = "TESTUSDT"
 DAY = date(2026, 3, 20)
@@ -59,13 +64,39 @@ def expected_units(lines: list[str]) -> dict[int, tuple[int, int]]:
     return out
 
 
+@pytest.fixture(params=[trades.CHUNK_ROWS, 64], ids=["one-block", "blocks-of-64"])
+def blocks(request, monkeypatch) -> int:
+    """The file's rows in one block (a stream idle) or in many, spread over both streams."""
+    monkeypatch.setattr(trades, "CHUNK_ROWS", request.param)
+    monkeypatch.setattr(trades, "COPY_LOCK_TIMEOUT", "1s")  # a trade twice across the streams
+    return request.param
+
+
+async def day_pieces(pool) -> int:
+    """The pieces of agg_trades4 across DAY, whatever the mode."""
+    kind = await partitions.table_kind(pool, "agg_trades4")
+    if kind == partitions.HYPERTABLE:
+        sql = (
+            "SELECT count(*) FROM show_chunks('agg_trades4', newer_than => $1::timestamptz, "
+            "older_than => $2::timestamptz)"
+        )
+        return await pool.fetchval(sql, ms_to_datetime(START - 1), ms_to_datetime(START + 86_400_000))
+    sql = (
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'agg_trades4'::regclass "
+        "AND inhrelid::regclass::text >= $1 AND inhrelid::regclass::text < $2"
+    )
+    return await pool.fetchval(sql, partitions.partition_name("agg_trades4", START), "agg_trades4_p20260321")
+
+
 @pytest.mark.parametrize("header", [AGG_TRADE_HEADER, None])
-async def test_the_converted_copy_stores_what_the_exact_path_stores(pool, caplog, header):
+async def test_the_converted_copy_stores_what_the_exact_path_stores(pool, caplog, header, blocks):
     lines = trade_lines(3000) + BAD_LINES
     data = zipped("f.zip", lines, header)
-    with caplog.at_level(logging.INFO, "ARCHIVE"):
+    with caplog.at_level(logging.DEBUG, "ARCHIVE"):
         fast = await store_trades(pool, SYMBOL, DAY, data, "f.zip")
     assert EXACT_PATH not in caplog.text, "the converted path took the file"
+    assert "f.zip: 2 COPY stream(s)" in caplog.text  # the day's pieces were all made first
+    assert await day_pieces(pool) == 24
     fast_rows = await stored_rows(pool)
     await pool.execute("TRUNCATE agg_trades4")
     archive, member, has_header = csv_member(data, "f.zip")
@@ -82,14 +113,16 @@ async def test_the_converted_copy_stores_what_the_exact_path_stores(pool, caplog
     [
         (f"7000,12.123456789,1,10,11,{START + 5},true", "more than 8 decimals"),  # refused by the exact path
         (f"7000,12.5,50000000.12345678,10,11,{START + 5},true", "cannot convert exactly"),  # stored exactly
-        (f"100,60010.0,0.101,300,302,{START + 100_000},true", "duplicate key"),  # a repeated trade: once
+        # a repeated trade, kept once (in blocks of 64, the first in one stream, the repeat in the other)
+        (f"10,60001.0,0.011,30,32,{START + 10_000},true", "duplicate key"),
     ],
 )
-async def test_what_the_conversion_cannot_take_goes_to_the_exact_path(pool, caplog, line, why):
+async def test_what_the_conversion_cannot_take_goes_to_the_exact_path(pool, caplog, line, why, blocks):
     lines = [*trade_lines(200), line]
     with caplog.at_level(logging.INFO, "ARCHIVE"):
         total, refused, stored, _ = await store_trades(pool, SYMBOL, DAY, zipped("f.zip", lines, None), "f.zip")
-    assert EXACT_PATH in caplog.text and why in caplog.text, caplog.text
+    held = "lock timeout" if why == "duplicate key" and blocks == 64 else why  # the streams wait on each other
+    assert EXACT_PATH in caplog.text and held in caplog.text, caplog.text
     rows = {r[2]: (r[3], r[4]) for r in await stored_rows(pool)}
     assert total == 201 and stored == len(rows) and refused == (why == "more than 8 decimals")
     assert {a: units for a, units in expected_units(trade_lines(200)).items()} == {a: rows[a] for a in range(200)}

@@ -53,6 +53,18 @@ SNAPSHOT_SQL = {
 }
 
 
+# The growing tables' indexes in every mode: their keys and the one time index sql/013 makes.
+TIME_INDEXES_SQL = """
+SELECT t.relname AS table_name, i.relname AS index_name, split_part(pg_get_indexdef(x.indexrelid), ' USING ', 2) AS how
+FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid
+WHERE t.relname = ANY($1::text[]) AND t.relnamespace = 'public'::regnamespace ORDER BY 1, 2
+"""
+
+
+async def time_indexes(pool: asyncpg.Pool) -> list[tuple[str, str, str]]:
+    return [tuple(r) for r in await pool.fetch(TIME_INDEXES_SQL, [t.table for t in TIME_TABLES])]
+
+
 def server_url(mode: str) -> str:
     try:
         return setting(SERVERS[mode])
@@ -120,6 +132,10 @@ async def test_a_database_filled_by_todays_schema_moves_to_each_mode_with_every_
         if through_partitions:
             assert (await apply_storage(pool, "off")).mode == PLAIN
             assert await kinds(pool) == expected_kinds(PLAIN)
+        if mode != PLAIN and not through_partitions:  # a hypertable as an earlier release made it
+            await pool.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            await pool.execute("SELECT create_hypertable('ohlcv4_m5', by_range('open_time', interval '7 days'))")
+            assert ("ohlcv4_m5", "ohlcv4_m5_open_time_idx", "btree (open_time DESC)") in await time_indexes(pool)
         await fill(pool, redis, slice(0, 1500), first=True)
         await fill(pool, redis, slice(1500, 1600))
         before = await snapshot(pool)
@@ -132,6 +148,13 @@ async def test_a_database_filled_by_todays_schema_moves_to_each_mode_with_every_
         assert moved.mode == mode
         assert await kinds(pool) == expected_kinds(mode)
         assert await snapshot(pool) == before
+        indexes = await time_indexes(pool)
+        assert {
+            (table, how) for table, _, how in indexes if not how.startswith(("btree (symbol", "btree (instance_id"))
+        } == {
+            ("indicator_values_v4", "btree (open_time)"),
+            ("ohlcv4_m1", "btree (open_time DESC)"),
+        }  # TimescaleDB's default time indexes gone: every table keeps its key, M1 its time index
         if mode != PLAIN:
             chunks = await pool.fetchval(
                 "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = 'ohlcv4_m1'"
@@ -154,6 +177,7 @@ async def test_a_database_filled_by_todays_schema_moves_to_each_mode_with_every_
 @pytest.mark.timeout(240)
 async def test_the_same_work_stores_the_same_rows_in_all_three_modes(redis):
     stored: dict[str, dict[str, str]] = {}
+    indexes: dict[str, list] = {}
     for mode in (PLAIN, APACHE, FULL):
         await redis.flushall()
         url = await recreate_database(server_url(mode), SCRATCH)
@@ -164,10 +188,13 @@ async def test_the_same_work_stores_the_same_rows_in_all_three_modes(redis):
             await fill(pool, redis, slice(0, 1500), first=True)
             await fill(pool, redis, slice(1500, 1600))
             stored[mode] = await snapshot(pool)
+            indexes[mode] = await time_indexes(pool)
         finally:
             await pool.close()
             await drop_database(server_url(mode), SCRATCH)
     assert stored[PLAIN] == stored[APACHE] == stored[FULL]
+    assert indexes[PLAIN] == indexes[APACHE] == indexes[FULL]  # the same indexes: the same costs and plans
+    assert len(indexes[PLAIN]) == len(TIME_TABLES) + 2  # each table's key, and two time indexes
 
 
 @pytest.mark.timeout(240)
