@@ -1,0 +1,175 @@
+"""The leases and the member list in Redis, and one process's round. The rules are
+shards/leases.py's (`LeaseTable`), each a Lua script, so that it is atomic and runs on
+Redis's clock; a round is one pipeline per call, not a round trip per symbol.
+
+Keys (a symbol's two share its hash tag, so a script may touch both on Redis Cluster):
+- `lease:{SYMBOL}`: `<token> <member>`, expiring (PX);
+- `lease_token:{SYMBOL}`: the symbol's fencing token, never lowered, never expiring;
+- `shard_members`: a sorted set of members, scored by when their heartbeat ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+
+from redis.asyncio import Redis
+
+from shards.leases import Holding, LeaseTimes, plan_round
+
+MEMBERS_KEY = "shard_members"
+
+_NOW_LUA = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+HEARTBEAT_LUA = (
+    _NOW_LUA
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+)
+# KEYS: lease, token. ARGV: member, ttl. The token, or false while another holds it.
+TAKE_LUA = """
+local held = redis.call('GET', KEYS[1])
+if held then
+  local token, member = string.match(held, '^(%d+) (.*)$')
+  if member ~= ARGV[1] then return false end
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(token)
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token .. ' ' .. ARGV[1], 'PX', ARGV[2])
+return token
+"""
+# KEYS: lease. ARGV: '<token> <member>', ttl. 1 if extended.
+RENEW_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+
+def lease_key(symbol: str) -> str:
+    return f"lease:{{{symbol}}}"
+
+
+def token_key(symbol: str) -> str:
+    return f"lease_token:{{{symbol}}}"
+
+
+def member_id() -> str:
+    """`host:pid:random`: unique even when a container reuses a pid after a restart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class LeaseStore:
+    """`LeaseTable`'s operations on Redis, a batch of symbols per call."""
+
+    def __init__(self, redis: Redis, times: LeaseTimes) -> None:
+        self.redis, self.times = redis, times
+        self._heartbeat = redis.register_script(HEARTBEAT_LUA)
+        self._take = redis.register_script(TAKE_LUA)
+        self._renew = redis.register_script(RENEW_LUA)
+        self._release = redis.register_script(RELEASE_LUA)
+
+    async def heartbeat(self, member: str) -> list[str]:
+        """This member's heartbeat renewed; the live members, sorted."""
+        members = await self._heartbeat(keys=[MEMBERS_KEY], args=[member, self.times.ttl_ms])
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+    async def leave(self, member: str) -> None:
+        await self.redis.zrem(MEMBERS_KEY, member)
+
+    async def take(self, member: str, symbols: list[str]) -> dict[str, int]:
+        """The symbols taken (or held already by this member), with their tokens."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for symbol in symbols:
+                await self._take(
+                    keys=[lease_key(symbol), token_key(symbol)], args=[member, self.times.ttl_ms], client=pipe
+                )
+            answers = await pipe.execute()
+        return {symbol: int(token) for symbol, token in zip(symbols, answers, strict=True) if token}
+
+    async def renew(self, member: str, holdings: dict[str, int]) -> set[str]:
+        """The holdings still this member's, extended."""
+        return await self._each(self._renew, member, holdings, [self.times.ttl_ms])
+
+    async def release(self, member: str, holdings: dict[str, int]) -> set[str]:
+        return await self._each(self._release, member, holdings, [])
+
+    async def holders(self, symbols: list[str]) -> dict[str, tuple[str, int]]:
+        """Each held symbol's (member, token), for `status`."""
+        values = await self.redis.mget([lease_key(s) for s in symbols]) if symbols else []
+        out = {}
+        for symbol, value in zip(symbols, values, strict=True):
+            if value:
+                token, member = (value.decode() if isinstance(value, bytes) else value).split(" ", 1)
+                out[symbol] = (member, int(token))
+        return out
+
+    async def _each(self, script, member: str, holdings: dict[str, int], extra: list) -> set[str]:
+        symbols = list(holdings)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for symbol in symbols:
+                await script(keys=[lease_key(symbol)], args=[f"{holdings[symbol]} {member}", *extra], client=pipe)
+            answers = await pipe.execute()
+        return {symbol for symbol, done in zip(symbols, answers, strict=True) if done}
+
+
+class ShardMember:
+    """One process's share: its round (heartbeat, release, renew, take) and whether it may
+    write a symbol now. Validity runs on this process's monotonic clock from the moment
+    each request was sent (shards/leases.py says why)."""
+
+    def __init__(self, store: LeaseStore, member: str | None = None) -> None:
+        self.store = store
+        self.member = member or member_id()
+        self.holdings: dict[str, Holding] = {}
+        self.members: list[str] = []
+
+    def may_write(self, symbol: str) -> bool:
+        holding = self.holdings.get(symbol)
+        return holding is not None and holding.may_write(time.monotonic() * 1000)
+
+    def token(self, symbol: str) -> int | None:
+        holding = self.holdings.get(symbol)
+        return holding.token if holding is not None else None
+
+    def owned(self) -> list[str]:
+        now = time.monotonic() * 1000
+        return sorted(s for s, h in self.holdings.items() if h.may_write(now))
+
+    async def round(self, symbols: Iterable[str]) -> None:
+        self.members = await self.store.heartbeat(self.member)
+        plan = plan_round(self.member, self.members, symbols, self.holdings)
+        handed = {symbol: self.holdings.pop(symbol).token for symbol in plan.release}  # stop first
+        if handed:
+            await self.store.release(self.member, handed)
+        sent = time.monotonic() * 1000
+        valid_until = sent + self.store.times.valid_for()
+        if plan.renew:
+            kept = await self.store.renew(self.member, {s: self.holdings[s].token for s in plan.renew})
+            for symbol in plan.renew:
+                if symbol in kept:
+                    self.holdings[symbol].valid_until = max(self.holdings[symbol].valid_until, valid_until)
+                else:
+                    del self.holdings[symbol]
+        if plan.take:
+            sent = time.monotonic() * 1000
+            for symbol, token in (await self.store.take(self.member, plan.take)).items():
+                self.holdings[symbol] = Holding(token, sent + self.store.times.valid_for())
+
+    async def leave(self) -> None:
+        """A drain: every symbol released (writing stopped first) and the member gone."""
+        handed = {symbol: holding.token for symbol, holding in self.holdings.items()}
+        self.holdings.clear()
+        if handed:
+            await self.store.release(self.member, handed)
+        await self.store.leave(self.member)

@@ -1,0 +1,98 @@
+"""The leases in a real Redis: the Lua scripts answer exactly as the pure rules
+(shards/leases.py) do, and processes sharing symbols through them end with each symbol
+owned by one, take over a killed one's symbols in time, and hand symbols over on a drain."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from shards.coordinator import LeaseStore, ShardMember, lease_key, token_key
+from shards.leases import LeaseTable, LeaseTimes, assignment
+
+SYMBOLS = [f"S{i:02d}USDT" for i in range(20)]
+FAST = LeaseTimes(ttl_ms=600, renew_every_ms=100, margin_ms=50)
+
+
+async def test_the_scripts_answer_as_the_rules_do(redis):
+    """300 random operations of 3 members on 4 symbols, none expiring: Redis and the pure
+    table give the same answers and end with the same holders and tokens."""
+    store = LeaseStore(redis, LeaseTimes(ttl_ms=60_000))
+    table = LeaseTable()
+    rng = random.Random(7)
+    members, symbols = ["a:1", "b:2", "c:3"], ["AUSDT", "BUSDT", "CUSDT", "DUSDT"]
+    for _ in range(300):
+        member, symbol, token = rng.choice(members), rng.choice(symbols), rng.randint(1, 6)
+        match rng.choice(["take", "renew", "release", "heartbeat"]):
+            case "take":
+                assert await store.take(member, [symbol]) == (
+                    {symbol: t} if (t := table.take(0, symbol, member, 60_000)) is not None else {}
+                )
+            case "renew":
+                renewed = await store.renew(member, {symbol: token})
+                assert renewed == ({symbol} if table.renew(0, symbol, member, token, 60_000) else set())
+            case "release":
+                released = await store.release(member, {symbol: token})
+                assert released == ({symbol} if table.release(0, symbol, member, token) else set())
+            case "heartbeat":
+                assert await store.heartbeat(member) == table.heartbeat(0, member, 60_000)
+    held = await store.holders(symbols)
+    assert held == {s: (lease.member, lease.token) for s, lease in table.leases.items()}
+    assert {s: int(await redis.get(token_key(s)) or 0) for s in symbols} == {s: table.tokens.get(s, 0) for s in symbols}
+
+
+async def test_a_lease_and_a_member_end_on_redis_clock(redis):
+    store = LeaseStore(redis, LeaseTimes(ttl_ms=150))
+    assert await store.take("a:1", ["AUSDT"]) == {"AUSDT": 1}
+    assert await store.heartbeat("a:1") == ["a:1"]
+    assert await store.take("b:2", ["AUSDT"]) == {}
+    await asyncio.sleep(0.2)
+    assert await redis.get(lease_key("AUSDT")) is None
+    assert await store.take("b:2", ["AUSDT"]) == {"AUSDT": 2}  # the token went up
+    assert await store.heartbeat("b:2") == ["b:2"]  # a's heartbeat ended
+
+
+async def rounds(members: list[ShardMember], seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for member in members:
+            await member.round(SYMBOLS)
+        await asyncio.sleep(FAST.renew_every_ms / 1000)
+
+
+def owners(members: list[ShardMember]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {s: [] for s in SYMBOLS}
+    for member in members:
+        for symbol in member.owned():
+            out[symbol].append(member.member)
+    return out
+
+
+async def test_processes_share_the_symbols_take_over_a_dead_one_and_hand_over_on_a_drain(redis):
+    store = LeaseStore(redis, FAST)
+    a, b, c = (ShardMember(store, name) for name in ("host:1:a", "host:2:b", "host:3:c"))
+    await rounds([a, b, c], 0.5)
+    want = assignment(SYMBOLS, [a.member, b.member, c.member])
+    assert owners([a, b, c]) == {s: [want[s]] for s in SYMBOLS}  # each symbol once, where the hash says
+    tokens = {s: m.token(s) for m in (a, b, c) for s in m.owned()}
+
+    # c is killed: no release, no leave; its lease and heartbeat run out
+    killed_at = time.monotonic()
+    theirs = [s for s in SYMBOLS if want[s] == c.member]
+    while any(not (a.may_write(s) or b.may_write(s)) for s in theirs):
+        assert time.monotonic() - killed_at < FAST.takeover_ms(50) / 1000 + 0.5, owners([a, b])
+        for member in (a, b):
+            await member.round(SYMBOLS)
+        assert not any(c.may_write(s) and (a.may_write(s) or b.may_write(s)) for s in SYMBOLS)
+        await asyncio.sleep(FAST.renew_every_ms / 1000)
+    assert not c.owned()  # its validity ended before theirs began
+    after = {s: m.token(s) for m in (a, b) for s in m.owned()}
+    assert all(after[s] > tokens[s] for s in theirs)  # fenced: new holders, higher tokens
+    assert all(after[s] == tokens[s] for s in SYMBOLS if s not in theirs)  # nobody else moved
+
+    # b drains: it stops and lets go at once; a takes everything on its next round
+    await b.leave()
+    assert not b.owned()
+    await a.round(SYMBOLS)
+    assert a.owned() == SYMBOLS
