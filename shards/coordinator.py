@@ -2,6 +2,9 @@
 shards/leases.py's (`LeaseTable`), each a Lua script, so that it is atomic and runs on
 Redis's clock; a round is one pipeline per call, not a round trip per symbol.
 
+Scripts go as EVAL, not EVALSHA: redis-py's cluster pipeline refuses EVALSHA, and Redis
+caches an EVAL'd script's compilation all the same.
+
 Keys (a symbol's two share its hash tag, so a script may touch both on Redis Cluster):
 - `lease:{SYMBOL}`: `<token> <member>`, expiring (PX);
 - `lease_token:{SYMBOL}`: the symbol's fencing token, never lowered, never expiring;
@@ -17,6 +20,7 @@ import uuid
 from collections.abc import Iterable
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from shards.leases import Holding, LeaseTimes, plan_round
 
@@ -72,16 +76,12 @@ def member_id() -> str:
 class LeaseStore:
     """`LeaseTable`'s operations on Redis, a batch of symbols per call."""
 
-    def __init__(self, redis: Redis, times: LeaseTimes) -> None:
+    def __init__(self, redis: Redis | RedisCluster, times: LeaseTimes) -> None:
         self.redis, self.times = redis, times
-        self._heartbeat = redis.register_script(HEARTBEAT_LUA)
-        self._take = redis.register_script(TAKE_LUA)
-        self._renew = redis.register_script(RENEW_LUA)
-        self._release = redis.register_script(RELEASE_LUA)
 
     async def heartbeat(self, member: str) -> list[str]:
         """This member's heartbeat renewed; the live members, sorted."""
-        members = await self._heartbeat(keys=[MEMBERS_KEY], args=[member, self.times.ttl_ms])
+        members = await self.redis.eval(HEARTBEAT_LUA, 1, MEMBERS_KEY, member, self.times.ttl_ms)
         return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
 
     async def leave(self, member: str) -> None:
@@ -91,22 +91,23 @@ class LeaseStore:
         """The symbols taken (or held already by this member), with their tokens."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for symbol in symbols:
-                await self._take(
-                    keys=[lease_key(symbol), token_key(symbol)], args=[member, self.times.ttl_ms], client=pipe
-                )
+                pipe.eval(TAKE_LUA, 2, lease_key(symbol), token_key(symbol), member, self.times.ttl_ms)
             answers = await pipe.execute()
         return {symbol: int(token) for symbol, token in zip(symbols, answers, strict=True) if token}
 
     async def renew(self, member: str, holdings: dict[str, int]) -> set[str]:
         """The holdings still this member's, extended."""
-        return await self._each(self._renew, member, holdings, [self.times.ttl_ms])
+        return await self._each(RENEW_LUA, member, holdings, [self.times.ttl_ms])
 
     async def release(self, member: str, holdings: dict[str, int]) -> set[str]:
-        return await self._each(self._release, member, holdings, [])
+        return await self._each(RELEASE_LUA, member, holdings, [])
 
     async def holders(self, symbols: list[str]) -> dict[str, tuple[str, int]]:
         """Each held symbol's (member, token), for `status`."""
-        values = await self.redis.mget([lease_key(s) for s in symbols]) if symbols else []
+        async with self.redis.pipeline(transaction=False) as pipe:  # not MGET: the keys span slots
+            for symbol in symbols:
+                pipe.get(lease_key(symbol))
+            values = await pipe.execute()
         out = {}
         for symbol, value in zip(symbols, values, strict=True):
             if value:
@@ -114,11 +115,11 @@ class LeaseStore:
                 out[symbol] = (member, int(token))
         return out
 
-    async def _each(self, script, member: str, holdings: dict[str, int], extra: list) -> set[str]:
+    async def _each(self, script: str, member: str, holdings: dict[str, int], extra: list) -> set[str]:
         symbols = list(holdings)
         async with self.redis.pipeline(transaction=False) as pipe:
             for symbol in symbols:
-                await script(keys=[lease_key(symbol)], args=[f"{holdings[symbol]} {member}", *extra], client=pipe)
+                pipe.eval(script, 1, lease_key(symbol), f"{holdings[symbol]} {member}", *extra)
             answers = await pipe.execute()
         return {symbol for symbol, done in zip(symbols, answers, strict=True) if done}
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hosted import PrivateCA, RestrictedRedisServer, SslPostgresServer, TlsRedisServer
-from servers import PostgresServer, RedisServer, drop_database, recreate_database, setting
+from servers import PostgresServer, RedisCluster, RedisServer, drop_database, recreate_database, setting
 
 import core_io
 from infra import make_redis
@@ -62,6 +62,17 @@ def redis_stack_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_server() -> Iterator[RedisCluster]:
+    """3 masters with a replica each, started once for the session when a test asks."""
+    cluster = RedisCluster(masters=3, replicas=1)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture(scope="session")

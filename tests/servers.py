@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -54,18 +55,44 @@ def time_closes(feed) -> dict[tuple[str, int], float]:
     return received
 
 
+def free_cluster_port() -> int:
+    """A free port with its cluster bus port (+10,000) free too: at most 55,535."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 55_535)
+        with contextlib.ExitStack() as stack:
+            try:
+                for candidate in (port, port + 10_000):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def redis_env() -> dict[str, str]:
+    """The environment the Redis Stack binaries need (their shared libraries)."""
+    env = dict(os.environ)
+    lib = os.environ.get("REDIS_LD_LIBRARY_PATH") or read_local_services().get("REDIS_LD_LIBRARY_PATH", "")
+    if lib:
+        env["LD_LIBRARY_PATH"] = lib
+    return env
+
+
 class RedisServer:
     """A private redis-server process (with or without the TimeSeries module)."""
 
-    def __init__(self, with_timeseries: bool) -> None:
+    def __init__(self, with_timeseries: bool, extra_args: tuple[str, ...] = (), port: int | None = None) -> None:
         self.with_timeseries = with_timeseries
-        self.port = free_port()
+        self.extra_args = extra_args
+        self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="feed_v4_redis_"))
         self.process: subprocess.Popen | None = None
 
@@ -93,10 +120,8 @@ class RedisServer:
         ]
         if self.with_timeseries:
             args += ["--loadmodule", setting("REDIS_TS_MODULE")]
-        env = dict(os.environ)
-        lib = os.environ.get("REDIS_LD_LIBRARY_PATH") or read_local_services().get("REDIS_LD_LIBRARY_PATH", "")
-        if lib:
-            env["LD_LIBRARY_PATH"] = lib
+        args += self.extra_args
+        env = redis_env()
         log_path = self.dir / "redis.log"
         with open(log_path, "ab") as log_file:
             self.process = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -122,6 +147,57 @@ class RedisServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """A Redis Cluster of private servers from the same binaries: `masters` masters with
+    `replicas` replicas each, slots spread by `redis-cli --cluster create`."""
+
+    def __init__(self, masters: int = 3, replicas: int = 1, with_timeseries: bool = True) -> None:
+        self.nodes = [
+            RedisServer(
+                with_timeseries,
+                ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1500"),
+                free_cluster_port(),
+            )
+            for _ in range(masters * (1 + replicas))
+        ]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = str(Path(setting("REDIS_SERVER_BIN")).with_name("redis-cli"))
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+            env=redis_env(),
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [self.cli(node, "CLUSTER", "INFO") for node in self.nodes]
+            if all("cluster_state:ok" in state for state in states):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the test cluster did not reach cluster_state:ok within 30 s")
+
+    def cli(self, node: RedisServer, *command: str) -> str:
+        cli = str(Path(setting("REDIS_SERVER_BIN")).with_name("redis-cli"))
+        done = subprocess.run(
+            [cli, "-p", str(node.port), *command], capture_output=True, text=True, timeout=10, env=redis_env()
+        )
+        return done.stdout
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
 
 
 class PostgresServer:

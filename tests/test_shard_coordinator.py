@@ -7,6 +7,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from shards.coordinator import LeaseStore, ShardMember, lease_key, token_key
 from shards.leases import LeaseTable, LeaseTimes, assignment
@@ -15,7 +20,21 @@ SYMBOLS = [f"S{i:02d}USDT" for i in range(20)]
 FAST = LeaseTimes(ttl_ms=600, renew_every_ms=100, margin_ms=50)
 
 
-async def test_the_scripts_answer_as_the_rules_do(redis):
+@pytest.fixture(params=["single", "cluster"])
+async def any_redis(request, redis) -> AsyncIterator[Redis | RedisCluster]:
+    """A single Redis, or a client of the test cluster (3 masters, a replica each)."""
+    if request.param == "single":
+        yield redis
+        return
+    cluster = request.getfixturevalue("redis_cluster_server")
+    client = RedisCluster.from_url(cluster.url)
+    await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    yield client
+    await client.aclose()
+
+
+async def test_the_scripts_answer_as_the_rules_do(any_redis):
+    redis = any_redis
     """300 random operations of 3 members on 4 symbols, none expiring: Redis and the pure
     table give the same answers and end with the same holders and tokens."""
     store = LeaseStore(redis, LeaseTimes(ttl_ms=60_000))
@@ -42,7 +61,8 @@ async def test_the_scripts_answer_as_the_rules_do(redis):
     assert {s: int(await redis.get(token_key(s)) or 0) for s in symbols} == {s: table.tokens.get(s, 0) for s in symbols}
 
 
-async def test_a_lease_and_a_member_end_on_redis_clock(redis):
+async def test_a_lease_and_a_member_end_on_redis_clock(any_redis):
+    redis = any_redis
     store = LeaseStore(redis, LeaseTimes(ttl_ms=150))
     assert await store.take("a:1", ["AUSDT"]) == {"AUSDT": 1}
     assert await store.heartbeat("a:1") == ["a:1"]
@@ -69,7 +89,8 @@ def owners(members: list[ShardMember]) -> dict[str, list[str]]:
     return out
 
 
-async def test_processes_share_the_symbols_take_over_a_dead_one_and_hand_over_on_a_drain(redis):
+async def test_processes_share_the_symbols_take_over_a_dead_one_and_hand_over_on_a_drain(any_redis):
+    redis = any_redis
     store = LeaseStore(redis, FAST)
     a, b, c = (ShardMember(store, name) for name in ("host:1:a", "host:2:b", "host:3:c"))
     await rounds([a, b, c], 0.5)
