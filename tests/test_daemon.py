@@ -221,6 +221,11 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
             raise
         await asyncio.sleep(3)  # a heartbeat carries the final exchange time
 
+        async def m1_acknowledged() -> bool:  # the values are in Redis before the batch's ack
+            groups = await redis.xinfo_groups(core_io.CANDLE_STREAMS["m1"])
+            return all(g["pending"] == 0 for g in groups if g["name"] == core_io.INDICATOR_GROUP)
+
+        await until(m1_acknowledged, 60, "the indicator worker to acknowledge its last M1 batch")
         status = run_main(env, "status", "--json")
         assert status.returncode == 0, status.stdout + status.stderr
         report = json.loads(status.stdout)
