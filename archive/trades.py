@@ -28,8 +28,10 @@ import io
 import logging
 import zipfile
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from datetime import date
+from typing import IO
 
 import asyncpg
 import pandas as pd
@@ -76,16 +78,39 @@ TRADE_ROLLUPS = ("raw_trades_1s4", "raw_trades_1m4")
 log = logging.getLogger("ARCHIVE")
 
 
+@dataclass(frozen=True)
+class TradeFile:
+    """A daily aggTrades zip, opened: whose trades, which day, the CSV inside."""
+
+    symbol: str
+    first: int  # the day's first millisecond
+    name: str
+    archive: zipfile.ZipFile
+    member: zipfile.ZipInfo
+    header: bool
+
+    @classmethod
+    def read(cls, symbol: str, day: date, data: bytes, name: str) -> TradeFile:
+        archive, member, header = csv_member(data, name)
+        return cls(symbol, day_start_ms(day), name, archive, member, header)
+
+    @property
+    def end(self) -> int:
+        return self.first + DAY_MS
+
+    def open(self) -> IO[bytes]:
+        return self.archive.open(self.member)
+
+
 async def store_trades(
     pool: asyncpg.Pool, symbol: str, day: date, data: bytes, name: str
 ) -> tuple[int, int, int, list]:
     """The file's trades stored: (rows in the file, rows refused, rows new, a few refused)."""
-    archive, member, header = csv_member(data, name)
-    first = day_start_ms(day)
-    await partitions.ensure(pool, "agg_trades4", range(first, first + DAY_MS, HOUR_MS))
-    if not await pool.fetchval(_DAY_HAS_TRADES_SQL, symbol, ms_to_datetime(first), ms_to_datetime(first + DAY_MS)):
+    file = TradeFile.read(symbol, day, data, name)
+    await partitions.ensure(pool, "agg_trades4", range(file.first, file.end, HOUR_MS))
+    if not await pool.fetchval(_DAY_HAS_TRADES_SQL, symbol, ms_to_datetime(file.first), ms_to_datetime(file.end)):
         try:
-            return await _copy_converted(pool, symbol, first, archive, member, header, name)
+            return await _copy_converted(pool, file)
         except (
             ValueError,
             asyncpg.UniqueViolationError,
@@ -95,7 +120,7 @@ async def store_trades(
             zlib.error,
         ) as exc:
             log.info("%s: taking the exact path (%s)", name, exc)
-    return await _copy_checked(pool, symbol, first, archive, member, header, name)
+    return await _copy_checked(pool, file)
 
 
 _DAY_HAS_TRADES_SQL = "SELECT EXISTS (SELECT FROM agg_trades4 WHERE symbol = $1 AND ts >= $2 AND ts < $3)"
@@ -105,30 +130,22 @@ COPY_LOCK_TIMEOUT = "10s"  # then the exact path: a compression of the hour, a t
 COPY_TIMEOUT_S = 1800.0  # a whole day of a busy symbol in one statement: not the pool's 20 s
 
 
-async def _copy_converted(
-    pool: asyncpg.Pool,
-    symbol: str,
-    first: int,
-    archive: zipfile.ZipFile,
-    member: zipfile.ZipInfo,
-    header: bool,
-    name: str,
-) -> tuple[int, int, int, list]:
+async def _copy_converted(pool: asyncpg.Pool, file: TradeFile) -> tuple[int, int, int, list]:
     """The fast path: chunks converted in a thread while the server stores the previous
     ones, over two COPY streams when the day's pieces could be made first (the server's
-    side is the slower: one stream left a core idle), committed together."""
+    side is the slower: one stream left a core idle)."""
     fits = pool.get_max_size() > STREAMS  # a connection left for the others
-    streams = STREAMS if fits and await _day_chunks_made(pool, symbol, first) else 1
-    log.debug("%s: %d COPY stream(s)", name, streams)
+    streams = STREAMS if fits and await _day_chunks_made(pool, file) else 1
+    log.debug("%s: %d COPY stream(s)", file.name, streams)
     loop = asyncio.get_running_loop()
     total = refused = 0
     examples: list[tuple] = []
     queues: list[asyncio.Queue[bytes | None]] = [asyncio.Queue(maxsize=2) for _ in range(streams)]
-    with archive.open(member) as raw:
+    with file.open() as raw:
         scanner = DecimalScanner(raw)
         chunks = pd.read_csv(
             io.BufferedReader(scanner, 1 << 20),
-            header=0 if header else None,
+            header=0 if file.header else None,
             names=list(CSV_COLUMNS),
             dtype=CSV_TYPES,
             engine="c",
@@ -141,7 +158,7 @@ async def _copy_converted(
                 raise Unconvertible("a value with more than 8 decimals")
             if frame is None:
                 return None
-            return copy_rows(symbol, first, first + DAY_MS, {c: frame[c].to_numpy() for c in CSV_COLUMNS})
+            return copy_rows(file.symbol, file.first, file.end, {c: frame[c].to_numpy() for c in CSV_COLUMNS})
 
         async def produce() -> None:
             nonlocal total, refused
@@ -155,40 +172,47 @@ async def _copy_converted(
             for queue in queues:
                 await queue.put(None)
 
-        async def rows(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
-            yield COPY_HEADER
-            while (block := await queue.get()) is not None:
-                yield block
-            yield COPY_TRAILER
-
-        async with contextlib.AsyncExitStack() as stack:
-            connections = [await stack.enter_async_context(pool.acquire()) for _ in range(streams)]
-            transactions = [conn.transaction() for conn in connections]
-            try:
-                for conn, transaction in zip(connections, transactions, strict=True):
-                    await transaction.start()
-                    # should a piece be made after all (retention dropped one meanwhile), no hang
-                    await conn.execute(f"SET LOCAL lock_timeout = '{COPY_LOCK_TIMEOUT}'")
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(produce())
-                    for conn, queue in zip(connections, queues, strict=True):
-                        source = rows(queue)
-                        group.create_task(
-                            conn.copy_to_table("agg_trades4", source=source, format="binary", timeout=COPY_TIMEOUT_S)
-                        )
-            except BaseException as failed:
-                for transaction in transactions:
-                    with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                        await transaction.rollback()
-                if isinstance(failed, BaseExceptionGroup):
-                    raise failed.exceptions[0] from None
-                raise
-            for transaction in transactions:  # a crash between leaves rows the exact path keeps once
-                await transaction.commit()
+        await _copy_together(pool, produce(), [_drain(queue) for queue in queues])
     return total, refused, total - refused, examples
 
 
-async def _day_chunks_made(pool: asyncpg.Pool, symbol: str, first: int) -> bool:
+async def _drain(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    """One COPY stream's binary rows, as the producer hands them over (None: the end)."""
+    yield COPY_HEADER
+    while (block := await queue.get()) is not None:
+        yield block
+    yield COPY_TRAILER
+
+
+async def _copy_together(pool: asyncpg.Pool, producer: Coroutine, sources: list[AsyncIterator[bytes]]) -> None:
+    """Each source COPYed into agg_trades4 on its own connection while `producer` feeds
+    them; all committed once all have ended, or all rolled back (the first error raised).
+    A crash between two commits leaves rows that the exact path, taken next, keeps once."""
+    async with contextlib.AsyncExitStack() as stack:
+        connections = [await stack.enter_async_context(pool.acquire()) for _ in sources]
+        transactions = [conn.transaction() for conn in connections]
+        try:
+            for conn, transaction in zip(connections, transactions, strict=True):
+                await transaction.start()
+                # should a piece be made after all (retention dropped one meanwhile), no hang
+                await conn.execute(f"SET LOCAL lock_timeout = '{COPY_LOCK_TIMEOUT}'")
+            async with asyncio.TaskGroup() as group:
+                group.create_task(producer)
+                for conn, source in zip(connections, sources, strict=True):
+                    copy = conn.copy_to_table("agg_trades4", source=source, format="binary", timeout=COPY_TIMEOUT_S)
+                    group.create_task(copy)
+        except BaseException as failed:
+            for transaction in transactions:
+                with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    await transaction.rollback()
+            if isinstance(failed, BaseExceptionGroup):
+                raise failed.exceptions[0] from None
+            raise
+        for transaction in transactions:
+            await transaction.commit()
+
+
+async def _day_chunks_made(pool: asyncpg.Pool, file: TradeFile) -> bool:
     """The day's pieces all there before two streams fill them: two COPYs that each make a
     chunk the other then needs wait on each other for ever, behind the one client feeding
     both. Native partitions are made by `store_trades`; TimescaleDB makes a chunk for a
@@ -196,11 +220,11 @@ async def _day_chunks_made(pool: asyncpg.Pool, symbol: str, first: int) -> bool:
     it; its chunk stays). False (one stream) where that fails."""
     if await partitions.table_kind(pool, "agg_trades4") != partitions.HYPERTABLE:
         return True
-    hours = [ms_to_datetime(t) for t in range(first, first + DAY_MS, HOUR_MS)]
+    hours = [ms_to_datetime(t) for t in range(file.first, file.end, HOUR_MS)]
     try:
         async with pool.acquire() as conn, conn.transaction():
-            await conn.execute(_PLACEHOLDERS_SQL, symbol, hours)
-            await conn.execute(_PLACEHOLDERS_GONE_SQL, symbol, hours)
+            await conn.execute(_PLACEHOLDERS_SQL, file.symbol, hours)
+            await conn.execute(_PLACEHOLDERS_GONE_SQL, file.symbol, hours)
     except asyncpg.PostgresError as exc:
         log.info("agg_trades4: the day's chunks not made ahead (%s); one COPY stream", exc)
         return False
@@ -214,36 +238,28 @@ _PLACEHOLDERS_SQL = (  # agg_id -1: never a trade's
 _PLACEHOLDERS_GONE_SQL = "DELETE FROM agg_trades4 WHERE symbol = $1 AND agg_id = -1 AND ts = ANY($2::timestamptz[])"
 
 
-async def _copy_checked(
-    pool: asyncpg.Pool,
-    symbol: str,
-    first: int,
-    archive: zipfile.ZipFile,
-    member: zipfile.ZipInfo,
-    header: bool,
-    name: str,
-) -> tuple[int, int, int, list]:
+async def _copy_checked(pool: asyncpg.Pool, file: TradeFile) -> tuple[int, int, int, list]:
     """The exact path: PostgreSQL parses the CSV's decimals and checks each row."""
+    day = (file.symbol, file.first, file.end)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(_STAGE_SQL)
         try:
-            with archive.open(member) as csv_file:
+            with file.open() as csv_file:
                 await conn.copy_to_table(
                     "archive_trades",
                     source=csv_file,
                     columns=list(CSV_COLUMNS),
                     format="csv",
-                    header=header,
+                    header=file.header,
                     timeout=COPY_TIMEOUT_S,
                 )
         except (asyncpg.DataError, zipfile.BadZipFile, EOFError, zlib.error) as exc:  # a field COPY cannot read
-            raise ArchiveError(f"{name}: not a readable aggTrades CSV ({exc})") from exc
+            raise ArchiveError(f"{file.name}: not a readable aggTrades CSV ({exc})") from exc
         total = int(await conn.fetchval("SELECT count(*) FROM archive_trades"))
-        inserted = await conn.execute(_INSERT_SQL, symbol, first, first + DAY_MS, timeout=COPY_TIMEOUT_S)
-        stored = int(inserted.split()[-1])
+        stored = int((await conn.execute(_INSERT_SQL, *day, timeout=COPY_TIMEOUT_S)).split()[-1])
         # Every row new: none refused (the common case; no second pass over the file's rows).
-        valid = total if stored == total else await conn.fetchval(_VALID_COUNT_SQL, symbol, first, first + DAY_MS)
-        refused = await conn.fetch(_REJECTED_SQL, symbol, first, first + DAY_MS) if valid < total else []
+        valid = total if stored == total else await conn.fetchval(_VALID_COUNT_SQL, *day)
+        refused = await conn.fetch(_REJECTED_SQL, *day) if valid < total else []
     return total, total - valid, stored, [tuple(r) for r in refused]
 
 

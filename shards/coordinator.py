@@ -153,9 +153,8 @@ class ShardMember:
         handed = {symbol: self.holdings.pop(symbol).token for symbol in plan.release}  # stop first
         if handed:
             await self.store.release(self.member, handed)
-        sent = time.monotonic() * 1000
-        valid_until = sent + self.store.times.valid_for()
         if plan.renew:
+            valid_until = self._valid_from_now()
             kept = await self.store.renew(self.member, {s: self.holdings[s].token for s in plan.renew})
             for symbol in plan.renew:
                 if symbol in kept:
@@ -163,9 +162,13 @@ class ShardMember:
                 else:
                     del self.holdings[symbol]
         if plan.take:
-            sent = time.monotonic() * 1000
+            valid_until = self._valid_from_now()
             for symbol, token in (await self.store.take(self.member, plan.take)).items():
-                self.holdings[symbol] = Holding(token, sent + self.store.times.valid_for())
+                self.holdings[symbol] = Holding(token, valid_until)
+
+    def _valid_from_now(self) -> float:
+        """How long a lease requested now may be written under: from the sending."""
+        return time.monotonic() * 1000 + self.store.times.valid_for()
 
     async def leave(self) -> None:
         """A drain: every symbol released (writing stopped first) and the member gone."""

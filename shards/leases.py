@@ -44,8 +44,8 @@ class LeaseTimes:
         """The longest a symbol goes unowned when its owner dies or freezes: its lease and
         heartbeat run out, then the next owner's round (on a clock up to MAX_DRIFT slow),
         a request's round trip, and a renewal that was in flight when it stopped."""
-        round_ms = self.renew_every_ms * (1 + MAX_DRIFT)
-        return int(self.ttl_ms + latency_ms + 2 * round_ms + 2 * latency_ms)
+        round_ms = self.renew_every_ms / (1 - MAX_DRIFT)
+        return int(self.ttl_ms + 2 * round_ms + 3 * latency_ms)
 
 
 def weight(member: str, symbol: str) -> bytes:

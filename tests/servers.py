@@ -171,10 +171,17 @@ class RedisCluster:
     def start(self) -> None:
         for node in self.nodes:
             node.start()
-        cli = str(Path(setting("REDIS_SERVER_BIN")).with_name("redis-cli"))
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            [
+                self.cli_path,
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
             check=True,
             capture_output=True,
             timeout=60,
@@ -188,10 +195,13 @@ class RedisCluster:
             time.sleep(0.1)
         raise RuntimeError("the test cluster did not reach cluster_state:ok within 30 s")
 
+    @property
+    def cli_path(self) -> str:
+        return str(Path(setting("REDIS_SERVER_BIN")).with_name("redis-cli"))
+
     def cli(self, node: RedisServer, *command: str) -> str:
-        cli = str(Path(setting("REDIS_SERVER_BIN")).with_name("redis-cli"))
         done = subprocess.run(
-            [cli, "-p", str(node.port), *command], capture_output=True, text=True, timeout=10, env=redis_env()
+            [self.cli_path, "-p", str(node.port), *command], capture_output=True, text=True, timeout=10, env=redis_env()
         )
         return done.stdout
 

@@ -15,10 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from archive import trades
-from archive.files import ArchiveError, csv_member, day_start_ms
+from archive.files import ArchiveError, day_start_ms
 from archive.trade_rows import DecimalScanner, _units
-from archive.trades import _copy_checked, store_trades
-from candles import ms_to_datetime
+from archive.trades import TradeFile, _copy_checked, store_trades
+from candles import DAY_MS, ms_to_datetime
 from fake_exchange.archive import AGG_TRADE_HEADER, zipped
 from storage import partitions
 
@@ -80,12 +80,13 @@ async def day_pieces(pool) -> int:
             "SELECT count(*) FROM show_chunks('agg_trades4', newer_than => $1::timestamptz, "
             "older_than => $2::timestamptz)"
         )
-        return await pool.fetchval(sql, ms_to_datetime(START - 1), ms_to_datetime(START + 86_400_000))
+        return await pool.fetchval(sql, ms_to_datetime(START - 1), ms_to_datetime(START + DAY_MS))
     sql = (
         "SELECT count(*) FROM pg_inherits WHERE inhparent = 'agg_trades4'::regclass "
         "AND inhrelid::regclass::text >= $1 AND inhrelid::regclass::text < $2"
     )
-    return await pool.fetchval(sql, partitions.partition_name("agg_trades4", START), "agg_trades4_p20260321")
+    bounds = (partitions.partition_name("agg_trades4", START), partitions.partition_name("agg_trades4", START + DAY_MS))
+    return await pool.fetchval(sql, *bounds)
 
 
 @pytest.mark.parametrize("header", [AGG_TRADE_HEADER, None])
@@ -99,8 +100,7 @@ async def test_the_converted_copy_stores_what_the_exact_path_stores(pool, caplog
     assert await day_pieces(pool) == 24
     fast_rows = await stored_rows(pool)
     await pool.execute("TRUNCATE agg_trades4")
-    archive, member, has_header = csv_member(data, "f.zip")
-    exact = await _copy_checked(pool, SYMBOL, START, archive, member, has_header, "f.zip")
+    exact = await _copy_checked(pool, TradeFile.read(SYMBOL, DAY, data, "f.zip"))
     assert fast[:3] == exact[:3] == (3005, 5, 3000)
     assert sorted(e[1] for e in fast[3]) == sorted(e[1] for e in exact[3]) == [900001, 900002, 900003]
     assert fast_rows == await stored_rows(pool)
