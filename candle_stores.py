@@ -9,27 +9,30 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from itertools import chain, repeat
 from typing import Any, NamedTuple, Protocol
 
 import hiredis
 from redis._parsers.hiredis import NOT_ENOUGH_DATA  # the sentinel redis-py's hiredis reader returns
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from candles import TF_MS, Bar, Candle
 from infra import REDIS_RETRY_ERRORS
+from shards.cluster import AnyRedis, execute_routed
+from shards.keys import symbol_part
 
 CANDLE_FIELDS: tuple[str, ...] = ("o", "h", "l", "c", "v")
 
 
 def candle_series_key(symbol: str, tf: str, field: str) -> str:
-    return f"ohlcv:{symbol}:{tf}:{field}"
+    return f"ohlcv:{symbol_part(symbol)}:{tf}:{field}"
 
 
 def candle_zset_key(symbol: str, tf: str) -> str:
-    return f"ohlcv:{symbol}:{tf}"
+    return f"ohlcv:{symbol_part(symbol)}:{tf}"
 
 
 def retention_ms(tf: str, bars: int) -> int:
@@ -41,10 +44,12 @@ def retention_ms(tf: str, bars: int) -> int:
 
 
 class Packed(NamedTuple):
-    """A command already in RESP (`name` is its first word, for reading its replies)."""
+    """A command already in RESP (`name` is its first word, for reading its replies;
+    `key` its first key, for routing it on a Redis Cluster)."""
 
     name: str
     resp: bytes
+    key: str
 
 
 _CRLF = b"\r\n"
@@ -100,22 +105,35 @@ def pack_madd(
         )
         samples[3::5] = values
         parts += samples
-    return Packed("TS.MADD", b"".join(parts))
+    return Packed("TS.MADD", b"".join(parts), keys[0])
 
 
-async def execute_packed(redis: Redis, commands: Sequence[Sequence[Any] | Packed]) -> list[Any]:
+async def execute_packed(redis: AnyRedis, commands: Sequence[Sequence[Any] | Packed]) -> list[Any]:
     """Send many commands in one write and read every reply (errors returned, not raised).
 
     redis-py's asyncio pipeline packs arguments in pure Python, which dominated bulk
     candle writes (15 s for a 500-symbol restore); hiredis packs them in C. Replies are
     read in bulk too (see `_read_replies`). The commands must be idempotent: on a
-    dropped connection the whole batch is re-sent once.
+    dropped connection the whole batch is re-sent once. On a Redis Cluster the round is
+    split by owning node (shards/cluster.py).
     """
+    if isinstance(redis, RedisCluster):
+        return await execute_routed(redis, commands, _round_on)
+    pool = redis.connection_pool
+    return await _round_on(pool.get_connection, pool.release, commands)
+
+
+async def _round_on(
+    acquire: Callable[[], Awaitable[Any]],
+    release: Callable[[Any], Awaitable[None]],
+    commands: Sequence[Sequence[Any] | Packed],
+) -> list[Any]:
+    """One round on one connection from a pool (a single Redis's, or a cluster node's)."""
     packed = b"".join(
         command.resp if isinstance(command, Packed) else hiredis.pack_command(tuple(command)) for command in commands
     )
     for attempt in (1, 2):
-        conn = await redis.connection_pool.get_connection()
+        conn = await acquire()
         try:
             await conn.send_packed_command(packed, check_health=attempt == 2)
             return await _read_replies(conn, len(commands))
@@ -129,7 +147,7 @@ async def execute_packed(redis: Redis, commands: Sequence[Sequence[Any] | Packed
             await conn.disconnect(nowait=True)
             raise
         finally:
-            await redis.connection_pool.release(conn)
+            await release(conn)
     raise AssertionError("unreachable")
 
 

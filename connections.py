@@ -23,13 +23,26 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from infra import ENCODE_HINT, BootError, ConfigError, Settings, log_system_event, make_redis, mask_url
+from infra import (
+    ENCODE_HINT,
+    BootError,
+    ConfigError,
+    Settings,
+    cluster_aware,
+    log_system_event,
+    make_cluster_redis,
+    make_redis,
+    mask_url,
+)
 from migrations import pending_migrations
+from shards.cluster import migrate_key_names
+from shards.keys import use_hash_tags
 
 
 async def timeseries_problem(redis: Redis) -> str | None:
@@ -285,6 +298,29 @@ def _redis_ping_checking_tls(redis: Redis, url: str) -> Callable[[], Awaitable[A
     return ping
 
 
+async def _name_keys(settings: Settings, redis: Redis) -> Redis | RedisCluster:
+    """The client of the server's kind, and this process's key names: hash-tagged on a
+    Redis Cluster (or with REDIS_HASH_TAGS=on); keys stored under the other names are
+    moved once (shards/cluster.py)."""
+    client = await cluster_aware(redis, settings.redis_url)
+    tagged = isinstance(client, RedisCluster) or settings.redis_hash_tags
+    use_hash_tags(tagged)
+    raw = make_cluster_redis if isinstance(client, RedisCluster) else make_redis
+    try:
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            masters = len(client.get_primaries())
+            log_system_event("INFO", "BOOT", f"Redis Cluster of {masters} masters: per-symbol keys carry a hash tag")
+        moved = await migrate_key_names(client, lambda: raw(settings.redis_url, decode_responses=False), tagged)
+    except BaseException:
+        await client.aclose()
+        raise
+    if moved:
+        scheme = "with hash tags (`ohlcv:{SYMBOL}:...`)" if tagged else "without hash tags (`ohlcv:SYMBOL:...`)"
+        log_system_event("INFO", "BOOT", f"renamed {moved} Redis keys to their names {scheme}")
+    return client
+
+
 async def connect_redis(settings: Settings) -> tuple[Redis, bool]:
     """Connect at boot; return the client and whether TimeSeries is to be used."""
     check_certificate_files("REDIS_URL", settings.redis_url)
@@ -293,6 +329,7 @@ async def connect_redis(settings: Settings) -> tuple[Redis, bool]:
     try:
         ping = _redis_ping_checking_tls(redis, settings.redis_url)
         await _wait_for("Redis", settings.redis_url, ping, settings.boot_wait_s, hint)
+        redis = await _name_keys(settings, redis)
         if settings.candle_store == "zset":
             log_system_event("INFO", "BOOT", "REDIS_CANDLE_STORE=zset: candles go to the sorted-set store")
             return redis, False

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from candle_stores import (  # noqa: F401 (the candle cache is part of this module's interface)
@@ -52,6 +53,8 @@ from gap_log import (  # noqa: F401 (the gap log is part of this module's interf
     log_missing_m1,
     set_missing_status,
 )
+from shards.cluster import read_streams_apart
+from shards.keys import symbol_part
 from storage import partitions
 from storage.retention import drop_expired
 
@@ -81,11 +84,11 @@ CONSUMER_GROUPS: dict[str, tuple[str, ...]] = {
 
 
 def price_key(symbol: str) -> str:
-    return f"price:{symbol}"
+    return f"price:{symbol_part(symbol)}"
 
 
 def indicator_key(symbol: str, tf: str) -> str:
-    return f"indicator:{symbol}:{tf}"
+    return f"indicator:{symbol_part(symbol)}:{tf}"
 
 
 def candle_table(tf: str) -> str:
@@ -593,13 +596,18 @@ async def fetch_indicator_config(pool: asyncpg.Pool) -> list[tuple[int, str, str
 async def set_mark_prices(redis: Redis, prices: Mapping[str, str]) -> None:
     """Exchange decimal strings as they came, all in one MSET."""
     if prices:
-        await redis.mset({price_key(symbol): price for symbol, price in prices.items()})
+        mapping = {price_key(symbol): price for symbol, price in prices.items()}
+        if isinstance(redis, RedisCluster):  # MSET cannot span slots: one SET per node's round
+            await execute_checked(redis, [["SET", key, price] for key, price in mapping.items()])
+        else:
+            await redis.mset(mapping)
 
 
 async def get_mark_prices(redis: Redis, symbols: Sequence[str]) -> dict[str, str | None]:
     if not symbols:
         return {}
-    values = await redis.mget([price_key(s) for s in symbols])
+    keys = [price_key(s) for s in symbols]
+    values = await (redis.mget_nonatomic(keys) if isinstance(redis, RedisCluster) else redis.mget(keys))
     return dict(zip(symbols, values))
 
 
@@ -713,7 +721,14 @@ async def read_group(
     starts = {s: start for s in streams} if isinstance(start, str) else dict(start)
     try:
         block = block_ms if start == ">" else None
-        reply = await redis.xreadgroup(group, consumer, starts, count=count, block=block)
+        if isinstance(redis, RedisCluster):
+
+            async def read(part: dict[str, str], wait: int | None) -> Any:
+                return await redis.xreadgroup(group, consumer, part, count=count, block=wait)
+
+            reply = await read_streams_apart(read, starts, block)
+        else:
+            reply = await redis.xreadgroup(group, consumer, starts, count=count, block=block)
     except ResponseError as exc:
         if "NOGROUP" not in str(exc):
             raise

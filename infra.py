@@ -31,12 +31,14 @@ from urllib.parse import urlsplit
 import asyncpg
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from binance.protocol import valid_symbol
+from shards.cluster import FeedRedisCluster
 
 PROJECT_DIR = Path(__file__).resolve().parent
 LOCAL_SERVICES_FILE = PROJECT_DIR / ".local" / "services.env"
@@ -106,6 +108,7 @@ class Settings:
     redis_candles: int = 250
     indicator_retention_days: int = 14
     candle_store: str = "auto"
+    redis_hash_tags: bool = False  # single Redis named as a cluster is (a cluster always is)
     boot_wait_s: float = 30.0
     stream_maxlen: int = 100_000
     system_log_buffer: int = 10_000
@@ -261,6 +264,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_candles=env_number(env, "REDIS_CANDLES", 250, int, 1, 100_000),
         indicator_retention_days=env_number(env, "INDICATOR_RETENTION_DAYS", 14, int, 1, 3650),
         candle_store=candle_store,
+        redis_hash_tags=env_bool(env, "REDIS_HASH_TAGS", False),
         boot_wait_s=env_number(env, "BOOT_WAIT_S", 30.0, float, 0.0, 3600.0),
         stream_maxlen=env_number(env, "STREAM_MAXLEN", 100_000, int, 100, 100_000_000),
         system_log_buffer=env_number(env, "SYSTEM_LOG_BUFFER", 10_000, int, 10, 10_000_000),
@@ -645,6 +649,40 @@ def make_redis(url: str, **overrides: Any) -> Redis:
     )
     options.update(overrides)
     return Redis.from_url(url, **options)
+
+
+def make_cluster_redis(url: str, **overrides: Any) -> RedisCluster:
+    """`make_redis` for a Redis Cluster: the client follows MOVED/ASK and re-reads the
+    slot map after a failover (its own retries, `cluster_error_retry_attempts`)."""
+    options: dict[str, Any] = dict(
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2, supported_errors=REDIS_RETRY_ERRORS),
+        socket_connect_timeout=5,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_keepalive=True,
+        health_check_interval=15,
+    )
+    options.update(overrides)
+    return FeedRedisCluster.from_url(url, **options)
+
+
+async def cluster_aware(redis: Redis, url: str, **overrides: Any) -> Redis | RedisCluster:
+    """`redis` itself, or a cluster client in its place (`redis` closed) when its server
+    is a Redis Cluster node: SPEC 17, a cluster is recognised from the server."""
+    if not int((await redis.info("cluster")).get("cluster_enabled", 0) or 0):
+        return redis
+    await redis.aclose()
+    return make_cluster_redis(url, **overrides)
+
+
+async def open_redis(url: str, **overrides: Any) -> Redis | RedisCluster:
+    """A client of the server at `url`, of the kind it is."""
+    redis = make_redis(url, **overrides)
+    try:
+        return await cluster_aware(redis, url, **overrides)
+    except BaseException:
+        await redis.aclose()
+        raise
 
 
 # --------------------------------------------------------------------------- heartbeat

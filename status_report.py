@@ -27,14 +27,25 @@ from typing import Any
 import asyncpg
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 import core_io
 import infra
 from candles import TF_MS, TIMEFRAMES, datetime_to_ms, ms_to_datetime
 from connections import connect_pg
-from infra import REDIS_RETRY_ERRORS, BootError, Settings, env_number, format_duration, make_redis, mask_url
+from infra import (
+    REDIS_RETRY_ERRORS,
+    BootError,
+    Settings,
+    cluster_aware,
+    env_number,
+    format_duration,
+    make_redis,
+    mask_url,
+)
 from orderflow.chain import ORDERFLOW_TIMEFRAMES
+from shards.keys import use_hash_tags
 from storage.detect import detect_storage_mode
 from storage.modes import StorageMode
 
@@ -144,7 +155,23 @@ def parse_heartbeat(key: str, fields: Mapping[str, str], local_now_ms: int) -> d
         "workers": [w for w in (fields.get("workers") or "").split(",") if w],
         "candles_stored": _int_or_none(fields.get("candles_stored")),
         "indicator_bars": _int_or_none(fields.get("indicator_bars")),
+        "symbols": [s for s in (fields.get("symbols") or "").split(",") if s],
     }
+
+
+def processes_of(daemons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """SPEC 17's `processes`: every live daemon process and the symbols it owns (a
+    heartbeat exists only while its process beats, so each listed is alive)."""
+    return [
+        {
+            "id": d["key"].removeprefix(infra.HEARTBEAT_PREFIX),
+            "host": d["host"],
+            "pid": d["pid"],
+            "alive": True,
+            "symbols": d["symbols"],
+        }
+        for d in daemons
+    ]
 
 
 # --------------------------------------------------------------------------- raw reads (I/O)
@@ -411,6 +438,7 @@ def build_report(
         "unhealthy": [],
         "thresholds": {"max_lag_s": max_lag_s, "max_pending": max_pending, "max_gap_age_s": GAP_MAX_AGE_S},
         "daemons": daemons,
+        "processes": processes_of(daemons),
         "tickers": tickers,
         "streams": dict(streams),
         "gaps": {
@@ -626,10 +654,13 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
                 workers_summary(d["workers"]),
                 "-" if d["candles_stored"] is None else d["candles_stored"],
                 "-" if d["indicator_bars"] is None else d["indicator_bars"],
+                len(d["symbols"]),
             ]
             for d in report["daemons"]
         ]
-        out += render_table(["HOST:PID", "BEAT", "UPTIME", "EXCHANGE TIME", "WORKERS", "M1 STORED", "IND BARS"], rows)
+        out += render_table(
+            ["HOST:PID", "BEAT", "UPTIME", "EXCHANGE TIME", "WORKERS", "M1 STORED", "IND BARS", "SYMBOLS"], rows
+        )
 
     tickers = report["tickers"]
     out += ["", f"TICKERS ({len(tickers)} enabled, worst M1 lag first; lag = time since the newest bar closed)"]
@@ -810,9 +841,11 @@ async def run_status(settings: Settings, argv: list[str], env: Mapping[str, str]
     quick = replace(settings, boot_wait_s=min(settings.boot_wait_s, CONNECT_WAIT_S))
     # JIT only adds compile time to these short index probes.
     pool = await connect_pg(quick, min_size=1, max_size=2, server_settings={"jit": "off"})
-    redis = make_redis(settings.redis_url)
+    redis: Redis | RedisCluster = make_redis(settings.redis_url)
     try:
         await _ping_redis(redis, settings.redis_url)
+        redis = await cluster_aware(redis, settings.redis_url)
+        use_hash_tags(isinstance(redis, RedisCluster) or settings.redis_hash_tags)
         report = await collect_status(pool, redis, max_lag_s=max_lag_s, max_pending=max_pending)
     except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
         raise BootError(

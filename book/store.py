@@ -32,6 +32,7 @@ from book.seconds import DepthSecond, TickerSecond, TradeSecond
 from candles import datetime_to_ms, ms_to_datetime
 from core_io import xadd_command
 from orderflow.fold import units_text
+from shards.keys import symbol_part
 from storage import partitions
 from storage.layout import ONE_SECOND_TABLES
 
@@ -40,11 +41,11 @@ FEATURE_NAMES = ("microprice", "i1", "i10", "ofi", "volume_imbalance", "vpin", "
 
 
 def features_key(symbol: str) -> str:
-    return f"features:{symbol}"
+    return f"features:{symbol_part(symbol)}"
 
 
 def book_key(symbol: str) -> str:
-    return f"book:{symbol}"
+    return f"book:{symbol_part(symbol)}"
 
 
 # --------------------------------------------------------------------------- seconds

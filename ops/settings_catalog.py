@@ -35,6 +35,7 @@ _ROWS: list[tuple[str, str, str, str]] = [
     ("servers", "BOOT_WAIT_S", "30", "how long boot waits for Redis and PostgreSQL"),
     ("servers", "REDIS_CANDLES", "250", "candles kept in Redis per ticker and timeframe"),
     ("servers", "REDIS_CANDLE_STORE", "auto", "auto, timeseries, zset"),
+    ("servers", "REDIS_HASH_TAGS", "off", "on: a single Redis names keys as a cluster does (`ohlcv:{SYMBOL}:...`)"),
     ("servers", "TIMESCALEDB", "auto", "auto: TimescaleDB (hypertables) where the server loads it; off: plain"),
     ("servers", "STREAM_MAXLEN", "100000", "approximate MAXLEN of every stream the daemon writes"),
     ("exchange", "SYMBOLS", "unset", SYMBOLS_NOTE),

@@ -17,6 +17,7 @@ from orderflow.fold import BarFlow
 from orderflow.output import FinalBar
 from orderflow.render import FootprintRenderer
 from orderflow.rows import RULE_HOURS, day_row
+from shards.keys import symbol_part
 from storage import partitions
 
 ORDERFLOW_READY_STREAM = "orderflow_ready"
@@ -123,11 +124,11 @@ def upsert_params(records: Sequence[Sequence[Any]]) -> list[list[Any]]:
 
 
 def orderflow_key(symbol: str, tf: str) -> str:
-    return f"orderflow:{symbol}:{tf}"
+    return f"orderflow:{symbol_part(symbol)}:{tf}"
 
 
 def footprint_key(symbol: str, tf: str, forming: bool = False) -> str:
-    return f"footprint:{symbol}:{tf}{':forming' if forming else ''}"
+    return f"footprint:{symbol_part(symbol)}:{tf}{':forming' if forming else ''}"
 
 
 async def upsert_bars(pool: asyncpg.Pool, bars: Sequence[FinalBar]) -> None:

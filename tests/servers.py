@@ -157,7 +157,17 @@ class RedisCluster:
         self.nodes = [
             RedisServer(
                 with_timeseries,
-                ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1500"),
+                (
+                    *(
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1500",
+                    ),
+                    *("--repl-diskless-sync-delay", "0"),  # a replica in sync at once, able to take over
+                ),
                 free_cluster_port(),
             )
             for _ in range(masters * (1 + replicas))
@@ -187,13 +197,7 @@ class RedisCluster:
             timeout=60,
             env=redis_env(),
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            states = [self.cli(node, "CLUSTER", "INFO") for node in self.nodes]
-            if all("cluster_state:ok" in state for state in states):
-                return
-            time.sleep(0.1)
-        raise RuntimeError("the test cluster did not reach cluster_state:ok within 30 s")
+        self.wait_ok()
 
     @property
     def cli_path(self) -> str:
@@ -204,6 +208,41 @@ class RedisCluster:
             [self.cli_path, "-p", str(node.port), *command], capture_output=True, text=True, timeout=10, env=redis_env()
         )
         return done.stdout
+
+    def masters(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process and "role:master" in self.cli(node, "INFO", "replication")]
+
+    def kill_master(self, index: int = 0) -> RedisServer:
+        """kill -9 of a master; returns once a replica has taken its slots over."""
+        masters = self.masters()
+        victim = masters[index]
+        assert victim.process is not None
+        victim.process.kill()
+        victim.process.wait(10)
+        victim.process = None
+        deadline = time.monotonic() + 30
+        while len(self.masters()) < len(masters):  # until a replica is promoted
+            if time.monotonic() > deadline:
+                raise RuntimeError("no replica took over the killed master within 30 s")
+            time.sleep(0.1)
+        self.wait_ok()
+        return victim
+
+    def restart(self, node: RedisServer) -> None:
+        """A killed node back (it rejoins from its nodes.conf, as a replica)."""
+        node.start()
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        live = [node for node in self.nodes if node.process]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            replication = [self.cli(node, "INFO", "replication") for node in live]
+            synced = all("role:master" in r or "master_link_status:up" in r for r in replication)
+            if synced and all("cluster_state:ok" in self.cli(node, "CLUSTER", "INFO") for node in live):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the test cluster was not ok within {timeout} s")
 
     def cleanup(self) -> None:
         for node in self.nodes:

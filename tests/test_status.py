@@ -44,6 +44,7 @@ async def beat(redis, exchange_time: int | str = NOW, pid: int = 4242) -> None:
         "workers": "FEED_INTAKE,INDICATORS,SIGNALS",
         "candles_stored": 120,
         "indicator_bars": 360,
+        "symbols": "BTCUSDT,ETHUSDT",
     }
     await infra.write_heartbeat(redis, infra.heartbeat_key("testhost", pid), fields, 30)
 
@@ -212,6 +213,10 @@ async def test_healthy_system_lags_on_the_exchange_clock(pool, redis):
     assert daemon["workers"] == ["FEED_INTAKE", "INDICATORS", "SIGNALS"]
     assert (daemon["candles_stored"], daemon["indicator_bars"]) == (120, 360)
     assert 0.5 <= daemon["age_s"] < 30 and 3595 < daemon["uptime_s"] < 3630
+    # SPEC 17: every live process and the symbols it owns.
+    assert report["processes"] == [
+        {"id": "testhost:4242", "host": "testhost", "pid": 4242, "alive": True, "symbols": ["BTCUSDT", "ETHUSDT"]}
+    ]
 
 
 async def test_no_heartbeat_is_unhealthy_and_falls_back_to_the_local_clock(pool, redis):
@@ -378,6 +383,7 @@ async def test_json_and_text_output(pool, redis):
         "unhealthy",
         "thresholds",
         "daemons",
+        "processes",
         "tickers",
         "streams",
         "gaps",

@@ -21,17 +21,20 @@ import asyncpg
 import orjson
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from book.store import FEATURES_STREAM, book_key
 from core_io import CANDLE_STREAMS, INDICATORS_READY_STREAM
 from infra import Outage
 from orderflow.store import ORDERFLOW_READY_STREAM, footprint_key
+from shards.cluster import read_streams_apart
 from web import reads
 
 log = logging.getLogger("WEB")
 POLL_S = 0.25
 READ_BLOCK_MS = 1_000
+CLUSTER_READ_BLOCK_MS = 100
 READ_COUNT = 5_000
 CANDLE_STREAM_TF = {stream: tf for tf, stream in CANDLE_STREAMS.items()}
 _CANDLE_EXTRAS = {"quote_volume": None, "trades": None, "taker_buy_volume": None}
@@ -141,6 +144,17 @@ class Hub:
             replies = await pipe.execute()
         return {stream: (_text(reply[0][0]) if reply else "0-0") for stream, reply in zip(streams, replies)}
 
+    async def read(self, ids: dict[str, str]) -> Any:
+        if not isinstance(self.redis, RedisCluster):
+            return await self.redis.xread(ids, count=READ_COUNT, block=READ_BLOCK_MS)
+
+        async def read_part(part: dict[str, str], block: int | None) -> Any:
+            return await self.redis.xread(part, count=READ_COUNT, block=block)
+
+        # One stream waited on at a time (shards/cluster.py): briefly, so that the others
+        # (features_1s every second) are not held back behind a quiet M1 stream.
+        return await read_streams_apart(read_part, ids, CLUSTER_READ_BLOCK_MS)
+
     async def tail_streams(self) -> None:
         """Reads every announcement stream from where it stood at start (or reconnect)."""
         ids: dict[str, str] | None = None
@@ -148,7 +162,7 @@ class Hub:
             try:
                 if ids is None:
                     ids = await self.start_ids()
-                replies = await self.redis.xread(ids, count=READ_COUNT, block=READ_BLOCK_MS)
+                replies = await self.read(ids)
                 self.redis_outage.ok()
             except (RedisError, OSError) as exc:
                 self.redis_outage.fail(exc, "reading the announcement streams")
