@@ -37,6 +37,7 @@ from aggregation import (
 from aggregation_io import build_buckets
 from backfill import Backfiller
 from binance.clock import ExchangeClock
+from binance.limits import AttemptLimiter, SharedLimits
 from binance.protocol import (
     MARK_PRICE_ALL_STREAM,
     FrameError,
@@ -447,6 +448,11 @@ class Feed:
             background=True,
         )
         limiter = WeightLimiter(self.feed_settings.rest_weight_limit, self.feed_settings.rest_weight_window_s)
+        # One IP's limits, counted for every process of the deployment (binance/limits.py).
+        tuning = self.feed_settings
+        limiter.shared = SharedLimits(self.redis, tuning.limit_group, tuning.rest_weight_limit, tuning.connect_limit)
+        self.attempts = AttemptLimiter(self.feed_settings.connect_limit)  # every route's connections
+        self.attempts.shared = limiter.shared
         self.rest = RestClient(self.settings.binance_rest_url, limiter)
         self.clock = ExchangeClock(int(self.feed_settings.frame_time_tolerance_s * 1000))
         self.rest.on_server_time.append(self._synced)
@@ -466,7 +472,7 @@ class Feed:
         self.new_gaps: list[tuple[str, int]] = []
         self.prices: dict[str, str] = {}
         self.streams = StreamPool(
-            self.settings.binance_ws_url, self.feed_settings, self.handle_frame, self.handle_connected
+            self.settings.binance_ws_url, self.feed_settings, self.handle_frame, self.handle_connected, self.attempts
         )
         self.catch_up_pending: set[str] = set()
         self.needs_history: set[str] = set()  # added symbols that had no candles at all

@@ -202,6 +202,7 @@ class Daemon:
                 options.feed,
                 settings.stream_maxlen,
                 options.feed.ticker_refresh_s,
+                self.feed.attempts,
             )
             self.feed.orderflow.trade_listener = self.book.on_trade
         self.indicators = IndicatorWorker(settings, pool, redis, options.indicators) if options.indicators else None

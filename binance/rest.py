@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -20,6 +20,9 @@ from binance.streams import Backoff
 from binance.trades import agg_trades_of
 from infra import log_system_event
 from orderflow.fold import AggTrade
+
+if TYPE_CHECKING:
+    from binance.limits import SharedLimits
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # exchangeInfo, the largest answer, is about 1 MB
 RETRY_AFTER_MAX_S = 3600.0
@@ -63,6 +66,7 @@ class WeightLimiter:
         self.total = 0  # weight spent since start (progress lines, the metrics endpoint)
         self.spent: deque[tuple[float, int]] = deque()
         self.blocked_until = 0.0
+        self.shared: SharedLimits | None = None  # the deployment's count for this IP (binance/limits.py)
         self._lock = asyncio.Lock()
 
     def _used(self, now: float) -> int:
@@ -78,20 +82,29 @@ class WeightLimiter:
                     await asyncio.sleep(self.blocked_until - now)
                     continue
                 if self._used(now) + weight <= self.limit:
+                    wait_s = await self.shared.weight_wait_s(weight) if self.shared else 0.0
+                    if wait_s > 0:  # the other processes on this IP spent this minute's weight
+                        await asyncio.sleep(wait_s)
+                        continue
                     self.spent.append((now, weight))
                     self.total += weight
                     return
                 await asyncio.sleep(max(0.005, self.spent[0][0] + self.window_s - now))
 
-    def block_for(self, seconds: float) -> None:
+    async def block_for(self, seconds: float) -> None:
+        """A 429 or 418: nobody on this IP sends until Retry-After has passed."""
         self.blocked_until = max(self.blocked_until, time.monotonic() + seconds)
+        if self.shared:
+            await self.shared.block(seconds)
 
-    def observe(self, used_header: str | None) -> None:
+    async def observe(self, used_header: str | None) -> None:
         """The exchange counts all our IP's requests; if it saw more than we did, catch up."""
         if used_header and used_header.isdigit() and len(used_header) < 10:
             gap = min(int(used_header), self.limit) - self._used(time.monotonic())
             if gap > 0:
                 self.spent.append((time.monotonic(), gap))
+                if self.shared:
+                    await self.shared.seen(int(used_header))
 
 
 async def read_capped(response: aiohttp.ClientResponse, cap: int = MAX_BODY_BYTES) -> bytes:
@@ -132,10 +145,10 @@ class RestClient:
             try:
                 session = await self.session()
                 async with session.get(self.base_url + path, params=params) as response:
-                    self.limiter.observe(response.headers.get("X-MBX-USED-WEIGHT-1M"))
+                    await self.limiter.observe(response.headers.get("X-MBX-USED-WEIGHT-1M"))
                     if response.status in (418, 429):
                         retry_after = retry_after_s(response.headers.get("Retry-After"))
-                        self.limiter.block_for(retry_after)
+                        await self.limiter.block_for(retry_after)
                         log_system_event(
                             "WARNING",
                             "REST",

@@ -4,10 +4,11 @@ in the README."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from infra import Settings, env_bool, env_number
+from infra import ConfigError, Settings, env_bool, env_number
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class FeedSettings:
     frame_time_tolerance_s: float = 3600.0
     exchange_info_refresh_s: float = 3600.0
     orderflow: bool = True  # aggTrades and footprints; ORDERFLOW=off turns them off
+    limit_group: str = "default"  # processes of one group share one IP's limits (binance/limits.py)
+    connect_limit: int = 240  # connection attempts per 5 minutes for the group
 
     @classmethod
     def from_env(cls, settings: Settings, env: Mapping[str, str] | None = None) -> FeedSettings:
@@ -54,4 +57,13 @@ class FeedSettings:
             frame_time_tolerance_s=env_number(env, "FRAME_TIME_TOLERANCE_S", 3600.0, float, 60, 30 * 86_400),
             exchange_info_refresh_s=env_number(env, "EXCHANGE_INFO_REFRESH_S", 3600.0, float, 60, 7 * 86_400),
             orderflow=env_bool(env, "ORDERFLOW", True),
+            limit_group=_limit_group(env.get("BINANCE_LIMIT_GROUP", "")),
+            connect_limit=env_number(env, "BINANCE_CONNECT_LIMIT", 240, int, 1, 10_000),
         )
+
+
+def _limit_group(value: str) -> str:
+    group = value.strip() or "default"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", group):
+        raise ConfigError(f"BINANCE_LIMIT_GROUP={value[:80]!r}: letters, digits, '_', '.' and '-' only (1-64)")
+    return group

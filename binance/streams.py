@@ -13,13 +13,16 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote
 
 import aiohttp
 
 from binance.protocol import request_message
 from infra import log_system_event, run_safe_loop
+
+if TYPE_CHECKING:
+    from binance.limits import AttemptLimiter
 
 
 class StreamSettings(Protocol):
@@ -113,8 +116,10 @@ class StreamConnection:
         settings: StreamSettings,
         on_frame: Callable[[str | bytes], None],
         on_connected: Callable[[set[str]], None],
+        attempts: AttemptLimiter | None = None,
     ) -> None:
         self.conn_id, self.base_url, self.settings = conn_id, base_url, settings
+        self.attempts = attempts
         self.reconnects = 0  # connections lost (the metrics endpoint's counter)
         self.on_frame, self.on_connected = on_frame, on_connected
         self.streams: set[str] = set()
@@ -158,6 +163,8 @@ class StreamConnection:
         """Connect and wait for the first data frame: the legacy routes acknowledge and
         then stay silent, so no data in time is an error, not a quiet market."""
         streams = set(self.streams)
+        if self.attempts:  # Binance limits connection attempts per IP
+            await self.attempts.acquire()
         ws = await Socket.open(self.url(streams))
         try:
             deadline = time.monotonic() + self.settings.first_data_timeout_s
@@ -279,9 +286,11 @@ class StreamPool:
         settings: StreamSettings,
         on_frame: Callable[[str | bytes], None],
         on_connected: Callable[[set[str]], None],
+        attempts: AttemptLimiter | None = None,
     ) -> None:
         self.base_url, self.settings = base_url, settings
         self.on_frame, self.on_connected = on_frame, on_connected
+        self.attempts = attempts  # shared by every route's pool of the process
         self.connections: list[StreamConnection] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -303,7 +312,7 @@ class StreamPool:
 
     def _new_connection(self) -> StreamConnection:
         connection = StreamConnection(
-            len(self.connections), self.base_url, self.settings, self.on_frame, self.on_connected
+            len(self.connections), self.base_url, self.settings, self.on_frame, self.on_connected, self.attempts
         )
         self.connections.append(connection)
         self._spawn(connection)

@@ -31,6 +31,7 @@ from binance.book import (
     parse_depth_frame,
 )
 from binance.book import book_ticker_stream as ticker_stream
+from binance.limits import AttemptLimiter
 from binance.protocol import FrameError
 from binance.rest import RestClient
 from binance.streams import Backoff, StreamPool, StreamSettings
@@ -104,11 +105,12 @@ class BookIntake:
         stream_settings: StreamSettings,
         stream_maxlen: int,
         ticker_refresh_s: float = 5.0,
+        attempts: AttemptLimiter | None = None,
     ) -> None:
         self.pool, self.redis, self.rest, self.settings = pool, redis, rest, settings
         self.stream_maxlen, self.ticker_refresh_s = stream_maxlen, ticker_refresh_s
         self.range_pct = Fraction(settings.range_pct)
-        self.streams = StreamPool(ws_url, stream_settings, self.on_frame, self.on_connected)
+        self.streams = StreamPool(ws_url, stream_settings, self.on_frame, self.on_connected, attempts)
         self.symbols: dict[str, SymbolSeconds] = {}
         self.rollups: dict[str, MinuteRollup] = {}
         self.clock_ms = 0  # the newest event time seen on the book streams

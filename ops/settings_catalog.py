@@ -46,6 +46,8 @@ _ROWS: list[tuple[str, str, str, str]] = [
     ("exchange", "TICKER_REFRESH_S", "5", "how often `tickers` is re-read (subscribe / unsubscribe live)"),
     ("exchange", "REST_WEIGHT_LIMIT", "2400", "REST request weight allowed per window"),
     ("exchange", "REST_WEIGHT_WINDOW_S", "60", "the weight window"),
+    ("exchange", "BINANCE_LIMIT_GROUP", "default", "processes of one group share one IP's Binance limits"),
+    ("exchange", "BINANCE_CONNECT_LIMIT", "240", "WebSocket connection attempts per 5 minutes for the group"),
     ("exchange", "REST_CONCURRENCY", "4", "REST requests in flight"),
     ("exchange", "REST_FALLBACK_S", "30", "no WebSocket data this long: closed minutes fetched over REST"),
     ("feed", "FEED_ENABLED", "true", "run the feed in this process"),
