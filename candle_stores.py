@@ -108,17 +108,20 @@ def pack_madd(
     return Packed("TS.MADD", b"".join(parts), keys[0])
 
 
-async def execute_packed(redis: AnyRedis, commands: Sequence[Sequence[Any] | Packed]) -> list[Any]:
+async def execute_packed(
+    redis: AnyRedis, commands: Sequence[Sequence[Any] | Packed], replica_wait_ms: int | None = None
+) -> list[Any]:
     """Send many commands in one write and read every reply (errors returned, not raised).
 
     redis-py's asyncio pipeline packs arguments in pure Python, which dominated bulk
     candle writes (15 s for a 500-symbol restore); hiredis packs them in C. Replies are
     read in bulk too (see `_read_replies`). The commands must be idempotent: on a
     dropped connection the whole batch is re-sent once. On a Redis Cluster the round is
-    split by owning node (shards/cluster.py).
+    split by owning node (shards/cluster.py), each part then acknowledged by a replica
+    when `replica_wait_ms` is given.
     """
     if isinstance(redis, RedisCluster):
-        return await execute_routed(redis, commands, _round_on)
+        return await execute_routed(redis, commands, _round_on, replica_wait_ms)
     pool = redis.connection_pool
     return await _round_on(pool.get_connection, pool.release, commands)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -102,8 +103,19 @@ def redirected(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith(_REDIRECT_PREFIXES)
 
 
-async def execute_routed(cluster: RedisCluster, commands: Sequence[Any], round_on: RoundOn) -> list[Any]:
-    """`commands` as one round per owning node, all nodes at once; replies in order."""
+class NotReplicated(ResponseError):
+    """No replica acknowledged the write within the wait: a failover could lose it."""
+
+
+async def execute_routed(
+    cluster: RedisCluster, commands: Sequence[Any], round_on: RoundOn, replica_wait_ms: int | None = None
+) -> list[Any]:
+    """`commands` as one round per owning node, all nodes at once; replies in order.
+
+    With `replica_wait_ms`, each node's part ends with `WAIT 1 <ms>` on the same
+    connection, where the node has a replica: Redis replicates asynchronously, so a write
+    its master acknowledged can vanish in a failover. The replies of a part no replica
+    acknowledged in time come back as `NotReplicated`."""
     replies: list[Any] = [None] * len(commands)
     waiting = list(range(len(commands)))
     lost: BaseException | None = None
@@ -125,7 +137,10 @@ async def execute_routed(cluster: RedisCluster, commands: Sequence[Any], round_o
             lost = exc
             continue
         results = await asyncio.gather(
-            *(_node_round(node, [commands[i] for i in indexes], round_on) for node, indexes in by_node.values()),
+            *(
+                _node_round(cluster, node, [commands[i] for i in indexes], round_on, replica_wait_ms)
+                for node, indexes in by_node.values()
+            ),
             return_exceptions=True,
         )
         again: list[int] = []
@@ -170,14 +185,43 @@ async def read_streams_apart(read: StreamRead, starts: dict[str, str], block_ms:
     return woke + [item for reply in rest for item in (reply or [])]
 
 
-async def _node_round(node: ClusterNode, commands: list[Any], round_on: RoundOn) -> list[Any]:
+REPLICAS_KNOWN_S = 10.0
+_replicas_seen: dict[str, tuple[float, bool]] = {}  # node name -> (when asked, has a replica)
+
+
+async def _wait_for(cluster: RedisCluster, node: ClusterNode, replica_wait_ms: int | None) -> list[Any] | None:
+    """The WAIT to end `node`'s part with, when asked for and the node has a replica (a
+    cluster of masters only has no failover to lose a write to). Asked of the node
+    itself (the slot map leaves out replicas that have not synced yet), every 10 s."""
+    if replica_wait_ms is None:
+        return None
+    now = time.monotonic()
+    asked, has_replica = _replicas_seen.get(node.name, (-REPLICAS_KNOWN_S, False))
+    if now - asked >= REPLICAS_KNOWN_S:
+        info = await cluster.execute_command("INFO", "replication", target_nodes=node)
+        has_replica = int(info.get("connected_slaves", 0) or 0) > 0
+        _replicas_seen[node.name] = (now, has_replica)
+    return ["WAIT", 1, replica_wait_ms] if has_replica else None
+
+
+async def _node_round(
+    cluster: RedisCluster, node: ClusterNode, commands: list[Any], round_on: RoundOn, replica_wait_ms: int | None
+) -> list[Any]:
+    wait = await _wait_for(cluster, node, replica_wait_ms)
+
     async def acquire() -> Any:
         return node.acquire_connection()
 
     async def release(conn: Any) -> None:
         node.release(conn)
 
-    return await round_on(acquire, release, commands)
+    if wait is None:
+        return await round_on(acquire, release, commands)
+    *replies, acknowledged = await round_on(acquire, release, [*commands, wait])
+    if isinstance(acknowledged, int) and acknowledged >= 1:
+        return replies
+    failed = NotReplicated(f"no replica of {node.name} acknowledged within {wait[2]} ms")
+    return [reply if redirected(reply) else failed for reply in replies]
 
 
 # --------------------------------------------------------------------------- key names

@@ -3,7 +3,9 @@ shards/leases.py's (`LeaseTable`), each a Lua script, so that it is atomic and r
 Redis's clock; a round is one pipeline per call, not a round trip per symbol.
 
 Scripts go as EVAL, not EVALSHA: redis-py's cluster pipeline refuses EVALSHA, and Redis
-caches an EVAL'd script's compilation all the same.
+caches an EVAL'd script's compilation all the same. Takes and renewals go as one packed
+round split by node (candle_stores.execute_packed), so that on a cluster each node's
+part can end with a WAIT for its replica.
 
 Keys (a symbol's two share its hash tag, so a script may touch both on Redis Cluster):
 - `lease:{SYMBOL}`: `<token> <member>`, expiring (PX);
@@ -22,9 +24,12 @@ from collections.abc import Iterable
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from candle_stores import execute_packed
+from shards.cluster import NotReplicated
 from shards.leases import Holding, LeaseTimes, plan_round
 
 MEMBERS_KEY = "shard_members"
+REPLICA_WAIT_MS = 250  # how long a take or renewal waits for a replica's acknowledgement
 
 _NOW_LUA = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 HEARTBEAT_LUA = (
@@ -88,16 +93,30 @@ class LeaseStore:
         await self.redis.zrem(MEMBERS_KEY, member)
 
     async def take(self, member: str, symbols: list[str]) -> dict[str, int]:
-        """The symbols taken (or held already by this member), with their tokens."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for symbol in symbols:
-                pipe.eval(TAKE_LUA, 2, lease_key(symbol), token_key(symbol), member, self.times.ttl_ms)
-            answers = await pipe.execute()
+        """The symbols taken (or held already by this member), with their tokens; on a
+        cluster only those a replica has too (see `_replicated`)."""
+        commands = [["EVAL", TAKE_LUA, 2, lease_key(s), token_key(s), member, self.times.ttl_ms] for s in symbols]
+        answers = await self._replicated(commands)
         return {symbol: int(token) for symbol, token in zip(symbols, answers, strict=True) if token}
 
     async def renew(self, member: str, holdings: dict[str, int]) -> set[str]:
-        """The holdings still this member's, extended."""
-        return await self._each(RENEW_LUA, member, holdings, [self.times.ttl_ms])
+        """The holdings still this member's, extended (on a cluster: and replicated)."""
+        symbols = list(holdings)
+        commands = [["EVAL", RENEW_LUA, 1, lease_key(s), f"{holdings[s]} {member}", self.times.ttl_ms] for s in symbols]
+        answers = await self._replicated(commands)
+        return {symbol for symbol, done in zip(symbols, answers, strict=True) if done}
+
+    async def _replicated(self, commands: list[list]) -> list:
+        """One round; on a Redis Cluster each node's part counts only once a replica has
+        acknowledged it (WAIT): a lease its master granted and lost in a failover would
+        let a second process take the symbol from the promoted replica. What no replica
+        acknowledged reads as not granted: this process does not write under it, and
+        takes it again (same token) next round."""
+        answers = await execute_packed(self.redis, commands, REPLICA_WAIT_MS)
+        for answer in answers:
+            if isinstance(answer, Exception) and not isinstance(answer, NotReplicated):
+                raise answer
+        return [None if isinstance(answer, NotReplicated) else answer for answer in answers]
 
     async def release(self, member: str, holdings: dict[str, int]) -> set[str]:
         return await self._each(RELEASE_LUA, member, holdings, [])

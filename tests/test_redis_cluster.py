@@ -4,6 +4,7 @@ tags and their one-time move, and the boot recognising a cluster from the server
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -16,8 +17,10 @@ import core_io
 from candle_stores import CANDLE_FIELDS, Columns, TimeSeriesCandleStore, execute_checked, execute_packed
 from connections import connect_redis
 from infra import load_settings, make_redis
-from shards.cluster import KEY_SCHEME_KEY, migrate_key_names
+from shards.cluster import KEY_SCHEME_KEY, FeedRedisCluster, migrate_key_names
+from shards.coordinator import LeaseStore, lease_key
 from shards.keys import hash_tags, renamed_key, use_hash_tags
+from shards.leases import LeaseTimes
 
 SYMBOLS = [f"S{i:03d}USDT" for i in range(60)]
 
@@ -152,3 +155,40 @@ async def test_the_boot_recognises_a_cluster_and_names_keys_with_tags(redis_clus
         single = make_redis(redis_url)
         await single.delete(KEY_SCHEME_KEY)
         await single.aclose()
+
+
+async def test_a_lease_counts_only_once_a_replica_has_it(redis_cluster_server):
+    """A take its master acknowledged but no replica has yet could vanish in a failover:
+    it is not counted (no writing under it) until a replica has it too."""
+    client = FeedRedisCluster.from_url(redis_cluster_server.url, decode_responses=True)
+    try:
+        await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+        await client.initialize()
+        store = LeaseStore(client, LeaseTimes())
+        replica = next(n for n in redis_cluster_server.nodes if "role:slave" in redis_cluster_server.cli(n, "INFO"))
+        master_port = int(redis_cluster_server.cli(replica, "INFO", "replication").split("master_port:")[1].split()[0])
+        symbols = [f"L{i:02d}USDT" for i in range(30)]
+        behind = {s for s in symbols if client.get_node_from_key(lease_key(s)).port == master_port}
+        assert behind and behind != set(symbols)
+        sleeping = asyncio.create_task(asyncio.to_thread(redis_cluster_server.cli, replica, "DEBUG", "SLEEP", "1.5"))
+        await asyncio.sleep(0.2)  # the replica is not answering its master now
+        taken = await store.take("m1", symbols)
+        assert set(taken) == set(symbols) - behind  # the others' replicas acknowledged
+        await sleeping
+        again = await store.take("m1", symbols)  # held in Redis all along: the same token, now replicated
+        assert set(again) == set(symbols) and all(again[s] == taken[s] for s in taken)
+        assert await store.renew("m1", again) == set(symbols)
+    finally:
+        await client.aclose()
+
+
+async def test_a_cluster_without_replicas_counts_a_lease_at_once():
+    cluster = ClusterOfServers(masters=3, replicas=0)
+    cluster.start()
+    client = FeedRedisCluster.from_url(cluster.url, decode_responses=True)
+    try:
+        taken = await LeaseStore(client, LeaseTimes()).take("m1", [f"L{i:02d}USDT" for i in range(10)])
+        assert len(taken) == 10 and set(taken.values()) == {1}
+    finally:
+        await client.aclose()
+        cluster.cleanup()
