@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 import asyncpg
 import uvloop
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 import core_io
 import feed_v4_cli
@@ -207,13 +206,6 @@ class Daemon:
             self.feed.orderflow.trade_listener = self.book.on_trade
         self.indicators = IndicatorWorker(settings, pool, redis, options.indicators) if options.indicators else None
         self.router = SignalRouter(settings, pool, options.router) if options.router else None
-        if self.router and isinstance(redis, RedisCluster):
-            # Its scripts name the incoming stream, its marks and the strategy streams
-            # together: keys of different slots, which a cluster refuses in one script.
-            log_system_event(
-                "WARNING", "BOOT", "the signal router does not run on a Redis Cluster yet: it is off in this process"
-            )
-            self.router = None
         self.stop_requested = stop_requested or asyncio.Event()
         self.exit_code = 0
         self.tasks: dict[str, asyncio.Task] = {}

@@ -13,10 +13,11 @@ import logging
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 import core_io
@@ -54,6 +55,19 @@ def delivered_mark(delivery: Delivery) -> str:
     """Key whose presence says this log row went out; the uid guards against a log id
     reused after the table was truncated with RESTART IDENTITY."""
     return f"{DELIVERED_MARK_PREFIX}{delivery.log_id}:{delivery.uid[:16]}"
+
+
+def delivered_marks(delivery: Delivery, clustered: bool) -> list[str]:
+    """The marks of a delivery: one per signal on a single Redis; on a Redis Cluster one
+    per target, hash-tagged with the target stream's name so that it shares the stream's
+    slot (`strategy_signals:sent:{strategy_signals:7}:<log id>:<uid>`): a script may
+    then set the mark and write the stream together, atomically."""
+    if not clustered:
+        return [delivered_mark(delivery)]
+    return [
+        f"{DELIVERED_MARK_PREFIX}{{{strategy_stream(sid)}}}:{delivery.log_id}:{delivery.uid[:16]}"
+        for sid in delivery.strategy_ids
+    ]
 
 
 # --------------------------------------------------------------------------- routing tables
@@ -341,6 +355,17 @@ return results
 """
 
 
+# The same for one signal and one target, on a Redis Cluster (the mark is in the
+# target stream's slot). KEYS: the mark, the stream. ARGV: maxlen, the field/value pairs.
+# 1 sent, 0 sent before, or the error XADD gave.
+DELIVER_ONE_LUA = """
+if not redis.call('SET', KEYS[1], '1', 'NX') then return 0 end
+local reply = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 2))
+if type(reply) == 'table' and reply.err then return reply.err end
+return 1
+"""
+
+
 @dataclass
 class DeliveryReport:
     sent: int = 0  # stream entries written
@@ -353,12 +378,14 @@ class Deliverer:
 
     CHUNK = 500  # signals per script call: bounds how long Redis is busy with one call
 
-    def __init__(self, redis: Redis, maxlen: int) -> None:
+    def __init__(self, redis: Redis | RedisCluster, maxlen: int) -> None:
         self.redis = redis
         self.maxlen = maxlen
         self._script = redis.register_script(DELIVER_LUA)
 
     async def deliver(self, deliveries: Sequence[Delivery]) -> DeliveryReport:
+        if isinstance(self.redis, RedisCluster):
+            return await self._deliver_apart(deliveries)
         report = DeliveryReport()
         for start in range(0, len(deliveries), self.CHUNK):
             chunk = [d for d in deliveries[start : start + self.CHUNK] if d.strategy_ids]
@@ -387,6 +414,34 @@ class Deliverer:
                         report.sent += 1
         return report
 
+    async def _deliver_apart(self, deliveries: Sequence[Delivery]) -> DeliveryReport:
+        """On a cluster: each (signal, target) its own script in the target's slot, all
+        in one round split by node. Exactly once per target, as on a single Redis; a
+        signal is `already` sent when every target's mark was there."""
+        report = DeliveryReport()
+        commands: list[list] = []
+        for d in deliveries:
+            fields = [item for pair in d.fields().items() for item in pair]
+            for sid, mark in zip(d.strategy_ids, delivered_marks(d, True), strict=True):
+                commands.append(
+                    ["EVAL", DELIVER_ONE_LUA, 2, mark, strategy_stream(sid), self.maxlen, "strategy_id", sid, *fields]
+                )
+        replies = iter(await core_io.execute_packed(self.redis, commands))
+        for d in deliveries:
+            answers = [next(replies) for _ in d.strategy_ids]
+            if answers and all(answer == 0 for answer in answers):
+                report.already += 1
+                continue
+            for sid, answer in zip(d.strategy_ids, answers, strict=True):
+                if isinstance(answer, Exception) and not isinstance(answer, ResponseError):
+                    raise answer
+                if answer == 1:
+                    report.sent += 1
+                elif answer != 0:
+                    error = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else str(answer)
+                    report.failures.append((d.log_id, sid, error))
+        return report
+
 
 # After PostgreSQL recorded a batch's deliveries: each mark gets its expiry, then the
 # entries are acknowledged. KEYS[1]: the stream, then the marks. ARGV: mark ttl (ms),
@@ -403,12 +458,19 @@ return #ARGV - 2
 class Settler:
     """Gives recorded deliveries' marks their expiry and acknowledges a batch: one call."""
 
-    def __init__(self, redis: Redis, stream: str, group: str, mark_ttl_ms: int) -> None:
+    def __init__(self, redis: Redis | RedisCluster, stream: str, group: str, mark_ttl_ms: int) -> None:
+        self.redis = redis
         self.stream, self.group, self.mark_ttl_ms = stream, group, mark_ttl_ms
         self._script = redis.register_script(SETTLE_LUA)
 
     async def settle(self, entry_ids: Sequence[str], marks: Sequence[str]) -> None:
-        if entry_ids or marks:
+        if isinstance(self.redis, RedisCluster):
+            # The marks are on the targets' slots: their expiry first, then the acks
+            # (a crash in between leaves the entries to be read again: idempotent).
+            await core_io.execute_checked(self.redis, [["PEXPIRE", m, self.mark_ttl_ms] for m in marks])
+            acks = [["XACK", self.stream, self.group, *entry_ids[i : i + 1000]] for i in range(0, len(entry_ids), 1000)]
+            await core_io.execute_checked(self.redis, acks)
+        elif entry_ids or marks:
             await self._script(keys=[self.stream, *marks], args=[self.mark_ttl_ms, self.group, *entry_ids])
 
 
@@ -690,9 +752,9 @@ class StreamWatch:
     async def run(self) -> None:
         delay = 0.2
         while True:
-            pool = self.redis.connection_pool
-            conn = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2, "health_check_interval": 0})
+            conn = None
             try:
+                conn = await self._connection()
                 await conn.connect()
                 await self._subscribe(conn)
                 if not self.active:
@@ -712,8 +774,20 @@ class StreamWatch:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 5.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await conn.disconnect()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect()
+
+    async def _connection(self) -> Any:
+        """A connection of its own (RESP2) to the server holding the stream: on a Redis
+        Cluster the node whose slot it is, which alone sees its writes."""
+        if isinstance(self.redis, RedisCluster):
+            await self.redis.initialize()
+            node = self.redis.get_node_from_key(self.stream)
+            cls, kwargs = node.connection_class, node.connection_kwargs
+        else:
+            cls, kwargs = self.redis.connection_pool.connection_class, self.redis.connection_pool.connection_kwargs
+        return cls(**{**kwargs, "protocol": 2, "health_check_interval": 0})
 
     def _inactive(self) -> None:
         self.active = False

@@ -39,6 +39,7 @@ from typing import TypeVar
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -56,7 +57,7 @@ from infra import (
     env_number,
     load_settings,
     log_system_event,
-    make_redis,
+    open_redis,
     run_safe_loop,
     setup_logging,
     system_event_log,
@@ -225,10 +226,9 @@ class SignalRouter:
         # crash the client; fields are decoded in signals_logic.
         # Few client retries: a longer outage is the loop's to handle (and log), not
         # something to sit out silently for 15 s inside one call.
-        self.redis = make_redis(
-            self.settings.redis_url,
-            decode_responses=False,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2, supported_errors=REDIS_RETRY_ERRORS),
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2, supported_errors=REDIS_RETRY_ERRORS)
+        self.redis = await self._retry_redis(  # the server's kind: a Redis Cluster is recognised (SPEC 17)
+            "connecting", lambda: open_redis(self.settings.redis_url, decode_responses=False, retry=retry)
         )
         self._deliverer = signals_io.Deliverer(self.redis, self.settings.stream_maxlen)
         self._reader = signals_io.StreamReader(
@@ -417,7 +417,8 @@ class SignalRouter:
             )
         self._count(decisions, batch, report, len(gone))
         ids = [entry.entry_id for entry in entries] + list(gone)
-        marks = [signals_io.delivered_mark(d) for d in batch.deliveries + batch.recorded]
+        clustered = isinstance(self.redis, RedisCluster)
+        marks = [m for d in batch.deliveries + batch.recorded for m in signals_io.delivered_marks(d, clustered)]
         await self._finished()
         self._finishing = asyncio.create_task(self._finish(batch, report, ids, marks), name="signals-finish")
         self._finishing.add_done_callback(self._on_finished)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from tcp_proxy import TcpProxy
 
@@ -205,7 +206,7 @@ async def test_xadd_is_logged_delivered_and_acked(h):
     assert router.stats["new"] == 1 and router.stats["sent"] == 1 and router.stats["skipped"] == 1
     # PostgreSQL records the delivery; only then does the mark get its expiry.
     assert row["delivered_at"] is not None
-    assert 0 < await h.redis.pttl(mark_key(row)) <= RouterOptions().mark_ttl_s * 1000
+    assert 0 < await h.redis.pttl(mark_key(h, row)) <= RouterOptions().mark_ttl_s * 1000
 
 
 async def test_archived_disabled_and_allow_open_strategies_are_filtered(h):
@@ -510,8 +511,10 @@ class CrashAfterDelivery(SignalRouter):
         raise SimulatedCrash("after the delivery script")
 
 
-def mark_key(row) -> str:
-    return f"{signals_io.DELIVERED_MARK_PREFIX}{row['id']}:{row['uid'][:16]}"
+def mark_key(h, row) -> str:
+    """The delivery's mark (on a Redis Cluster: the one of its first target, strategy 1)."""
+    delivery = sl.Delivery(row["id"], row["uid"], "BTCUSDT", "", "", 0, 0, (1,))
+    return signals_io.delivered_marks(delivery, isinstance(h.redis, RedisCluster))[0]
 
 
 @pytest.mark.parametrize("crashing", [CrashBeforeDelivery, CrashBeforeAck])
@@ -552,7 +555,7 @@ async def test_a_router_down_longer_than_the_mark_ttl_still_sends_once(h):
     assert len(await h.routed(1)) == len(await h.routed(2)) == 1  # not sent again
     [row] = await h.rows()
     assert other.stats["replayed"] == 1 and row["delivered_at"] is not None
-    assert 0 < await h.redis.pttl(mark_key(row)) <= 1000  # recorded now: the mark expires
+    assert 0 < await h.redis.pttl(mark_key(h, row)) <= 1000  # recorded now: the mark expires
 
 
 @pytest.mark.parametrize("mark", ["kept", "lost"])
@@ -566,7 +569,7 @@ async def test_a_delivery_recorded_in_postgres_is_never_sent_again(h, mark):
     with pytest.raises(SimulatedCrash):
         await asyncio.wait_for(task, 10)
     [row] = await h.rows()
-    key = mark_key(row)
+    key = mark_key(h, row)
     ttl_after_crash = await h.redis.pttl(key)
     if mark == "lost":
         await h.redis.delete(key)
