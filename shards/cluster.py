@@ -1,5 +1,6 @@
-"""Redis Cluster: recognising one, routing a round of commands to the nodes that own
-their keys, and renaming keys stored under the other naming scheme (shards/keys.py).
+"""Redis Cluster under the daemon's own I/O: a client that survives a failover,
+routing a round of commands to the nodes that own their keys, stream reads one stream
+at a time, and the move of keys stored under the other names (shards/keys.py).
 
 The daemon's bulk rounds (candle_stores.execute_packed) write pre-packed RESP straight
 to a connection, for speed; redis-py's cluster client cannot route those. Here a round
@@ -14,7 +15,6 @@ round is idempotent (its caller's contract), so a second delivery is harmless.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -39,8 +39,6 @@ from redis.exceptions import (
 )
 
 from shards.keys import renamed_key
-
-log = logging.getLogger("feed_v4.cluster")
 
 KEY_SCHEME_KEY = "feed_v4:key_scheme"  # "tagged" or "plain": the names the stored keys have
 
