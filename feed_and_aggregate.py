@@ -64,6 +64,7 @@ from infra import (
 )
 from orderflow import store as orderflow_store
 from orderflow.intake import OrderFlowIntake, OrderFlowSettings
+from shards.ownership import Ownership
 from ticker_following import TickerFollower
 
 M1_MS = TF_MS["m1"]
@@ -122,6 +123,9 @@ class CandleIntake(CandlePublisher):
         # Buckets due from history minutes (REST warm-up and catch-up): announced as
         # history too when the aggregator builds them (core_io.HISTORY_FIELD).
         self.history_buckets: set[tuple[str, str, int]] = set()
+        # Whether this process may write a symbol now (its lease, shards/ownership.py):
+        # what it may not is dropped here, for the symbol's owner to store.
+        self.may_write: Callable[[str], bool] = lambda symbol: True
 
     async def store_m1(
         self,
@@ -139,6 +143,7 @@ class CandleIntake(CandlePublisher):
         by `aggregate` (from PostgreSQL when memory does not hold them). `history`: REST
         warm-up history or catch-up (True: all of them, or the (symbol, open time) of
         those that are), announced with `history=1`, and so are the buckets built from it."""
+        candles = [c for c in candles if self.may_write(c.symbol)]
         if not candles:
             return []
         async with self.bucket_lock:
@@ -270,17 +275,21 @@ class CandleIntake(CandlePublisher):
                 self.pg_outage.fail(exc, "settling the gap log")
                 await asyncio.sleep(backoff.next_delay())
 
-    async def reconcile(self, window_ms: int) -> None:
-        """Close the crash windows of a previous run (a kill between the PostgreSQL commit
-        and Redis): rebuild the buckets of the recent minutes and announce every recent
-        candle the streams lack. Announcements are at least once; consumers are idempotent."""
+    async def reconcile(self, window_ms: int, symbols: Collection[str]) -> None:
+        """Close the crash windows of a previous run, or of the process that held
+        `symbols` before this one (a kill between the PostgreSQL commit and Redis):
+        rebuild the buckets of their recent minutes and announce every recent candle the
+        streams lack. Announcements are at least once; consumers are idempotent."""
         newest = await core_io.newest_m1_time(self.pool)
         if newest is None:
             return
         cutoff = newest - window_ms
         cutoff -= cutoff % TF_MS["m15"]
+        mine = [s for s in symbols if self.may_write(s)]
         recent = await self.pool.fetch(
-            "SELECT symbol, open_time FROM ohlcv4_m1 WHERE open_time >= $1", ms_to_datetime(cutoff)
+            "SELECT symbol, open_time FROM ohlcv4_m1 WHERE open_time >= $1 AND symbol = ANY($2)",
+            ms_to_datetime(cutoff),
+            mine,
         )
         await self.aggregate(
             affected_buckets(((r["symbol"], datetime_to_ms(r["open_time"])) for r in recent), self.aggregated)
@@ -289,8 +298,9 @@ class CandleIntake(CandlePublisher):
         for tf, stream in core_io.CANDLE_STREAMS.items():
             announced = await core_io.announced_candles(self.redis, stream)
             stored = await self.pool.fetch(
-                f"SELECT symbol, open_time FROM {core_io.candle_table(tf)} WHERE open_time >= $1",
+                f"SELECT symbol, open_time FROM {core_io.candle_table(tf)} WHERE open_time >= $1 AND symbol = ANY($2)",
                 ms_to_datetime(cutoff),
+                mine,
             )
             unannounced = {(r["symbol"], datetime_to_ms(r["open_time"])) for r in stored} - announced
             candles = await core_io.fetch_candles_at(self.pool, tf, sorted(unannounced))
@@ -389,6 +399,7 @@ class CandleIntake(CandlePublisher):
 
     async def aggregate(self, buckets: set[tuple[str, str, int]]) -> list[Candle]:
         """Build every bucket whose minutes are all stored or unfillable; announce changes."""
+        buckets = {bucket for bucket in buckets if self.may_write(bucket[0])}
         if not buckets:
             return []
         async with self.bucket_lock:
@@ -467,6 +478,9 @@ class Feed:
             on_invalid_symbol=self.refused_by_rest,
         )
         self.follower = TickerFollower(self.pool, self.rest, self.feed_settings, self._follow)
+        self.ownership = Ownership(self.redis)  # which symbols are this process's to write
+        self.ownership.on_change.append(self.follower.wake.set)
+        self.intake.may_write = self.ownership.may_write
         self.tracker = GapTracker(grace_ms=self.feed_settings.gap_grace_ms)
         self.closed: asyncio.Queue[Candle] = asyncio.Queue()
         self.new_gaps: list[tuple[str, int]] = []
@@ -479,7 +493,7 @@ class Feed:
         self.catch_up_wake = asyncio.Event()
         self.bad_frames = RateLimitedLog("FEED")
         self.store_errors = RateLimitedLog("INTAKE", level="ERROR")
-        self.reconciled = False
+        self.to_reconcile: set[str] = set()  # symbols taken on whose last run's crash window is to close
         self.batch: list[Candle] = []  # taken from `closed`, not stored yet
         self.last_ws_data_at = time.monotonic()  # local clock: a route that delivers nothing
         # Closes let go while PostgreSQL was away and the buffer full: (first, last) per
@@ -735,12 +749,12 @@ class Feed:
     async def catch_up(self) -> None:
         """From the last stored M1 to the exchange's now: gaps are logged and backfilled;
         a symbol with no candles gets its first history (not logged as gaps)."""
-        if not self.reconciled:
-            await self.intake.reconcile(self.feed_settings.reconcile_window_m1 * M1_MS)
-            self.reconciled = True
         while True:
             await self.catch_up_wake.wait()
             self.catch_up_wake.clear()
+            if self.to_reconcile:  # symbols this process just took on (at boot: all it holds)
+                taken, self.to_reconcile = self.to_reconcile, set()
+                await self.intake.reconcile(self.feed_settings.reconcile_window_m1 * M1_MS, taken)
             symbols, self.catch_up_pending = sorted(self.catch_up_pending), set()
             if symbols:
                 await self._catch_up(symbols)
@@ -764,6 +778,9 @@ class Feed:
         await self._log_gaps(gaps)
 
     async def _follow(self, wanted: set[str]) -> None:
+        """Follow what the exchange lists of `tickers` and this process holds the lease
+        of (shards/ownership.py): all of it when it runs alone."""
+        wanted = await self.ownership.claim(wanted)
         added, removed = wanted - self.symbols, self.symbols - wanted
         if added or removed:
             self.symbols = wanted
@@ -800,6 +817,7 @@ class Feed:
             {kline_stream(s) for s in removed} | {agg_trade_stream(s) for s in removed},
         )
         # Already-connected connections do not reconnect: catch the new symbols up now.
+        self.to_reconcile |= added
         self.catch_up_pending |= added
         self.catch_up_wake.set()
 
@@ -832,12 +850,14 @@ class Feed:
         if self.prices:
             prices, self.prices = self.prices, {}
             await core_io.set_mark_prices(self.redis, prices)
+        await self.ownership.leave()  # everything written: the symbols pass to the others now
 
     def workers(self) -> dict[str, Callable[[], Any]]:
         """By name; those in SOURCES take data in and are stopped first at shutdown."""
         return {
             "FEED_CONNECTIONS": self.run_connections,
             "FEED_TICKERS": self.follower.run,
+            "FEED_SHARDS": self.ownership.run,
             "FEED_INTAKE": self.intake_loop,
             "FEED_AGGREGATE": self.intake.run_aggregator,
             "FEED_CATCH_UP": self.catch_up,
@@ -854,6 +874,7 @@ class Feed:
     SOURCES = (
         "FEED_CONNECTIONS",
         "FEED_TICKERS",
+        "FEED_SHARDS",
         "FEED_CATCH_UP",
         "FEED_BACKFILL",
         "FEED_REST_FALLBACK",

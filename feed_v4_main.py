@@ -56,6 +56,7 @@ from infra import (
 from migrations import apply_migrations, migration_status
 from restore_redis_from_pg import restore_redis_from_pg
 from retention import RetentionOptions, run_retention
+from shards.ownership import INDICATORS_LEAD
 from signals_v4_main import RouterOptions, SignalRouter, load_router_options
 from status_report import run_status
 from storage.setup import apply_storage, timescaledb_setting
@@ -204,7 +205,12 @@ class Daemon:
                 self.feed.attempts,
             )
             self.feed.orderflow.trade_listener = self.book.on_trade
+            self.book.owns = self.feed.ownership.may_write
         self.indicators = IndicatorWorker(settings, pool, redis, options.indicators) if options.indicators else None
+        if self.feed and self.indicators:  # one process of the deployment computes them
+            ownership = self.feed.ownership
+            ownership.roles = frozenset({INDICATORS_LEAD})
+            self.indicators.may_compute = lambda: ownership.may_write(INDICATORS_LEAD)
         self.router = SignalRouter(settings, pool, options.router) if options.router else None
         self.stop_requested = stop_requested or asyncio.Event()
         self.exit_code = 0

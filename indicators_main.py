@@ -135,6 +135,9 @@ class IndicatorWorker:
         self.last_compute_s = 0.0
         self.ready = asyncio.Event()  # set once the series are open and events flow
         self.stopping = False
+        # Whether this process leads the indicators now (set by the daemon from its
+        # lease when several processes share the deployment; alone, it always does).
+        self.may_compute: Callable[[], bool] = lambda: True
         self.redis_outage = Outage(MODULE, "Redis")
         self.pg_outage = Outage(MODULE, "PostgreSQL")
         self.persist_outage = Outage(MODULE, "PostgreSQL")
@@ -430,9 +433,23 @@ class IndicatorWorker:
     # ----------------------------------------------------------------- the hot path
 
     async def run(self) -> None:
-        await core_io.ensure_groups(
-            self.redis, {s: (core_io.INDICATOR_GROUP,) for s in core_io.CANDLE_STREAMS.values()}
-        )
+        """While this process leads the indicators (`may_compute`: one process of a
+        deployment, shards/ownership.py), it computes; otherwise it waits for the lead."""
+        while not self.stopping:
+            if self.may_compute():
+                await self._run_leading()
+            else:
+                await asyncio.sleep(0.25)
+
+    async def _run_leading(self) -> None:
+        streams = list(core_io.CANDLE_STREAMS.values())
+        await core_io.ensure_groups(self.redis, {s: (core_io.INDICATOR_GROUP,) for s in streams})
+        # Entries another consumer (a process that led before, whatever its name) was
+        # given and never acknowledged: this one's now, read through as its backlog.
+        for stream in streams:
+            await core_io.reclaim_stale(
+                self.redis, stream, core_io.INDICATOR_GROUP, self.options.consumer, 0, count=1_000_000, page=1000
+            )
         await self.load_config()
         symbols = await core_io.enabled_symbols(self.pool)
         keys = [(s, tf) for tf in TIMEFRAMES for s in symbols]
@@ -459,6 +476,9 @@ class IndicatorWorker:
         backlog: dict[str, str] | None = self._backlog_start()
         next_reload = time.monotonic() + self.options.reload_s
         while True:
+            if not self.may_compute():
+                log_system_event("WARNING", MODULE, "another process leads the indicators now: computing stops here")
+                return
             while self.pending.rows > self.options.persist_max_rows and not self.stopping:
                 self.persisted_event.clear()
                 await self.persisted_event.wait()

@@ -112,6 +112,9 @@ class BookIntake:
         self.range_pct = Fraction(settings.range_pct)
         self.streams = StreamPool(ws_url, stream_settings, self.on_frame, self.on_connected, attempts)
         self.symbols: dict[str, SymbolSeconds] = {}
+        # Whether this process may write a symbol (its lease, shards/ownership.py):
+        # only those are followed, and nothing of the others is published or stored.
+        self.owns: Callable[[str], bool] = lambda symbol: True
         self.rollups: dict[str, MinuteRollup] = {}
         self.clock_ms = 0  # the newest event time seen on the book streams
         self.next_pass_ms = 0
@@ -297,6 +300,8 @@ class BookIntake:
         )
         wanted: dict[str, frozenset[Kind]] = {}
         for row in rows:
+            if not self.owns(row["symbol"]):
+                continue
             kinds: set[Kind] = set()
             if row["book_ticker"]:
                 kinds.add("ticker")
@@ -365,7 +370,7 @@ class BookIntake:
         while True:
             await self.publish_wake.wait()
             self.publish_wake.clear()
-            seconds, self.finished = self.finished, []
+            seconds, self.finished = [s for s in self.finished if self.owns(s.symbol)], []
             await self._publish(seconds, [])
             self.to_write += seconds
 
@@ -378,7 +383,7 @@ class BookIntake:
         while True:
             started = time.monotonic()
             books = []
-            for symbol in list(self.symbols):
+            for symbol in [s for s in self.symbols if self.owns(s)]:
                 document = self._filtered_book(symbol)
                 if document is not None:
                     books.append((symbol, document))

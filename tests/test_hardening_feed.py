@@ -106,7 +106,7 @@ async def _feed(pool, redis, exchange: FakeExchange | None, symbols: set[str]) -
     }
     settings = load_settings(env)
     feed = Feed(settings, FeedSettings.from_env(settings, {}), pool, redis, core_io.make_candle_store(redis, True, 250))
-    feed.symbols = set(symbols)
+    feed.symbols = await feed.ownership.claim(symbols)  # the leases first: a feed writes only those it holds
     return feed
 
 

@@ -24,7 +24,9 @@ async def test_reconcile_builds_and_announces_what_a_killed_run_left_undone(pool
     intake = CandleIntake(pool, redis, store, stream_maxlen=10_000)
     await core_io.publish(redis, core_io.CANDLE_STREAMS["m1"], [core_io.candle_event(c) for c in m1[:10]], 10_000)
 
-    await intake.reconcile(window_ms=60 * 60_000)
+    await intake.reconcile(60 * 60_000, {"LINKUSDT"})  # not this process's symbol: nothing done
+    assert await redis.xlen(core_io.CANDLE_STREAMS["m1"]) == 10
+    await intake.reconcile(60 * 60_000, {"NEARUSDT"})
 
     m15 = await core_io.fetch_candles(pool, "NEARUSDT", "m15", T0, T0 + 30 * 60_000)
     assert m15 == [aggregate("m15", T0, m1[:15]), aggregate("m15", T0 + 900_000, m1[15:])]
@@ -33,7 +35,7 @@ async def test_reconcile_builds_and_announces_what_a_killed_run_left_undone(pool
         announced = await core_io.announced_candles(redis, core_io.CANDLE_STREAMS[tf])
         assert len(announced) == expected, tf
     assert await redis.xlen(core_io.CANDLE_STREAMS["m1"]) == 30  # the 10 already announced are not repeated
-    await intake.reconcile(window_ms=60 * 60_000)  # a second boot finds nothing to do
+    await intake.reconcile(60 * 60_000, {"NEARUSDT"})  # a second boot finds nothing to do
     assert await redis.xlen(core_io.CANDLE_STREAMS["m1"]) == 30
     assert await redis.xlen(core_io.CANDLE_STREAMS["m15"]) == 2
 

@@ -148,7 +148,7 @@ async def _run_intake_example(pg_url: str, redis_url: str, bad_frames: list[byte
         await redis.flushall()
         settings_ = load_settings({"REDIS_URL": redis_url, "POSTGRES_URL": pg_url})
         feed = Feed(settings_, FeedSettings(), pool, redis, core_io.make_candle_store(redis, True, 250))
-        feed.symbols = {"NEARUSDT", "LINKUSDT"}
+        feed.symbols = await feed.ownership.claim({"NEARUSDT", "LINKUSDT"})  # the leases: what it may write
         feed.clock.sync(NEAR[-1].open_time + 61_000)
         intake = feed.intake
         workers = [

@@ -1,0 +1,84 @@
+"""This process's share of the symbols, for the feed: the candidates (every ticker the
+feed could follow) go to a lease round (shards/coordinator.py) every second, and what
+this process then holds is what it follows and writes. A process alone holds every
+candidate after its first round at boot; with several, each holds the symbols the
+rendezvous hash gives it, a dead one's pass to the others within the takeover time,
+and a newcomer gets its share from the others' next rounds.
+
+Thin asyncio shell: the rules are shards/leases.py's, their Redis side the coordinator's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from infra import REDIS_RETRY_ERRORS, Outage
+from shards.coordinator import LeaseStore, ShardMember
+from shards.leases import LeaseTimes
+
+# The role of computing every symbol's indicators: one process of a deployment at a time
+# (the worker's in-memory series are per process; its consumer group is one).
+INDICATORS_LEAD = "__indicators__"
+
+
+class Ownership:
+    """Which symbols this process may follow and write, kept by a round a second."""
+
+    def __init__(self, redis: Redis | RedisCluster, times: LeaseTimes | None = None, member: str | None = None) -> None:
+        self.times = times or LeaseTimes()
+        self.member = ShardMember(LeaseStore(redis, self.times), member)
+        self.candidates: frozenset[str] = frozenset()
+        # Leases that are roles, not symbols (INDICATORS_LEAD), taken with the symbols.
+        self.roles: frozenset[str] = frozenset()
+        self.held: frozenset[str] = frozenset()  # as of the last round
+        self.on_change: list[Callable[[], None]] = []  # told when `held` changes
+        self.outage = Outage("SHARDS", "Redis")
+        self._lock = asyncio.Lock()
+
+    @property
+    def id(self) -> str:
+        return self.member.member
+
+    def may_write(self, symbol: str) -> bool:
+        """Checked at each write: false from the moment the lease may have run out."""
+        return self.member.may_write(symbol)
+
+    def owned(self) -> set[str]:
+        """The symbols held (not the roles)."""
+        return set(self.member.owned()) - self.roles
+
+    async def claim(self, candidates: Iterable[str]) -> set[str]:
+        """The candidates changed: a round now rather than at the next second."""
+        self.candidates = frozenset(candidates) | self.roles
+        await self._round()
+        return self.owned() & self.candidates
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.times.renew_every_ms / 1000)
+            await self._round()
+
+    async def _round(self) -> None:
+        async with self._lock:
+            try:
+                await self.member.round(self.candidates)
+                self.outage.ok()
+            except REDIS_RETRY_ERRORS as exc:  # the leases run out by themselves meanwhile
+                self.outage.fail(exc, "renewing this process's leases")
+            held = frozenset(self.member.owned())
+            if held != self.held:
+                self.held = held
+                for tell in self.on_change:
+                    tell()
+
+    async def leave(self) -> None:
+        """A drain: every symbol handed back at once (writing stopped first)."""
+        async with self._lock:
+            with contextlib.suppress(*REDIS_RETRY_ERRORS):
+                await self.member.leave()
+            self.held = frozenset()
