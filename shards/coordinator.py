@@ -172,17 +172,19 @@ class ShardMember:
         handed = {symbol: self.holdings.pop(symbol).token for symbol in plan.release}  # stop first
         if handed:
             await self.store.release(self.member, handed)
+        take = list(plan.take)
         if plan.renew:
             valid_until = self._valid_from_now()
             kept = await self.store.renew(self.member, {s: self.holdings[s].token for s in plan.renew})
             for symbol in plan.renew:
                 if symbol in kept:
                     self.holdings[symbol].valid_until = max(self.holdings[symbol].valid_until, valid_until)
-                else:
+                else:  # gone from Redis (a wipe, a lost failover write): taken again now if free
                     del self.holdings[symbol]
-        if plan.take:
+                    take.append(symbol)
+        if take:
             valid_until = self._valid_from_now()
-            for symbol, token in (await self.store.take(self.member, plan.take)).items():
+            for symbol, token in (await self.store.take(self.member, take)).items():
                 self.holdings[symbol] = Holding(token, valid_until)
 
     def _valid_from_now(self) -> float:

@@ -35,7 +35,7 @@ class Ownership:
         self.candidates: frozenset[str] = frozenset()
         # Leases that are roles, not symbols (INDICATORS_LEAD), taken with the symbols.
         self.roles: frozenset[str] = frozenset()
-        self.held: frozenset[str] = frozenset()  # as of the last round
+        self.held: frozenset[str] = frozenset()  # symbols and roles, as of the last round
         self.on_change: list[Callable[[], None]] = []  # told when `held` changes
         self.outage = Outage("SHARDS", "Redis")
         self._lock = asyncio.Lock()
@@ -45,12 +45,25 @@ class Ownership:
         return self.member.member
 
     def may_write(self, symbol: str) -> bool:
-        """Checked at each write: false from the moment the lease may have run out."""
-        return self.member.may_write(symbol)
+        """Checked at each write: false from the moment the lease may have run out, unless
+        Redis is away and this process was alone at its last round (`_alone_through`)."""
+        return self.member.may_write(symbol) or (self._alone_through() and symbol in self.held)
 
     def owned(self) -> set[str]:
         """The symbols held (not the roles)."""
-        return set(self.member.owned()) - self.roles
+        return set(self._holding()) - self.roles
+
+    def _holding(self) -> frozenset[str]:
+        """The symbols and roles this process may write now."""
+        now = frozenset(self.member.owned())
+        return now | self.held if self._alone_through() else now
+
+    def _alone_through(self) -> bool:
+        """Redis is away and this process was the only member at its last round: no
+        other process can take a symbol without Redis, so it keeps writing what it held
+        (as a single daemon always has) rather than stop for the outage. A partition
+        that leaves Redis to others only is the case this cannot tell apart."""
+        return self.outage.active and self.member.members == [self.member.member]
 
     async def claim(self, candidates: Iterable[str]) -> set[str]:
         """The candidates changed: a round now rather than at the next second."""
@@ -70,7 +83,7 @@ class Ownership:
                 self.outage.ok()
             except REDIS_RETRY_ERRORS as exc:  # the leases run out by themselves meanwhile
                 self.outage.fail(exc, "renewing this process's leases")
-            held = frozenset(self.member.owned())
+            held = self._holding()
             if held != self.held:
                 self.held = held
                 for tell in self.on_change:

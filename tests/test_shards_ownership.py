@@ -1,0 +1,84 @@
+"""A process's share of the symbols (shards/ownership.py) on a real Redis: two processes
+split them; a process alone keeps writing through a Redis outage (nobody can take a
+symbol without Redis) and keeps its share across a Redis wipe without a gap; two
+processes both stop writing when Redis is away, before their leases could pass on."""
+
+from __future__ import annotations
+
+import asyncio
+
+from servers import RedisServer
+
+from infra import make_redis
+from shards.leases import LeaseTimes
+from shards.ownership import INDICATORS_LEAD, Ownership
+
+FAST = LeaseTimes(ttl_ms=600, renew_every_ms=100, margin_ms=50)
+SYMBOLS = {f"S{i:02d}USDT" for i in range(12)}
+
+
+async def test_two_processes_split_the_symbols_and_one_leads_the_indicators(redis):
+    first, second = Ownership(redis, FAST), Ownership(redis, FAST)
+    for ownership in (first, second):
+        ownership.roles = frozenset({INDICATORS_LEAD})
+    changes: list[str] = []
+    first.on_change.append(lambda: changes.append("first"))
+    await first.claim(SYMBOLS)
+    assert first.owned() == SYMBOLS and first.may_write(INDICATORS_LEAD)  # alone: everything
+    await second.claim(SYMBOLS)  # joins; the first hands over on its next rounds
+    for _ in range(10):
+        await first.claim(SYMBOLS)
+        await second.claim(SYMBOLS)
+        await asyncio.sleep(0.1)
+    assert first.owned().isdisjoint(second.owned()) and first.owned() | second.owned() == SYMBOLS
+    assert first.owned() and second.owned() and "first" in changes
+    assert first.may_write(INDICATORS_LEAD) != second.may_write(INDICATORS_LEAD)  # one leads
+    assert INDICATORS_LEAD not in first.owned() | second.owned()  # a role, not a symbol
+    await first.leave()
+    await second.claim(SYMBOLS)
+    assert second.owned() == SYMBOLS and second.may_write(INDICATORS_LEAD)
+
+
+async def test_a_process_alone_writes_through_a_redis_outage_and_a_wipe():
+    server = RedisServer(with_timeseries=False)
+    server.start()
+    client = make_redis(server.url, socket_connect_timeout=0.2, socket_timeout=0.5)
+    try:
+        alone = Ownership(client, FAST)
+        changes: list[frozenset] = []
+        alone.on_change.append(lambda: changes.append(alone.held))
+        assert await alone.claim(SYMBOLS) == SYMBOLS
+        server.stop()  # Redis away, longer than a lease
+        for _ in range(8):
+            await alone.claim(SYMBOLS)
+            await asyncio.sleep(0.1)
+        assert alone.outage.active and alone.owned() == SYMBOLS
+        assert all(alone.may_write(s) for s in SYMBOLS) and len(changes) == 1
+        server.start()  # back, empty: its leases are gone with the data
+        await alone.claim(SYMBOLS)
+        assert not alone.outage.active and alone.owned() == SYMBOLS and len(changes) == 1  # taken again at once
+        assert all(alone.member.may_write(s) for s in SYMBOLS)  # under real leases again
+    finally:
+        await client.aclose()
+        server.cleanup()
+
+
+async def test_processes_that_are_not_alone_stop_writing_when_redis_is_away():
+    server = RedisServer(with_timeseries=False)
+    server.start()
+    client = make_redis(server.url, socket_connect_timeout=0.2, socket_timeout=0.5)
+    try:
+        first, second = Ownership(client, FAST), Ownership(client, FAST)
+        for _ in range(6):
+            await first.claim(SYMBOLS)
+            await second.claim(SYMBOLS)
+            await asyncio.sleep(0.1)
+        mine = first.owned()
+        assert mine and mine != SYMBOLS
+        server.stop()
+        await asyncio.sleep(FAST.valid_for() / 1000 + 0.05)  # past what a lease is valid for here
+        await first.claim(SYMBOLS)
+        assert first.outage.active and first.owned() == set() and not any(first.may_write(s) for s in mine)
+    finally:
+        await client.aclose()
+        server.cleanup()
