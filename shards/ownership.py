@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterable
 
 from redis.asyncio import Redis
@@ -39,6 +40,7 @@ class Ownership:
         self.on_change: list[Callable[[], None]] = []  # told when `held` changes
         self.outage = Outage("SHARDS", "Redis")
         self._lock = asyncio.Lock()
+        self._round_started: float | None = None  # monotonic, while a round waits on Redis
 
     @property
     def id(self) -> str:
@@ -59,11 +61,16 @@ class Ownership:
         return now | self.held if self._alone_through() else now
 
     def _alone_through(self) -> bool:
-        """Redis is away and this process was the only member at its last round: no
-        other process can take a symbol without Redis, so it keeps writing what it held
-        (as a single daemon always has) rather than stop for the outage. A partition
-        that leaves Redis to others only is the case this cannot tell apart."""
-        return self.outage.active and self.member.members == [self.member.member]
+        """Redis is away (a round failed, or has waited longer than a round's interval
+        for an answer: a black-holed server fails only at the socket timeout) and this
+        process was the only member at its last round: no other process can take a
+        symbol without Redis, so it keeps writing what it held (as a single daemon always
+        has) rather than stop for the outage. A partition that leaves Redis to others
+        only is the case this cannot tell apart."""
+        waiting = self._round_started is not None and (
+            time.monotonic() - self._round_started > self.times.renew_every_ms / 1000
+        )
+        return (self.outage.active or waiting) and self.member.members == [self.member.member]
 
     async def claim(self, candidates: Iterable[str]) -> set[str]:
         """The candidates changed: a round now rather than at the next second."""
@@ -78,11 +85,14 @@ class Ownership:
 
     async def _round(self) -> None:
         async with self._lock:
+            self._round_started = time.monotonic()
             try:
                 await self.member.round(self.candidates)
                 self.outage.ok()
             except REDIS_RETRY_ERRORS as exc:  # the leases run out by themselves meanwhile
                 self.outage.fail(exc, "renewing this process's leases")
+            finally:
+                self._round_started = None
             held = self._holding()
             if held != self.held:
                 self.held = held

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from servers import RedisServer
+from tcp_proxy import TcpProxy
 
 from infra import make_redis
 from shards.leases import LeaseTimes
@@ -82,3 +83,23 @@ async def test_processes_that_are_not_alone_stop_writing_when_redis_is_away():
     finally:
         await client.aclose()
         server.cleanup()
+
+
+async def test_a_process_alone_keeps_writing_while_redis_is_black_holed(redis_stack_server):
+    """Connections accepted, nothing answered: a round fails only at the socket timeout,
+    long after the leases' validity. Alone, the process writes on meanwhile."""
+    proxy = await TcpProxy("127.0.0.1", redis_stack_server.port).start()
+    client = make_redis(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=3.0)
+    try:
+        alone = Ownership(client, FAST)
+        assert await alone.claim(SYMBOLS) == SYMBOLS
+        proxy.set_mode("blackhole")
+        hanging = asyncio.create_task(alone.claim(SYMBOLS))
+        await asyncio.sleep(FAST.valid_for() / 1000 + 0.3)  # the leases' validity is over, the round hangs
+        assert not hanging.done() and all(alone.may_write(s) for s in SYMBOLS)
+        proxy.set_mode("pass")
+        hanging.cancel()
+        await asyncio.gather(hanging, return_exceptions=True)
+    finally:
+        await client.aclose()
+        await proxy.close()
