@@ -35,6 +35,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from binance.protocol import valid_symbol
@@ -669,7 +670,9 @@ def make_cluster_redis(url: str, **overrides: Any) -> RedisCluster:
 async def cluster_aware(redis: Redis, url: str, **overrides: Any) -> Redis | RedisCluster:
     """`redis` itself, or a cluster client in its place (`redis` closed) when its server
     is a Redis Cluster node: SPEC 17, a cluster is recognised from the server."""
-    if not int((await redis.info("cluster")).get("cluster_enabled", 0) or 0):
+    try:
+        await redis.execute_command("CLUSTER", "INFO")  # not @dangerous, unlike INFO: restricted users may
+    except ResponseError:  # "cluster support disabled", or a user refused even that: one server
         return redis
     await redis.aclose()
     return make_cluster_redis(url, **overrides)
