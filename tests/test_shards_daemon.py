@@ -48,13 +48,23 @@ async def split_between(redis, pids: set[int]) -> bool:
     return sorted(followed) == sorted(SYMBOLS) and all(now.values())
 
 
-@pytest.mark.timeout(420)
+async def until_split(redis, pids: set[int], daemons: tuple[DaemonProcess, ...], what: str) -> None:
+    try:
+        await until(lambda: split_between(redis, pids), 90, what)
+    except AssertionError:
+        print("shares:", await shares(redis), "members:", await redis.zrange("shard_members", 0, -1))
+        for daemon in daemons:
+            print("\n".join(line for line in daemon.output().splitlines() if "WS" not in line)[-4000:])
+        raise
+
+
+@pytest.mark.timeout(480)
 async def test_processes_share_the_symbols_through_a_kill_and_a_join(pool, redis, redis_url, pg_url):
     source = ArchiveSource(SYMBOLS, start_ms=START - (HISTORY_M1 + 30) * M1, end_ms=START + 240 * M1)
     exchange = FakeExchange(source, start_ms=START, speed=40, seed=21)
     await exchange.start()
     await configure(pool, COMMON_CASES)
-    env = daemon_env(exchange, redis_url, pg_url, SYMBOLS) | {"HEARTBEAT_INTERVAL_S": "0.5", "HEARTBEAT_TTL_S": "2"}
+    env = daemon_env(exchange, redis_url, pg_url, SYMBOLS) | {"HEARTBEAT_INTERVAL_S": "0.5", "HEARTBEAT_TTL_S": "5"}
     first = DaemonProcess(env | {"INDICATOR_CONSUMER": "indicators-first"})
     second = DaemonProcess(env | {"INDICATOR_CONSUMER": "indicators-second"})
     third = DaemonProcess(env | {"INDICATOR_CONSUMER": "indicators-third"})
@@ -63,7 +73,7 @@ async def test_processes_share_the_symbols_through_a_kill_and_a_join(pool, redis
         second.start()
         await until_sim(exchange, START + 6 * M1, first)
         pids = {first.process.pid, second.process.pid}
-        await until(lambda: split_between(redis, pids), 30, "two processes to split the symbols")
+        await until_split(redis, pids, (first, second), "two processes to split the symbols")
         print("split:", await shares(redis))
 
         killed_at = time.monotonic()
@@ -73,12 +83,12 @@ async def test_processes_share_the_symbols_through_a_kill_and_a_join(pool, redis
         takeover_s = time.monotonic() - killed_at
         print(f"takeover after kill -9: {takeover_s:.1f} s")
         assert takeover_s < 10 + 0.5  # the 10 s, plus up to a heartbeat's age in this check
-        await until(lambda: split_between(redis, {survivor}), 10, "the dead process's heartbeat to expire")
+        await until_split(redis, {survivor}, (second,), "the dead process's heartbeat to expire")
 
         await until_sim(exchange, START + 14 * M1, second)
         third.start()  # joins: the next rounds hand it its share
         pids = {second.process.pid, third.process.pid}
-        await until(lambda: split_between(redis, pids), 30, "the newcomer to get its share")
+        await until_split(redis, pids, (second, third), "the newcomer to get its share")
         print("after the join:", await shares(redis))
 
         await until_sim(exchange, START + 22 * M1, second)
