@@ -634,8 +634,8 @@ class Outage:
 # --------------------------------------------------------------------------- clients
 
 
-def make_redis(url: str, **overrides: Any) -> Redis:
-    """Asyncio Redis client whose retries survive the redis-py 8.1 reset-connection bug."""
+def _client_options(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The options of every Redis client, single or cluster, with `overrides` applied."""
     # Two retries: enough for the reset-connection bug; a server that is away is the
     # caller's to handle (hold and retry), not something to sit out inside one call.
     retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2, supported_errors=REDIS_RETRY_ERRORS)
@@ -649,22 +649,18 @@ def make_redis(url: str, **overrides: Any) -> Redis:
         health_check_interval=15,
     )
     options.update(overrides)
-    return Redis.from_url(url, **options)
+    return options
+
+
+def make_redis(url: str, **overrides: Any) -> Redis:
+    """Asyncio Redis client whose retries survive the redis-py 8.1 reset-connection bug."""
+    return Redis.from_url(url, **_client_options(overrides))
 
 
 def make_cluster_redis(url: str, **overrides: Any) -> RedisCluster:
     """`make_redis` for a Redis Cluster: the client follows MOVED/ASK and re-reads the
     slot map after a failover (its own retries, `cluster_error_retry_attempts`)."""
-    options: dict[str, Any] = dict(
-        decode_responses=True,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=2, supported_errors=REDIS_RETRY_ERRORS),
-        socket_connect_timeout=5,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-        socket_keepalive=True,
-        health_check_interval=15,
-    )
-    options.update(overrides)
-    return FeedRedisCluster.from_url(url, **options)
+    return FeedRedisCluster.from_url(url, **_client_options(overrides))
 
 
 async def cluster_aware(redis: Redis, url: str, **overrides: Any) -> Redis | RedisCluster:
