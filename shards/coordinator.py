@@ -2,10 +2,11 @@
 shards/leases.py's (`LeaseTable`), each a Lua script, so that it is atomic and runs on
 Redis's clock; a round is one pipeline per call, not a round trip per symbol.
 
-Scripts go as EVAL, not EVALSHA: redis-py's cluster pipeline refuses EVALSHA, and Redis
-caches an EVAL'd script's compilation all the same. Takes and renewals go as one packed
-round split by node (candle_stores.execute_packed), so that on a cluster each node's
-part can end with a WAIT for its replica.
+Takes and renewals go as one packed round split by node (candle_stores.execute_packed),
+so that on a cluster each node's part can end with a WAIT for its replica; their scripts
+go by hash (EVALSHA: 40 bytes a symbol, not the script's text, at every symbol every
+second), sent again as EVAL where a node answers NOSCRIPT (a restart, a promoted
+replica), which also caches it there. Releases and the heartbeat are rare: EVAL.
 
 Keys (a symbol's two share its hash tag, so a script may touch both on Redis Cluster):
 - `lease:{SYMBOL}`: `<token> <member>`, expiring (PX);
@@ -15,6 +16,7 @@ Keys (a symbol's two share its hash tag, so a script may touch both on Redis Clu
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -23,6 +25,7 @@ from collections.abc import Iterable
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
 
 from candle_stores import execute_packed
 from shards.cluster import NotReplicated
@@ -65,6 +68,13 @@ return redis.call('DEL', KEYS[1])
 """
 
 
+def script_sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+TAKE_SHA, RENEW_SHA = script_sha(TAKE_LUA), script_sha(RENEW_LUA)
+
+
 def lease_key(symbol: str) -> str:
     return f"lease:{{{symbol}}}"
 
@@ -95,24 +105,29 @@ class LeaseStore:
     async def take(self, member: str, symbols: list[str]) -> dict[str, int]:
         """The symbols taken (or held already by this member), with their tokens; on a
         cluster only those a replica has too (see `_replicated`)."""
-        commands = [["EVAL", TAKE_LUA, 2, lease_key(s), token_key(s), member, self.times.ttl_ms] for s in symbols]
-        answers = await self._replicated(commands)
+        calls = [[2, lease_key(s), token_key(s), member, self.times.ttl_ms] for s in symbols]
+        answers = await self._replicated(TAKE_LUA, TAKE_SHA, calls)
         return {symbol: int(token) for symbol, token in zip(symbols, answers, strict=True) if token}
 
     async def renew(self, member: str, holdings: dict[str, int]) -> set[str]:
         """The holdings still this member's, extended (on a cluster: and replicated)."""
         symbols = list(holdings)
-        commands = [["EVAL", RENEW_LUA, 1, lease_key(s), f"{holdings[s]} {member}", self.times.ttl_ms] for s in symbols]
-        answers = await self._replicated(commands)
+        calls = [[1, lease_key(s), f"{holdings[s]} {member}", self.times.ttl_ms] for s in symbols]
+        answers = await self._replicated(RENEW_LUA, RENEW_SHA, calls)
         return {symbol for symbol, done in zip(symbols, answers, strict=True) if done}
 
-    async def _replicated(self, commands: list[list]) -> list:
+    async def _replicated(self, script: str, sha: str, calls: list[list]) -> list:
         """One round; on a Redis Cluster each node's part counts only once a replica has
         acknowledged it (WAIT): a lease its master granted and lost in a failover would
         let a second process take the symbol from the promoted replica. What no replica
         acknowledged reads as not granted: this process does not write under it, and
         takes it again (same token) next round."""
-        answers = await execute_packed(self.redis, commands, REPLICA_WAIT_MS)
+        answers = await execute_packed(self.redis, [["EVALSHA", sha, *call] for call in calls], REPLICA_WAIT_MS)
+        unknown = [i for i, answer in enumerate(answers) if _no_script(answer)]  # not run: safe to send again
+        if unknown:
+            again = await execute_packed(self.redis, [["EVAL", script, *calls[i]] for i in unknown], REPLICA_WAIT_MS)
+            for i, answer in zip(unknown, again, strict=True):
+                answers[i] = answer
         for answer in answers:
             if isinstance(answer, Exception) and not isinstance(answer, NotReplicated):
                 raise answer
@@ -141,6 +156,11 @@ class LeaseStore:
                 pipe.eval(script, 1, lease_key(symbol), f"{holdings[symbol]} {member}", *extra)
             answers = await pipe.execute()
         return {symbol for symbol, done in zip(symbols, answers, strict=True) if done}
+
+
+def _no_script(answer: object) -> bool:
+    """NOSCRIPT, however the reply parser classed it (redis-py strips the code)."""
+    return isinstance(answer, NoScriptError) or (isinstance(answer, ResponseError) and "NOSCRIPT" in str(answer))
 
 
 class ShardMember:

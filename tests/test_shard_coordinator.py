@@ -13,7 +13,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from shards.coordinator import LeaseStore, ShardMember, lease_key, token_key
+import candle_stores
+from shards import coordinator
+from shards.coordinator import RENEW_SHA, TAKE_SHA, LeaseStore, ShardMember, lease_key, token_key
 from shards.leases import LeaseTable, LeaseTimes, assignment
 
 SYMBOLS = [f"S{i:02d}USDT" for i in range(20)]
@@ -71,6 +73,40 @@ async def test_a_lease_and_a_member_end_on_redis_clock(any_redis):
     assert await redis.get(lease_key("AUSDT")) is None
     assert await store.take("b:2", ["AUSDT"]) == {"AUSDT": 2}  # the token went up
     assert await store.heartbeat("b:2") == ["b:2"]  # a's heartbeat ended
+
+
+async def test_scripts_go_by_hash_and_again_as_text_after_a_script_flush(any_redis):
+    """Takes and renewals send EVALSHA; a node that forgot the scripts (a restart, a
+    promoted replica: SCRIPT FLUSH here) answers NOSCRIPT and gets the text once, with
+    the same answers as if it had known them."""
+    redis = any_redis
+    store = LeaseStore(redis, LeaseTimes(ttl_ms=60_000))
+    await redis.script_flush()  # every master, on a cluster
+    assert await store.take("a:1", SYMBOLS) == dict.fromkeys(SYMBOLS, 1)  # every node: NOSCRIPT, then EVAL
+    cached = await redis.script_exists(TAKE_SHA, RENEW_SHA)
+    assert cached[0] and not cached[1]
+    assert await store.renew("a:1", dict.fromkeys(SYMBOLS, 1)) == set(SYMBOLS)
+    await redis.script_flush()  # every master, on a cluster
+    assert await store.renew("a:1", dict.fromkeys(SYMBOLS, 1)) == set(SYMBOLS)
+    assert await store.renew("b:2", dict.fromkeys(SYMBOLS, 1)) == set()  # not b's
+    assert await store.take("b:2", SYMBOLS[:3]) == {}
+    assert await store.holders(SYMBOLS) == {s: ("a:1", 1) for s in SYMBOLS}
+    commands = []
+    sent = execute_packed_spy(commands)
+    coordinator.execute_packed, original = sent, coordinator.execute_packed
+    try:
+        await store.renew("a:1", dict.fromkeys(SYMBOLS, 1))
+    finally:
+        coordinator.execute_packed = original
+    assert {c[0] for c in commands} == {"EVALSHA"}  # cached now: no script text on the wire
+
+
+def execute_packed_spy(seen: list):
+    async def spy(redis, commands, wait=None):
+        seen.extend(commands)
+        return await candle_stores.execute_packed(redis, commands, wait)
+
+    return spy
 
 
 async def rounds(members: list[ShardMember], seconds: float) -> None:
