@@ -130,6 +130,19 @@ def parser() -> argparse.ArgumentParser:
     importer.add_argument(
         "--kind", choices=("klines", "aggTrades"), default="klines", help="what to import (default: klines)"
     )
+    drain = commands.add_parser(
+        "drain",
+        help="move a daemon process's symbols to the other processes (before a deploy)",
+        description=(
+            "Ask the daemon process HOST:PID (as `status` lists it) to hand every symbol to the other processes "
+            "and follow nothing; wait until they follow them. Exit 0 when drained, 1 when not within --wait, "
+            "2 when the request is refused (no such process, or no other process to take the symbols)."
+        ),
+    )
+    drain.add_argument("process", metavar="HOST:PID", help="the process, as `status` lists it")
+    drain.add_argument("--cancel", action="store_true", help="withdraw the request: the process takes a share again")
+    drain.add_argument("--force", action="store_true", help="drain even when no other process would take the symbols")
+    drain.add_argument("--wait", type=float, default=60.0, metavar="SECONDS", help="how long to wait (default 60)")
     commands.add_parser(
         "web",
         help="serve the read API and chart page",

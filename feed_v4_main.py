@@ -54,6 +54,7 @@ from infra import (
     system_event_log,
 )
 from migrations import apply_migrations, migration_status
+from ops.drain import run_drain_command
 from restore_redis_from_pg import restore_redis_from_pg
 from retention import RetentionOptions, run_retention
 from shards.ownership import INDICATORS_LEAD
@@ -218,6 +219,8 @@ class Daemon:
         self.started_ms = int(time.time() * 1000)
         self.host = socket.gethostname()
         self.heartbeat_key = infra.heartbeat_key(self.host, os.getpid())
+        self._cpu_mark = (time.process_time(), time.monotonic())
+        self.loop_lag_ms = 0.0
         # METRICS_PORT: a Prometheus endpoint with this daemon's own registry.
         self.metrics: MetricsExporter | None = None
         if options.metrics_port:
@@ -265,6 +268,10 @@ class Daemon:
 
     def heartbeat_fields(self) -> dict[str, str | int]:
         feed_stats = self.feed.stats if self.feed else None
+        ownership = self.feed.ownership if self.feed else None
+        cpu_s, wall_s = time.process_time(), time.monotonic()
+        last_cpu_s, last_wall_s = self._cpu_mark
+        self._cpu_mark = (cpu_s, wall_s)
         return {
             "host": self.host,
             "pid": os.getpid(),
@@ -275,6 +282,12 @@ class Daemon:
             "candles_stored": self.feed.intake.stored_m1 if self.feed else 0,
             "indicator_bars": self.indicators.stats["bars"] if self.indicators else 0,
             "symbols": ",".join(sorted(self.feed.symbols)) if self.feed else "",  # the ones it follows
+            "member": ownership.id if ownership else "",
+            "draining": int(bool(ownership and ownership.draining)),
+            # Load: this process's CPU (every thread, not the pandas-ta workers) as a share
+            # of one core since the last beat, and how late the event loop woke the beat.
+            "cpu": f"{(cpu_s - last_cpu_s) / max(wall_s - last_wall_s, 1e-3):.3f}",
+            "loop_lag_ms": f"{self.loop_lag_ms:.1f}",
         }
 
     async def beat(self) -> None:
@@ -284,14 +297,37 @@ class Daemon:
         trimmed_minute = 0
         while True:
             with contextlib.suppress(*REDIS_RETRY_ERRORS):
-                await infra.write_heartbeat(
+                drain = await infra.write_heartbeat(
                     self.runtime.redis, self.heartbeat_key, self.heartbeat_fields(), self.options.heartbeat_ttl_s
                 )
+                await self._follow_drain_request(drain)
             minute, second = divmod(time.time(), 60)
             if 15 <= second < 45 and minute != trimmed_minute:
                 infra.tidy_heap(full=int(minute) % 60 == 0)
                 trimmed_minute = minute
+            asleep = time.monotonic()
             await asyncio.sleep(self.options.heartbeat_interval_s)
+            self.loop_lag_ms = max(0.0, (time.monotonic() - asleep - self.options.heartbeat_interval_s) * 1000)
+
+    async def _follow_drain_request(self, requested: bool) -> None:
+        """`feed_v4_cli.py drain` (ops/drain.py): hand every symbol to the other processes
+        and follow nothing until the request is withdrawn (`drain --cancel`) or the
+        process stops."""
+        ownership = self.feed.ownership if self.feed else None
+        if ownership is None or requested == ownership.draining:
+            return
+        if requested:
+            held = sorted(ownership.owned())
+            log_system_event(
+                "WARNING",
+                "MAIN",
+                f"drain requested: handing {len(held)} symbols to the other processes",
+                {"symbols": held},
+            )
+            await ownership.drain()
+        else:
+            log_system_event("INFO", "MAIN", "drain withdrawn: taking a share of the symbols again")
+            ownership.resume()
 
     async def guard_redis(self) -> None:
         """Redis came back empty (restarted without persistence, or FLUSHALL): refill it
@@ -523,6 +559,7 @@ COMMANDS = {
     "web": run_web_command,
     "tickers": run_tickers_command,
     "import": run_import_command,
+    "drain": run_drain_command,
 }
 
 

@@ -693,12 +693,18 @@ def heartbeat_key(host: str, pid: int) -> str:
     return f"{HEARTBEAT_PREFIX}{host}:{pid}"
 
 
-async def write_heartbeat(redis: Redis, key: str, fields: Mapping[str, Any], ttl_s: int) -> None:
-    """One hash per daemon process; it expires when the process stops beating."""
+DRAIN_FIELD = "drain_requested"  # set in a process's heartbeat by `feed_v4_cli.py drain`
+
+
+async def write_heartbeat(redis: Redis, key: str, fields: Mapping[str, Any], ttl_s: int) -> bool:
+    """One hash per daemon process; it expires when the process stops beating. True
+    while a drain of the process is requested (the same round trip reads it)."""
     pipe = redis.pipeline(transaction=False)
     pipe.hset(key, mapping=dict(fields))
     pipe.expire(key, ttl_s)
-    await pipe.execute()
+    pipe.hget(key, DRAIN_FIELD)
+    *_, drain = await pipe.execute()
+    return bool(drain)
 
 
 async def read_heartbeats(redis: Redis) -> dict[str, dict[str, str]]:

@@ -111,6 +111,13 @@ def _int_or_none(raw: Any) -> int | None:
         return None
 
 
+def _float_or_none(raw: Any) -> float | None:
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        return None
+
+
 REPLAY_SKEW_MS = 6 * 3_600_000  # exchange time this far from the local clock: a replay
 
 
@@ -156,22 +163,38 @@ def parse_heartbeat(key: str, fields: Mapping[str, str], local_now_ms: int) -> d
         "candles_stored": _int_or_none(fields.get("candles_stored")),
         "indicator_bars": _int_or_none(fields.get("indicator_bars")),
         "symbols": [s for s in (fields.get("symbols") or "").split(",") if s],
+        "member": fields.get("member") or None,
+        "draining": fields.get("draining") == "1",
+        "drain_requested": bool(fields.get(infra.DRAIN_FIELD)),
+        "cpu": _float_or_none(fields.get("cpu")),
+        "loop_lag_ms": _float_or_none(fields.get("loop_lag_ms")),
     }
 
 
-def processes_of(daemons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def processes_of(daemons: Sequence[Mapping[str, Any]], tickers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """SPEC 17's `processes`: every live daemon process and the symbols it owns (a
-    heartbeat exists only while its process beats, so each listed is alive)."""
-    return [
-        {
-            "id": d["key"].removeprefix(infra.HEARTBEAT_PREFIX),
-            "host": d["host"],
-            "pid": d["pid"],
-            "alive": True,
-            "symbols": d["symbols"],
-        }
-        for d in daemons
-    ]
+    heartbeat exists only while its process beats, so each listed is alive), with its
+    load (CPU as a share of one core, event-loop lag) and its lag: the worst M1 lag
+    among its symbols (None while it owns none)."""
+    m1_lag = {t["symbol"]: t["m1"]["lag_s"] for t in tickers if t.get("m1")}
+    out = []
+    for d in daemons:
+        lags = [m1_lag[s] for s in d["symbols"] if s in m1_lag]
+        out.append(
+            {
+                "id": d["key"].removeprefix(infra.HEARTBEAT_PREFIX),
+                "host": d["host"],
+                "pid": d["pid"],
+                "alive": True,
+                "symbols": d["symbols"],
+                "member": d["member"],
+                "draining": d["draining"] or d["drain_requested"],
+                "cpu": d["cpu"],
+                "loop_lag_ms": d["loop_lag_ms"],
+                "m1_lag_s": max(lags, default=None),
+            }
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- raw reads (I/O)
@@ -438,7 +461,7 @@ def build_report(
         "unhealthy": [],
         "thresholds": {"max_lag_s": max_lag_s, "max_pending": max_pending, "max_gap_age_s": GAP_MAX_AGE_S},
         "daemons": daemons,
-        "processes": processes_of(daemons),
+        "processes": processes_of(daemons, tickers),
         "tickers": tickers,
         "streams": dict(streams),
         "gaps": {
@@ -644,10 +667,10 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
         )
 
     if report["daemons"]:
-        out += ["", "DAEMONS"]
+        out += ["", "DAEMONS (CPU: share of one core; LOOP: event-loop lag; M1 LAG: its worst symbol's)"]
         rows = [
             [
-                f"{d['host']}:{d['pid']}",
+                f"{d['host']}:{d['pid']}" + (" (draining)" if p["draining"] else ""),
                 format_duration(d["age_s"]),
                 format_duration(d["uptime_s"]),
                 format_time(d["exchange_time_ms"]),
@@ -655,11 +678,27 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
                 "-" if d["candles_stored"] is None else d["candles_stored"],
                 "-" if d["indicator_bars"] is None else d["indicator_bars"],
                 len(d["symbols"]),
+                "-" if d["cpu"] is None else f"{d['cpu']:.0%}",
+                "-" if d["loop_lag_ms"] is None else f"{d['loop_lag_ms']:.0f} ms",
+                format_duration(p["m1_lag_s"]),
             ]
-            for d in report["daemons"]
+            for d, p in zip(report["daemons"], report["processes"], strict=True)
         ]
         out += render_table(
-            ["HOST:PID", "BEAT", "UPTIME", "EXCHANGE TIME", "WORKERS", "M1 STORED", "IND BARS", "SYMBOLS"], rows
+            [
+                "HOST:PID",
+                "BEAT",
+                "UPTIME",
+                "EXCHANGE TIME",
+                "WORKERS",
+                "M1 STORED",
+                "IND BARS",
+                "SYMBOLS",
+                "CPU",
+                "LOOP",
+                "M1 LAG",
+            ],
+            rows,
         )
 
     tickers = report["tickers"]

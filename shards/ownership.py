@@ -41,6 +41,7 @@ class Ownership:
         self.outage = Outage("SHARDS", "Redis")
         self._lock = asyncio.Lock()
         self._round_started: float | None = None  # monotonic, while a round waits on Redis
+        self.draining = False  # a drain request (ops/drain.py): no rounds, nothing claimed
 
     @property
     def id(self) -> str:
@@ -75,6 +76,8 @@ class Ownership:
     async def claim(self, candidates: Iterable[str]) -> set[str]:
         """The candidates changed: a round now rather than at the next second."""
         self.candidates = frozenset(candidates) | self.roles
+        if self.draining:
+            return set()
         await self._round()
         return self.owned() & self.candidates
 
@@ -85,6 +88,8 @@ class Ownership:
 
     async def _round(self) -> None:
         async with self._lock:
+            if self.draining:
+                return
             self._round_started = time.monotonic()
             try:
                 await self.member.round(self.candidates)
@@ -96,12 +101,30 @@ class Ownership:
             held = self._holding()
             if held != self.held:
                 self.held = held
-                for tell in self.on_change:
-                    tell()
+                self._tell()
+
+    def _tell(self) -> None:
+        for tell in self.on_change:
+            tell()
 
     async def leave(self) -> None:
-        """A drain: every symbol handed back at once (writing stopped first)."""
+        """Every symbol handed back at once (writing stopped first): at shutdown, once
+        everything is written, and on a drain request."""
         async with self._lock:
             with contextlib.suppress(*REDIS_RETRY_ERRORS):
                 await self.member.leave()
             self.held = frozenset()
+
+    async def drain(self) -> None:
+        """A drain request (before a deploy): this process leaves the members, so the
+        others' next rounds (within a second) take every symbol and role it held, and
+        claims nothing until `resume`; its feed unsubscribes meanwhile (`on_change`).
+        Leases a failed release leaves behind run out within the takeover time."""
+        self.draining = True
+        await self.leave()
+        self._tell()
+
+    def resume(self) -> None:
+        """The drain request withdrawn: the next round rejoins and takes a share again."""
+        self.draining = False
+        self._tell()

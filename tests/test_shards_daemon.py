@@ -1,15 +1,18 @@
 """Several daemon processes share the tickers (shards/ownership.py): two real processes
 split 7 symbols between them, a `kill -9` of one passes its symbols to the other within
-10 s, a third joining takes its share; every candle then equals the archive and every
-indicator value TA-Lib's, as with one process."""
+10 s, a third joining takes its share, a drain (`drain HOST:PID`, ops/drain.py) moves it
+all back and its withdrawal gives the share again; every candle then equals the archive
+and every indicator value TA-Lib's, as with one process."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 
 import pytest
-from daemon import DaemonProcess
+from daemon import DaemonProcess, run_main
 from replay import (
     HISTORY_M1,
     M1,
@@ -90,6 +93,22 @@ async def test_processes_share_the_symbols_through_a_kill_and_a_join(pool, redis
         pids = {second.process.pid, third.process.pid}
         await until_split(redis, pids, (second, third), "the newcomer to get its share")
         print("after the join:", await shares(redis))
+
+        # A drain before a deploy: the newcomer hands its symbols back, the other follows all.
+        newcomer = f"{socket.gethostname()}:{third.process.pid}"
+        drained = await asyncio.to_thread(run_main, env, "drain", newcomer, "--wait", "60", timeout=90)
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        assert await follows_all(redis, second.process.pid), await shares(redis)
+        status = await asyncio.to_thread(run_main, env, "status", "--json")
+        processes = {p["pid"]: p for p in json.loads(status.stdout)["processes"]}
+        assert processes[third.process.pid]["draining"] and processes[third.process.pid]["symbols"] == []
+        assert not processes[second.process.pid]["draining"]
+        assert processes[second.process.pid]["cpu"] > 0 and processes[second.process.pid]["m1_lag_s"] is not None
+        refused = await asyncio.to_thread(run_main, env, "drain", f"{socket.gethostname()}:{second.process.pid}")
+        assert refused.returncode == 2 and "no other live process" in refused.stdout, refused.stdout
+        withdrawn = await asyncio.to_thread(run_main, env, "drain", newcomer, "--cancel")
+        assert withdrawn.returncode == 0, withdrawn.stdout + withdrawn.stderr
+        await until_split(redis, pids, (second, third), "the drained process to take a share again")
 
         await until_sim(exchange, START + 22 * M1, second)
         last_closed = await pause_mid_minute(exchange)

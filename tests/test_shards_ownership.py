@@ -40,6 +40,32 @@ async def test_two_processes_split_the_symbols_and_one_leads_the_indicators(redi
     assert second.owned() == SYMBOLS and second.may_write(INDICATORS_LEAD)
 
 
+async def test_a_drained_process_stops_writing_at_once_and_the_other_takes_everything(redis):
+    first, second = Ownership(redis, FAST), Ownership(redis, FAST)
+    for ownership in (first, second):
+        ownership.roles = frozenset({INDICATORS_LEAD})
+    told: list[frozenset] = []
+    first.on_change.append(lambda: told.append(first.held))
+    for _ in range(10):
+        await first.claim(SYMBOLS)
+        await second.claim(SYMBOLS)
+        await asyncio.sleep(0.1)
+    assert first.owned() and second.owned()
+    await first.drain()
+    assert first.owned() == set() and not any(first.may_write(s) for s in [*SYMBOLS, INDICATORS_LEAD])
+    assert told[-1] == frozenset()  # its feed is told to unsubscribe
+    assert await first.claim(SYMBOLS) == set()  # claims nothing while draining
+    await second.claim(SYMBOLS)  # its next round: the drained member is gone, its leases free
+    assert second.owned() == SYMBOLS and second.may_write(INDICATORS_LEAD)
+    first.resume()
+    for _ in range(10):
+        await first.claim(SYMBOLS)
+        await second.claim(SYMBOLS)
+        await asyncio.sleep(0.1)
+    assert first.owned() and first.owned() | second.owned() == SYMBOLS
+    assert first.owned().isdisjoint(second.owned())
+
+
 async def test_a_process_alone_writes_through_a_redis_outage_and_a_wipe():
     server = RedisServer(with_timeseries=False)
     server.start()

@@ -45,6 +45,10 @@ async def beat(redis, exchange_time: int | str = NOW, pid: int = 4242) -> None:
         "candles_stored": 120,
         "indicator_bars": 360,
         "symbols": "BTCUSDT,ETHUSDT",
+        "member": "testhost:4242:abc123",
+        "draining": 0,
+        "cpu": "0.250",
+        "loop_lag_ms": "3.5",
     }
     await infra.write_heartbeat(redis, infra.heartbeat_key("testhost", pid), fields, 30)
 
@@ -213,10 +217,30 @@ async def test_healthy_system_lags_on_the_exchange_clock(pool, redis):
     assert daemon["workers"] == ["FEED_INTAKE", "INDICATORS", "SIGNALS"]
     assert (daemon["candles_stored"], daemon["indicator_bars"]) == (120, 360)
     assert 0.5 <= daemon["age_s"] < 30 and 3595 < daemon["uptime_s"] < 3630
-    # SPEC 17: every live process and the symbols it owns.
+    # SPEC 17: every live process and the symbols it owns; its load, and its lag (the
+    # worst M1 lag of its symbols: ETHUSDT's 90 s).
     assert report["processes"] == [
-        {"id": "testhost:4242", "host": "testhost", "pid": 4242, "alive": True, "symbols": ["BTCUSDT", "ETHUSDT"]}
+        {
+            "id": "testhost:4242",
+            "host": "testhost",
+            "pid": 4242,
+            "alive": True,
+            "symbols": ["BTCUSDT", "ETHUSDT"],
+            "member": "testhost:4242:abc123",
+            "draining": False,
+            "cpu": 0.25,
+            "loop_lag_ms": 3.5,
+            "m1_lag_s": 90.0,
+        }
     ]
+    text = sr.render_status(report, colour=False)
+    assert "testhost:4242" in text and "25%" in text and "4 ms" in text and "1m30s" in text
+
+    # A drain requested (`drain testhost:4242`): listed as draining before the process answers.
+    await redis.hset(infra.heartbeat_key("testhost", 4242), infra.DRAIN_FIELD, "1")
+    report = await sr.collect_status(pool, redis)
+    assert report["processes"][0]["draining"] is True
+    assert "testhost:4242 (draining)" in sr.render_status(report, colour=False)
 
 
 async def test_no_heartbeat_is_unhealthy_and_falls_back_to_the_local_clock(pool, redis):
