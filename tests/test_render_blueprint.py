@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from binance.settings import FeedSettings
 from infra import load_settings
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def check_structure(blueprint: dict[str, Any]) -> None:
     assert worker.get("region", "oregon") in REGIONS
     assert worker.get("autoDeployTrigger", "commit") in AUTO_DEPLOY_TRIGGERS
     assert 1 <= worker.get("maxShutdownDelaySeconds", 30) <= 300
-    assert worker.get("numInstances", 1) == 1  # one daemon: it is the single writer of its streams
+    assert worker.get("numInstances", 1) >= 1  # N daemon processes share the symbols (README, Scale-out)
     for web in (s for s in blueprint["services"] if s["type"] == "web"):
         unknown = set(web) - set(WORKER_FIELDS) - WEB_ONLY_FIELDS
         assert not unknown, f"fields a web service does not take: {sorted(unknown)}"
@@ -210,6 +211,16 @@ def test_the_values_boot_the_daemon_with_the_documented_defaults():
     assert settings.binance_ws_url == "wss://fstream.binance.com/market"
     assert settings.binance_rest_url == "https://fapi.binance.com"
     assert settings.candle_store == "auto"
+    feed = FeedSettings.from_env(settings, env)
+    assert feed.limit_group == "render-frankfurt"  # every instance shares one group: one region's IPs
+
+
+def test_n_instances_are_a_valid_worker():
+    """Scaling the worker out is a change of numInstances only (README, From one worker to N)."""
+    blueprint = load_blueprint()
+    the_worker(blueprint)["numInstances"] = 3
+    check_structure(blueprint)
+    assert "numInstances" in (PROJECT / "render.yaml").read_text().split("# Deploy a push")[0]
 
 
 # --- the hashed lock files (scripts/lock.sh) ---------------------------------------------
