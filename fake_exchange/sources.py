@@ -108,6 +108,9 @@ def _ticks(value: float, scale: int) -> Decimal:
     return Decimal(max(1, round(value * scale))).scaleb(exponent)
 
 
+_MIN_VOLUME = Decimal("0.010")
+
+
 class SyntheticSource:
     """A seeded random walk for any number of symbols (SYN0001USDT, SYN0002USDT, ...).
 
@@ -203,6 +206,9 @@ class SyntheticSource:
         activity = 20 + 380 * _unit(key, 8, 0)
         trades = 1 + int(activity * (0.2 + 1.6 * _unit(key, 9, minute)))
         volume = _ticks(trades * (1000 / max(p_close, 0.01)) * (0.2 + _unit(key, 10, minute)), 1000)
+        # At least ten quantity steps: the made-up trades (trades.py) print the open, the
+        # high, the low and the close and both sides, each aggTrade a step at least.
+        volume = max(volume, _MIN_VOLUME)
         vwap = ((high + low) / 2).quantize(_PRICE)
         taker = (volume * Decimal(str(round(0.3 + 0.4 * _unit(key, 11, minute), 3)))).quantize(
             Decimal("0.001"), ROUND_DOWN

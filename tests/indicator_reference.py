@@ -77,7 +77,10 @@ def reference(indicator: str, p: dict, bars: BarArrays) -> list[np.ndarray]:
         return [macd, hist, signal]
     if indicator == "bbands":
         u, m, lower = talib.BBANDS(c, p["length"], p["upper_std"], p["lower_std"], 0)
-        return [lower, m, u, 100 * (u - lower) / m, (c - lower) / (u - lower)]
+        with np.errstate(divide="ignore", invalid="ignore"):  # %B of a flat window: no value
+            percent = (c - lower) / (u - lower)
+        percent[~np.isfinite(percent)] = np.nan
+        return [lower, m, u, 100 * (u - lower) / m, percent]
     if indicator in ("atr", "natr", "willr"):
         return [getattr(talib, indicator.upper())(h, lo, c, p["length"])]
     if indicator == "cci":
