@@ -44,6 +44,7 @@ from infra import (
     make_redis,
     mask_url,
 )
+from ops.processes import processes_of, workers_summary
 from orderflow.chain import ORDERFLOW_TIMEFRAMES
 from shards.keys import use_hash_tags
 from storage.detect import detect_storage_mode
@@ -121,15 +122,6 @@ def _float_or_none(raw: Any) -> float | None:
 REPLAY_SKEW_MS = 6 * 3_600_000  # exchange time this far from the local clock: a replay
 
 
-def workers_summary(workers: Sequence[str]) -> str:
-    """`FEED(8) INDICATORS(4) SIGNALS ...`: the full list is in --json."""
-    groups: dict[str, int] = {}
-    for name in workers:
-        prefix = name.split("_")[0]
-        groups[prefix] = groups.get(prefix, 0) + 1
-    return " ".join(f"{g}({n})" if n > 1 else g for g, n in groups.items()) or "-"
-
-
 def choose_now(daemons: Sequence[Mapping[str, Any]], local_now_ms: int) -> tuple[int, str]:
     """The local clock for a live feed; the exchange's clock as the daemons last saw it
     when that is far from the local one (an accelerated fake exchange living months in
@@ -169,32 +161,6 @@ def parse_heartbeat(key: str, fields: Mapping[str, str], local_now_ms: int) -> d
         "cpu": _float_or_none(fields.get("cpu")),
         "loop_lag_ms": _float_or_none(fields.get("loop_lag_ms")),
     }
-
-
-def processes_of(daemons: Sequence[Mapping[str, Any]], tickers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """SPEC 17's `processes`: every live daemon process and the symbols it owns (a
-    heartbeat exists only while its process beats, so each listed is alive), with its
-    load (CPU as a share of one core, event-loop lag) and its lag: the worst M1 lag
-    among its symbols (None while it owns none)."""
-    m1_lag = {t["symbol"]: t["m1"]["lag_s"] for t in tickers if t.get("m1")}
-    out = []
-    for d in daemons:
-        lags = [m1_lag[s] for s in d["symbols"] if s in m1_lag]
-        out.append(
-            {
-                "id": d["key"].removeprefix(infra.HEARTBEAT_PREFIX),
-                "host": d["host"],
-                "pid": d["pid"],
-                "alive": True,
-                "symbols": d["symbols"],
-                "member": d["member"],
-                "draining": d["draining"] or d["drain_requested"],
-                "cpu": d["cpu"],
-                "loop_lag_ms": d["loop_lag_ms"],
-                "m1_lag_s": max(lags, default=None),
-            }
-        )
-    return out
 
 
 # --------------------------------------------------------------------------- raw reads (I/O)

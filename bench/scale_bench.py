@@ -22,7 +22,7 @@
    exchange, scaled to 5 minutes (Binance's limit: 300 per IP), and the CPU of each.
 
 A private Redis Stack and a scratch PostgreSQL database per run; the processes' console
-logs go to $TMPDIR/scale_bench_workers.log. Printed, never asserted.
+logs go to scale_bench_workers.log in the temporary directory. Printed, never asserted.
 
     .venv/bin/python bench/scale_bench.py [--symbols 789] [--minutes 10] [--daemon-minutes 5]
 """
@@ -37,6 +37,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -63,7 +64,7 @@ from tests.servers import RedisServer, drop_database, recreate_database, setting
 M1 = 60_000
 START_MS = int(datetime(2026, 2, 6, tzinfo=UTC).timestamp() * 1000)  # the exchange's clock, about
 DATABASE = "feed_v4_scale_bench"
-WORKER_LOG = Path(os.environ.get("TMPDIR", "/tmp")) / "scale_bench_workers.log"  # their console logs
+WORKER_LOG = Path(tempfile.gettempdir()) / "scale_bench_workers.log"  # their console logs
 SKIPPED_WORKERS = {"FEED_CONNECTIONS", "FEED_REST_FALLBACK"}  # frames come from memory
 SPEEDUP_BUDGET, OVERHEAD_BUDGET, TAKEOVER_BUDGET_S = 1.7, 10.0, 10.0
 
