@@ -295,6 +295,8 @@ class Daemon:
         Once a minute, mid-minute (far from the boundaries), the heap is tidied (collected,
         frozen, trimmed); once an hour the frozen part is collected too."""
         trimmed_minute = 0
+        with contextlib.suppress(*REDIS_RETRY_ERRORS):  # a request left on a dead namesake's
+            await self.runtime.redis.hdel(self.heartbeat_key, infra.DRAIN_FIELD)  # (a container's pid 1)
         while True:
             with contextlib.suppress(*REDIS_RETRY_ERRORS):
                 drain = await infra.write_heartbeat(
