@@ -29,6 +29,7 @@ from replay import (
 
 import infra
 from fake_exchange import ArchiveSource, FakeExchange
+from shards.coordinator import lease_key
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
 
 
@@ -55,9 +56,12 @@ async def until_split(redis, pids: set[int], daemons: tuple[DaemonProcess, ...],
     try:
         await until(lambda: split_between(redis, pids), 90, what)
     except AssertionError:
-        print("shares:", await shares(redis), "members:", await redis.zrange("shard_members", 0, -1))
+        print("shares:", await shares(redis), "members:", await redis.zrange("shard_members", 0, -1, withscores=True))
+        print("redis time:", await redis.time(), "clients:", await redis.info("clients"))
+        print("leases:", {s: (await redis.get(lease_key(s)), await redis.pttl(lease_key(s))) for s in SYMBOLS})
+        print(await redis.execute_command("CLIENT", "LIST"))
         for daemon in daemons:
-            print("\n".join(line for line in daemon.output().splitlines() if "WS" not in line)[-4000:])
+            print("\n".join(line for line in daemon.output().splitlines() if "| WS" not in line)[-8000:])
         raise
 
 
