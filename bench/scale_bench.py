@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -209,7 +210,6 @@ class Worker:
         )
         self.share: set[str] = set()
         self.messages: asyncio.Queue = asyncio.Queue()
-        self.share_at = 0.0
         asyncio.get_running_loop().add_reader(self.process.stdout.fileno(), self._read)
 
     def _read(self) -> None:
@@ -221,7 +221,7 @@ class Worker:
             return  # the process's console log
         message = json.loads(line)
         if "share" in message:
-            self.share, self.share_at = set(message["share"]), time.monotonic()
+            self.share = set(message["share"])
         else:
             self.messages.put_nowait(message)
 
@@ -230,17 +230,11 @@ class Worker:
         self.process.stdin.flush()
 
     def stop(self) -> None:
-        with_suppressed(lambda: asyncio.get_running_loop().remove_reader(self.process.stdout.fileno()))
+        with contextlib.suppress(OSError, ValueError):
+            asyncio.get_running_loop().remove_reader(self.process.stdout.fileno())
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
-
-
-def with_suppressed(action) -> None:
-    try:
-        action()
-    except (OSError, ValueError):
-        pass
 
 
 def split_done(workers: list[Worker], symbols: list[str]) -> bool:
@@ -294,9 +288,7 @@ async def intake_run(count: int, symbols: list[str], exchange: FakeExchange, arg
             victim, survivors = workers[0], workers[1:]
             killed_at = time.monotonic()
             os.kill(victim.process.pid, signal.SIGKILL)
-            result["takeover_s"] = await wait_for(
-                lambda: sorted(s for w in survivors for s in w.share) == sorted(symbols), 60, "the takeover"
-            )
+            await wait_for(lambda: sorted(s for w in survivors for s in w.share) == sorted(symbols), 60, "the takeover")
             result["takeover_s"] = time.monotonic() - killed_at
         return result
     finally:

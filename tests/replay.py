@@ -238,3 +238,33 @@ async def pause_mid_minute(exchange: FakeExchange) -> int:
         await asyncio.sleep(0.002)
     exchange.clock.pause()
     return (exchange.clock.now_ms() - M1) // M1 * M1
+
+
+async def flow_settled(pool, symbols: list[str], last_closed: int) -> bool:
+    return not await flow_unsettled(pool, symbols, last_closed)
+
+
+async def flow_unsettled(pool, symbols: list[str], last_closed: int) -> list[str]:
+    """What is not yet there: candles, order flow and the indicators of every timeframe
+    up to `last_closed`, no open trade gap."""
+    for table in ("ohlcv4_m1", "orderflow4"):
+        newest = dict(await pool.fetch(f"SELECT symbol, max(open_time) FROM {table} GROUP BY symbol"))
+        behind = [s for s in symbols if s not in newest or datetime_to_ms(newest[s]) < last_closed]
+        if behind:
+            return [f"{table}: {len(behind)} symbols behind, e.g. {behind[:3]}"]
+    gaps = await pool.fetch("SELECT symbol, open_time, reason FROM trade_gaps_v4 WHERE status = 'open' LIMIT 5")
+    if gaps:
+        return [f"open trade gaps, e.g. {[tuple(g) for g in gaps]}"]
+    computed = {
+        (r["timeframe"], r["symbol"]): r["last"]
+        for r in await pool.fetch(
+            "SELECT i.timeframe, v.symbol, max(v.open_time) AS last FROM indicator_values_v4 v "
+            "JOIN indicator_instances_v4 i ON i.id = v.instance_id GROUP BY 1, 2"
+        )
+    }
+    for tf in ("m1", "m5", "m15"):
+        stored = dict(await pool.fetch(f"SELECT symbol, max(open_time) FROM ohlcv4_{tf} GROUP BY 1"))
+        behind = [s for s in symbols if computed.get((tf, s)) != stored.get(s)]
+        if behind:
+            return [f"{tf} indicators: {len(behind)} symbols behind, e.g. {behind[:3]}"]
+    return []

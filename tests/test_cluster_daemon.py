@@ -19,38 +19,19 @@ from replay import (
     assert_every_candle_announced,
     assert_store_matches_source,
     daemon_env,
+    flow_settled,
     pause_mid_minute,
     until,
     until_sim,
 )
 from servers import RedisCluster as ClusterOfServers
 
-from candles import datetime_to_ms
 from fake_exchange import ArchiveSource, FakeExchange
 from orderflow.store import orderflow_key
 from shards.keys import hash_tags, use_hash_tags
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
 
 SYMBOLS = ["LINKUSDT", "NEARUSDT", "ALGOUSDT", "DOTUSDT"]
-
-
-async def settled(pool, last_closed: int) -> bool:
-    newest = dict(await pool.fetch("SELECT symbol, max(open_time) FROM orderflow4 WHERE tf = 'm1' GROUP BY symbol"))
-    candles = dict(await pool.fetch("SELECT symbol, max(open_time) FROM ohlcv4_m1 GROUP BY symbol"))
-    if not all(s in done and datetime_to_ms(done[s]) >= last_closed for done in (newest, candles) for s in SYMBOLS):
-        return False
-    computed = {
-        (r["timeframe"], r["symbol"]): r["last"]
-        for r in await pool.fetch(
-            "SELECT i.timeframe, v.symbol, max(v.open_time) AS last FROM indicator_values_v4 v "
-            "JOIN indicator_instances_v4 i ON i.id = v.instance_id GROUP BY 1, 2"
-        )
-    }
-    for tf in ("m1", "m5", "m15"):
-        stored = dict(await pool.fetch(f"SELECT symbol, max(open_time) FROM ohlcv4_{tf} GROUP BY 1"))
-        if any(computed.get((tf, s)) != stored.get(s) for s in SYMBOLS):
-            return False
-    return True
 
 
 @pytest.mark.timeout(300)
@@ -76,7 +57,9 @@ async def test_the_daemon_on_a_cluster_through_its_kill_and_a_master_failover(po
         await until_sim(exchange, START + 24 * M1, daemon)
         last_closed = await pause_mid_minute(exchange)
         try:
-            await until(lambda: settled(pool, last_closed), 90, "candles and order flow to settle on the cluster")
+            await until(
+                lambda: flow_settled(pool, SYMBOLS, last_closed), 90, "candles and order flow to settle on the cluster"
+            )
         except AssertionError:
             print("\n".join(line for line in daemon.output().splitlines() if "WS0" not in line)[-6000:])
             raise

@@ -55,6 +55,26 @@ def recompute(exchange: FakeExchange, symbol: str, stored: dict, first: int, las
     return out
 
 
+async def assert_order_flow_equals_the_trades(pool, exchange: FakeExchange) -> tuple[int, dict[str, dict]]:
+    """Every stored order-flow bar (M1/M5/M15: footprint, delta, CVD) equals the one
+    recomputed from the exchange's complete trades, M1 without holes; returns how many
+    were checked and each symbol's stored rows by (tf, open time)."""
+    rows = await pool.fetch(f"SELECT {', '.join(ORDERFLOW_COLUMNS)} FROM orderflow4 ORDER BY symbol, tf, open_time")
+    checked = 0
+    by_symbol: dict[str, dict] = {}
+    for symbol, group in groupby(rows, key=lambda r: r["symbol"]):
+        stored = by_symbol[symbol] = {(r["tf"], datetime_to_ms(r["open_time"])): r for r in group}
+        m1_times = sorted(t for tf, t in stored if tf == "m1")
+        first, last = m1_times[0], m1_times[-1]
+        assert m1_times == list(range(first, last + M1, M1)), f"{symbol}: M1 order flow has holes"
+        expected = recompute(exchange, symbol, stored, first, last)
+        assert set(expected) == set(stored), f"{symbol}: bars {sorted(set(expected) ^ set(stored))[:5]}"
+        for key, record in expected.items():
+            assert tuple(stored[key]) == record, (symbol, key)
+            checked += 1
+    return checked, by_symbol
+
+
 @pytest.mark.timeout(300)
 async def test_order_flow_through_trade_faults_and_a_kill_equals_a_recomputation(pool, redis, redis_url, pg_url):
     source = ArchiveSource(SYMBOLS, start_ms=START - (HISTORY_M1 + 30) * M1, end_ms=START + 90 * M1)
@@ -86,18 +106,8 @@ async def test_order_flow_through_trade_faults_and_a_kill_equals_a_recomputation
             raise
         stats = exchange.stats
         assert stats.dropped_trades and stats.trades_duplicated and stats.trades_reordered
-        rows = await pool.fetch(f"SELECT {', '.join(ORDERFLOW_COLUMNS)} FROM orderflow4 ORDER BY symbol, tf, open_time")
-        checked = 0
-        for symbol, group in groupby(rows, key=lambda r: r["symbol"]):
-            stored = {(r["tf"], datetime_to_ms(r["open_time"])): r for r in group}
-            m1_times = sorted(t for tf, t in stored if tf == "m1")
-            first, last = m1_times[0], m1_times[-1]
-            assert m1_times == list(range(first, last + M1, M1)), f"{symbol}: M1 order flow has holes"
-            expected = recompute(exchange, symbol, stored, first, last)
-            assert set(expected) == set(stored), f"{symbol}: bars {set(expected) ^ set(stored)}"
-            for key, record in expected.items():
-                assert tuple(stored[key]) == record, (symbol, key)
-                checked += 1
+        checked, stored_rows = await assert_order_flow_equals_the_trades(pool, exchange)
+        for symbol, stored in stored_rows.items():
             candles = await pool.fetch(
                 "SELECT open_time, volume, taker_buy_volume, trades FROM ohlcv4_m1 WHERE symbol = $1", symbol
             )

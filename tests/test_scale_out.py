@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from itertools import groupby
 
 import pytest
 from daemon import DaemonProcess
@@ -21,6 +20,8 @@ from replay import (
     assert_every_candle_announced,
     assert_store_matches_source,
     daemon_env,
+    flow_settled,
+    flow_unsettled,
     pause_mid_minute,
     until,
     until_sim,
@@ -28,12 +29,10 @@ from replay import (
 from servers import RedisCluster as ClusterOfServers
 
 import infra
-from candles import datetime_to_ms
 from fake_exchange import FakeExchange, SyntheticSource
-from orderflow.store import ORDERFLOW_COLUMNS
 from shards.keys import hash_tags, use_hash_tags
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
-from tests.test_orderflow_e2e import recompute
+from tests.test_orderflow_e2e import assert_order_flow_equals_the_trades
 
 SYMBOL_COUNT = 300
 HISTORY_M1 = 60  # enough for the indicators' warm-up, short enough to boot 300 symbols fast
@@ -51,54 +50,6 @@ async def split_among(redis, daemons: list[DaemonProcess], symbols: list[str]) -
     shares = await followed(redis, daemons)
     every = sorted(s for share in shares.values() for s in share)
     return len(shares) == len(daemons) and all(shares.values()) and every == sorted(symbols)
-
-
-async def settled(pool, symbols: list[str], last_closed: int) -> bool:
-    return not await unsettled(pool, symbols, last_closed)
-
-
-async def unsettled(pool, symbols: list[str], last_closed: int) -> list[str]:
-    """What is not yet there: candles, order flow and the indicators of every timeframe
-    up to `last_closed`, no open trade gap."""
-    for table in ("ohlcv4_m1", "orderflow4"):
-        newest = dict(await pool.fetch(f"SELECT symbol, max(open_time) FROM {table} GROUP BY symbol"))
-        behind = [s for s in symbols if s not in newest or datetime_to_ms(newest[s]) < last_closed]
-        if behind:
-            return [f"{table}: {len(behind)} symbols behind, e.g. {behind[:3]}"]
-    gaps = await pool.fetch("SELECT symbol, open_time, reason FROM trade_gaps_v4 WHERE status = 'open' LIMIT 5")
-    if gaps:
-        return [f"open trade gaps, e.g. {[tuple(g) for g in gaps]}"]
-    computed = {
-        (r["timeframe"], r["symbol"]): r["last"]
-        for r in await pool.fetch(
-            "SELECT i.timeframe, v.symbol, max(v.open_time) AS last FROM indicator_values_v4 v "
-            "JOIN indicator_instances_v4 i ON i.id = v.instance_id GROUP BY 1, 2"
-        )
-    }
-    for tf in ("m1", "m5", "m15"):
-        stored = dict(await pool.fetch(f"SELECT symbol, max(open_time) FROM ohlcv4_{tf} GROUP BY 1"))
-        behind = [s for s in symbols if computed.get((tf, s)) != stored.get(s)]
-        if behind:
-            return [f"{tf} indicators: {len(behind)} symbols behind, e.g. {behind[:3]}"]
-    return []
-
-
-async def assert_order_flow_equals_the_trades(pool, exchange: FakeExchange) -> int:
-    """Every stored order-flow bar (M1/M5/M15: footprint, delta, CVD) equals the one
-    recomputed from the exchange's complete trades; M1 without holes."""
-    rows = await pool.fetch(f"SELECT {', '.join(ORDERFLOW_COLUMNS)} FROM orderflow4 ORDER BY symbol, tf, open_time")
-    checked = 0
-    for symbol, group in groupby(rows, key=lambda r: r["symbol"]):
-        stored = {(r["tf"], datetime_to_ms(r["open_time"])): r for r in group}
-        m1_times = sorted(t for tf, t in stored if tf == "m1")
-        first, last = m1_times[0], m1_times[-1]
-        assert m1_times == list(range(first, last + M1, M1)), f"{symbol}: M1 order flow has holes"
-        expected = recompute(exchange, symbol, stored, first, last)
-        assert set(expected) == set(stored), f"{symbol}: bars {sorted(set(expected) ^ set(stored))[:5]}"
-        for key, record in expected.items():
-            assert tuple(stored[key]) == record, (symbol, key)
-            checked += 1
-    return checked
 
 
 @pytest.mark.timeout(900)
@@ -159,15 +110,15 @@ async def test_three_processes_share_300_symbols_through_a_kill_a_failover_and_a
         await until_sim(exchange, exchange.clock.now_ms() + 4 * M1, second)
         last_closed = await pause_mid_minute(exchange)
         try:
-            await until(lambda: settled(pool, symbols, last_closed), 240, "every symbol to settle")
+            await until(lambda: flow_settled(pool, symbols, last_closed), 240, "every symbol to settle")
         except AssertionError:
-            print("not settled:", await unsettled(pool, symbols, last_closed))
+            print("not settled:", await flow_unsettled(pool, symbols, last_closed))
             for daemon in (second, third, fourth):
                 print("\n".join(line for line in daemon.output().splitlines() if "WS" not in line)[-3000:])
             raise
         stored = await assert_store_matches_source(pool, client, source, symbols, last_closed)
         await assert_every_candle_announced(pool, client)
-        flow = await assert_order_flow_equals_the_trades(pool, exchange)
+        flow, _ = await assert_order_flow_equals_the_trades(pool, exchange)
         values = await assert_values_match_talib(pool, symbols)
         print(f"checked {stored:,} candles, {flow:,} order-flow bars, {values:,} indicator values")
         assert flow >= SYMBOL_COUNT * 8 and values > 0
