@@ -6,7 +6,7 @@ a live day.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from candles import TF_MS, TIMEFRAMES, Candle, bucket_start
@@ -129,3 +129,92 @@ class GapTracker:
                 found[symbol] = list(range(start, last_due + M1_MS, M1_MS))
                 self.newest[symbol] = last_due
         return found
+
+
+PARENT_TF = {source: tf for tf, source in SOURCE_TF.items() if source != "m1"}
+
+
+class RecentCandles:
+    """The candles stored lately, from which the buckets they complete are built in
+    memory (no read of PostgreSQL on the way to the announcement): each symbol's M1 of
+    this and the previous M15 bucket, and the stored buckets higher ones are built from
+    (M15 for H1, H1 for H4, H4 for D1) of this and the previous higher bucket."""
+
+    RECENT_M1_KEPT = 45  # per symbol, past which the minutes before the previous M15 bucket go
+
+    def __init__(self, aggregated: Sequence[str]) -> None:
+        self.aggregated = tuple(aggregated)  # lower timeframes first
+        self.m1: dict[str, dict[int, Candle]] = {}
+        self.newest: dict[str, int] = {}  # the newest minute remembered, per symbol
+        self.parts: dict[tuple[str, str], dict[int, Candle]] = {}
+        self.part_tfs = {SOURCE_TF[tf] for tf in self.aggregated} - {"m1"}
+
+    def remember(self, candles: Sequence[Candle]) -> None:
+        """Each symbol's minutes are pruned as it grows, not all symbols' at the quarter
+        hour (where they all grew at once, on the way to the announcements)."""
+        for c in candles:
+            minutes = self.m1.get(c.symbol)
+            if minutes is None:
+                minutes = self.m1[c.symbol] = {}
+            minutes[c.open_time] = c
+            if c.open_time > self.newest.get(c.symbol, -1):
+                self.newest[c.symbol] = c.open_time
+            if len(minutes) > self.RECENT_M1_KEPT:
+                horizon = bucket_start(max(minutes), "m15") - TF_MS["m15"]
+                for t in [t for t in minutes if t < horizon]:
+                    del minutes[t]
+
+    def forget_m1(self, candle: Candle) -> None:
+        """A minute PostgreSQL refused: never part of a bucket built from memory."""
+        self.m1.get(candle.symbol, {}).pop(candle.open_time, None)
+
+    def completed_buckets(self, m1: Iterable[Candle]) -> list[Candle]:
+        """The buckets these minutes end, when memory holds all their parts (a higher
+        bucket's last part is built here too, lower timeframes first)."""
+        built: dict[tuple[str, str, int], Candle] = {}
+        for candle in m1:
+            end = candle.open_time + M1_MS
+            for tf in self.aggregated:
+                if end % TF_MS[tf]:
+                    continue
+                key = (candle.symbol, tf, end - TF_MS[tf])
+                if key not in built and (members := self.parts_in_memory(key, built)) is not None:
+                    built[key] = aggregate(tf, key[2], members)
+        return list(built.values())
+
+    def parts_in_memory(
+        self, bucket: tuple[str, str, int], built: dict[tuple[str, str, int], Candle]
+    ) -> list[Candle] | None:
+        """A bucket's parts if memory (or this batch's `built`) holds them all."""
+        symbol, tf, start = bucket
+        source = SOURCE_TF[tf]
+        if source == "m1":
+            minutes = self.m1.get(symbol, {})
+            parts = [minutes.get(t) for t in bucket_minutes(tf, start)]
+        else:
+            stored = self.parts.get((symbol, source), {})
+            parts = [built.get((symbol, source, t)) or stored.get(t) for t in bucket_parts(tf, start)]
+        return parts if all(parts) else None  # type: ignore[return-value]
+
+    def may_end(self, bucket: tuple[str, str, int]) -> bool:
+        """False for a higher bucket (H1 and up) still forming: the symbol's newest stored
+        minute is before its last, so building it would only find parts missing. M5/M15
+        are always tried (a bucket whose last minute is unfillable ends without one)."""
+        symbol, tf, start = bucket
+        newest = self.newest.get(symbol)
+        return LEVEL[tf] < 2 or newest is None or start + TF_MS[tf] <= newest + M1_MS
+
+    def remember_parts(self, built: Iterable[Candle], refused: Collection[Candle] = ()) -> None:
+        """Keep the stored buckets higher ones are built from, pruned as each series grows."""
+        if not self.part_tfs:
+            return
+        rejected = {(c.symbol, c.tf, c.open_time) for c in refused}
+        for c in built:
+            if c.tf in self.part_tfs and (c.symbol, c.tf, c.open_time) not in rejected:
+                parts = self.parts.setdefault((c.symbol, c.tf), {})
+                parts[c.open_time] = c
+                parent = PARENT_TF[c.tf]
+                if len(parts) > 2 * TF_MS[parent] // TF_MS[c.tf]:
+                    horizon = bucket_start(max(parts), parent) - TF_MS[parent]
+                    for t in [t for t in parts if t < horizon]:
+                        del parts[t]

@@ -10,7 +10,7 @@ import asyncpg
 
 import core_io
 from aggregation import LEVEL, SOURCE_TF, aggregate, bucket_parts, buildable
-from candles import TF_MS, Candle
+from candles import TF_MS, Candle, ms_to_datetime
 
 Bucket = tuple[str, str, int]  # (symbol, tf, open time)
 # A bucket's parts if memory holds them all, given the buckets built so far in this call.
@@ -33,6 +33,26 @@ async def build_buckets(pool: asyncpg.Pool, buckets: set[Bucket], in_memory: InM
         for key, candle in (await _build_stored(pool, rest, built)).items():
             built[key] = candle
     return list(built.values())
+
+
+async def missing_buckets(
+    pool: asyncpg.Pool, timeframes: Sequence[str], symbols: Sequence[str], since_ms: int
+) -> set[Bucket]:
+    """The buckets, from `since_ms` on, that have stored minutes and no row: one
+    anti-join per timeframe, a probe per bucket (the minutes grouped first)."""
+    found: set[Bucket] = set()
+    for tf in timeframes:
+        rows = await pool.fetch(
+            "SELECT m.symbol, m.n FROM (SELECT symbol, floor(extract(epoch FROM open_time) / $3)::bigint AS n "
+            f"FROM {core_io.candle_table('m1')} WHERE symbol = ANY($1) AND open_time >= $2 GROUP BY 1, 2) m "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {core_io.candle_table(tf)} b "
+            "WHERE b.symbol = m.symbol AND b.open_time = to_timestamp(m.n * $3))",
+            list(symbols),
+            ms_to_datetime(since_ms),
+            TF_MS[tf] // 1000,
+        )
+        found |= {(r["symbol"], tf, r["n"] * TF_MS[tf]) for r in rows}
+    return found
 
 
 async def _build_stored(

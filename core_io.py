@@ -7,7 +7,6 @@ statement per batch, never a round trip per row. No business logic lives here.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -70,14 +69,18 @@ def candle_stream(tf: str) -> str:
 
 # The streams of the timeframes this deployment builds: those its readers consume.
 CANDLE_STREAMS: dict[str, str] = {tf: candle_stream(tf) for tf in TIMEFRAMES}
+CANDLE_STREAM_TF: dict[str, str] = {stream: tf for tf, stream in CANDLE_STREAMS.items()}
 INDICATORS_READY_STREAM = "indicators_ready_stream"
 SIGNALS_STREAM = "signals_stream"
 
-# The consumer groups the daemon reads with; restore creates them up front.
+# The consumer groups the daemon reads with; restore creates the streams and these up
+# front. The indicator worker makes its own group on the candle streams when it starts
+# (`indicator_workers`, or one per process when several share the deployment:
+# indicators/groups.py).
 INDICATOR_GROUP = "indicator_workers"
 SIGNAL_GROUP = "signal_processor"
 CONSUMER_GROUPS: dict[str, tuple[str, ...]] = {
-    **{stream: (INDICATOR_GROUP,) for stream in CANDLE_STREAMS.values()},
+    **{stream: () for stream in CANDLE_STREAMS.values()},
     INDICATORS_READY_STREAM: (),
     SIGNALS_STREAM: (SIGNAL_GROUP,),
 }
@@ -315,13 +318,13 @@ async def apply_symbols_setting(pool: asyncpg.Pool, symbols: Sequence[str]) -> l
 
 async def set_ticker_problems(pool: asyncpg.Pool, problems: Mapping[str, str]) -> None:
     """Why each enabled ticker is not followed (`tickers.problem`); others cleared."""
-    await _set_reasons(pool, "tickers", "symbol", "text", "problem", problems)
+    await set_reasons(pool, "tickers", "symbol", "text", "problem", problems)
 
 
-async def _set_reasons(pool: asyncpg.Pool, table: str, key: str, key_type: str, column: str, reasons: Mapping) -> None:
+async def set_reasons(pool: asyncpg.Pool, table: str, key: str, key_type: str, column: str, reasons: Mapping) -> None:
     """`column` (and `column`_at) of the rows in `reasons` set to their reason, every
     other row's cleared; a row is only written when its reason changes. The names are
-    this module's constants, never input."""
+    its callers' constants, never input."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             f"UPDATE {table} t SET {column} = r.reason, {column}_at = now() "
@@ -574,22 +577,6 @@ async def prune_indicator_values(pool: asyncpg.Pool, retention_ms: int) -> list[
     return [] if newest is None else await drop_expired(pool, ["indicator_values_v4"], retention_ms, newest)
 
 
-async def set_instance_errors(pool: asyncpg.Pool, errors: Mapping[int, str]) -> None:
-    """Why each instance does not run (`indicator_instances_v4.error`); others cleared."""
-    await _set_reasons(pool, "indicator_instances_v4", "id", "integer", "error", errors)
-
-
-async def fetch_indicator_config(pool: asyncpg.Pool) -> list[tuple[int, str, str, dict[str, str]]]:
-    """Enabled instances as (id, indicator, timeframe, {param: value}), by id."""
-    rows = await pool.fetch(
-        "SELECT i.id, lower(btrim(i.indicator)) AS indicator, i.timeframe, "
-        "coalesce(jsonb_object_agg(p.param, p.value) FILTER (WHERE p.param IS NOT NULL), '{}'::jsonb)::text AS params "
-        "FROM indicator_instances_v4 i LEFT JOIN indicator_parameters_v4 p ON p.instance_id = i.id "
-        "WHERE i.enabled GROUP BY i.id ORDER BY i.id"
-    )
-    return [(r["id"], r["indicator"], r["timeframe"], json.loads(r["params"])) for r in rows]
-
-
 # --------------------------------------------------------------------------- mark prices
 
 
@@ -682,8 +669,9 @@ async def publish(redis: Redis, stream: str, events: Sequence[Mapping[str, Any]]
     await execute_checked(redis, [xadd_command(stream, event, maxlen) for event in events])
 
 
-async def ensure_groups(redis: Redis, groups: Mapping[str, Sequence[str]] = CONSUMER_GROUPS) -> None:
-    """Create streams and their consumer groups; existing ones are left as they are."""
+async def ensure_groups(redis: Redis, groups: Mapping[str, Sequence[str]] = CONSUMER_GROUPS, at: str = "0") -> None:
+    """Create streams and their consumer groups (reading from `at`: the first entry, or
+    "$" for those added from now on); existing ones are left as they are."""
     pipe = redis.pipeline(transaction=False)
     for stream, names in groups.items():
         if not names:
@@ -691,7 +679,7 @@ async def ensure_groups(redis: Redis, groups: Mapping[str, Sequence[str]] = CONS
             pipe.xgroup_create(stream, "feed_v4_init", id="$", mkstream=True)
             pipe.xgroup_destroy(stream, "feed_v4_init")
         for name in names:
-            pipe.xgroup_create(stream, name, id="0", mkstream=True)
+            pipe.xgroup_create(stream, name, id=at, mkstream=True)
     for result in await pipe.execute(raise_on_error=False):
         if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
             raise result
@@ -735,6 +723,24 @@ async def read_group(
         await ensure_groups(redis, {s: (group,) for s in streams})
         return []
     return [(stream, entry_id, fields) for stream, entries in (reply or []) for entry_id, fields in entries]
+
+
+async def entry_fields(redis: Redis, entries: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+    """The fields of (stream, id) entries still in their streams, in one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    for stream, entry_id in entries:
+        pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
+    replies = await pipe.execute() if entries else []
+    return {entry: reply[0][1] for entry, reply in zip(entries, replies) if reply}
+
+
+async def candle_stream_ends(redis: Redis) -> dict[str, tuple[int, int]]:
+    """Per timeframe, the id of its candle stream's newest entry ((0, 0): empty)."""
+    pipe = redis.pipeline(transaction=False)
+    for stream in CANDLE_STREAMS.values():
+        pipe.xrevrange(stream, count=1)
+    replies = await pipe.execute()
+    return {tf: stream_id(reply[0][0]) if reply else (0, 0) for tf, reply in zip(CANDLE_STREAMS, replies)}
 
 
 def ack_commands(group: str, entries: Iterable[tuple[str, str]]) -> list[list[Any]]:
@@ -786,18 +792,31 @@ async def unacknowledged(
     its consumers (claimed by `consumer`, so that it acknowledges them) and those not
     yet delivered. Entries trimmed from the stream are left out."""
     found = [fields for _, _, fields in await reclaim_stale(redis, stream, group, consumer, 0, 2**62, page)]
+    after = next((g["last-delivered-id"] for g in await stream_groups(redis, stream) if g["name"] == group), None)
+    if after is not None:
+        found += [fields for _, fields in await entries_after(redis, stream, after, page)]
+    return found
+
+
+async def stream_groups(redis: Redis, stream: str) -> list[dict[str, Any]]:
+    """XINFO GROUPS; a stream that does not exist has none."""
     try:
-        groups = await redis.xinfo_groups(stream)
+        return await redis.xinfo_groups(stream)
     except ResponseError as exc:
         if "no such key" in str(exc).lower():
-            return found
+            return []
         raise
-    after = next((g["last-delivered-id"] for g in groups if g["name"] == group), None)
-    while after is not None:
+
+
+async def entries_after(redis: Redis, stream: str, after: str, page: int = 10_000) -> list[tuple[str, dict[str, str]]]:
+    """Every entry after id `after` (a group's last delivered: those it has not read), `page` a round trip."""
+    found: list[tuple[str, dict[str, str]]] = []
+    while True:
         entries = await redis.xrange(stream, min=f"({after}", count=page)
-        found += [fields for _, fields in entries]
-        after = entries[-1][0] if len(entries) == page else None
-    return found
+        found += entries
+        if len(entries) < page:
+            return found
+        after = entries[-1][0]
 
 
 # --------------------------------------------------------------------------- M1 ranges and keys
@@ -805,12 +824,21 @@ async def unacknowledged(
 
 async def last_m1_open_times(pool: asyncpg.Pool, symbols: Sequence[str]) -> dict[str, int]:
     """Newest stored M1 per symbol (symbols with none are absent), one index probe each."""
+    return await _m1_open_times(pool, symbols, "max")
+
+
+async def first_m1_open_times(pool: asyncpg.Pool, symbols: Sequence[str]) -> dict[str, int]:
+    """Oldest stored M1 per symbol (symbols with none are absent), one index probe each."""
+    return await _m1_open_times(pool, symbols, "min")
+
+
+async def _m1_open_times(pool: asyncpg.Pool, symbols: Sequence[str], end: str) -> dict[str, int]:
     rows = await pool.fetch(
-        "SELECT s.symbol, (SELECT max(open_time) FROM ohlcv4_m1 m WHERE m.symbol = s.symbol) AS last "
+        f"SELECT s.symbol, (SELECT {end}(open_time) FROM ohlcv4_m1 m WHERE m.symbol = s.symbol) AS t "
         "FROM unnest($1::text[]) AS s(symbol)",
         list(symbols),
     )
-    return {r["symbol"]: datetime_to_ms(r["last"]) for r in rows if r["last"] is not None}
+    return {r["symbol"]: datetime_to_ms(r["t"]) for r in rows if r["t"] is not None}
 
 
 async def fetch_candles_at(pool: asyncpg.Pool, tf: str, keys: Sequence[tuple[str, int]]) -> list[Candle]:

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,17 +24,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 import core_io
-from aggregation import (
-    AGGREGATED_TFS,
-    LEVEL,
-    SOURCE_TF,
-    GapTracker,
-    affected_buckets,
-    aggregate,
-    bucket_minutes,
-    bucket_parts,
-)
-from aggregation_io import build_buckets
+from aggregation import AGGREGATED_TFS, GapTracker, RecentCandles, affected_buckets
+from aggregation_io import build_buckets, missing_buckets
 from backfill import Backfiller
 from binance.clock import ExchangeClock
 from binance.limits import AttemptLimiter, SharedLimits
@@ -68,7 +59,6 @@ from shards.ownership import Ownership
 from ticker_following import TickerFollower
 
 M1_MS = TF_MS["m1"]
-PARENT_TF = {source: tf for tf, source in SOURCE_TF.items() if source != "m1"}
 log = logging.getLogger("FEED")
 
 
@@ -100,13 +90,7 @@ class CandleIntake(CandlePublisher):
         self.to_settle: list[tuple[str, int]] = []
         self.settle_wake = asyncio.Event()
         self.buckets_due: set[tuple[str, str, int]] = set()
-        # The M1 candles stored lately (this and the previous M15 bucket), per symbol.
-        self.recent_m1: dict[str, dict[int, Candle]] = {}
-        self.newest_m1: dict[str, int] = {}  # the newest minute stored through this intake, per symbol
-        # The buckets stored lately that higher buckets are built from (M15 for H1, H1
-        # for H4, H4 for D1): those of this and the previous higher bucket, per series.
-        self.recent_parts: dict[tuple[str, str], dict[int, Candle]] = {}
-        self.part_tfs = {SOURCE_TF[tf] for tf in self.aggregated} - {"m1"}
+        self.recent = RecentCandles(self.aggregated)  # what buckets are built from in memory
         self.buckets_wake = asyncio.Event()
         self.aggregating = False
         # Candles of a write that failed: PostgreSQL may still have committed it (a reply
@@ -132,9 +116,11 @@ class CandleIntake(CandlePublisher):
         candles: Sequence[Candle],
         rejected: list[Candle] | None = None,
         history: bool | Collection[tuple[str, int]] = False,
+        fenced: list[Candle] | None = None,
     ) -> list[Candle]:
         """Returns the candles that were new or changed (announced); those PostgreSQL
-        refused go to `rejected`.
+        refused go to `rejected`, those of symbols this process may not write now to
+        `fenced`.
 
         An M5/M15 bucket this batch completes (its last minute is here and every other
         one was stored through this intake) is built at once and stored in the same
@@ -143,28 +129,33 @@ class CandleIntake(CandlePublisher):
         by `aggregate` (from PostgreSQL when memory does not hold them). `history`: REST
         warm-up history or catch-up (True: all of them, or the (symbol, open time) of
         those that are), announced with `history=1`, and so are the buckets built from it."""
-        candles = [c for c in candles if self.may_write(c.symbol)]
-        if not candles:
+        writable: list[Candle] = []
+        for candle in candles:
+            if self.may_write(candle.symbol):
+                writable.append(candle)
+            elif fenced is not None:
+                fenced.append(candle)
+        if not writable:
             return []
         async with self.bucket_lock:
-            return await self._store_m1(candles, rejected, history)
+            return await self._store_m1(writable, rejected, history)
 
     async def _store_m1(
         self, candles: Sequence[Candle], rejected: list[Candle] | None, history: bool | Collection[tuple[str, int]]
     ) -> list[Candle]:
         unique = {(c.symbol, c.open_time): c for c in candles}
         marked = set(unique) if history is True else set(history or ())  # the history minutes
-        self.remember(list(unique.values()))
-        completed = self._completed_buckets(unique.values())
+        self.recent.remember(list(unique.values()))
+        completed = self.recent.completed_buckets(unique.values())
         refused: list[Candle] = []
         changed = await self._upsert([*unique.values(), *completed], refused)
         self.last_stored_at = time.monotonic()
-        self._remember_parts(completed, refused)
+        self.recent.remember_parts(completed, refused)
         refused_m1 = [c for c in refused if c.tf == "m1"]
         if refused_m1:  # not stored: never in a bucket, nor settled; their buckets are rebuilt from PostgreSQL
             for candle in refused_m1:
                 unique.pop((candle.symbol, candle.open_time), None)
-                self.recent_m1.get(candle.symbol, {}).pop(candle.open_time, None)
+                self.recent.forget_m1(candle)
             self._due(affected_buckets(((c.symbol, c.open_time) for c in refused_m1), self.aggregated))
             if rejected is not None:
                 rejected += refused_m1
@@ -184,7 +175,7 @@ class CandleIntake(CandlePublisher):
         if fresh:
             done = {(b.symbol, b.tf, b.open_time) for b in completed}
             touched = affected_buckets(((c.symbol, c.open_time) for c in fresh), self.aggregated)
-            buckets = {b for b in touched - done if self._may_end(b)}
+            buckets = {b for b in touched - done if self.recent.may_end(b)}
             live = affected_buckets(
                 ((c.symbol, c.open_time) for c in fresh if (c.symbol, c.open_time) not in marked), self.aggregated
             )
@@ -201,57 +192,6 @@ class CandleIntake(CandlePublisher):
         else:
             await core_io.set_missing_status(self.pool, list(unique), "backfilled")
         return fresh
-
-    def _completed_buckets(self, m1: Iterable[Candle]) -> list[Candle]:
-        """The buckets these minutes end, when memory holds all their parts (a higher
-        bucket's last part is built here too, lower timeframes first)."""
-        built: dict[tuple[str, str, int], Candle] = {}
-        for candle in m1:
-            end = candle.open_time + M1_MS
-            for tf in self.aggregated:
-                if end % TF_MS[tf]:
-                    continue
-                key = (candle.symbol, tf, end - TF_MS[tf])
-                if key not in built and (members := self._parts_in_memory(key, built)) is not None:
-                    built[key] = aggregate(tf, key[2], members)
-        return list(built.values())
-
-    def _parts_in_memory(
-        self, bucket: tuple[str, str, int], built: dict[tuple[str, str, int], Candle]
-    ) -> list[Candle] | None:
-        """A bucket's parts if memory (or this batch's `built`) holds them all."""
-        symbol, tf, start = bucket
-        source = SOURCE_TF[tf]
-        if source == "m1":
-            minutes = self.recent_m1.get(symbol, {})
-            parts = [minutes.get(t) for t in bucket_minutes(tf, start)]
-        else:
-            stored = self.recent_parts.get((symbol, source), {})
-            parts = [built.get((symbol, source, t)) or stored.get(t) for t in bucket_parts(tf, start)]
-        return parts if all(parts) else None  # type: ignore[return-value]
-
-    def _may_end(self, bucket: tuple[str, str, int]) -> bool:
-        """False for a higher bucket (H1 and up) still forming: the symbol's newest stored
-        minute is before its last, so building it would only find parts missing. M5/M15
-        are always tried (a bucket whose last minute is unfillable ends without one)."""
-        symbol, tf, start = bucket
-        newest = self.newest_m1.get(symbol)
-        return LEVEL[tf] < 2 or newest is None or start + TF_MS[tf] <= newest + M1_MS
-
-    def _remember_parts(self, built: Iterable[Candle], refused: Collection[Candle] = ()) -> None:
-        """Keep the stored buckets higher ones are built from, pruned as each series grows."""
-        if not self.part_tfs:
-            return
-        rejected = {(c.symbol, c.tf, c.open_time) for c in refused}
-        for c in built:
-            if c.tf in self.part_tfs and (c.symbol, c.tf, c.open_time) not in rejected:
-                parts = self.recent_parts.setdefault((c.symbol, c.tf), {})
-                parts[c.open_time] = c
-                parent = PARENT_TF[c.tf]
-                if len(parts) > 2 * TF_MS[parent] // TF_MS[c.tf]:
-                    horizon = bucket_start(max(parts), parent) - TF_MS[parent]
-                    for t in [t for t in parts if t < horizon]:
-                        del parts[t]
 
     def _due(self, buckets: set[tuple[str, str, int]]) -> None:
         if buckets:
@@ -350,23 +290,6 @@ class CandleIntake(CandlePublisher):
             {"candle": [str(v) for v in dataclasses.astuple(candle)]},
         )
 
-    RECENT_M1_KEPT = 45  # per symbol, past which the minutes before the previous M15 bucket go
-
-    def remember(self, candles: Sequence[Candle]) -> None:
-        """Each symbol's minutes are pruned as it grows, not all symbols' at the quarter
-        hour (where they all grew at once, on the way to the announcements)."""
-        for c in candles:
-            minutes = self.recent_m1.get(c.symbol)
-            if minutes is None:
-                minutes = self.recent_m1[c.symbol] = {}
-            minutes[c.open_time] = c
-            if c.open_time > self.newest_m1.get(c.symbol, -1):
-                self.newest_m1[c.symbol] = c.open_time
-            if len(minutes) > self.RECENT_M1_KEPT:
-                horizon = bucket_start(max(minutes), "m15") - TF_MS["m15"]
-                for t in [t for t in minutes if t < horizon]:
-                    del minutes[t]
-
     async def run_aggregator(self) -> None:
         """Builds the buckets `store_m1` left due, all that piled up in one go."""
         backoff = Backoff(0.2, 5.0)
@@ -389,6 +312,15 @@ class CandleIntake(CandlePublisher):
             finally:
                 self.aggregating = False
 
+    async def build_missing(self, history_ms: int, symbols: Collection[str]) -> None:
+        """Build the buckets missing within `history_ms` whose minutes are stored: a
+        history's older buckets are left to the aggregator, and a process that died, or
+        lost the symbol, before that ran never builds them (its fence drops them)."""
+        newest = await core_io.newest_m1_time(self.pool)
+        mine = [s for s in symbols if self.may_write(s)]
+        if newest is not None and mine:
+            await self.aggregate(await missing_buckets(self.pool, self.aggregated, mine, newest - history_ms))
+
     async def _announce_marked(self, candles: Sequence[Candle], tf: str, marks: Sequence[bool]) -> None:
         """Cache and announce in order, runs of history (`history=1`) and live candles apart."""
         start = 0
@@ -408,12 +340,12 @@ class CandleIntake(CandlePublisher):
     async def _aggregate(self, buckets: set[tuple[str, str, int]]) -> list[Candle]:
         # A bucket whose minutes all passed through this intake is built from memory;
         # the others from what PostgreSQL holds (after a restart, a backfill, a gap).
-        built = await build_buckets(self.pool, buckets, self._parts_in_memory)
+        built = await build_buckets(self.pool, buckets, self.recent.parts_in_memory)
         if not built:
             return []
         refused: list[Candle] = []
         changed = await self._upsert(built, refused)
-        self._remember_parts(built, refused)
+        self.recent.remember_parts(built, refused)
         fresh = [c for c in built if (c.symbol, c.tf, c.open_time) in changed]
         for tf in self.aggregated:
             of_tf = sorted((c for c in fresh if c.tf == tf), key=lambda c: c.open_time)
@@ -480,6 +412,7 @@ class Feed:
         self.follower = TickerFollower(self.pool, self.rest, self.feed_settings, self._follow)
         self.ownership = Ownership(self.redis)  # which symbols are this process's to write
         self.ownership.on_change.append(self.follower.wake.set)
+        self.ownership.on_back.append(self._after_redis_outage)
         self.intake.may_write = self.ownership.may_write
         self.tracker = GapTracker(grace_ms=self.feed_settings.gap_grace_ms)
         self.closed: asyncio.Queue[Candle] = asyncio.Queue()
@@ -490,10 +423,13 @@ class Feed:
         )
         self.catch_up_pending: set[str] = set()
         self.needs_history: set[str] = set()  # added symbols that had no candles at all
+        # Added symbols with candles: is their first history whole? Known at their catch-up.
+        self.history_unsure: set[str] = set()
         self.catch_up_wake = asyncio.Event()
         self.bad_frames = RateLimitedLog("FEED")
         self.store_errors = RateLimitedLog("INTAKE", level="ERROR")
         self.to_reconcile: set[str] = set()  # symbols taken on whose last run's crash window is to close
+        self.reannounce_ms = 0  # Redis came back: the window whose announcements a failover may have lost
         self.batch: list[Candle] = []  # taken from `closed`, not stored yet
         self.last_ws_data_at = time.monotonic()  # local clock: a route that delivers nothing
         # Closes let go while PostgreSQL was away and the buffer full: (first, last) per
@@ -620,8 +556,13 @@ class Feed:
             try:
                 await self._flush_gaps()
                 refused: list[Candle] = []
-                await self.intake.store_m1(self.batch, refused)
+                fenced: list[Candle] = []
+                await self.intake.store_m1(self.batch, refused, fenced=fenced)
                 self.new_gaps += [(c.symbol, c.open_time) for c in refused]  # the exchange's REST may do better
+                # A close of a symbol still followed whose lease lapsed (Redis away) or just
+                # passed on: a gap for whoever holds it to fetch. Dropped unlogged, a lease
+                # that lapsed and came back between two of the follower's looks lost the minute.
+                self.new_gaps += [(c.symbol, c.open_time) for c in fenced if c.symbol in self.symbols]
                 if self.dropped:
                     await self._log_dropped()
                 self.batch = []
@@ -746,23 +687,49 @@ class Feed:
             self.catch_up_pending |= self.symbols
             self.catch_up_wake.set()
 
+    def _after_redis_outage(self, down_s: float) -> None:
+        """Redis back: what a failover lost of the last announcements its master took is
+        announced again, as after a crash: the reconciliation of every symbol held, over
+        the outage and RECONCILE_WINDOW_M1 before it (a history or a backfill announced
+        at that moment has older bars than the minute)."""
+        window_ms = int(down_s * 1000) + self.feed_settings.reconcile_window_m1 * M1_MS
+        self.reannounce_ms = max(self.reannounce_ms, window_ms)
+        self.catch_up_wake.set()
+
     async def catch_up(self) -> None:
         """From the last stored M1 to the exchange's now: gaps are logged and backfilled;
         a symbol with no candles gets its first history (not logged as gaps)."""
         while True:
             await self.catch_up_wake.wait()
             self.catch_up_wake.clear()
-            if self.to_reconcile:  # symbols this process just took on (at boot: all it holds)
-                taken, self.to_reconcile = self.to_reconcile, set()
-                await self.intake.reconcile(self.feed_settings.reconcile_window_m1 * M1_MS, taken)
-            symbols, self.catch_up_pending = sorted(self.catch_up_pending), set()
-            if symbols:
-                await self._catch_up(symbols)
+            taken, self.to_reconcile = self.to_reconcile, set()  # symbols just taken on (at boot: all it holds)
+            symbols, self.catch_up_pending = self.catch_up_pending, set()
+            reannounce, self.reannounce_ms = self.reannounce_ms, 0
+            try:
+                if reannounce:
+                    await self.intake.reconcile(reannounce, self.symbols)
+                if taken:
+                    await self.intake.reconcile(self.feed_settings.reconcile_window_m1 * M1_MS, taken)
+                if symbols:
+                    await self._catch_up(sorted(symbols))
+                if taken:  # once their catch-up is asked for: ~2 s for 300 symbols' 3,750 minutes
+                    await self.intake.build_missing(self.feed_settings.initial_history_m1 * M1_MS, taken)
+            except BaseException:
+                # Kept for the worker's restart (a Redis failover, PostgreSQL away): a catch-up
+                # lost with it left the minutes missed before a take-over unstored for good, and
+                # the order flow of those symbols waiting on their klines. Each step is idempotent.
+                self.to_reconcile |= taken & self.symbols
+                self.catch_up_pending |= symbols & self.symbols
+                self.reannounce_ms = max(self.reannounce_ms, reannounce)
+                self.catch_up_wake.set()
+                raise
 
     async def _catch_up(self, symbols: list[str]) -> None:
         server_now = await self.rest.server_time()
         last_closed = (server_now - M1_MS) // M1_MS * M1_MS  # newest minute with close time < now
         stored = await core_io.last_m1_open_times(self.pool, symbols)
+        history_from = bucket_start(last_closed - (self.feed_settings.initial_history_m1 - 1) * M1_MS, "m15")
+        await self._check_history(symbols, history_from)
         gaps: list[tuple[str, int]] = []
         for symbol in symbols:
             last = stored.get(symbol)
@@ -770,12 +737,22 @@ class Feed:
                 continue  # its first history is still being fetched
             if last is None or symbol in self.needs_history:
                 self.needs_history.discard(symbol)
-                first = bucket_start(last_closed - (self.feed_settings.initial_history_m1 - 1) * M1_MS, "m15")
-                self.backfiller.request_history(symbol, first, last_closed)
+                self.backfiller.request_history(symbol, history_from, last_closed)
             else:
                 gaps += [(symbol, t) for t in range(last + M1_MS, last_closed + M1_MS, M1_MS)]
             self.tracker.seed(symbol, last_closed)
         await self._log_gaps(gaps)
+
+    async def _check_history(self, symbols: list[str], history_from: int) -> None:
+        """Symbols just taken on whose stored M1 starts after the history window get their
+        history: a first history queued behind the live closes already stored was dropped
+        with the symbol when its process lost it or died, and "has candles" hid that for
+        good. A symbol listed inside the window costs one request per take-over."""
+        unsure = [s for s in symbols if s in self.history_unsure]
+        if unsure:
+            firsts = await core_io.first_m1_open_times(self.pool, unsure)
+            self.needs_history |= {s for s in unsure if firsts.get(s, history_from) > history_from}
+            self.history_unsure -= set(unsure)
 
     async def _follow(self, wanted: set[str]) -> None:
         """Follow what the exchange lists of `tickers` and this process holds the lease
@@ -783,8 +760,14 @@ class Feed:
         wanted = await self.ownership.claim(wanted)
         added, removed = wanted - self.symbols, self.symbols - wanted
         if added or removed:
-            self.symbols = wanted
-            await self._apply(added, removed)
+            previous, self.symbols = self.symbols, wanted
+            try:
+                await self._apply(added, removed)
+            except BaseException:
+                # Tried again whole by the follower's restart (each step is idempotent): kept
+                # as applied, the symbols taken on were never subscribed or caught up.
+                self.symbols = previous
+                raise
             log_system_event(
                 "INFO",
                 "FEED",
@@ -808,9 +791,10 @@ class Feed:
         # (re)start builds its M5/M15 from memory, in the same statement as the M1s.
         recent = [(s, bucket_start(t, "m15"), t + M1_MS) for s, t in stored.items()]
         for candles in (await core_io.fetch_candle_ranges(self.pool, "m1", recent)).values():
-            self.intake.remember(candles)
+            self.intake.recent.remember(candles)
         # Decided now, before the first live close can be stored and hide the empty history.
         self.needs_history |= added - set(stored)
+        self.history_unsure |= added & set(stored)
         first = [] if self.streams.connections else [MARK_PRICE_ALL_STREAM]  # on the first connection
         await self.streams.update(
             first + [kline_stream(s) for s in added] + [agg_trade_stream(s) for s in traded],
@@ -850,7 +834,6 @@ class Feed:
         if self.prices:
             prices, self.prices = self.prices, {}
             await core_io.set_mark_prices(self.redis, prices)
-        await self.ownership.leave()  # everything written: the symbols pass to the others now
 
     def workers(self) -> dict[str, Callable[[], Any]]:
         """By name; those in SOURCES take data in and are stopped first at shutdown."""

@@ -57,7 +57,6 @@ from migrations import apply_migrations, migration_status
 from ops.drain import run_drain_command
 from restore_redis_from_pg import restore_redis_from_pg
 from retention import RetentionOptions, run_retention
-from shards.ownership import INDICATORS_LEAD
 from signals_v4_main import RouterOptions, SignalRouter, load_router_options
 from status_report import run_status
 from storage.setup import apply_storage, timescaledb_setting
@@ -208,10 +207,8 @@ class Daemon:
             self.feed.orderflow.trade_listener = self.book.on_trade
             self.book.owns = self.feed.ownership.may_write
         self.indicators = IndicatorWorker(settings, pool, redis, options.indicators) if options.indicators else None
-        if self.feed and self.indicators:  # one process of the deployment computes them
-            ownership = self.feed.ownership
-            ownership.roles = frozenset({INDICATORS_LEAD})
-            self.indicators.may_compute = lambda: ownership.may_write(INDICATORS_LEAD)
+        if self.feed and self.indicators:  # each process computes the symbols it holds
+            self.indicators.share(self.feed.ownership)
         self.router = SignalRouter(settings, pool, options.router) if options.router else None
         self.stop_requested = stop_requested or asyncio.Event()
         self.exit_code = 0
@@ -402,7 +399,9 @@ class Daemon:
             await phase("storing received candles", self.feed.drain(), left(4.0))
             if self.book:
                 await phase("storing the finished seconds", self.book.drain(), left(3.5))
-            await self._cancel([name for name in self.tasks if name.startswith(("FEED_", "BOOK_"))])
+            # (The lease rounds go on until the symbols are handed over, below: the
+            # indicators' last batch is still computed under valid leases.)
+            await self._cancel([n for n in self.tasks if n.startswith(("FEED_", "BOOK_")) and n != "FEED_SHARDS"])
         if self.router:
             self.router.stop()
         if self.indicators:
@@ -410,6 +409,9 @@ class Daemon:
             if task := self.tasks.get("INDICATORS"):
                 await phase("computing the last indicators", asyncio.shield(task), left(2.5))
             await phase("persisting indicator values", self.indicators.flush(), left(1.5))
+        if self.feed:  # everything written (candles, book seconds, indicators): the symbols pass on now
+            await self._cancel(["FEED_SHARDS"])
+            await phase("handing the symbols over", self.feed.ownership.leave(), max(0.1, min(1.0, left(1.2))))
         if (task := self.tasks.get("SIGNALS")) and self.router and self.router.running:
             await phase("routing the signals in hand", asyncio.shield(task), left(1.5))
         if self.alerts:

@@ -1,19 +1,22 @@
 """Indicator worker: candle events in, indicator values out.
 
-Reads `ohlcv_<tf>_ready` as consumer group `indicator_workers`. Each series (symbol,
-timeframe) holds one kernel per configured instance, opened from stored history;
-every new bar advances them in O(1). A batch of events costs one Redis round trip
-(latest values into `indicator:<SYMBOL>:<tf>`, an `indicators_ready_stream` entry per
-bar, the acks of earlier events whose values are written); PostgreSQL gets the values
-right behind, in batches.
+Reads `ohlcv_<tf>_ready` through its process's consumer group and computes the symbols
+its process holds (indicators/groups.py: with several processes each computes its own
+share; alone, everything). Each series (symbol, timeframe) holds one kernel per
+configured instance, opened from stored history; every new bar advances them in O(1).
+A batch of events costs one Redis round trip (latest values into
+`indicator:<SYMBOL>:<tf>`, an `indicators_ready_stream` entry per bar, the acks of
+earlier events whose values are written); PostgreSQL gets the values right behind, in
+batches.
 
 Correctness rests on four rules:
 - a series is opened from PostgreSQL after noting each stream's last entry id, so
   events up to that id are already in the state and are skipped;
 - an event older than the series' newest bar is a correction: the series is reopened
   and every value from that bar on is recomputed and rewritten;
-- an event is acknowledged only once its values are in PostgreSQL; at start, every
-  series is written again from the oldest bar among its unacknowledged events;
+- an event is acknowledged only once its values are in PostgreSQL; at start (and when
+  a symbol is gained from another process), every series is written again from the
+  oldest bar among the events its group, or another's, holds unsettled;
 - after a crash, bars newer than the newest persisted value are recomputed at open,
   and so are those from the oldest stored bar without values.
 """
@@ -35,17 +38,16 @@ from redis.exceptions import RedisError
 
 import core_io
 from candles import DAY_MS, TF_MS, TIMEFRAMES
-from indicators import hashes, slow
+from indicators import groups, hashes, slow
+from indicators.config import InstanceConfig
 from indicators.kernels import BarArrays, BarTuple, Kernel
 from indicators.options import IndicatorOptions
 from indicators.pending import PendingValues, matrices
-from indicators.registry import IndicatorConfigError, Instance, parse_common
 from indicators.series import (
     RECENT_BARS,
     InstanceFailure,
     Layout,
     Series,
-    SlowInstance,
     bars_as_tuples,
     first_unseen,
     parse_event,
@@ -58,17 +60,13 @@ from infra import (
     Settings,
     log_system_event,
 )
+from shards.ownership import Ownership
 
 log = logging.getLogger("INDICATORS")
 
 MODULE = "INDICATORS"
-TF_MINUTES = {tf: TF_MS[tf] // 60_000 for tf in TIMEFRAMES}
-STREAM_TF = {stream: tf for tf, stream in core_io.CANDLE_STREAMS.items()}
 PERSIST_QUIET_S = 0.1  # no candle event for this long: a good moment to write
 PERSIST_MAX_WAIT_S = 2.0
-
-
-# --------------------------------------------------------------------------- configuration
 
 
 # --------------------------------------------------------------------------- the worker
@@ -82,19 +80,13 @@ class IndicatorWorker:
     ) -> None:
         self.settings, self.pool, self.redis = settings, pool, redis
         self.options = options or IndicatorOptions()
-        self.layouts: dict[str, Layout] = {tf: Layout([], []) for tf in TIMEFRAMES}
-        self.config_key: Any = None
-        self.config_errors: dict[int, str] = {}
-        self.config_rows: dict[int, str] = {}  # instance id -> its row, as text
-        self.errors_written: dict[int, str] | None = None  # what indicator_instances_v4.error holds
-        self.broken: dict[int, tuple[str, str]] = {}  # instance id -> (its row, why it was disabled)
         self.series: dict[tuple[str, str], Series] = {}
         self.pending = PendingValues()
         self.persisted_event = asyncio.Event()
-        self.slow_due: dict[tuple[str, str], tuple[int, int]] = {}  # series -> bars awaiting pandas-ta
-        self.slow_wake = asyncio.Event()
+        self.slow_due = slow.SlowDue()
         self.slow_errors = RateLimitedLog(MODULE, level="ERROR")
         self.slow_runner = slow.SlowRunner(self.options.slow_workers)
+        self.config = InstanceConfig(pool, self.slow_runner)
         self.retention_ms = settings.indicator_retention_days * DAY_MS
         self.newest_ms = 0  # newest bar seen, for the retention cut-off
         self.cache = hashes.IndicatorCache(redis)
@@ -102,103 +94,97 @@ class IndicatorWorker:
         self.last_compute_s = 0.0
         self.ready = asyncio.Event()  # set once the series are open and events flow
         self.stopping = False
-        # Whether this process leads the indicators now (set by the daemon from its
-        # lease when several processes share the deployment; alone, it always does).
-        self.may_compute: Callable[[], bool] = lambda: True
+        # The daemon's share of the symbols (`share`): this process computes the series
+        # of the symbols it holds, through a consumer group of its own.
+        self.shared: groups.SymbolShare | None = None
+        self.group = core_io.INDICATOR_GROUP
         self.redis_outage = Outage(MODULE, "Redis")
         self.pg_outage = Outage(MODULE, "PostgreSQL")
         self.persist_outage = Outage(MODULE, "PostgreSQL")
         self.last_batch_at = 0.0
         self._announce: list[tuple[str, str, int]] = []
         self._latest: dict[tuple[str, str], tuple[int, Sequence[str], list[float]]] = {}
-        self._gone_names: dict[str, set[str]] = {}  # per timeframe: outputs of removed instances
 
     def workers(self) -> dict[str, Any]:
-        return {
+        workers = {
             "INDICATORS": self.run,
             "INDICATORS_PERSIST": self.run_persister,
             "INDICATORS_SLOW": self.run_slow,
             "INDICATORS_PRUNE": self.run_pruner,
         }
+        if self.shared is not None:
+            workers["INDICATORS_GROUPS"] = self.run_group_sweeper
+        return workers
+
+    # ----------------------------------------------------------------- sharing the symbols
+
+    def share(self, ownership: Ownership) -> None:
+        """Several processes may share the deployment: this one computes the symbols it
+        holds (and, while it leads the indicators, those no process follows), reading
+        through a group of its own (indicators/groups.py)."""
+        self.shared = groups.SymbolShare(ownership)
+        self.group = self.shared.group
+
+    def owns(self, symbol: str) -> bool:
+        return self.shared is None or self.shared.computes(symbol)
+
+    async def _follow_shares(self) -> None:
+        """Series of symbols this process no longer holds are dropped, with their values
+        not yet written, and their events held for the next owner (`SymbolShare.hand_over`,
+        indicators/groups.py); those of symbols it gained are opened, and written again
+        from the oldest bar another group, or this one, holds unsettled (what the
+        previous owner did not write)."""
+        shared = self.shared
+        if shared is None:
+            return
+        lost, gained, lead_lost = shared.changes()
+        gained |= shared.retaken()
+        if lost or lead_lost or gained:  # (a lead lost: the symbols no process follows are another's now)
+            candidates = shared.ownership.candidates
+            self._drop(lambda s: s in lost or s in gained or (lead_lost and s not in candidates))
+        shared.following -= lost
+        if lost:  # their values not yet written are the next owner's to write
+            await shared.hand_over(self.redis, self.pending, lost)
+        if not gained:
+            for symbol in await shared.settle(self.redis, self.options.group_grace_s):
+                log_system_event("WARNING", MODULE, f"no process opened {symbol} after this one: events acknowledged")
+            return
+        enabled = set(await core_io.enabled_symbols(self.pool))
+        # The streams' ends before what others hold unsettled: an event after them is this
+        # process's to compute, one before them is in PostgreSQL or held unsettled.
+        marks = await core_io.candle_stream_ends(self.redis)
+        unsettled = await groups.unsettled_elsewhere(self.redis, self.group, gained)
+        for key, bar in shared.handover.own_unsettled(gained).items():
+            unsettled[key] = min(bar, unsettled.get(key, bar))
+        keys = [(s, tf) for tf in TIMEFRAMES for s in sorted(gained & enabled)]
+        await self._isolating(lambda: self.open_series(keys, write_from=unsettled, marks=marks))
+        shared.following |= gained
+        await shared.opened(self.redis, gained)
+        log.info("computing %d more symbols (%d now), %d fewer", len(gained), len(shared.following), len(lost))
+
+    def _drop(self, gone: Callable[[str], bool]) -> None:
+        for key in [key for key in self.series if gone(key[0])]:
+            del self.series[key]
+            self.slow_due.discard(key)
+
+    async def run_group_sweeper(self) -> None:
+        """The groups of processes gone for the grace period are destroyed (a stream
+        keeps every entry a group has not read), by the process leading the indicators."""
+        while self.shared is not None:
+            await asyncio.sleep(min(groups.GROUP_SWEEP_S, self.options.group_grace_s / 2))
+            written = not self.pending and not self.pending.held()
+            try:
+                gone = await self.shared.sweep(self.redis, self.options.group_grace_s, written)
+                if gone:
+                    log_system_event("INFO", MODULE, f"destroyed the consumer groups of gone processes: {gone}")
+            except REDIS_DOWN_ERRORS as exc:
+                self.redis_outage.fail(exc, "sweeping the consumer groups of gone processes")
 
     # ----------------------------------------------------------------- configuration
 
-    async def load_config(self) -> bool:
-        """Re-read the instance tables; True when they changed (layouts rebuilt)."""
-        rows = await core_io.fetch_indicator_config(self.pool)
-        key = repr(rows)
-        if key == self.config_key:
-            return False
-        incremental: dict[str, list[Instance]] = {tf: [] for tf in TIMEFRAMES}
-        pandas_ta: dict[str, list[SlowInstance]] = {tf: [] for tf in TIMEFRAMES}
-        errors: dict[int, str] = {}
-        for instance_id, indicator, tf, raw in rows:
-            row_key = repr((indicator, tf, raw))
-            broken = self.broken.get(instance_id)
-            if broken is not None and broken[0] == row_key:
-                errors[instance_id] = broken[1]  # it failed as configured: not again until changed
-                continue
-            self.broken.pop(instance_id, None)
-            try:
-                if tf not in TIMEFRAMES:
-                    raise IndicatorConfigError(f"timeframe {tf} is not built here: add it to TIMEFRAMES")
-                instance = parse_common(instance_id, indicator, tf, TF_MINUTES[tf], raw)
-                if instance is not None:
-                    incremental[tf].append(instance)
-                    continue
-                kwargs, names = await self._describe_slow(indicator, raw)
-                pandas_ta[tf].append(SlowInstance(instance_id, indicator, tf, kwargs, names))
-            except IndicatorConfigError as exc:
-                errors[instance_id] = str(exc)
-                if self.config_errors.get(instance_id) != str(exc):
-                    log_system_event(
-                        "ERROR",
-                        MODULE,
-                        f"indicator instance {instance_id} ({indicator} {tf}) skipped: {exc}",
-                        {"instance_id": instance_id, "indicator": indicator, "timeframe": tf, "params": raw},
-                    )
-        self.config_rows = {r[0]: repr((r[1], r[2], r[3])) for r in rows}
-        if errors != self.errors_written:
-            await core_io.set_instance_errors(self.pool, errors)
-            self.errors_written = errors
-        layouts = {tf: Layout(incremental[tf], pandas_ta[tf]) for tf in TIMEFRAMES}
-        for tf, lay in layouts.items():  # outputs no longer configured leave the hashes as they are written
-            before = {*self.layouts[tf].names, *(n for i in self.layouts[tf].slow for n in i.names)}
-            now = {*lay.names, *(n for i in lay.slow for n in i.names)}
-            self._gone_names[tf] = (self._gone_names.get(tf, set()) | before) - now
-        self.layouts, self.config_key, self.config_errors = layouts, key, errors
-        log.info(
-            "indicator configuration: %s",
-            ", ".join(
-                f"{tf} {len(lay.instances)} incremental + {len(lay.slow)} pandas-ta" for tf, lay in layouts.items()
-            ),
-        )
-        return True
-
-    DESCRIBE_TIMEOUT_S = 60.0
-
-    async def _describe_slow(self, indicator: str, raw: Mapping[str, str]) -> tuple[dict[str, Any], tuple[str, ...]]:
-        """pandas-ta checks its own instance in the runner process; whatever goes wrong
-        there (a crash of the process, a hang) is this instance's error, not the worker's."""
-        try:
-            return await asyncio.wait_for(self.slow_runner.call(slow.describe, indicator, raw), self.DESCRIBE_TIMEOUT_S)
-        except IndicatorConfigError:
-            raise
-        except Exception as exc:
-            raise IndicatorConfigError(f"pandas-ta could not check it: {type(exc).__name__}: {exc}") from None
-
-    def _disable(self, failure: InstanceFailure) -> None:
-        """An instance whose kernel raised: skipped until its configuration changes."""
-        row_key = self.config_rows.get(failure.instance_id, "")
-        self.broken[failure.instance_id] = (row_key, f"failed while computing: {failure}")
-        log_system_event(
-            "ERROR",
-            MODULE,
-            f"indicator instance {failure.instance_id} disabled: it failed while computing ({failure}); "
-            "the other instances go on",
-            {"instance_id": failure.instance_id},
-        )
-        self.config_key = None  # the next load_config rebuilds the layouts without it
+    @property
+    def layouts(self) -> dict[str, Layout]:
+        return self.config.layouts
 
     async def _isolating(self, action: Callable[[], Awaitable[Any]]) -> Any:
         """Run `action`; an instance that fails in it is disabled and the action re-run
@@ -207,26 +193,17 @@ class IndicatorWorker:
             try:
                 return await action()
             except InstanceFailure as failure:
-                self._disable(failure)
-                await self.load_config()
+                self.config.disable(failure)
+                await self.config.load()
 
     # ----------------------------------------------------------------- opening series
-
-    async def _watermarks(self) -> dict[str, tuple[int, int]]:
-        pipe = self.redis.pipeline(transaction=False)
-        for stream in core_io.CANDLE_STREAMS.values():
-            pipe.xrevrange(stream, count=1)
-        replies = await pipe.execute()
-        return {
-            tf: core_io.stream_id(reply[0][0]) if reply else (0, 0)
-            for tf, reply in zip(core_io.CANDLE_STREAMS, replies)
-        }
 
     async def open_series(
         self,
         keys: Sequence[tuple[str, str]],
         upto: Mapping[tuple[str, str], int] | None = None,
         write_from: Mapping[tuple[str, str], int] | None = None,
+        marks: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         """(Re)build series from stored bars.
 
@@ -234,10 +211,12 @@ class IndicatorWorker:
         than its newest persisted value (only the newest bar, if it has none), and those
         from `write_from[key]` on if that bar has values: the boot and first-sight case. With `upto` it reopens
         at that bar (a correction or a configuration change) and writes the bars from
-        `write_from[key]` on, if given.
+        `write_from[key]` on, if given. `marks`: the streams' ends, read before `write_from`
+        was (the events after them are the series' to step).
         """
         fresh = upto is None
-        marks = await self._watermarks() if fresh else {}
+        if marks is None:
+            marks = await core_io.candle_stream_ends(self.redis) if fresh else {}
         newest_m1 = await core_io.newest_m1_time(self.pool) if fresh else None
         by_tf: dict[str, list[str]] = {}
         for symbol, tf in keys:
@@ -313,11 +292,13 @@ class IndicatorWorker:
         # died before folding it in) has no values: written again from it.
         for symbol, hole in (await core_io.first_value_holes(self.pool, tf, ids, spans)).items():
             first[symbol] = min(hole, first[symbol] or hole)
-        # A bar whose event was never acknowledged, and which has values: they may be
-        # those of the bar before it changed.
-        for symbol, (_, newest_value) in spans.items():
+        # A bar whose event was never acknowledged: its values may be those of the bar
+        # before it changed; or, shared with other processes, missing (its previous
+        # owner dropped them: groups.py). (Alone, a series with no values opens at its
+        # newest bar: a first boot does not compute the whole history.)
+        for symbol in symbols:
             redo = write_from.get((symbol, tf))
-            if redo is not None and redo <= newest_value:
+            if redo is not None and (redo <= spans[symbol][1] if symbol in spans else self.shared is not None):
                 first[symbol] = min(redo, first[symbol] or redo)
         return first, spans
 
@@ -392,7 +373,7 @@ class IndicatorWorker:
                 for index in range(start, bars.size):
                     self._emit(series, rows[index], matrix[:, index].tolist(), rewrite=True)
                 if layout.slow and start < bars.size:
-                    self._queue_slow(key, rows[start][5], rows[-1][5])
+                    self.slow_due.add(key, rows[start][5], rows[-1][5])
         elif old is not None:
             series.last_time, series.recent = old.last_time, old.recent
         self.series[key] = series
@@ -400,36 +381,37 @@ class IndicatorWorker:
     # ----------------------------------------------------------------- the hot path
 
     async def run(self) -> None:
-        """While this process leads the indicators (`may_compute`: one process of a
-        deployment, shards/ownership.py), it computes; otherwise it waits for the lead."""
-        while not self.stopping:
-            if self.may_compute():
-                await self._run_leading()
-            else:
-                await asyncio.sleep(0.25)
-
-    async def _run_leading(self) -> None:
         streams = list(core_io.CANDLE_STREAMS.values())
-        await core_io.ensure_groups(self.redis, {s: (core_io.INDICATOR_GROUP,) for s in streams})
-        # Entries another consumer (a process that led before, whatever its name) was
+        # A process's own group starts at the streams' end: what came before is in
+        # PostgreSQL, and what others' groups hold unsettled is written again at open.
+        at = "0" if self.shared is None else "$"
+        await core_io.ensure_groups(self.redis, {s: (self.group,) for s in streams}, at=at)
+        # Entries another consumer (a process that ran before, whatever its name) was
         # given and never acknowledged: this one's now, read through as its backlog.
         for stream in streams:
             await core_io.reclaim_stale(
-                self.redis, stream, core_io.INDICATOR_GROUP, self.options.consumer, 0, count=1_000_000, page=1000
+                self.redis, stream, self.group, self.options.consumer, 0, count=1_000_000, page=1000
             )
-        await self.load_config()
+        await self.config.load()
         symbols = await core_io.enabled_symbols(self.pool)
+        if self.shared is not None:
+            self.shared.following = self.shared.ownership.owned()
+            symbols = [s for s in symbols if s in self.shared.following]
         keys = [(s, tf) for tf in TIMEFRAMES for s in symbols]
         started = time.monotonic()
         self.series.clear()
-        unsettled = await self._unsettled_bars()
+        elsewhere = None if self.shared is None else set(symbols)
+        marks = await core_io.candle_stream_ends(self.redis)  # before the unsettled events: see _follow_shares
+        unsettled = await groups.unsettled_at_start(self.redis, self.group, self.options.consumer, elsewhere)
         if unsettled:
             log.info(
                 "%d series have unacknowledged candle events, oldest bars: %s",
                 len(unsettled),
                 sorted(unsettled.items(), key=lambda item: item[1])[:5],
             )
-        await self._isolating(lambda: self.open_series(keys, write_from=unsettled))
+        await self._isolating(lambda: self.open_series(keys, write_from=unsettled, marks=marks))
+        if self.shared is not None:
+            await self.shared.opened(self.redis, self.shared.following)
         await self._flush_redis([])
         log_system_event(
             "INFO",
@@ -443,19 +425,17 @@ class IndicatorWorker:
         backlog: dict[str, str] | None = self._backlog_start()
         next_reload = time.monotonic() + self.options.reload_s
         while True:
-            if not self.may_compute():
-                log_system_event("WARNING", MODULE, "another process leads the indicators now: computing stops here")
-                return
             while self.pending.rows > self.options.persist_max_rows and not self.stopping:
                 self.persisted_event.clear()
                 await self.persisted_event.wait()
             try:
                 if time.monotonic() >= next_reload:
-                    if await self.load_config():
+                    if await self.config.load():
                         await self._isolating(self._reopen_all)
                     await self._forget_disabled_symbols()
                     next_reload = time.monotonic() + self.options.reload_s
                 entries = await self._read(backlog or ">")
+                await self._follow_shares()  # a symbol gained before or meanwhile: opened past these
                 if backlog is not None:
                     backlog.update((stream, entry_id) for stream, entry_id, _ in entries)
                 if entries:
@@ -467,8 +447,8 @@ class IndicatorWorker:
             except InstanceFailure as failure:
                 # Values queued before the failure stay queued; the batch is read again
                 # from the backlog and computed without the failed instance.
-                self._disable(failure)
-                await self.load_config()
+                self.config.disable(failure)
+                await self.config.load()
                 await self._isolating(self._reopen_all)
                 backlog = self._backlog_start()
                 continue
@@ -492,25 +472,10 @@ class IndicatorWorker:
         self.stopping = True
         self.persisted_event.set()
 
-    async def _unsettled_bars(self) -> dict[tuple[str, str], int]:
-        """The oldest bar per series among the candle events not acknowledged at start:
-        their values may be missing from PostgreSQL or computed from the bar before it
-        changed (see indicators/acks.py)."""
-        oldest: dict[tuple[str, str], int] = {}
-        for tf, stream in core_io.CANDLE_STREAMS.items():
-            entries = await core_io.unacknowledged(self.redis, stream, core_io.INDICATOR_GROUP, self.options.consumer)
-            for fields in entries:
-                with contextlib.suppress(KeyError, ValueError, TypeError):  # a bad one is logged when read
-                    symbol, bar = parse_event(fields)
-                    oldest[(symbol, tf)] = min(bar[5], oldest.get((symbol, tf), bar[5]))
-        return oldest
-
     async def _forget_disabled_symbols(self) -> None:
         """Series of tickers no longer enabled are dropped (memory stays with the set)."""
         enabled = set(await core_io.enabled_symbols(self.pool))
-        for key in [key for key in self.series if key[0] not in enabled]:
-            del self.series[key]
-            self.slow_due.pop(key, None)
+        self._drop(lambda symbol: symbol not in enabled)
 
     async def _reopen_all(self) -> None:
         """After a configuration change: every series rebuilt where it stands; new
@@ -530,7 +495,7 @@ class IndicatorWorker:
         streams = list(core_io.CANDLE_STREAMS.values())
         return await core_io.read_group(
             self.redis,
-            core_io.INDICATOR_GROUP,
+            self.group,
             self.options.consumer,
             streams,
             self.options.read_count,
@@ -545,9 +510,11 @@ class IndicatorWorker:
         """One batch: group by series, open what is new, step, write once, ack."""
         self.last_batch_at = time.monotonic()
         by_series: dict[tuple[str, str], list[tuple[tuple[int, int], BarTuple]]] = {}
-        acks = [(stream, entry_id) for stream, entry_id, _ in entries]
+        held: set[tuple[str, str]] = set()
+        handover = self.shared.handover if self.shared else None
+        now = time.monotonic()
         for stream, entry_id, fields in entries:
-            tf = STREAM_TF.get(stream)
+            tf = core_io.CANDLE_STREAM_TF.get(stream)
             if not fields:
                 continue  # a pending entry trimmed from the stream: nothing left to do
             try:
@@ -561,9 +528,14 @@ class IndicatorWorker:
                     {"stream": stream, "id": entry_id, "fields": dict(fields)},
                 )
                 continue
-            if tf is None:
+            if tf is None or not self.owns(symbol):
+                # Another process's symbol, acknowledged with the others; unless this
+                # process computed it until now: held for the next owner (groups.Handover).
+                if tf is not None and handover and handover.hold(symbol, tf, bar[5], (stream, entry_id), now):
+                    held.add((stream, entry_id))
                 continue
             by_series.setdefault((symbol, tf), []).append((core_io.stream_id(entry_id), bar))
+        acks = [(stream, entry_id) for stream, entry_id, _ in entries if (stream, entry_id) not in held]
         new = [key for key in by_series if key not in self.series]
         if new:
             await self.open_series(new)
@@ -609,7 +581,7 @@ class IndicatorWorker:
         self.stats["bars"] += 1
         self._emit(series, bar, values)
         if self.layouts[series.tf].slow:
-            self._queue_slow((series.symbol, series.tf), bar[5], bar[5])
+            self.slow_due.add((series.symbol, series.tf), bar[5], bar[5])
 
     async def _skipped_bars(
         self, by_series: Mapping[tuple[str, str], list[tuple[tuple[int, int], BarTuple]]]
@@ -682,7 +654,7 @@ class IndicatorWorker:
         for (symbol, tf), (t, names, values) in latest:
             shown = texts[at : at + len(values)]
             at += len(values)
-            gone = self._gone_names.get(tf, ())
+            gone = self.config.gone_names.get(tf, ())
             if self.layouts[tf].slow:
                 scripted.append((symbol, tf, t, [*zip(names, shown), *((name, None) for name in gone)]))
             else:
@@ -690,7 +662,7 @@ class IndicatorWorker:
         commands += [self._announcement(symbol, tf, t) for symbol, tf, t in self._announce]
         self.pending.hold(acks)
         through, due = self.pending.due()
-        commands += core_io.ack_commands(core_io.INDICATOR_GROUP, due)
+        commands += core_io.ack_commands(self.group, due)
         if scripted:
             await self.cache.write(scripted, commands)
         elif commands:
@@ -706,7 +678,7 @@ class IndicatorWorker:
         through, due = self.pending.due()
         if due:
             # Replies not checked: a group gone with a Redis wipe has nothing left to acknowledge.
-            await core_io.execute_packed(self.redis, core_io.ack_commands(core_io.INDICATOR_GROUP, due))
+            await core_io.execute_packed(self.redis, core_io.ack_commands(self.group, due))
             self.pending.forget(through)
 
     def _announcement(self, symbol: str, tf: str, t: int, **extra: str) -> list[Any]:
@@ -717,42 +689,17 @@ class IndicatorWorker:
 
     SLOW_BARS_PER_ROUND = 256  # bars pandas-ta computes per round, all series together
 
-    def _queue_slow(self, key: tuple[str, str], first: int, last: int) -> None:
-        """Bars first..last of a series await their pandas-ta values. Kept as one range
-        per series, so a long backfill costs constant memory; the bars are read from
-        PostgreSQL when their turn comes."""
-        old_first, old_last = self.slow_due.pop(key, (first, last))
-        self.slow_due[key] = (min(first, old_first), max(last, old_last))
-        self.slow_wake.set()
-
-    def _take_slow(self) -> list[tuple[tuple[str, str], int, int]]:
-        """Up to SLOW_BARS_PER_ROUND of the due bars, oldest series first; a series with
-        more keeps the rest due, behind the others (round robin)."""
-        picked: list[tuple[tuple[str, str], int, int]] = []
-        budget = self.SLOW_BARS_PER_ROUND
-        while self.slow_due and budget > 0:
-            key = next(iter(self.slow_due))
-            first, last = self.slow_due.pop(key)
-            tf_ms = TF_MS[key[1]]
-            if (last - first) // tf_ms + 1 > budget:
-                cut = first + (budget - 1) * tf_ms
-                self.slow_due[key] = (cut + tf_ms, last)
-                last = cut
-            picked.append((key, first, last))
-            budget -= (last - first) // tf_ms + 1
-        return picked
-
     async def run_slow(self) -> None:
         while True:
-            await self.slow_wake.wait()
-            self.slow_wake.clear()
+            await self.slow_due.wake.wait()
+            self.slow_due.wake.clear()
             while self.slow_due:
-                picked = self._take_slow()
+                picked = self.slow_due.take(self.SLOW_BARS_PER_ROUND)
                 try:
                     await self._slow_round(picked)
                 except PG_DOWN_ERRORS as exc:
                     for key, first, last in picked:
-                        self._queue_slow(key, first, last)
+                        self.slow_due.add(key, first, last)
                     self.pg_outage.fail(exc, "reading bars for pandas-ta")
                     await asyncio.sleep(1.0)
 
@@ -779,6 +726,8 @@ class IndicatorWorker:
         results = await self.slow_runner.call(slow.compute_many, calls)
         latest: dict[tuple[str, str, int], dict[str, float]] = {}
         for (symbol, tf, t, instance), result in zip(owners, results):
+            if not self.owns(symbol):
+                continue  # lost meanwhile: its next owner computes these (groups.py)
             if isinstance(result, str):
                 self.slow_errors.warn(str(instance.id), f"instance {instance.id}: {result}", {"symbol": symbol})
                 continue

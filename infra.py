@@ -10,6 +10,7 @@ and problems are recorded through `log_system_event`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -21,7 +22,7 @@ import sys
 import time
 import traceback
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,8 +35,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ClusterDownError, MasterDownError, ResponseError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from binance.protocol import valid_symbol
@@ -48,6 +49,9 @@ CANDLE_STORES = ("auto", "timeseries", "zset")
 PG_POOLER_MODES = ("auto", "yes", "no")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+# A Redis Cluster failover longer than the cluster client's own retries.
+CLUSTER_DOWN_ERRORS: tuple[type[BaseException], ...] = (ClusterDownError, MasterDownError, SlotNotCoveredError)
+
 # redis-py 8.1 on 3.12 can surface a server-reset idle connection as AttributeError,
 # TypeError or (uvloop) RuntimeError, which its default retry ignores (ENVIRONMENT.md).
 REDIS_RETRY_ERRORS: tuple[type[BaseException], ...] = (
@@ -58,13 +62,21 @@ REDIS_RETRY_ERRORS: tuple[type[BaseException], ...] = (
     AttributeError,
     TypeError,
     RuntimeError,
+    *CLUSTER_DOWN_ERRORS,
 )
 
-# A server that is away (down, restarting, black-holed, or our connection killed), as
-# opposed to a bug or a refused request: what is being written is held and retried.
-# (Not the redis-py bug's AttributeError/TypeError/RuntimeError: the client's retry
-# handles those, and a worker must not mistake a bug of its own for an outage.)
-REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+# A server that is away (down, restarting, black-holed, or our connection killed; on a
+# Redis Cluster, a failover longer than the client's own retries), as opposed to a bug or
+# a refused request: what is being written is held and retried. (Not the redis-py bug's
+# AttributeError/TypeError/RuntimeError: the client's retry handles those, and a worker
+# must not mistake a bug of its own for an outage.)
+REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    TimeoutError,
+    *CLUSTER_DOWN_ERRORS,
+)
 PG_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -716,6 +728,19 @@ async def read_heartbeats(redis: Redis) -> dict[str, dict[str, str]]:
     for key in keys:
         pipe.hgetall(key)
     return {key: fields for key, fields in zip(keys, await pipe.execute()) if fields}
+
+
+def exchange_now_from_heartbeats(beats: Iterable[Mapping[str, str]], local_now_ms: int) -> int | None:
+    """The exchange's time as the freshest heartbeat that knows it says, moved on by the
+    heartbeat's age: for a process that joins a deployment and cannot ask the exchange
+    (a replay's exchange time is not the local clock)."""
+    known = []
+    for beat in beats:
+        with contextlib.suppress(KeyError, ValueError):
+            exchange_ms, updated_ms = int(beat["exchange_time"]), int(beat["updated_at"])
+            if exchange_ms > 0:
+                known.append(exchange_ms + max(0, local_now_ms - updated_ms))
+    return max(known, default=None)
 
 
 # --------------------------------------------------------------------------- memory

@@ -44,7 +44,7 @@ from infra import (
     make_redis,
     mask_url,
 )
-from ops.processes import processes_of, workers_summary
+from ops.processes import mark_gone_groups, processes_of, workers_summary
 from orderflow.chain import ORDERFLOW_TIMEFRAMES
 from shards.keys import use_hash_tags
 from storage.detect import detect_storage_mode
@@ -429,7 +429,7 @@ def build_report(
         "daemons": daemons,
         "processes": processes_of(daemons, tickers),
         "tickers": tickers,
-        "streams": dict(streams),
+        "streams": mark_gone_groups(streams, daemons),
         "gaps": {
             **{status: pg.gap_totals.get(status, 0) for status in GAP_STATUSES},
             "oldest_missing": [
@@ -545,7 +545,7 @@ def unhealthy_reasons(report: Mapping[str, Any], max_lag_s: float, max_pending: 
         if info.get("error"):
             reasons.append(f"stream {stream} cannot be read: {info['error']}")
         for group, state in info["groups"].items():
-            if state["pending"] > max_pending:
+            if state["pending"] > max_pending and not state.get("gone"):
                 reasons.append(f"stream {stream} group {group}: {state['pending']} pending (limit {max_pending})")
     critical = report["errors"]["last_hour"].get("CRITICAL", 0)
     if critical:
@@ -710,7 +710,8 @@ def render_status(report: Mapping[str, Any], colour: bool) -> str:
             rows.append([stream, length, "-", "", "", ""])
         for group, state in info["groups"].items():
             lag = "-" if state["lag"] is None else state["lag"]
-            rows.append([stream, length, group, state["pending"], lag, state["consumers"]])
+            name = f"{group} (gone)" if state.get("gone") else group
+            rows.append([stream, length, name, state["pending"], lag, state["consumers"]])
             stream, length = "", ""  # name the stream once
     out += render_table(["STREAM", "LENGTH", "GROUP", "PENDING", "LAG", "CONSUMERS"], rows)
 

@@ -9,11 +9,13 @@
    made-up market for its own symbols (`--minutes` simulated minutes: per symbol and
    minute `--trades` aggTrades, 2 forming klines and the closing one, consistent with
    the trades) and takes it in as fast as it can, until every candle and order-flow
-   bar is written. Throughput = all frames / the slowest process's time. Printed: the
-   speed-up with 2 processes on this machine (budget >= 1.7x) and the coordination
-   overhead, CPU per symbol-minute with 3 processes against 1 (budget within 10 %).
-   Frames are made before the clock starts; the indicators are not in it (one process
-   leads them, README);
+   bar is written, and (unless `--no-indicators`) every indicator value of its symbols'
+   bars computed and in PostgreSQL: each process's indicator worker reads every candle
+   event through its own group and computes its own share (indicators/groups.py).
+   Throughput = all frames / the slowest process's time. Printed: the speed-up with 2
+   processes on this machine (budget >= 1.7x) and the coordination overhead, CPU per
+   symbol-minute with 3 processes against 1 (budget within 10 %). Frames are made
+   before the clock starts;
 2. takeover: `kill -9` of one of the 3 processes, time until the other two follow every
    symbol (budget 10 s);
 3. with real daemons (`python feed_v4_main.py`, 3 of them, every worker) against the fake
@@ -56,6 +58,7 @@ from candles import Candle  # noqa: E402
 from fake_exchange import FakeExchange, SyntheticSource  # noqa: E402
 from fake_exchange.frames import kline_event  # noqa: E402
 from feed_and_aggregate import Feed, FeedSettings  # noqa: E402
+from indicators_main import IndicatorOptions, IndicatorWorker  # noqa: E402
 from infra import load_settings, make_redis, run_safe_loop  # noqa: E402
 from migrations import apply_migrations  # noqa: E402
 from orderflow.fold import units_text  # noqa: E402
@@ -158,11 +161,13 @@ async def run_worker(args: argparse.Namespace) -> None:
     pool = await asyncpg.create_pool(args.pg, min_size=2, max_size=8)
     redis = make_redis(args.redis)
     feed = Feed(settings, feed_settings, pool, redis, core_io.make_candle_store(redis, True, settings.redis_candles))
-    tasks = [
-        asyncio.create_task(run_safe_loop(fn, name, 1.0))
-        for name, fn in feed.workers().items()
-        if name not in SKIPPED_WORKERS
-    ]
+    workers = {name: fn for name, fn in feed.workers().items() if name not in SKIPPED_WORKERS}
+    indicators = None
+    if args.indicators:  # as the daemon wires them (feed_v4_main.Daemon)
+        indicators = IndicatorWorker(settings, pool, redis, IndicatorOptions())
+        indicators.share(feed.ownership)
+        workers |= indicators.workers()
+    tasks = [asyncio.create_task(run_safe_loop(fn, name, 1.0)) for name, fn in workers.items()]
     lines = asyncio.Queue()
     loop = asyncio.get_running_loop()
     loop.add_reader(sys.stdin.fileno(), lambda: lines.put_nowait(sys.stdin.readline().strip()))
@@ -183,13 +188,29 @@ async def run_worker(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.01)
     while not settled(feed):
         await asyncio.sleep(0.005)
+    while indicators is not None and not await indicators_settled(redis, indicators):
+        await asyncio.sleep(0.01)
     wall, cpu = time.monotonic() - began, time.process_time() - cpu
     stats = {"frames": len(frames), "wall_s": wall, "cpu_s": cpu, "symbols": len(owned)}
+    stats["indicator_bars"] = indicators.stats["bars"] if indicators else 0
     stats |= {"stored_m1": feed.intake.stored_m1 - stored, "bad_frames": feed.stats.bad_frames}
     print(json.dumps({"done": stats}), flush=True)
     await lines.get()  # a takeover run: the parent kills some, the others go on reporting
     for task in tasks:
         task.cancel()
+
+
+async def indicators_settled(redis, worker: IndicatorWorker) -> bool:
+    """Its group has read every candle event, every value of its bars is in PostgreSQL."""
+    if worker.pending or worker.pending.held():
+        return False
+    for stream in core_io.CANDLE_STREAMS.values():
+        newest = await redis.xrevrange(stream, count=1)
+        group = next(g for g in await redis.xinfo_groups(stream) if g["name"] == worker.group)
+        delivered = core_io.stream_id(group["last-delivered-id"])
+        if group["pending"] or (newest and core_io.stream_id(newest[0][0]) > delivered):
+            return False
+    return True
 
 
 async def report_share(feed: Feed) -> None:
@@ -205,6 +226,7 @@ class Worker:
     def __init__(self, redis_url: str, pg_url: str, rest_url: str, args: argparse.Namespace) -> None:
         command = [sys.executable, __file__, "--worker", "--redis", redis_url, "--pg", pg_url, "--rest", rest_url]
         command += ["--minutes", str(args.minutes), "--trades", str(args.trades)]
+        command += [] if args.indicators else ["--no-indicators"]
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=WORKER_LOG.open("a"), text=True
         )
@@ -313,11 +335,12 @@ async def history_stored(pg_url: str, symbols: list[str], last_closed: int) -> N
         await pool.close()
 
 
-def report_intake(runs: dict[int, list[dict]], symbol_count: int, minutes: int) -> None:
+def report_intake(runs: dict[int, list[dict]], symbol_count: int, minutes: int, indicators: bool) -> None:
     """Each process count's best round (the least disturbed by the machine's other work):
     its throughput, and its CPU per symbol-minute."""
     print(
-        f"\n1. intake, {symbol_count} symbols x {minutes} simulated minutes (kline + aggTrade), the best of "
+        f"\n1. intake, {symbol_count} symbols x {minutes} simulated minutes (kline + aggTrade"
+        f"{', with the indicators' if indicators else ', the feed alone'}), the best of "
         f"{len(runs[1])} round(s) per process count:"
     )
     throughput: dict[int, float] = {}
@@ -341,7 +364,8 @@ def report_intake(runs: dict[int, list[dict]], symbol_count: int, minutes: int) 
             print(
                 f"    process {i + 1}: {d['symbols']} symbols, {d['frames']:,} frames in {d['wall_s']:.2f} s, "
                 f"CPU {d['cpu_s']:.2f} s ({d['cpu_s'] / d['wall_s']:.0%} of a core), "
-                f"{d['stored_m1']:,} M1 stored, {d['bad_frames']} bad frames"
+                f"{d['stored_m1']:,} M1 stored, {d['indicator_bars']:,} indicator bars computed, "
+                f"{d['bad_frames']} bad frames"
             )
     speedup = throughput[2] / throughput[1]
     print(f"  speed-up with 2 processes: {speedup:.2f}x (budget >= {SPEEDUP_BUDGET}x; {os.cpu_count()} cores)")
@@ -451,7 +475,7 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"  (round {round_ + 1}: {count} process(es) done)", flush=True)
     finally:
         await exchange.stop()
-    report_intake(runs, args.symbols, args.minutes)
+    report_intake(runs, args.symbols, args.minutes, args.indicators)
     if args.daemon_minutes > 0:
         await daemons_run(symbols, args.daemon_minutes)
 
@@ -464,6 +488,9 @@ def parse_args() -> argparse.Namespace:
         "--trades", type=int, default=120, help="aggTrades per symbol and minute (120: 1,600 a second for 789)"
     )
     parser.add_argument("--repeat", type=int, default=2, help="rounds of 1, 2 and 3 processes")
+    parser.add_argument(
+        "--no-indicators", dest="indicators", action="store_false", help="the feed alone, without the indicators"
+    )
     parser.add_argument("--daemon-minutes", type=float, default=5.0, help="the real daemons' run (0: skip it)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)

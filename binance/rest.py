@@ -18,7 +18,7 @@ import orjson
 from binance.protocol import klines_weight
 from binance.streams import Backoff
 from binance.trades import agg_trades_of
-from infra import log_system_event
+from infra import RateLimitedLog, log_system_event
 from orderflow.fold import AggTrade
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ class WeightLimiter:
         self.blocked_until = 0.0
         self.shared: SharedLimits | None = None  # the deployment's count for this IP (binance/limits.py)
         self._lock = asyncio.Lock()
+        self.waits = RateLimitedLog("REST")  # held back by the other processes: otherwise silent
 
     def _used(self, now: float) -> int:
         while self.spent and now - self.spent[0][0] >= self.window_s:
@@ -84,6 +85,11 @@ class WeightLimiter:
                 if self._used(now) + weight <= self.limit:
                     wait_s = await self.shared.weight_wait_s(weight) if self.shared else 0.0
                     if wait_s > 0:  # the other processes on this IP spent this minute's weight
+                        self.waits.warn(
+                            "shared",
+                            f"the REST weight of this IP's minute is spent (the deployment's processes share "
+                            f"{self.limit}): requests wait {wait_s:.1f}s; this process used {self._used(now)}",
+                        )
                         await asyncio.sleep(wait_s)
                         continue
                     self.spent.append((now, weight))

@@ -298,7 +298,8 @@ class StreamPool:
         gone = set(removed)
         for connection in self.connections:
             await connection.unsubscribe(gone)
-        pending = sorted(set(added))
+        subscribed = set().union(*(connection.streams for connection in self.connections))
+        pending = sorted(set(added) - subscribed)  # a change tried again is not subscribed twice
         per_connection = self.settings.streams_per_connection
         for connection in self.connections:
             room = per_connection - len(connection.streams)

@@ -22,6 +22,7 @@ class IndicatorOptions:
     persist_max_rows: int = 1_000_000  # beyond this, reading waits for PostgreSQL
     reload_s: float = 5.0
     prune_interval_s: float = 60.0
+    group_grace_s: float = 600.0  # a gone process's consumer group is destroyed after this
     consumer: str = field(default_factory=lambda: f"indicators-{socket.gethostname()}")
 
     @classmethod
@@ -36,5 +37,6 @@ class IndicatorOptions:
             persist_max_rows=env_number(env, "INDICATOR_PERSIST_MAX_ROWS", 1_000_000, int, 1000, 50_000_000),
             reload_s=env_number(env, "INDICATOR_RELOAD_S", 5.0, float, 0.1, 3600),
             prune_interval_s=env_number(env, "INDICATOR_PRUNE_INTERVAL_S", 60.0, float, 1, 86_400),
+            group_grace_s=env_number(env, "INDICATOR_GROUP_GRACE_S", 600.0, float, 1, 7 * 86_400),
             consumer=env.get("INDICATOR_CONSUMER", "").strip() or f"indicators-{socket.gethostname()}",
         )

@@ -116,6 +116,22 @@ class PendingValues:
     def held(self) -> int:
         return sum(len(batch) for _, batch in self._held)
 
+    # ----------------------------------------------------------------- a symbol handed over
+
+    def drop(self, symbols: set[str]) -> int:
+        """The values of these symbols, not written (their next owner writes them); returns how many bars."""
+        gone = [key for key in self.entries if key[0] in symbols]
+        for key in gone:
+            self.rows -= len(self.entries.pop(key).values)
+        return len(gone)
+
+    def held_acks(self) -> list[Ack]:
+        return [ack for _, batch in self._held for ack in batch]
+
+    def take_back(self, acks: set[Ack]) -> None:
+        """These events are no longer acknowledged once their batch is written."""
+        self._held = deque((stamp, [a for a in batch if a not in acks]) for stamp, batch in self._held)
+
 
 def matrices(taken: Sequence[tuple[Key, Entry]]) -> tuple[dict[tuple, Matrix], tuple[list, list, list, list]]:
     """The bars as one matrix per layout, and the (instance, symbol, time, name) rows a

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from candles import TF_MS
 from indicators.registry import MAX_NUMBER, IndicatorConfigError
 
 SERIES_ARGS = {"open_", "open", "high", "low", "close", "volume"}
@@ -176,3 +177,41 @@ class SlowRunner:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+class SlowDue:
+    """The bars awaiting their pandas-ta values: one range per series, so a long backfill
+    costs constant memory (the bars are read from PostgreSQL when their turn comes), and
+    `wake` set when there are some."""
+
+    def __init__(self) -> None:
+        self.ranges: dict[tuple[str, str], tuple[int, int]] = {}
+        self.wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def add(self, key: tuple[str, str], first: int, last: int) -> None:
+        """Bars first..last of the series (symbol, tf); behind the others in the queue."""
+        old_first, old_last = self.ranges.pop(key, (first, last))
+        self.ranges[key] = (min(first, old_first), max(last, old_last))
+        self.wake.set()
+
+    def discard(self, key: tuple[str, str]) -> None:
+        self.ranges.pop(key, None)
+
+    def take(self, budget: int) -> list[tuple[tuple[str, str], int, int]]:
+        """Up to `budget` of the due bars, oldest series first; a series with more keeps
+        the rest due, behind the others (round robin)."""
+        picked: list[tuple[tuple[str, str], int, int]] = []
+        while self.ranges and budget > 0:
+            key = next(iter(self.ranges))
+            first, last = self.ranges.pop(key)
+            tf_ms = TF_MS[key[1]]
+            if (last - first) // tf_ms + 1 > budget:
+                cut = first + (budget - 1) * tf_ms
+                self.ranges[key] = (cut + tf_ms, last)
+                last = cut
+            picked.append((key, first, last))
+            budget -= (last - first) // tf_ms + 1
+        return picked

@@ -231,6 +231,7 @@ class MetricsExporter:
 
     async def poll_streams(self) -> None:
         redis = self.daemon.runtime.redis
+        indicators = self.daemon.indicators
         names = sorted(core_io.CONSUMER_GROUPS)
         pipe = redis.pipeline(transaction=False)
         for stream in names:
@@ -244,7 +245,9 @@ class MetricsExporter:
             if isinstance(groups, list):
                 for group in groups:
                     name = group.get("name")
-                    if name in core_io.CONSUMER_GROUPS[stream]:
+                    if indicators is not None and name == indicators.group:
+                        name = core_io.INDICATOR_GROUP  # this process's own: one series per role
+                    if name in core_io.CONSUMER_GROUPS[stream] or name == core_io.INDICATOR_GROUP:
                         lag = group.get("lag")
                         info.groups[str(name)] = (int(group.get("pending") or 0), None if lag is None else int(lag))
             streams[stream] = info

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import infra
+from indicators.groups import member_of
 
 
 def workers_summary(workers: Sequence[str]) -> str:
@@ -42,3 +43,18 @@ def processes_of(daemons: Sequence[Mapping[str, Any]], tickers: Sequence[Mapping
             }
         )
     return out
+
+
+def mark_gone_groups(streams: Mapping[str, dict[str, Any]], daemons: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The streams' report, each indicator group of a process no heartbeat names marked
+    `gone`: what it holds pending stays until the lead sweeps it (indicators/groups.py),
+    and is not a backlog anyone is behind on."""
+    members = {d["member"] for d in daemons if d.get("member")}
+    marked: dict[str, Any] = {}
+    for stream, info in streams.items():
+        groups = {
+            name: {**state, "gone": (member := member_of(name)) is not None and member not in members}
+            for name, state in info.get("groups", {}).items()
+        }
+        marked[stream] = {**info, "groups": groups}
+    return marked

@@ -12,6 +12,7 @@ exchange serves are marked unfillable in `trade_gaps_v4`, logged once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,6 +23,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 import core_io
+import infra
 from binance.protocol import KlineUpdate
 from binance.rest import RestClient, RestError
 from candles import DAY_MS, bucket_start
@@ -252,13 +254,22 @@ class OrderFlowIntake:
             self._ask(symbol, minute, "a gap logged before the restart")
 
     async def _server_now(self) -> int:
-        """Before the first frame: the exchange's clock (a replay's is not the local one);
-        the local clock if REST does not answer (the candles must not wait on it)."""
+        """Before the first frame: the exchange's clock (a replay's is not the local one).
+        If REST does not answer (the candles must not wait on it; a process joining a
+        busy deployment may find the shared REST weight spent): the exchange time the
+        other processes' heartbeats carry; failing that, the local clock."""
         try:
             return await asyncio.wait_for(self.rest.server_time(), 10.0)
         except (RestError, OSError, TimeoutError) as exc:
+            local_ms = int(time.time() * 1000)
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                beats = (await infra.read_heartbeats(self.redis)).values()
+                known = infra.exchange_now_from_heartbeats(beats, local_ms)
+                if known is not None:
+                    self.errors.warn("clock", f"the exchange's time is unknown ({exc!r}): the heartbeats give it")
+                    return known
             self.errors.warn("clock", f"the exchange's time is unknown ({exc!r}): the local clock plans the day")
-            return int(time.time() * 1000)
+            return local_ms
 
     def forget(self, symbols: Iterable[str]) -> None:
         symbols = set(symbols)
@@ -459,6 +470,26 @@ class OrderFlowIntake:
                 if retry:
                     await asyncio.sleep(self.settings.refetch_retry_s)
 
+    GAP_SWEEP_S = 30.0
+
+    async def run_gap_sweep(self) -> None:
+        """The open gaps of the symbols followed, read again every GAP_SWEEP_S and
+        refetched (or, where the chain is past them, marked filled). Another process can
+        log a gap of a symbol after this one has taken it over: the owner that lost it,
+        or one killed with the row on its way. Read only at `follow`, such a row stayed
+        open for good, its minute long since written here."""
+        while True:
+            await asyncio.sleep(self.GAP_SWEEP_S)
+            try:
+                gaps = await store.open_gaps(self.pool, sorted(self.chains))
+            except PG_DOWN_ERRORS as exc:
+                self.pg_outage.fail(exc, "reading the open trade gaps")
+                continue
+            unseen = {(symbol, minute) for symbol, minute in gaps if symbol in self.chains} - self.refetch
+            if unseen:
+                self.refetch |= unseen
+                self.refetch_wake.set()
+
     SPAN_MS = 3_600_000  # one aggTrades request by time covers at most an hour
 
     def _spans(self) -> list[tuple[str, list[int]]]:
@@ -576,6 +607,7 @@ class OrderFlowIntake:
             "ORDERFLOW_PUBLISH": self.run_publisher,
             "ORDERFLOW_TICK": self.run_ticker,
             "ORDERFLOW_REFETCH": self.run_refetcher,
+            "ORDERFLOW_GAPS": self.run_gap_sweep,
         } | ({"ORDERFLOW_RAW": self.raw.run} if self.raw is not None else {})
 
 

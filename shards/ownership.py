@@ -38,6 +38,10 @@ class Ownership:
         self.roles: frozenset[str] = frozenset()
         self.held: frozenset[str] = frozenset()  # symbols and roles, as of the last round
         self.on_change: list[Callable[[], None]] = []  # told when `held` changes
+        # Told (with the seconds it was away) when a round succeeds after failed ones: a
+        # failover may have lost the writes its master acknowledged last (Redis replicates
+        # asynchronously).
+        self.on_back: list[Callable[[float], None]] = []
         self.outage = Outage("SHARDS", "Redis")
         self._lock = asyncio.Lock()
         self._round_started: float | None = None  # monotonic, while a round waits on Redis
@@ -93,6 +97,9 @@ class Ownership:
             self._round_started = time.monotonic()
             try:
                 await self.member.round(self.candidates)
+                if self.outage.since is not None:
+                    for tell in self.on_back:
+                        tell(time.monotonic() - self.outage.since)
                 self.outage.ok()
             except REDIS_RETRY_ERRORS as exc:  # the leases run out by themselves meanwhile
                 self.outage.fail(exc, "renewing this process's leases")

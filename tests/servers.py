@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -212,11 +213,20 @@ class RedisCluster:
     def masters(self) -> list[RedisServer]:
         return [node for node in self.nodes if node.process and "role:master" in self.cli(node, "INFO", "replication")]
 
-    def kill_master(self, index: int = 0) -> RedisServer:
-        """kill -9 of a master; returns once a replica has taken its slots over."""
+    def kill_master(self, index: int = 0, replicated: bool = False) -> RedisServer:
+        """kill -9 of a master; returns once a replica has taken its slots over.
+
+        replicated: only once its replicas have every write it took. Redis replicates
+        asynchronously, so without this the writes of the last moment may die with the
+        master (as they may in production: the daemon's tests take that as it comes)."""
         masters = self.masters()
         victim = masters[index]
         assert victim.process is not None
+        deadline = time.monotonic() + 10
+        while replicated and not self._replicas_caught_up(victim):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the master's replicas did not catch up within 10 s")
+            time.sleep(0.05)
         victim.process.kill()
         victim.process.wait(10)
         victim.process = None
@@ -227,6 +237,12 @@ class RedisCluster:
             time.sleep(0.1)
         self.wait_ok()
         return victim
+
+    def _replicas_caught_up(self, master: RedisServer) -> bool:
+        info = self.cli(master, "INFO", "replication")
+        offset = re.search(r"master_repl_offset:(\d+)", info)
+        replicas = [int(o) for o in re.findall(r"slave\d+:[^\r\n]*?offset=(\d+)", info)]
+        return offset is not None and bool(replicas) and min(replicas) >= int(offset.group(1))
 
     def restart(self, node: RedisServer) -> None:
         """A killed node back (it rejoins from its nodes.conf, as a replica)."""

@@ -77,7 +77,7 @@ async def test_the_weight_of_a_minute_is_shared_and_a_429_blocks_everyone(any_re
     assert 1.5 < await SharedLimits(any_redis, "ip-w", weight_limit=100).weight_wait_s(1) <= 2.0
 
 
-async def test_a_weight_limiter_waits_for_the_other_processes_share(redis):
+async def test_a_weight_limiter_waits_for_the_other_processes_share(redis, caplog):
     limiters = [WeightLimiter(1_000, 60.0) for _ in range(2)]
     for limiter in limiters:
         limiter.shared = SharedLimits(redis, "ip-r", weight_limit=50)
@@ -88,6 +88,8 @@ async def test_a_weight_limiter_waits_for_the_other_processes_share(redis):
     waiting = asyncio.create_task(limiters[1].acquire(20))
     await asyncio.sleep(0.5)
     assert not waiting.done()  # locally free, but the IP's minute is spent
+    held = [r.getMessage() for r in caplog.records if "REST weight of this IP's minute is spent" in r.getMessage()]
+    assert len(held) == 1 and "this process used 0" in held[0]  # said once, not per retry
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
     await limiters[1].acquire(10)  # what is left of the minute

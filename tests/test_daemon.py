@@ -31,6 +31,7 @@ import infra
 from candles import TF_MS, datetime_to_ms
 from fake_exchange import ArchiveSource, FakeExchange
 from feed_v4_main import EXIT_STALE_FEED, Daemon, DaemonOptions, boot
+from indicators.groups import group_of, is_indicator_group
 from infra import load_settings, system_event_log
 from orderflow import store
 from orderflow.fold import merge
@@ -222,8 +223,10 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
         await asyncio.sleep(3)  # a heartbeat carries the final exchange time
 
         async def m1_acknowledged() -> bool:  # the values are in Redis before the batch's ack
-            groups = await redis.xinfo_groups(core_io.CANDLE_STREAMS["m1"])
-            return all(g["pending"] == 0 for g in groups if g["name"] == core_io.INDICATOR_GROUP)
+            groups = [
+                g for g in await redis.xinfo_groups(core_io.CANDLE_STREAMS["m1"]) if is_indicator_group(g["name"])
+            ]
+            return len(groups) == 1 and groups[0]["pending"] == 0  # the daemon's own group
 
         await until(m1_acknowledged, 60, "the indicator worker to acknowledge its last M1 batch")
         status = run_main(env, "status", "--json")
@@ -241,7 +244,8 @@ async def test_a_day_of_real_data_with_faults_then_status(pool, redis, redis_url
                 assert ticker[tf]["open_time_ms"] == (newest + M1) // TF_MS[tf] * TF_MS[tf] - TF_MS[tf], ticker
         assert report["gaps"]["missing"] == 0 and report["gaps"]["backfilled"] >= exchange.stats.closes_dropped > 0
         m1_stream = report["streams"][core_io.CANDLE_STREAMS["m1"]]
-        assert m1_stream["length"] > 0 and m1_stream["groups"][core_io.INDICATOR_GROUP]["pending"] == 0
+        own_group = group_of(report["daemons"][0]["member"])
+        assert m1_stream["length"] > 0 and m1_stream["groups"][own_group]["pending"] == 0
         text = run_main(env, "status")
         assert text.returncode == 0 and "HEALTHY" in text.stdout and all(s in text.stdout for s in SYMBOLS)
 

@@ -81,6 +81,14 @@ async def test_replay_with_every_fault_and_a_kill_loses_nothing(pool, redis, red
         assert injected and injected <= gap_log  # every dropped close was logged and backfilled
         bad = await pool.fetchval("SELECT count(*) FROM system_log_v4 WHERE message LIKE 'skipped a bad frame%'")
         assert bad >= 1 and daemon.alive()
+
+        async def newest_computed() -> bool:  # in the hashes: what the clean stop must persist
+            times = [await redis.hget(core_io.indicator_key(s, "m1"), "open_time") for s in SYMBOLS]
+            return all(int(t or 0) >= last_closed for t in times)
+
+        # Not waited for, a slow machine (TimescaleDB busy) could stop it before the newest
+        # bar was computed at all: that is not a computed value lost.
+        await until(newest_computed, 60, "the indicators of the newest bar")
         assert daemon.terminate() == 0  # a clean stop persists every computed value
         assert "Unclosed client session" not in daemon.output()  # every HTTP session closed
         # Every indicator value, through gaps, late bars and the kill, equals TA-Lib over the stored series.

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregation import GapTracker, affected_buckets, aggregate, buildable
+from aggregation import GapTracker, RecentCandles, affected_buckets, aggregate, buildable
 from backfill import contiguous_ranges
 from binance.protocol import (
     FrameError,
@@ -137,6 +137,26 @@ def test_aggregation_is_exact_on_real_rows():
     assert m15.volume == sum((c.volume for c in m1), Decimal(0))
     assert m15.trades == sum(c.trades for c in m1) and m15.m1_count == 15
     assert str(m15.volume) == str(sum((Decimal(str(c.volume)) for c in m1), Decimal(0)))
+
+
+def test_recent_candles_build_the_buckets_they_complete_and_keep_two_buckets():
+    m1 = list(islice(read_archive("LINKUSDT"), 75))  # five quarter hours from T0
+    recent = RecentCandles(("m5", "m15", "h1"))
+    recent.remember(m1[:14])
+    assert recent.completed_buckets(m1[:14]) == [aggregate("m5", T0, m1[:5]), aggregate("m5", T0 + 300_000, m1[5:10])]
+    recent.forget_m1(m1[13])  # refused by PostgreSQL: no bucket is built with it
+    recent.remember([m1[14]])
+    assert [b.tf for b in recent.completed_buckets([m1[14]])] == []
+    recent.remember(m1[13:60])
+    built = recent.completed_buckets([m1[59]])
+    assert [(b.tf, b.open_time) for b in built] == [("m5", T0 + 55 * 60_000), ("m15", T0 + 45 * 60_000)]
+    assert recent.parts_in_memory(("LINKUSDT", "h1", T0), {}) is None  # the M15s were never stored
+    recent.remember_parts([aggregate("m15", T0 + q * 900_000, m1[15 * q : 15 * q + 15]) for q in range(4)])
+    assert recent.completed_buckets([m1[59]])[-1] == aggregate("h1", T0, m1[:60])
+    assert not recent.may_end(("LINKUSDT", "h1", T0 + 3_600_000)) and recent.may_end(("LINKUSDT", "h1", T0))
+    recent.remember(m1[60:75])
+    kept = recent.m1["LINKUSDT"]
+    assert len(kept) <= recent.RECENT_M1_KEPT and min(kept) == T0 + 30 * 60_000 and max(kept) == T0 + 74 * 60_000
 
 
 # Few values, each written several ways (1.5, 1.50, 1.500): ties between representations are common.

@@ -9,6 +9,7 @@ import time
 from decimal import Decimal
 from itertools import islice
 
+import asyncpg
 import orjson
 import pytest
 import websockets
@@ -98,14 +99,15 @@ def test_the_exchange_clock_holds_what_it_cannot_judge_and_the_exchange_decides(
     assert clock.now_ms == T0 + 90_000
 
 
-async def _feed(pool, redis, exchange: FakeExchange | None, symbols: set[str]) -> Feed:
+async def _feed(pool, redis, exchange: FakeExchange | None, symbols: set[str], **feed_env: str) -> Feed:
     env = {
         "REDIS_URL": "redis://127.0.0.1:1/0",
         "POSTGRES_URL": "postgresql://x@127.0.0.1:1/x",
         **({"BINANCE_REST_URL": exchange.rest_url, "BINANCE_WS_URL": exchange.ws_url} if exchange else {}),
     }
     settings = load_settings(env)
-    feed = Feed(settings, FeedSettings.from_env(settings, {}), pool, redis, core_io.make_candle_store(redis, True, 250))
+    feed_settings = FeedSettings.from_env(settings, feed_env)
+    feed = Feed(settings, feed_settings, pool, redis, core_io.make_candle_store(redis, True, 250))
     feed.symbols = await feed.ownership.claim(symbols)  # the leases first: a feed writes only those it holds
     return feed
 
@@ -157,6 +159,30 @@ async def test_bad_frames_for_one_symbol_never_hold_up_the_others(pool, redis):
         await exchange.stop()
 
 
+async def test_a_close_the_fence_drops_for_a_symbol_still_followed_is_logged_as_a_gap(pool, redis):
+    """Redis away past the lease: the fence drops the live closes of the symbols this
+    process still follows. Unlogged, a lease that came back before the follower looked
+    lost those minutes for good (a process's whole share, in the scale-out replay); a
+    symbol no longer followed is its new owner's."""
+    feed = await _feed(pool, redis, None, {"NEARUSDT", "LINKUSDT"})
+    link = next(iter(read_archive("LINKUSDT")))
+    feed.intake.may_write = lambda symbol: symbol == "LINKUSDT"  # NEARUSDT's lease lapsed
+    for candle in (NEAR[0], link, dataclasses.replace(NEAR[0], symbol="BTCUSDT")):
+        feed.closed.put_nowait(candle)
+    loop = asyncio.create_task(feed.intake_loop())
+    try:
+        await until(lambda: feed.closed.empty() and not feed.batch, 10, "the intake")
+        await feed._flush_gaps()
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await feed.rest.close()
+    gaps = await pool.fetch("SELECT symbol, open_time, status FROM missing_m1_log_v4")
+    assert [tuple(g) for g in gaps] == [("NEARUSDT", core_io.ms_to_datetime(T0), "missing")]
+    assert await core_io.fetch_candles(pool, "LINKUSDT", "m1", T0, T0 + M1) == [link]
+    assert await core_io.fetch_candles(pool, "NEARUSDT", "m1", T0, T0 + M1) == []
+
+
 async def test_a_candle_postgresql_refuses_is_set_aside_and_the_batch_is_stored(pool, redis):
     intake = CandleIntake(pool, redis, core_io.make_candle_store(redis, True, 250), 10_000)
     poison = dataclasses.replace(NEAR[7], trades=2**31)  # past PostgreSQL's integer
@@ -166,7 +192,7 @@ async def test_a_candle_postgresql_refuses_is_set_aside_and_the_batch_is_stored(
     assert len(fresh) == 14
     stored = await core_io.fetch_candles(pool, "NEARUSDT", "m1", T0, T0 + 15 * M1)
     assert [c.open_time for c in stored] == [c.open_time for c in NEAR[:15] if c is not NEAR[7]]
-    assert intake._parts_in_memory(("NEARUSDT", "m15", T0), {}) is None  # never bucketed from memory
+    assert intake.recent.parts_in_memory(("NEARUSDT", "m15", T0), {}) is None  # never bucketed from memory
     errors = await until_logged(pool, "PostgreSQL refused the m1 candle NEARUSDT")
     assert errors
 
@@ -345,6 +371,122 @@ async def test_a_failed_backfill_round_leaves_no_request_running(pool, redis):
         leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
         assert not [t for t in leftover if "_fetch" in repr(t.get_coro())]
     finally:
+        await feed.rest.close()
+        await exchange.stop()
+
+
+async def test_a_catch_up_cut_short_by_an_outage_is_done_by_the_workers_restart(pool, redis):
+    """Redis away (a failover) while the symbols just taken over are caught up: the worker
+    fails, and its supervisor restarts it. What it had taken on stays queued for the
+    restart; lost with the worker, the minutes missed before a take-over were never
+    fetched, and those symbols' order flow waited on their klines for good."""
+    exchange = FakeExchange(ArchiveSource(["NEARUSDT"]), start_ms=T0 + 16 * M1, speed=1)
+    await exchange.start()
+    feed = await _feed(pool, redis, exchange, {"NEARUSDT"})
+    await core_io.upsert_candles(pool, NEAR[:5])
+    dead = make_redis(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        feed.to_reconcile |= {"NEARUSDT", "LINKUSDT"}  # LINKUSDT: no longer followed by then
+        feed.catch_up_pending |= {"NEARUSDT"}
+        feed.catch_up_wake.set()
+        feed.intake.redis = dead
+        with pytest.raises(Exception):  # noqa: B017 (whatever the client raises for a dead server)
+            await feed.catch_up()
+        assert feed.to_reconcile == feed.catch_up_pending == {"NEARUSDT"} and feed.catch_up_wake.is_set()
+        assert await pool.fetchval("SELECT count(*) FROM missing_m1_log_v4") == 0
+        feed.intake.redis = redis  # back: the restarted worker
+        restarted = asyncio.create_task(feed.catch_up())
+        try:
+            await until(lambda: not feed.catch_up_pending and not feed.to_reconcile, 10, "the catch-up")
+            logged = lambda: pool.fetchval("SELECT count(*) FROM missing_m1_log_v4 WHERE symbol = 'NEARUSDT'")  # noqa: E731
+            await until(lambda: logged(), 10, "the missed minutes logged")
+            assert await logged() >= 10  # T0+5 .. the exchange's last closed minute (T0+15)
+        finally:
+            restarted.cancel()
+            await asyncio.gather(restarted, return_exceptions=True)
+    finally:
+        await dead.aclose()
+        await feed.rest.close()
+        await exchange.stop()
+
+
+async def test_redis_back_after_an_outage_announces_what_a_failover_lost(pool, redis):
+    """A master's last acknowledged writes can die with it (Redis replicates
+    asynchronously): candles stored in PostgreSQL whose announcement went that way are
+    announced again once the lease round finds Redis back, over the outage and
+    RECONCILE_WINDOW_M1 (120 min) before it, a history's older bars too; older ones
+    are left alone."""
+    feed = await _feed(pool, redis, None, {"NEARUSDT"})
+    await core_io.upsert_candles(pool, NEAR[:5] + NEAR[200:220])  # the first five announced long ago (trimmed),
+    await feed.intake._cache_and_announce(NEAR[210:217], "m1")  # these lately, the others of the window lost
+    await feed.intake.publish_held()
+
+    async def announced() -> set[tuple[str, int]]:
+        return await core_io.announced_candles(redis, core_io.CANDLE_STREAMS["m1"])
+
+    async def reannounced() -> bool:
+        return not feed.reannounce_ms and len(await announced()) == 20
+
+    feed._after_redis_outage(3.0)
+    workers = [asyncio.create_task(feed.catch_up()), asyncio.create_task(feed.intake.run_publisher())]
+    try:
+        await until(reannounced, 10, "the reannouncement")
+    finally:
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        await feed.rest.close()
+    assert {t for _, t in await announced()} == {c.open_time for c in NEAR[200:220]}
+
+
+async def test_symbols_taken_on_while_postgresql_is_away_are_followed_on_the_retry(pool, redis, pg_url):
+    """PostgreSQL away while a take-over is applied: the follower fails (its supervisor
+    restarts it) and the symbols are not counted as followed, so the retry subscribes and
+    catches them up; counted, the retry saw no change and they were never followed."""
+    exchange = FakeExchange(ArchiveSource(["NEARUSDT"]), start_ms=T0 + 16 * M1, speed=1)
+    await exchange.start()
+    feed = await _feed(pool, redis, exchange, set())
+    gone = await asyncpg.create_pool(pg_url, min_size=1, max_size=1)
+    await gone.close()
+    streams = asyncio.create_task(feed.streams.run())
+    try:
+        feed.pool = gone
+        with pytest.raises(asyncpg.InterfaceError):
+            await feed._follow({"NEARUSDT"})
+        assert feed.symbols == set() and not feed.catch_up_pending
+        feed.pool = pool
+        await feed._follow({"NEARUSDT"})
+        await feed._follow({"NEARUSDT"})  # nothing new: nothing subscribed again
+        assert feed.symbols == feed.catch_up_pending == {"NEARUSDT"}
+        assert [c.streams for c in feed.streams.connections] == [{"!markPrice@arr@1s", "nearusdt@kline_1m"}]
+    finally:
+        streams.cancel()
+        await asyncio.gather(streams, return_exceptions=True)
+        await feed.rest.close()
+        await exchange.stop()
+
+
+async def test_a_symbol_taken_on_before_its_first_history_ran_gets_it_from_its_next_owner(pool, redis):
+    """A first history waits behind the live closes, which are stored first; the process
+    lost the symbol (or died) before its history ran. The next owner finds candles, but
+    they start after the history window: it fetches the history. A symbol whose history
+    is whole is only caught up."""
+    exchange = FakeExchange(ArchiveSource(["NEARUSDT", "LINKUSDT"]), start_ms=T0 + 16 * M1, speed=1)
+    await exchange.start()
+    link = list(islice(read_archive("LINKUSDT"), 15))
+    await core_io.upsert_candles(pool, NEAR[13:15] + link)  # NEARUSDT: two live closes, no history
+    feed = await _feed(pool, redis, exchange, set(), INITIAL_HISTORY_M1="15")
+    streams = asyncio.create_task(feed.streams.run())
+    try:
+        await feed._follow({"NEARUSDT", "LINKUSDT"})
+        await feed._catch_up(sorted(feed.catch_up_pending))
+        assert list(feed.backfiller.history) == [("NEARUSDT", T0, T0 + 15 * M1)]  # the window, to now
+        assert not feed.history_unsure and not feed.needs_history
+        await feed._catch_up(["NEARUSDT", "LINKUSDT"])  # a reconnect's catch-up: not asked again
+        assert len(feed.backfiller.history) == 1
+    finally:
+        streams.cancel()
+        await asyncio.gather(streams, return_exceptions=True)
         await feed.rest.close()
         await exchange.stop()
 

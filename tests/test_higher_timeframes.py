@@ -127,4 +127,4 @@ async def test_three_days_of_minutes_make_every_h1_h4_and_d1_exactly_through_a_r
         told = [int(f["open_time"]) for _, f in await redis.xrange(core_io.candle_stream(tf))]
         assert told.count(fixed - fixed % TF_MS[tf]) == 2, f"{tf}: the corrected bar was announced again"
         assert told.count(late - late % TF_MS[tf]) == 1, f"{tf}: the held-back bar waited for its minute"
-    assert max(len(parts) for parts in intake.recent_parts.values()) <= 12, "memory: two higher buckets' parts"
+    assert max(len(parts) for parts in intake.recent.parts.values()) <= 12, "memory: two higher buckets' parts"

@@ -25,6 +25,7 @@ from indicators.kernels import DAY_MS, SOURCES, BarArrays, BarTuple, Kernel
 from indicators.pending import PendingValues, matrices
 from indicators.registry import COMMON, IndicatorConfigError, Instance, parse_common
 from indicators.series import RecentBars
+from indicators.slow import SlowDue
 from indicators.stages import Stage
 from market_data import archive_symbols, read_archive
 from tests.indicator_reference import COMMON_CASES, close_enough, reference
@@ -719,3 +720,30 @@ def test_candle_events_are_due_only_once_every_value_queued_before_them_is_writt
     assert due == [("ohlcv_m1_ready", "3-0")] and not pending
     pending.forget(through)
     assert pending.held() == 0 and pending.rows == 0
+
+
+def test_a_symbol_handed_over_loses_its_unwritten_values_and_their_events_are_taken_back():
+    pending = PendingValues()
+    ids, names = (1,), ("EMA_9",)
+    pending.add(("A", "m1", 60_000, ""), ids, names, [1.0])
+    pending.add(("B", "m1", 60_000, ""), ids, names, [2.0])
+    pending.hold([("ohlcv_m1_ready", "1-0"), ("ohlcv_m1_ready", "2-0")])
+    assert pending.drop({"A"}) == 1 and pending.rows == 1 and pending.drop({"C"}) == 0
+    assert pending.held_acks() == [("ohlcv_m1_ready", "1-0"), ("ohlcv_m1_ready", "2-0")]
+    pending.take_back({("ohlcv_m1_ready", "1-0")})  # A's event: held for its next owner
+    pending.done(pending.take(10))
+    assert pending.due()[1] == [("ohlcv_m1_ready", "2-0")] and not pending
+
+
+def test_bars_due_for_pandas_ta_are_taken_round_robin_within_the_budget():
+    due = SlowDue()
+    m1 = 60_000
+    due.add(("A", "m1"), 0, 9 * m1)  # 10 bars
+    due.add(("B", "m1"), 5 * m1, 5 * m1)
+    due.add(("A", "m1"), 10 * m1, 11 * m1)  # merged into A's range, and A goes behind B
+    assert len(due) == 2 and due.wake.is_set()
+    assert due.take(5) == [(("B", "m1"), 5 * m1, 5 * m1), (("A", "m1"), 0, 3 * m1)]
+    assert due.take(100) == [(("A", "m1"), 4 * m1, 11 * m1)]
+    due.add(("C", "m5"), 0, 0)
+    due.discard(("C", "m5"))
+    assert not due and due.take(10) == []

@@ -47,14 +47,18 @@ class Running:
             await asyncio.sleep(0.05)
 
     async def crash(self) -> None:
-        """Gone without a flush: values not yet in PostgreSQL are lost."""
-        self.worker.pending.clear()
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.worker.close()
+        await crash(self.worker, self.tasks)
+
+
+async def crash(worker: IndicatorWorker, tasks: list[asyncio.Task]) -> None:
+    """Gone without a flush: values not yet in PostgreSQL are lost."""
+    worker.pending.clear()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    worker.close()
 
 
 async def worker_after_history(pool, redis, minutes: int) -> tuple[list[Candle], CandleIntake, Running]:

@@ -40,6 +40,32 @@ async def test_reconcile_builds_and_announces_what_a_killed_run_left_undone(pool
     assert await redis.xlen(core_io.CANDLE_STREAMS["m15"]) == 2
 
 
+async def test_a_historys_older_buckets_left_by_a_process_that_lost_the_symbol_are_built_by_the_next(pool, redis):
+    """A history's newest buckets are built from memory as its minutes are stored, the
+    older ones left to the aggregator; the process loses the symbol before that runs,
+    and its fence drops them. The next owner builds every missing bucket within the
+    history's reach, not only those of its reconciliation's recent window."""
+    m1 = list(islice(read_archive("NEARUSDT"), 300))
+    store = core_io.make_candle_store(redis, True, 250)
+    loser = CandleIntake(pool, redis, store, stream_maxlen=10_000, defer_aggregation=True)
+    await loser.store_m1(m1, history=True)
+    loser.may_write = lambda symbol: False  # lost before its aggregator ran
+    aggregator = asyncio.create_task(loser.run_aggregator())
+    await asyncio.sleep(0.5)
+    aggregator.cancel()
+    m5 = await core_io.fetch_candles(pool, "NEARUSDT", "m5", T0, T0 + 300 * 60_000)
+    assert 0 < len(m5) < 60  # only those memory held: the rest was dropped
+
+    successor = CandleIntake(pool, redis, store, stream_maxlen=10_000)
+    await successor.reconcile(120 * 60_000, {"NEARUSDT"})
+    await successor.build_missing(300 * 60_000, {"NEARUSDT"})
+    for tf, minutes in (("m5", 5), ("m15", 15)):
+        stored = await core_io.fetch_candles(pool, "NEARUSDT", tf, T0, T0 + 300 * 60_000)
+        starts = range(0, 300, minutes)
+        assert stored == [aggregate(tf, T0 + i * 60_000, m1[i : i + minutes]) for i in starts]
+    assert len(await core_io.announced_candles(redis, core_io.CANDLE_STREAMS["m5"])) == 60
+
+
 async def test_a_repeated_close_that_completes_a_bucket_announces_the_bucket(pool, redis):
     """After a restart the last minute of an M5 came live before the backfill brought
     the others; the build they queued had not run when the exchange sent that close

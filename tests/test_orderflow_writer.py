@@ -12,6 +12,7 @@ import pytest
 from binance.protocol import KlineUpdate
 from binance.rest import RestClient, WeightLimiter
 from candles import Candle
+from orderflow import store
 from orderflow.fold import AggTrade, units_text
 from orderflow.intake import OrderFlowIntake
 from orderflow.store import ORDERFLOW_READY_STREAM, read_bars
@@ -116,3 +117,34 @@ async def test_minutes_lost_whole_with_a_connection_are_refetched_once_stale(poo
     intake._ask_unseen(symbol, tape, now)
     assert {m for _, m in intake.refetch} >= {T0 + m * M1 for m in range(2, 6)}
     assert T0 + 7 * M1 not in {m for _, m in intake.refetch}
+
+
+async def test_a_gap_another_process_logged_after_the_take_over_is_settled_by_the_owner(pool, redis):
+    """The owner that lost a symbol (or one killed with the row on its way) logs a gap
+    after the new owner has read the open ones: the sweep finds it. Its minute is behind
+    the chain (published here): marked filled with no request; another symbol's stays."""
+    symbol, now = "S00USDT", T0 + 4 * M1
+    rest = RestClient("http://127.0.0.1:9", WeightLimiter(2400, 60))  # never asked
+    intake = OrderFlowIntake(pool, redis, rest, 10_000, lambda: now)
+    intake.GAP_SWEEP_S = 0.05
+    await intake.follow([symbol])
+    intake.refetch.clear()
+    for minute_index in range(3):
+        trades = minute_trades(0, minute_index)
+        for trade in trades:
+            intake.on_trade(symbol, trade)
+        intake.on_close(closing(symbol, T0 + minute_index * M1, trades))
+    intake._chain_finals(100)
+    assert intake.chains[symbol].next_minute == T0 + 3 * M1
+    await store.log_gaps(pool, [(symbol, T0 + M1, "the loser's"), ("S99USDT", T0 + M1, "not followed here")])
+    workers = [asyncio.create_task(intake.run_gap_sweep()), asyncio.create_task(intake.run_refetcher())]
+    status = "SELECT symbol, status FROM trade_gaps_v4 ORDER BY symbol"
+    try:
+        async with asyncio.timeout(10):
+            while [tuple(r) for r in await pool.fetch(status)] != [(symbol, "filled"), ("S99USDT", "open")]:
+                await asyncio.sleep(0.05)
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    assert not intake.refetch

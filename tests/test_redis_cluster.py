@@ -16,11 +16,12 @@ from servers import RedisCluster as ClusterOfServers
 import core_io
 from candle_stores import CANDLE_FIELDS, Columns, TimeSeriesCandleStore, execute_checked, execute_packed
 from connections import connect_redis
-from infra import load_settings, make_redis
+from infra import load_settings, make_cluster_redis, make_redis
 from shards.cluster import KEY_SCHEME_KEY, FeedRedisCluster, migrate_key_names
 from shards.coordinator import LeaseStore, lease_key
 from shards.keys import hash_tags, renamed_key, use_hash_tags
 from shards.leases import LeaseTimes
+from shards.ownership import Ownership
 
 SYMBOLS = [f"S{i:03d}USDT" for i in range(60)]
 
@@ -73,7 +74,10 @@ async def test_a_bulk_round_reaches_every_node_in_order_and_survives_a_master_ki
         replies += await execute_packed(client, [["GET", core_io.price_key(s)] for s in SYMBOLS])
         assert replies == ["OK"] * len(SYMBOLS) + [str(i) for i in range(len(SYMBOLS))]
 
-        cluster.kill_master(0)  # a replica is promoted; the client still has the old map
+        # A replica is promoted (once it has what the master took: Redis replicates
+        # asynchronously, and this test is about the client, not that); the client still
+        # has the old map.
+        cluster.kill_master(0, replicated=True)
         more = {(s, "m1"): columns(60_000 + 20 * 60_000, 5, 500.0) for s in SYMBOLS}
         await store.write_columns(more)
         read = await store.read_last_many(list(items), 25)
@@ -191,6 +195,30 @@ async def test_a_cluster_without_replicas_counts_a_lease_at_once():
     try:
         taken = await LeaseStore(client, LeaseTimes()).take("m1", [f"L{i:02d}USDT" for i in range(10)])
         assert len(taken) == 10 and set(taken.values()) == {1}
+    finally:
+        await client.aclose()
+        cluster.cleanup()
+
+
+async def test_a_cluster_that_is_down_is_an_outage_for_the_leases_not_a_crash():
+    """A master lost with no replica to take over: the other nodes answer CLUSTERDOWN.
+    A process's lease round counts it as Redis away (alone, it keeps writing what it
+    held; sharing, its leases run out by themselves) rather than raise: raised, it ended
+    the round's worker, restarted 5 s later, and every lease of the process lapsed."""
+    cluster = ClusterOfServers(masters=3, replicas=0, with_timeseries=False)
+    cluster.start()
+    client = make_cluster_redis(cluster.url, socket_connect_timeout=0.2, socket_timeout=0.5)
+    try:
+        ownership = Ownership(client, LeaseTimes(ttl_ms=600, renew_every_ms=100, margin_ms=50))
+        assert await ownership.claim(set(SYMBOLS)) == set(SYMBOLS)
+        victim = cluster.masters()[2]
+        victim.process.kill()
+        victim.process.wait(10)
+        victim.process = None
+        await asyncio.sleep(3.0)  # past the node timeout (1.5 s): the cluster's state is fail
+        for _ in range(3):
+            await ownership.claim(set(SYMBOLS))
+        assert ownership.outage.active and ownership.owned() == set(SYMBOLS)  # alone: it keeps writing
     finally:
         await client.aclose()
         cluster.cleanup()

@@ -9,8 +9,10 @@ gives (each equals the same reference, so the results equal one another)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
+import orjson
 import pytest
 from daemon import DaemonProcess
 from redis.asyncio.cluster import RedisCluster
@@ -29,6 +31,7 @@ from replay import (
 from servers import RedisCluster as ClusterOfServers
 
 import infra
+from core_io import datetime_to_ms
 from fake_exchange import FakeExchange, SyntheticSource
 from shards.keys import hash_tags, use_hash_tags
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
@@ -50,6 +53,56 @@ async def split_among(redis, daemons: list[DaemonProcess], symbols: list[str]) -
     shares = await followed(redis, daemons)
     every = sorted(s for share in shares.values() for s in share)
     return len(shares) == len(daemons) and all(shares.values()) and every == sorted(symbols)
+
+
+async def print_flow_behind(pool, redis, daemons: list[DaemonProcess], symbols: list[str], last_closed: int) -> None:
+    """Where order flow stopped, by owner, and each owner's order-flow log: what a
+    failure in CI leaves to go by."""
+    newest = {
+        r["symbol"]: datetime_to_ms(r["last"])
+        for r in await pool.fetch("SELECT symbol, max(open_time) AS last FROM orderflow4 WHERE tf = 'm1' GROUP BY 1")
+    }
+    owners = {s: pid for pid, share in (await followed(redis, daemons)).items() for s in share}
+    behind: dict[int | None, list[str]] = {}
+    for symbol in symbols:
+        if newest.get(symbol, 0) < last_closed:
+            lag = (last_closed - newest[symbol]) // M1 if symbol in newest else "all"
+            behind.setdefault(owners.get(symbol), []).append(f"{symbol}:{lag}")
+    print("order flow behind, by owner (symbol:minutes):", behind)
+    for daemon in daemons:
+        lines = [line for line in daemon.output().splitlines() if "WS" not in line]
+        flow = [line for line in lines if "ORDERFLOW" in line or "BACKFILL" in line or "ERROR" in line]
+        print(f"--- {daemon.process.pid}:", "\n".join(flow[-40:]), "\n".join(lines[-15:]), sep="\n")
+
+
+async def print_history_of(pool, daemons: list[DaemonProcess], failure: str) -> None:
+    """The hand-overs and gaps of the first symbol a failure names, and each process's
+    feed log: which process had it when, to go by in CI."""
+    named = re.search(r"SYN\d{4}USDT", failure)
+    if named is None:
+        return
+    symbol = named.group(0)
+    print(f"--- history of {symbol}:")
+    for row in await pool.fetch(
+        "SELECT ts, message, details FROM system_log_v4 WHERE module = 'FEED' AND details::text LIKE $1 ORDER BY ts",
+        f"%{symbol}%",
+    ):
+        details = orjson.loads(row["details"]) if isinstance(row["details"], str) else row["details"]
+        side = (
+            "added"
+            if symbol in details.get("added", [])
+            else "removed"
+            if symbol in details.get("removed", [])
+            else "?"
+        )
+        print(row["ts"].time(), row["message"], side)
+    for row in await pool.fetch("SELECT * FROM missing_m1_log_v4 WHERE symbol = $1 ORDER BY open_time", symbol):
+        print("gap:", dict(row))
+    stored = await pool.fetch("SELECT open_time FROM ohlcv4_m1 WHERE symbol = $1 ORDER BY open_time", symbol)
+    print("m1 stored:", [r["open_time"].strftime("%H:%M") for r in stored][-30:])
+    for daemon in daemons:
+        lines = [line for line in daemon.output().splitlines() if "| FEED |" in line or "GAPS" in line]
+        print(f"--- {daemon.process.pid}:", "\n".join(lines[-30:]), sep="\n")
 
 
 @pytest.mark.timeout(900)
@@ -113,17 +166,25 @@ async def test_three_processes_share_300_symbols_through_a_kill_a_failover_and_a
             await until(lambda: flow_settled(pool, symbols, last_closed), 240, "every symbol to settle")
         except AssertionError:
             print("not settled:", await flow_unsettled(pool, symbols, last_closed))
-            for daemon in (second, third, fourth):
-                print("\n".join(line for line in daemon.output().splitlines() if "WS" not in line)[-3000:])
+            await print_flow_behind(pool, client, [second, third, fourth], symbols, last_closed)
             raise
-        stored = await assert_store_matches_source(pool, client, source, symbols, last_closed)
-        await assert_every_candle_announced(pool, client)
-        flow, _ = await assert_order_flow_equals_the_trades(pool, exchange)
-        values = await assert_values_match_talib(pool, symbols)
+        try:
+            stored = await assert_store_matches_source(pool, client, source, symbols, last_closed)
+            await assert_every_candle_announced(pool, client)
+            flow, _ = await assert_order_flow_equals_the_trades(pool, exchange)
+            values = await assert_values_match_talib(pool, symbols)
+        except AssertionError as exc:
+            await print_history_of(pool, [second, third, fourth], str(exc))
+            raise
         print(f"checked {stored:,} candles, {flow:,} order-flow bars, {values:,} indicator values")
         assert flow >= SYMBOL_COUNT * 8 and values > 0
         for daemon in (second, third, fourth):
             assert "Traceback" not in daemon.output(), daemon.output()[-3000:]
+        # Each process computed the indicators of its own share (not one for all).
+        beats = {int(b["pid"]): b for b in (await infra.read_heartbeats(client)).values()}
+        computed = {d.process.pid: int(beats[d.process.pid]["indicator_bars"]) for d in (second, third, fourth)}
+        print("indicator bars computed per process:", computed)
+        assert all(bars > 0 for bars in computed.values()), computed
     finally:
         use_hash_tags(tags_before)
         for daemon in daemons:

@@ -74,6 +74,8 @@ async def test_a_process_alone_writes_through_a_redis_outage_and_a_wipe():
         alone = Ownership(client, FAST)
         changes: list[frozenset] = []
         alone.on_change.append(lambda: changes.append(alone.held))
+        away_for: list[float] = []
+        alone.on_back.append(away_for.append)
         assert await alone.claim(SYMBOLS) == SYMBOLS
         server.stop()  # Redis away, longer than a lease
         for _ in range(8):
@@ -85,6 +87,7 @@ async def test_a_process_alone_writes_through_a_redis_outage_and_a_wipe():
         await alone.claim(SYMBOLS)
         assert not alone.outage.active and alone.owned() == SYMBOLS and len(changes) == 1  # taken again at once
         assert all(alone.member.may_write(s) for s in SYMBOLS)  # under real leases again
+        assert len(away_for) == 1 and away_for[0] >= 0.7  # told once, with how long Redis was away
     finally:
         await client.aclose()
         server.cleanup()

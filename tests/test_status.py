@@ -14,6 +14,7 @@ from servers import drop_database, free_port, recreate_database, setting
 import core_io
 import infra
 import status_report as sr
+from indicators.groups import group_of
 from infra import BootError, ConfigError, load_settings
 from orderflow import store
 from orderflow.fold import BarFlow
@@ -344,10 +345,12 @@ async def test_stream_lengths_and_pending_counts(pool, redis):
     await seed_tickers(pool, redis, {"BTCUSDT": M1_LAST})
     await beat(redis)
     m1, signals = core_io.CANDLE_STREAMS["m1"], core_io.SIGNALS_STREAM
-    await core_io.ensure_groups(redis, {m1: (core_io.INDICATOR_GROUP,), signals: (core_io.SIGNAL_GROUP,)})
+    live, gone = group_of("testhost:4242:abc123"), group_of("testhost:77:dead01")  # (beat() names the first)
+    await core_io.ensure_groups(redis, {m1: (live, gone), signals: (core_io.SIGNAL_GROUP,)})
     events = [core_io.candle_event(make_candle("BTCUSDT", "m1", M1_LAST - i * MINUTE)) for i in range(5)]
     await core_io.publish(redis, m1, events, maxlen=1000)
-    await core_io.read_group(redis, core_io.INDICATOR_GROUP, "w1", [m1], count=3, block_ms=None)
+    await core_io.read_group(redis, live, "w1", [m1], count=3, block_ms=None)
+    await core_io.read_group(redis, gone, "w1", [m1], count=5, block_ms=None)  # and then it died
     await core_io.publish(redis, signals, [{"symbol": "BTCUSDT", "message": "buy"}] * 2, maxlen=1000)
     taken = await core_io.read_group(redis, core_io.SIGNAL_GROUP, "r1", [signals], count=10, block_ms=None)
     await core_io.ack(redis, core_io.SIGNAL_GROUP, [(s, i) for s, i, _ in taken[:1]])
@@ -363,12 +366,14 @@ async def test_stream_lengths_and_pending_counts(pool, redis):
         "signals_stream",
     ]
     assert streams[m1]["length"] == 5
-    assert streams[m1]["groups"][core_io.INDICATOR_GROUP] | {"last_delivered_id": None} == {
+    assert streams[m1]["groups"][live] | {"last_delivered_id": None} == {
         "pending": 3,
         "lag": 2,
         "consumers": 1,
         "last_delivered_id": None,
+        "gone": False,
     }
+    assert streams[m1]["groups"][gone]["pending"] == 5 and streams[m1]["groups"][gone]["gone"]
     assert streams[signals]["length"] == 2
     assert streams[signals]["groups"][core_io.SIGNAL_GROUP]["pending"] == 1
     assert streams[signals]["groups"][core_io.SIGNAL_GROUP]["consumers"] == 2
@@ -376,9 +381,10 @@ async def test_stream_lengths_and_pending_counts(pool, redis):
     assert report["healthy"], report["unhealthy"]
 
     behind = await sr.collect_status(pool, redis, max_pending=2)
-    assert behind["unhealthy"] == ["stream ohlcv_m1_ready group indicator_workers: 3 pending (limit 2)"]
+    # A gone process's group is not a backlog anyone is behind on: its 5 are not a fault.
+    assert behind["unhealthy"] == [f"stream ohlcv_m1_ready group {live}: 3 pending (limit 2)"]
     text = sr.render_status(report, colour=False)
-    assert "ohlcv_m1_ready" in text and "indicator_workers" in text
+    assert "ohlcv_m1_ready" in text and live in text and f"{gone} (gone)" in text
 
     await redis.set(core_io.INDICATORS_READY_STREAM, "not a stream")
     broken = await sr.collect_status(pool, redis)

@@ -10,10 +10,11 @@ from tests.test_candles_pg import make_candle
 
 STREAM = core_io.CANDLE_STREAMS["m1"]
 GROUP = core_io.INDICATOR_GROUP
+WITH_GROUP = {STREAM: (GROUP,)}
 
 
 async def test_published_candle_events_are_read_and_acked(redis):
-    await core_io.ensure_groups(redis)
+    await core_io.ensure_groups(redis, WITH_GROUP)
     candles = [make_candle("BTCUSDT", "m1", 1_769_904_000_000 + i * 60_000) for i in range(3)]
     await core_io.publish(redis, STREAM, [core_io.candle_event(c) for c in candles], maxlen=1000)
     entries = await core_io.read_group(redis, GROUP, "worker-1", [STREAM], count=10, block_ms=100)
@@ -32,7 +33,7 @@ async def test_streams_are_trimmed(redis):
 
 
 async def test_entry_left_pending_by_a_dead_consumer_is_reclaimed(redis):
-    await core_io.ensure_groups(redis)
+    await core_io.ensure_groups(redis, WITH_GROUP)
     await core_io.publish(redis, STREAM, [{"symbol": "A", "open_time": "1"}, {"symbol": "B", "open_time": "2"}], 100)
     taken = await core_io.read_group(redis, GROUP, "crashed-worker", [STREAM], count=10, block_ms=100)
     assert len(taken) == 2  # ... and it dies without acking
@@ -46,7 +47,7 @@ async def test_entry_left_pending_by_a_dead_consumer_is_reclaimed(redis):
 
 
 async def test_reclaim_acks_entries_trimmed_away(redis):
-    await core_io.ensure_groups(redis)
+    await core_io.ensure_groups(redis, WITH_GROUP)
     await core_io.publish(redis, STREAM, [{"symbol": "A"}], 100)
     [(_, entry_id, _)] = await core_io.read_group(redis, GROUP, "crashed", [STREAM], block_ms=100)
     await redis.xdel(STREAM, entry_id)
@@ -56,7 +57,7 @@ async def test_reclaim_acks_entries_trimmed_away(redis):
 
 
 async def test_group_lost_to_a_flush_is_recreated(redis):
-    await core_io.ensure_groups(redis)
+    await core_io.ensure_groups(redis, WITH_GROUP)
     await redis.flushall()
     assert await core_io.read_group(redis, GROUP, "w", [STREAM], block_ms=50) == []
     await core_io.publish(redis, STREAM, [{"symbol": "C"}], 100)

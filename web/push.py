@@ -25,7 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from book.store import FEATURES_STREAM, book_key
-from core_io import CANDLE_STREAMS, INDICATORS_READY_STREAM
+from core_io import CANDLE_STREAM_TF, CANDLE_STREAMS, INDICATORS_READY_STREAM
 from infra import Outage
 from orderflow.store import ORDERFLOW_READY_STREAM, footprint_key
 from shards.cluster import read_streams_apart
@@ -36,7 +36,6 @@ POLL_S = 0.25
 READ_BLOCK_MS = 1_000
 CLUSTER_READ_BLOCK_MS = 100
 READ_COUNT = 5_000
-CANDLE_STREAM_TF = {stream: tf for tf, stream in CANDLE_STREAMS.items()}
 _CANDLE_EXTRAS = {"quote_volume": None, "trades": None, "taker_buy_volume": None}
 
 
