@@ -77,6 +77,14 @@ class FeedRedisCluster(RedisCluster):
             self.commands_parser.node = self.get_random_node()
             return await super()._determine_slot(command, *args)
 
+    async def aclose(self) -> None:
+        """redis-py's closes nothing while the client awaits its re-initialization (where
+        a CLUSTERDOWN leaves it), though its nodes may hold connections again by then:
+        closed here whatever the state, or each leaks a socket."""
+        await super().aclose()
+        await self.nodes_manager.aclose()
+        await self.nodes_manager.aclose("startup_nodes")
+
 
 # How a round goes over one connection source: (acquire, release, commands) -> replies.
 Acquire = Callable[[], Awaitable[Any]]
