@@ -93,17 +93,32 @@ class SymbolChain:
             self.next_minute = minute
 
     def resume(
-        self, next_minute: int, cvd: dict[str, CvdChain], parts: dict[str, list[tuple[str, BarFlow]] | None]
-    ) -> None:
+        self,
+        next_minute: int,
+        cvd: dict[str, CvdChain],
+        parts: dict[str, list[tuple[str, BarFlow]] | None],
+        left_out: Mapping[str, list[tuple[int, list[tuple[str, BarFlow]]]]] | None = None,
+    ) -> list[FinalBar]:
         """After a restart: the minute after the newest published, the series' CVD at
         their newest bars, and the stored bars the forming buckets are made of so far
-        (`forming_parts`; None: that bucket is not whole and will not be written)."""
+        (`forming_parts`; None: that bucket is not whole and will not be written).
+        Returns the bars of the buckets the previous run left out (`left_out_buckets`),
+        chained before any minute after."""
         self.next_minute = next_minute
         self.cvd.update(cvd)
+        out: list[FinalBar] = []
+        for tf in self.higher:
+            for start, bars in (left_out or {}).get(tf, ()):
+                bucket = Bucket(tf, start)
+                for part_tf, bar in bars:
+                    bucket.add(bar, part_tf)
+                if bucket.complete() and bucket.merged is not None:
+                    out.append(FinalBar.of(self.symbol, tf, bucket.merged, self.cvd[tf], self.rules))
         for tf, bars in parts.items():
             bucket = self.buckets[tf] = Bucket(tf, bucket_start(next_minute, tf)) if bars is not None else None
             for part_tf, bar in bars or ():
                 bucket.add(bar, part_tf)  # type: ignore[union-attr]
+        return out
 
     def skip_to(self, minute: int) -> None:
         """Every minute before `minute` is unfillable (a long outage): none is written,
@@ -157,17 +172,38 @@ class SymbolChain:
 
 
 def forming_parts(
-    tf: str, next_minute: int, stored: Mapping[tuple[str, int], BarFlow]
+    tf: str, next_minute: int, stored: Mapping[tuple[str, int], BarFlow], start: int | None = None
 ) -> list[tuple[str, BarFlow]] | None:
     """The stored (tf, open time) bars a forming bucket of `tf` is made of before
-    `next_minute`, the coarsest that fit first. None when one is missing: a minute of it
-    was unfillable, or the chain began inside it; the bucket will not be written."""
-    time, parts = bucket_start(next_minute, tf), []
+    `next_minute`, the coarsest stored that fit first. None when one is missing: a minute of it
+    was unfillable, or the chain began inside it; the bucket will not be written.
+    `start`: the bucket's, when not the one `next_minute` is in."""
+    time, parts = bucket_start(next_minute, tf) if start is None else start, []
     while time < next_minute:
-        part_tf = next(p for p in PARTS_OF[tf] if time % TF_MS[p] == 0 and time + TF_MS[p] <= next_minute)
-        bar = stored.get((part_tf, time))
-        if bar is None:
+        fits = [p for p in PARTS_OF[tf] if time % TF_MS[p] == 0 and time + TF_MS[p] <= next_minute]
+        part_tf = next((p for p in fits if (p, time) in stored), None)  # (an M5 left out: its minutes)
+        if part_tf is None:
             return None
-        parts.append((part_tf, bar))
+        parts.append((part_tf, stored[(part_tf, time)]))
         time += TF_MS[part_tf]
     return parts
+
+
+def left_out_buckets(
+    tf: str, next_minute: int, newest: int | None, stored: Mapping[tuple[str, int], BarFlow], since: int
+) -> list[tuple[int, list[tuple[str, BarFlow]]]]:
+    """(start, stored parts) of each whole `tf` bucket from `since` that ended by
+    `next_minute` after the series' newest stored bar (`newest`, its open time). The
+    writer sends a boundary's M1 bars before its buckets (orderflow/intake.py): a process
+    that lost the symbol between the two leaves those buckets out, and the next owner's,
+    chained from the bar before them, would miss their deltas in the CVD. A bucket that
+    is not whole (an unfillable minute, a chain begun inside it) was never written."""
+    tf_ms = TF_MS[tf]
+    first = since if newest is None else max(since, newest + tf_ms)
+    first = bucket_start(first + tf_ms - 1, tf)  # the first bucket that starts there or after
+    found = []
+    for start in range(first, bucket_start(next_minute, tf), tf_ms):
+        parts = forming_parts(tf, start + tf_ms, stored, start)
+        if parts is not None:
+            found.append((start, parts))
+    return found

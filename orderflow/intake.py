@@ -29,7 +29,7 @@ from binance.rest import RestClient, RestError
 from candles import DAY_MS, bucket_start
 from infra import PG_DOWN_ERRORS, REDIS_DOWN_ERRORS, Outage, RateLimitedLog, env_number, log_system_event
 from orderflow import store
-from orderflow.chain import HIGHER, ORDERFLOW_TIMEFRAMES, PARTS_OF, SymbolChain, forming_parts
+from orderflow.chain import HIGHER, ORDERFLOW_TIMEFRAMES, PARTS_OF, SymbolChain, forming_parts, left_out_buckets
 from orderflow.fold import AggTrade, BarFlow, fold
 from orderflow.output import CvdChain, FinalBar
 from orderflow.profile import ImbalanceRules
@@ -101,7 +101,7 @@ class OrderFlowIntake:
         self.publish_wake = asyncio.Event()
         self.changed: set[str] = set()  # symbols that traded since the last M1 forming refresh
         self.changed_higher: dict[str, set[str]] = {tf: set() for tf in HIGHER}  # ... since their last one
-        self.stats = {"trades": 0, "final": 0, "refetched": 0, "unfillable": 0, "written": 0}
+        self.stats = {"trades": 0, "final": 0, "refetched": 0, "unfillable": 0, "written": 0, "buckets_left_out": 0}
         self.pg_outage = Outage(MODULE, "PostgreSQL")
         self.redis_outage = Outage(MODULE, "Redis")
         self.errors = RateLimitedLog(MODULE)
@@ -222,7 +222,7 @@ class OrderFlowIntake:
             if record is None:
                 continue
             last = core_io.datetime_to_ms(record["open_time"])
-            ranges.append((symbol, bucket_start(last + M1_MS, HIGHER[-1]), last))
+            ranges.append((symbol, bucket_start(last, HIGHER[-1]), last))  # (and the bucket `last` ended)
         part_tfs = sorted({p for tf in HIGHER for p in PARTS_OF[tf]})
         stored_parts = await store.bars_between(self.pool, ranges, part_tfs)
         current = now - now % M1_MS
@@ -235,7 +235,16 @@ class OrderFlowIntake:
             next_minute = core_io.datetime_to_ms(record["open_time"]) + M1_MS
             chains = {tf: CvdChain.after(newest.get((symbol, tf))) for tf in ORDERFLOW_TIMEFRAMES}
             stored = stored_parts.get(symbol, {})
-            chain.resume(next_minute, chains, {tf: forming_parts(tf, next_minute, stored) for tf in HIGHER})
+            since = bucket_start(next_minute - M1_MS, HIGHER[-1])
+            left_out = {
+                tf: left_out_buckets(tf, next_minute, stored_open_time(newest.get((symbol, tf))), stored, since)
+                for tf in HIGHER
+            }
+            forming = {tf: forming_parts(tf, next_minute, stored) for tf in HIGHER}
+            written_now = chain.resume(next_minute, chains, forming, left_out)
+            if written_now:  # buckets the previous owner left out: see left_out_buckets
+                self.stats["buckets_left_out"] += len(written_now)
+                self._publish(written_now)
             served_from = current - SERVED_MS + 5 * M1_MS
             served_from -= served_from % M1_MS
             if next_minute < served_from:  # beyond the exchange's 48 hours: one log line, no row per minute
@@ -609,6 +618,10 @@ class OrderFlowIntake:
             "ORDERFLOW_REFETCH": self.run_refetcher,
             "ORDERFLOW_GAPS": self.run_gap_sweep,
         } | ({"ORDERFLOW_RAW": self.raw.run} if self.raw is not None else {})
+
+
+def stored_open_time(record: asyncpg.Record | None) -> int | None:
+    return None if record is None else core_io.datetime_to_ms(record["open_time"])
 
 
 def raw_trade(symbol: str, trade: AggTrade) -> tuple:

@@ -15,7 +15,7 @@ from candles import Candle
 from orderflow import store
 from orderflow.fold import AggTrade, units_text
 from orderflow.intake import OrderFlowIntake
-from orderflow.store import ORDERFLOW_READY_STREAM, read_bars
+from orderflow.store import ORDERFLOW_READY_STREAM, bar_of_record, read_bars
 from tests.replay import ms_to_datetime
 
 M1 = 60_000
@@ -148,3 +148,44 @@ async def test_a_gap_another_process_logged_after_the_take_over_is_settled_by_th
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
     assert not intake.refetch
+
+
+async def test_buckets_the_previous_owner_left_out_are_written_by_the_next_with_their_cvd(pool, redis):
+    """The previous owner wrote the M1 bars of two boundaries (its writer sends them
+    first) and lost the symbol before their M5 and M15: the next owner, following it,
+    writes those buckets, each with the CVD the unbroken chain gives, before any newer."""
+    symbol, minutes = "S00USDT", 15
+    rest = RestClient("http://127.0.0.1:9", WeightLimiter(2400, 60))  # never asked
+    loser = OrderFlowIntake(pool, redis, rest, 10_000, lambda: T0 + minutes * M1)
+    await loser.follow([symbol])
+    loser.refetch.clear()
+    for minute_index in range(minutes):
+        trades = minute_trades(0, minute_index)
+        for trade in trades:
+            loser.on_trade(symbol, trade)
+        loser.on_close(closing(symbol, T0 + minute_index * M1, trades))
+    loser._chain_finals(1_000)
+    published = {(b.tf, b.bar.open_time): b for b in loser.to_write}
+    assert sorted(k for k in published if k[0] != "m1") == [
+        ("m15", T0),
+        ("m5", T0),
+        ("m5", T0 + 5 * M1),
+        ("m5", T0 + 10 * M1),
+    ]
+    kept = [b for b in loser.to_write if b.tf == "m1" or (b.tf, b.bar.open_time) == ("m5", T0)]
+    await store.upsert_bars(pool, kept)  # M5 10:05 and 10:10 and the M15 left out
+
+    gainer = OrderFlowIntake(pool, redis, rest, 10_000, lambda: T0 + minutes * M1)
+    await gainer.follow([symbol])
+    while gainer.to_write:
+        await gainer._write_chunk()
+    for (tf, open_time), bar in published.items():
+        row = await pool.fetchrow(
+            "SELECT * FROM orderflow4 WHERE symbol = $1 AND tf = $2 AND open_time = $3",
+            symbol,
+            tf,
+            ms_to_datetime(open_time),
+        )
+        assert bar_of_record(row) == bar.bar, (tf, open_time)
+        assert (row["cvd"], row["cvd_day"]) == (bar.cvd, bar.cvd_day), (tf, open_time)
+    assert gainer.stats["buckets_left_out"] == 3
