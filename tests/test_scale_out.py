@@ -29,9 +29,11 @@ from replay import (
 )
 from servers import RedisCluster as ClusterOfServers
 
+import core_io
 import infra
 from core_io import datetime_to_ms
 from fake_exchange import FakeExchange, SyntheticSource
+from indicators.groups import member_of
 from shards.cluster import FeedRedisCluster  # closes what redis-py's aclose leaves open after a failover
 from shards.keys import hash_tags, use_hash_tags
 from tests.indicator_reference import COMMON_CASES, assert_values_match_talib, configure
@@ -53,6 +55,27 @@ async def split_among(redis, daemons: list[DaemonProcess], symbols: list[str]) -
     shares = await followed(redis, daemons)
     every = sorted(s for share in shares.values() for s in share)
     return len(shares) == len(daemons) and all(shares.values()) and every == sorted(symbols)
+
+
+async def indicators_unsettled(redis, daemons: list[DaemonProcess]) -> dict[str, tuple[int, int]]:
+    """Per indicator group of a live process among `daemons`: (candle events given and not
+    acknowledged, events not yet read), where either is not zero. An event is
+    acknowledged once its values are in PostgreSQL (indicators/pending.py): the newest
+    bar's values can be there while a correction's older ones still wait to be written."""
+    pids = {d.process.pid for d in daemons}
+    beats = (await infra.read_heartbeats(redis)).values()
+    members = {b.get("member") for b in beats if int(b["pid"]) in pids}
+    totals: dict[str, tuple[int, int]] = {}
+    for stream in core_io.CANDLE_STREAMS.values():
+        for group in await redis.xinfo_groups(stream):
+            if member_of(group["name"]) in members:
+                pending, unread = totals.get(group["name"], (0, 0))
+                totals[group["name"]] = (pending + group["pending"], unread + (group["lag"] or 0))
+    return {name: counts for name, counts in totals.items() if counts != (0, 0)}
+
+
+async def indicators_settled(redis, daemons: list[DaemonProcess]) -> bool:
+    return not await indicators_unsettled(redis, daemons)
 
 
 async def print_flow_behind(pool, redis, daemons: list[DaemonProcess], symbols: list[str], last_closed: int) -> None:
@@ -168,6 +191,8 @@ async def test_three_processes_share_300_symbols_through_a_kill_a_failover_and_a
             print("not settled:", await flow_unsettled(pool, symbols, last_closed))
             await print_flow_behind(pool, client, [second, third, fourth], symbols, last_closed)
             raise
+        print("indicator groups not settled when the bars were:", await indicators_unsettled(client, daemons))
+        await until(lambda: indicators_settled(client, daemons), 120, "every indicator value to be written")
         try:
             stored = await assert_store_matches_source(pool, client, source, symbols, last_closed)
             await assert_every_candle_announced(pool, client)
