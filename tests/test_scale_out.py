@@ -64,7 +64,7 @@ async def indicators_unsettled(redis, daemons: list[DaemonProcess]) -> dict[str,
     bar's values can be there while a correction's older ones still wait to be written."""
     pids = {d.process.pid for d in daemons}
     beats = (await infra.read_heartbeats(redis)).values()
-    members = {b.get("member") for b in beats if int(b["pid"]) in pids}
+    members = {b["member"] for b in beats if int(b["pid"]) in pids and b.get("member")}
     totals: dict[str, tuple[int, int]] = {}
     for stream in core_io.CANDLE_STREAMS.values():
         for group in await redis.xinfo_groups(stream):
