@@ -152,7 +152,8 @@ async def assert_values_match_talib(pool, symbols: list[str]) -> int:
     """Every stored value of every symbol equals the reference over the whole stored
     series (1e-9 relative, 1e-9 absolute near zero); returns how many were checked."""
     checked, wrong = await talib_mismatches(pool, symbols)
-    assert not wrong, f"{len(wrong)} of {checked} values differ: {summarize(wrong)}, e.g. {sorted(wrong)[:10]}"
+    example = sorted(wrong)[:4]
+    assert not wrong, f"{len(wrong)} of {checked} values differ, e.g. {example}; per series: {summarize(wrong)}"
     return checked
 
 
