@@ -112,7 +112,7 @@ class SymbolChain:
                 bucket = Bucket(tf, start)
                 for part_tf, bar in bars:
                     bucket.add(bar, part_tf)
-                if bucket.complete() and bucket.merged is not None:
+                if bucket.merged is not None:  # (whole: left_out_buckets gives no other)
                     out.append(FinalBar.of(self.symbol, tf, bucket.merged, self.cvd[tf], self.rules))
         for tf, bars in parts.items():
             bucket = self.buckets[tf] = Bucket(tf, bucket_start(next_minute, tf)) if bars is not None else None

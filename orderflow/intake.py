@@ -216,26 +216,25 @@ class OrderFlowIntake:
         if now - today >= RULE_HOURS * 3_600_000:
             await self.plan_day(new, today + DAY_MS)
         newest = await store.newest_bars(self.pool, new, ORDERFLOW_TIMEFRAMES)
-        ranges = []
-        for symbol in new:
-            record = newest.get((symbol, "m1"))
-            if record is None:
-                continue
-            last = core_io.datetime_to_ms(record["open_time"])
-            ranges.append((symbol, bucket_start(last, HIGHER[-1]), last))  # (and the bucket `last` ended)
+        # Per symbol with stored order flow: (the first bar read back, its newest minute):
+        # the highest bucket its newest minute is in (forming, or ended with it).
+        spans = {
+            symbol: (bucket_start(last, HIGHER[-1]), last)
+            for symbol in new
+            if (last := stored_open_time(newest.get((symbol, "m1")))) is not None
+        }
         part_tfs = sorted({p for tf in HIGHER for p in PARTS_OF[tf]})
-        stored_parts = await store.bars_between(self.pool, ranges, part_tfs)
+        stored_parts = await store.bars_between(self.pool, [(s, *span) for s, span in spans.items()], part_tfs)
         current = now - now % M1_MS
         for symbol in new:
             self.tapes[symbol] = Tape(self.row_size(symbol))
             chain = self.chains[symbol] = SymbolChain(symbol, self.rules)
-            record = newest.get((symbol, "m1"))
-            if record is None:
+            if symbol not in spans:
                 continue
-            next_minute = core_io.datetime_to_ms(record["open_time"]) + M1_MS
+            since, last = spans[symbol]
+            next_minute = last + M1_MS
             chains = {tf: CvdChain.after(newest.get((symbol, tf))) for tf in ORDERFLOW_TIMEFRAMES}
             stored = stored_parts.get(symbol, {})
-            since = bucket_start(next_minute - M1_MS, HIGHER[-1])
             left_out = {
                 tf: left_out_buckets(tf, next_minute, stored_open_time(newest.get((symbol, tf))), stored, since)
                 for tf in HIGHER

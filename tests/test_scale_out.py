@@ -67,7 +67,7 @@ async def indicators_unsettled(redis, daemons: list[DaemonProcess]) -> dict[str,
     members = {b["member"] for b in beats if int(b["pid"]) in pids and b.get("member")}
     totals: dict[str, tuple[int, int]] = {}
     for stream in core_io.CANDLE_STREAMS.values():
-        for group in await redis.xinfo_groups(stream):
+        for group in await core_io.stream_groups(redis, stream):
             if member_of(group["name"]) in members:
                 pending, unread = totals.get(group["name"], (0, 0))
                 totals[group["name"]] = (pending + group["pending"], unread + (group["lag"] or 0))
