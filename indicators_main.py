@@ -9,7 +9,7 @@ A batch of events costs one Redis round trip (latest values into
 earlier events whose values are written); PostgreSQL gets the values right behind, in
 batches.
 
-Correctness rests on four rules:
+Correctness rests on five rules:
 - a series is opened from PostgreSQL after noting each stream's last entry id, so
   events up to that id are already in the state and are skipped;
 - an event older than the series' newest bar is a correction: the series is reopened
@@ -19,6 +19,8 @@ Correctness rests on four rules:
   oldest bar among the events its group, or another's, holds unsettled;
 - after a crash, bars newer than the newest persisted value are recomputed at open,
   and so are those from the oldest stored bar without values.
+- a series whose values began recently is checked at open against the history stored
+  now, and written again if they differ (history stored after them, never announced).
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ from indicators.series import (
     InstanceFailure,
     Layout,
     Series,
+    agrees_with_history,
     bars_as_tuples,
     first_unseen,
+    first_values_in,
     parse_event,
 )
 from infra import (
@@ -67,6 +71,10 @@ log = logging.getLogger("INDICATORS")
 MODULE = "INDICATORS"
 PERSIST_QUIET_S = 0.1  # no candle event for this long: a good moment to write
 PERSIST_MAX_WAIT_S = 2.0
+
+
+def earliest(*times: int | None) -> int | None:
+    return min((t for t in times if t is not None), default=None)
 
 
 # --------------------------------------------------------------------------- the worker
@@ -90,7 +98,14 @@ class IndicatorWorker:
         self.retention_ms = settings.indicator_retention_days * DAY_MS
         self.newest_ms = 0  # newest bar seen, for the retention cut-off
         self.cache = hashes.IndicatorCache(redis)
-        self.stats = {"bars": 0, "corrections": 0, "opened": 0, "persisted_rows": 0, "bad_events": 0}
+        self.stats = {
+            "bars": 0,
+            "corrections": 0,
+            "opened": 0,
+            "persisted_rows": 0,
+            "bad_events": 0,
+            "stale_rewritten": 0,
+        }
         self.last_compute_s = 0.0
         self.ready = asyncio.Event()  # set once the series are open and events flow
         self.stopping = False
@@ -225,10 +240,19 @@ class IndicatorWorker:
             layout = self.layouts[tf]
             tf_ms = TF_MS[tf]
             base = max(min(layout.history, self.options.history_max), self.options.slow_window if layout.slow else 0)
+            verify: dict[str, int] = {}
             if fresh:
                 ids = [i.id for i in layout.instances]
-                first, spans = await self._fresh_starts(tf, ids, symbols, write_from or {})
-                requests = [(s, None, base + self._bars_since(first[s], newest_m1, tf_ms)) for s in symbols]
+                first, spans, value_firsts = await self._fresh_starts(tf, ids, symbols, write_from or {})
+                # Values that began within `base` bars of the newest are checked against
+                # the history stored now (`_stale_starts`): loaded from `base` bars before.
+                verify = {
+                    s: span[0] for s, span in spans.items() if self._bars_since(span[0], newest_m1, tf_ms) <= base
+                }
+                requests = [
+                    (s, None, base + self._bars_since(earliest(first[s], verify.get(s)), newest_m1, tf_ms))
+                    for s in symbols
+                ]
             else:
                 first = {symbol: (write_from or {}).get((symbol, tf)) for symbol in symbols}
                 requests = [
@@ -245,7 +269,10 @@ class IndicatorWorker:
                 if not moved:
                     break
                 first.update(moved)
-                requests = [(s, None, base + self._bars_since(first[s], newest_m1, tf_ms)) for s in moved]
+                requests = [
+                    (s, None, base + self._bars_since(earliest(first[s], verify.get(s)), newest_m1, tf_ms))
+                    for s in moved
+                ]
                 counts.update({r[0]: r[2] for r in requests})
                 history.update(await core_io.fetch_history(self.pool, tf, requests))
             plans: dict[str, tuple[BarArrays, int | None]] = {}
@@ -258,6 +285,11 @@ class IndicatorWorker:
                 elif not fresh:
                     start = first_unseen(self.series.get((symbol, tf)), bars, start)
                 plans[symbol] = (bars, start)
+            if verify:
+                stale = await self._stale_starts(tf, plans, {s: value_firsts[s] for s in verify}, verify)
+                for symbol, t in stale.items():
+                    bars, start = plans[symbol]
+                    plans[symbol] = (bars, t if start is None else min(start, t))
             anchors = await self._anchors(tf, plans, counts)
             for index, (symbol, (bars, start)) in enumerate(plans.items()):
                 if index % self.YIELD_EVERY_OPEN == self.YIELD_EVERY_OPEN - 1:
@@ -275,18 +307,20 @@ class IndicatorWorker:
 
     async def _fresh_starts(
         self, tf: str, ids: list[int], symbols: list[str], write_from: Mapping[tuple[str, str], int]
-    ) -> tuple[dict[str, int | None], dict[str, tuple[int, int]]]:
-        """Per symbol, the first bar to write at boot (None: only the newest), and the
-        span of its persisted values."""
+    ) -> tuple[dict[str, int | None], dict[str, tuple[int, int]], dict[str, dict[int, int]]]:
+        """Per symbol, the first bar to write at boot (None: only the newest), the span
+        of its persisted values, and each instance's first persisted bar."""
         tf_ms = TF_MS[tf]
         persisted = await core_io.persisted_spans(self.pool, ids, symbols)
         first: dict[str, int | None] = {}
         spans: dict[str, tuple[int, int]] = {}
+        value_firsts: dict[str, dict[int, int]] = {}
         for symbol in symbols:
             stored = [persisted[(i, symbol)] for i in ids if (i, symbol) in persisted]
             first[symbol] = min(last for _, last in stored) + tf_ms if stored else None
             if stored:
                 spans[symbol] = (min(f for f, _ in stored), max(last for _, last in stored))
+                value_firsts[symbol] = {i: persisted[(i, symbol)][0] for i in ids if (i, symbol) in persisted}
         # A bar stored after the values around it were computed (its backfill came in
         # while the previous run's values were on their way to PostgreSQL, and that run
         # died before folding it in) has no values: written again from it.
@@ -300,7 +334,40 @@ class IndicatorWorker:
             redo = write_from.get((symbol, tf))
             if redo is not None and (redo <= spans[symbol][1] if symbol in spans else self.shared is not None):
                 first[symbol] = min(redo, first[symbol] or redo)
-        return first, spans
+        return first, spans, value_firsts
+
+    async def _stale_starts(
+        self,
+        tf: str,
+        plans: Mapping[str, tuple[BarArrays, int | None]],
+        firsts: Mapping[str, Mapping[int, int]],
+        since: Mapping[str, int],
+    ) -> dict[str, int]:
+        """The series (-> `since[symbol]`, their first value) whose stored values, at each
+        instance's first one, are not those the history stored now gives: computed before
+        older bars were stored (the warm-up history came after the first live minutes),
+        whose announcement never came (their process died between storing and announcing
+        them, or a Redis failover lost the entries). Nothing else would fold them in: the
+        series opens holding those bars."""
+        checked = {s: first_values_in(plans[s][0], self.layouts[tf].instances, at) for s, at in firsts.items()}
+        keys = [(i.id, s, t, name) for s, firsts_of in checked.items() for i, t, _ in firsts_of for name in i.names]
+        stored = await core_io.fetch_values_at(self.pool, keys)
+        stale: dict[str, int] = {}
+        for count, (symbol, firsts_of) in enumerate(checked.items()):
+            if count % self.YIELD_EVERY_OPEN == self.YIELD_EVERY_OPEN - 1:
+                await asyncio.sleep(0)
+            if not agrees_with_history(symbol, plans[symbol][0], firsts_of, stored):
+                stale[symbol] = since[symbol]
+        if stale:
+            self.stats["stale_rewritten"] += len(stale)
+            log_system_event(
+                "WARNING",
+                MODULE,
+                f"values of {len(stale)} {tf} series differ from the ones their stored history gives "
+                f"(bars stored after the values were computed, never announced): written again from their first",
+                {"tf": tf, "symbols": sorted(stale)[:20]},
+            )
+        return stale
 
     async def _anchors(
         self, tf: str, plans: Mapping[str, tuple[BarArrays, int | None]], counts: Mapping[str, int]

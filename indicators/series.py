@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from indicators.kernels import BarArrays, BarTuple, Kernel
 from indicators.registry import Instance
 
@@ -168,3 +170,56 @@ def first_unseen(old: Series | None, bars: BarArrays, start: int | None) -> int 
         if t >= oldest and row not in known:
             return t
     return start
+
+
+# Opened from its `history` bars, an instance's values match the whole history's within
+# 1e-12 of the seeding difference (registry.py): values that differ by more were
+# computed on other bars than those stored now.
+SAME_VALUE_REL, SAME_VALUE_ABS = 1e-9, 1e-9
+
+
+def same_values(computed: Sequence[float], stored: Sequence[float]) -> bool:
+    """Whether a bar's stored values are those its stored history gives now; NaN (no
+    value stored) equals only NaN."""
+    for new, old in zip(computed, stored, strict=True):
+        if math.isnan(new) or math.isnan(old):
+            if math.isnan(new) != math.isnan(old):
+                return False
+        elif not math.isclose(new, old, rel_tol=SAME_VALUE_REL, abs_tol=SAME_VALUE_ABS):
+            return False
+    return True
+
+
+FirstValue = tuple[Instance, int, int]  # an instance, the open time of its first stored value, its index
+
+
+def first_values_in(bars: BarArrays, instances: Sequence[Instance], firsts: Mapping[int, int]) -> list[FirstValue]:
+    """The instances' first stored values (`firsts`: instance id -> open time) that `bars`
+    holds with bars before them: those an older bar stored since could have changed.
+    Running sums (OBV) are left out: anchored on their own stored values, they agree."""
+    found: list[FirstValue] = []
+    for instance in instances:
+        t = firsts.get(instance.id)
+        index = int(np.searchsorted(bars.open_time, t)) if t is not None and not instance.anchored else 0
+        if 0 < index < bars.size and bars.open_time[index] == t:
+            found.append((instance, t, index))
+    return found
+
+
+def agrees_with_history(
+    symbol: str,
+    bars: BarArrays,
+    firsts: Sequence[FirstValue],
+    stored: Mapping[tuple[int, str, int, str], float],
+) -> bool:
+    """Whether each first value (`stored`: (instance, symbol, open time, output) -> value)
+    is what the instance computes over `bars` now."""
+    for instance, t, index in firsts:
+        try:
+            outputs = instance.make_kernel().fill(bars)
+        except Exception as exc:
+            raise InstanceFailure(instance.id, exc) from exc
+        old = [stored.get((instance.id, symbol, t, name), math.nan) for name in instance.names]
+        if not same_values([float(column[index]) for column in outputs], old):
+            return False
+    return True

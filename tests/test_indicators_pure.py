@@ -24,7 +24,7 @@ from indicators import slow
 from indicators.kernels import DAY_MS, SOURCES, BarArrays, BarTuple, Kernel
 from indicators.pending import PendingValues, matrices
 from indicators.registry import COMMON, IndicatorConfigError, Instance, parse_common
-from indicators.series import RecentBars
+from indicators.series import RecentBars, same_values
 from indicators.slow import SlowDue
 from indicators.stages import Stage
 from market_data import archive_symbols, read_archive
@@ -747,3 +747,13 @@ def test_bars_due_for_pandas_ta_are_taken_round_robin_within_the_budget():
     due.add(("C", "m5"), 0, 0)
     due.discard(("C", "m5"))
     assert not due and due.take(10) == []
+
+
+def test_stored_values_are_the_same_within_the_seeding_tolerance_and_a_missing_value_only_equals_nan():
+    nan = math.nan
+    assert same_values([1.0, nan, 0.0], [1.0 + 1e-12, nan, 1e-12])
+    assert not same_values([1.0], [1.0 + 1e-6])  # computed on other bars
+    assert not same_values([5.0], [nan])  # nothing stored where the history now gives a value
+    assert not same_values([nan], [5.0])
+    with pytest.raises(ValueError):
+        same_values([1.0, 2.0], [1.0])

@@ -183,6 +183,39 @@ async def test_a_backfill_stored_while_the_restarted_worker_opens_its_series_is_
     assert await assert_values_match_talib(pool, [SYMBOL]) > 4_000
 
 
+@pytest.mark.timeout(180)
+async def test_history_stored_by_a_run_that_died_before_announcing_it_is_folded_in(pool, redis):
+    """Values computed on a series with no history (the first live minutes came before
+    the warm-up history), then the history stored by a run that died before announcing
+    it (or whose announcement a Redis failover lost): no event ever says it came. The
+    next run opens the series with the history, finds the stored values differ from the
+    ones it gives, and writes them again (seen in the scale-out run: stale OBV, VWAP and
+    PSAR after a `kill -9`)."""
+    await configure(pool, COMMON_CASES)
+    await core_io.enable_symbols(pool, [SYMBOL])
+    m1 = list(islice(read_archive(SYMBOL), 1600))
+    intake = CandleIntake(pool, redis, core_io.make_candle_store(redis, True, 250), stream_maxlen=100_000)
+    running = Running(pool, redis)
+    await store_in_chunks(intake, m1[1500:1520], 1)  # live minutes, no history yet
+    await running.settle(redis)
+    await running.crash()
+
+    async def dies_before_announcing(*_args, **_kwargs) -> None:
+        return None
+
+    silent = CandleIntake(pool, redis, core_io.make_candle_store(redis, True, 250), stream_maxlen=100_000)
+    silent._cache_and_announce = dies_before_announcing  # type: ignore[method-assign]
+    await store_in_chunks(silent, m1[:1500], 500)  # the history: stored, never announced
+    running = Running(pool, redis)
+    await running.settle(redis)
+    await store_in_chunks(intake, m1[1520:1600], 10)
+    await running.settle(redis)
+    await running.crash()
+    assert running.worker.stats["stale_rewritten"] == len(TFS)
+    assert await assert_values_match_talib(pool, [SYMBOL]) > 1_000
+    assert await system_log(pool, "differ from the ones their stored history gives")
+
+
 def changed(candle: Candle) -> Candle:
     """The bar as a late correction has it."""
     return Candle(
