@@ -285,6 +285,8 @@ class IndicatorWorker:
                 elif not fresh:
                     start = first_unseen(self.series.get((symbol, tf)), bars, start)
                 plans[symbol] = (bars, start)
+            # (A series written again from its first value on anyway needs no check.)
+            verify = {s: t for s, t in verify.items() if plans[s][1] is None or plans[s][1] > t}
             if verify:
                 stale = await self._stale_starts(tf, plans, {s: value_firsts[s] for s in verify}, verify)
                 for symbol, t in stale.items():

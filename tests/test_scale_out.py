@@ -209,6 +209,11 @@ async def test_three_processes_share_300_symbols_through_a_kill_a_failover_and_a
         beats = {int(b["pid"]): b for b in (await infra.read_heartbeats(client)).values()}
         computed = {d.process.pid: int(beats[d.process.pid]["indicator_bars"]) for d in (second, third, fourth)}
         print("indicator bars computed per process:", computed)
+        stale = await pool.fetch(
+            "SELECT message FROM system_log_v4 WHERE module = 'INDICATORS' AND message LIKE $1",
+            "%differ from the ones their stored history gives%",
+        )
+        print("stale values written again at open:", [r["message"].split(" (")[0] for r in stale])
         assert all(bars > 0 for bars in computed.values()), computed
     finally:
         use_hash_tags(tags_before)
