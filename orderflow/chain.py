@@ -207,3 +207,20 @@ def left_out_buckets(
         if parts is not None:
             found.append((start, parts))
     return found
+
+
+# How far back a resumed chain looks for buckets left out: far more than the writer's
+# M1 bars ever run ahead of their buckets, a bound on what a gain reads back.
+LEFT_OUT_LOOKBACK_MS = 2 * 3_600_000
+
+
+def read_back_from(last: int, newest: Mapping[str, int], higher: tuple[str, ...] = HIGHER) -> int:
+    """Where the stored bars a chain resumed after minute `last` needs begin: the highest
+    bucket `last` is in (forming, or ended with it), or the bucket after a timeframe's
+    newest stored bar (`newest`: tf -> open time) if that is earlier. The writer sends
+    the M1 bars waiting before any bucket (orderflow/intake.py), so under load a bucket
+    can be left out with minutes of the next quarter hour written after it (a timeframe
+    with no stored bar yet: any of its buckets)."""
+    earliest = last - LEFT_OUT_LOOKBACK_MS
+    after = [t + TF_MS[tf] if (t := newest.get(tf)) is not None else earliest for tf in higher]
+    return min(bucket_start(last, higher[-1]), max(min(after), earliest))

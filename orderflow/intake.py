@@ -26,10 +26,18 @@ import core_io
 import infra
 from binance.protocol import KlineUpdate
 from binance.rest import RestClient, RestError
-from candles import DAY_MS, bucket_start
+from candles import DAY_MS
 from infra import PG_DOWN_ERRORS, REDIS_DOWN_ERRORS, Outage, RateLimitedLog, env_number, log_system_event
 from orderflow import store
-from orderflow.chain import HIGHER, ORDERFLOW_TIMEFRAMES, PARTS_OF, SymbolChain, forming_parts, left_out_buckets
+from orderflow.chain import (
+    HIGHER,
+    ORDERFLOW_TIMEFRAMES,
+    PARTS_OF,
+    SymbolChain,
+    forming_parts,
+    left_out_buckets,
+    read_back_from,
+)
 from orderflow.fold import AggTrade, BarFlow, fold
 from orderflow.output import CvdChain, FinalBar
 from orderflow.profile import ImbalanceRules
@@ -216,13 +224,13 @@ class OrderFlowIntake:
         if now - today >= RULE_HOURS * 3_600_000:
             await self.plan_day(new, today + DAY_MS)
         newest = await store.newest_bars(self.pool, new, ORDERFLOW_TIMEFRAMES)
-        # Per symbol with stored order flow: (the first bar read back, its newest minute):
-        # the highest bucket its newest minute is in (forming, or ended with it).
-        spans = {
-            symbol: (bucket_start(last, HIGHER[-1]), last)
-            for symbol in new
-            if (last := stored_open_time(newest.get((symbol, "m1")))) is not None
-        }
+        # Per symbol with stored order flow: (the first bar read back, its newest minute).
+        spans: dict[str, tuple[int, int]] = {}
+        for symbol in new:
+            last = stored_open_time(newest.get((symbol, "m1")))
+            if last is not None:
+                higher = {tf: t for tf in HIGHER if (t := stored_open_time(newest.get((symbol, tf)))) is not None}
+                spans[symbol] = (read_back_from(last, higher), last)
         part_tfs = sorted({p for tf in HIGHER for p in PARTS_OF[tf]})
         stored_parts = await store.bars_between(self.pool, [(s, *span) for s, span in spans.items()], part_tfs)
         current = now - now % M1_MS

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from binance.symbols import parse_listing
 from candles import DAY_MS, TF_MS
-from orderflow.chain import SymbolChain, forming_parts, left_out_buckets
+from orderflow.chain import SymbolChain, forming_parts, left_out_buckets, read_back_from
 from orderflow.fold import AggTrade, BarFlow, fold, merge
 from orderflow.output import CvdChain
 from orderflow.rows import day_row, first_price_row
@@ -158,21 +160,24 @@ def test_h1_h4_and_d1_are_the_merge_of_their_minutes_and_a_restart_resumes_them_
         assert [(b.tf, b.bar, b.cvd, b.cvd_day) for b in rest] == [(b.tf, b.bar, b.cvd, b.cvd_day) for b in after]
 
 
-def test_a_symbol_handed_over_between_its_minutes_and_their_buckets_gets_the_buckets_from_its_next_owner():
+@pytest.mark.parametrize("higher", [HIGHER, ("m5", "m15")], ids=["to-d1", "m5-m15"])
+def test_a_symbol_handed_over_between_its_minutes_and_their_buckets_gets_the_buckets_from_its_next_owner(higher):
     """The previous owner wrote part of what it published, as its writer does: in order,
-    a chunk a statement, with the M1 bars of the minutes waiting sent before their buckets.
-    Wherever it lost the symbol, the next owner, resuming from what is stored, publishes
-    the rest: the union is the unbroken chain's, every bar once, every CVD the same. (A
-    bucket whose M1 bars were written without it was left out, and the buckets after it
-    missed its delta.)"""
+    with the M1 bars of the minutes waiting sent before their buckets (under load, many
+    minutes before: the M1 bars of every symbol go first). Wherever it lost the symbol,
+    the next owner, resuming from what is stored, publishes the rest: the union is the
+    unbroken chain's, every bar once, every CVD the same. (A bucket whose M1 bars were
+    written without it was left out, and the buckets after it missed its delta; with
+    M5 and M15 only, so was one whose minutes ahead crossed a quarter hour: the scale-out
+    run's wrong M5 CVD.)"""
     minutes = [DAY + k * M1 for k in range(3 * 60)]
     bars = {t: minute_bar(t, k + 11) for k, t in enumerate(minutes)}
-    whole = SymbolChain("LINKUSDT", higher=HIGHER)
+    whole = SymbolChain("LINKUSDT", higher=higher)
     whole.start(DAY)
     expected = published(whole, list(bars.items()))
     left_out_seen = 0
     for cut in range(1, len(expected), 3):
-        for ahead in (0, 1, 7):  # M1 bars of the minutes after the cut already written
+        for ahead in (0, 1, 7, 25):  # M1 bars of the minutes after the cut already written
             m1_ahead = [b for b in expected[cut:] if b.tf == "m1"][:ahead]
             written = expected[:cut] + m1_ahead
             stored = {(b.tf, b.bar.open_time): b.bar for b in written}
@@ -182,15 +187,17 @@ def test_a_symbol_handed_over_between_its_minutes_and_their_buckets_gets_the_buc
                 tf: CvdChain(b.cvd, b.cvd_day, b.bar.open_time - b.bar.open_time % DAY_MS)
                 if (b := newest.get(tf))
                 else CvdChain()
-                for tf in ("m1", *HIGHER)
+                for tf in ("m1", *higher)
             }
-            since = restart - M1 - (restart - M1) % TF_MS[HIGHER[-1]]
+            since = read_back_from(
+                restart - M1, {tf: newest[tf].bar.open_time for tf in higher if tf in newest}, higher
+            )
             left_out = {
                 tf: left_out_buckets(tf, restart, newest[tf].bar.open_time if tf in newest else None, stored, since)
-                for tf in HIGHER
+                for tf in higher
             }
-            resumed = SymbolChain("LINKUSDT", higher=HIGHER)
-            first = resumed.resume(restart, cvd, {tf: forming_parts(tf, restart, stored) for tf in HIGHER}, left_out)
+            resumed = SymbolChain("LINKUSDT", higher=higher)
+            first = resumed.resume(restart, cvd, {tf: forming_parts(tf, restart, stored) for tf in higher}, left_out)
             left_out_seen += len(first)
             rest = first + published(resumed, [(t, bars[t]) for t in minutes if t >= restart])
             union = {(b.tf, b.bar.open_time): (b.bar, b.cvd, b.cvd_day) for b in written + rest}
