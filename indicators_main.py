@@ -288,7 +288,7 @@ class IndicatorWorker:
             # (A series written again from its first value on anyway needs no check.)
             verify = {s: t for s, t in verify.items() if plans[s][1] is None or plans[s][1] > t}
             if verify:
-                stale = await self._stale_starts(tf, plans, {s: value_firsts[s] for s in verify}, verify)
+                stale = await self._stale_starts(tf, plans, counts, {s: value_firsts[s] for s in verify}, verify)
                 for symbol, t in stale.items():
                     bars, start = plans[symbol]
                     plans[symbol] = (bars, t if start is None else min(start, t))
@@ -342,6 +342,7 @@ class IndicatorWorker:
         self,
         tf: str,
         plans: Mapping[str, tuple[BarArrays, int | None]],
+        counts: Mapping[str, int],
         firsts: Mapping[str, Mapping[int, int]],
         since: Mapping[str, int],
     ) -> dict[str, int]:
@@ -350,8 +351,12 @@ class IndicatorWorker:
         older bars were stored (the warm-up history came after the first live minutes),
         whose announcement never came (their process died between storing and announcing
         them, or a Redis failover lost the entries). Nothing else would fold them in: the
-        series opens holding those bars."""
-        checked = {s: first_values_in(plans[s][0], self.layouts[tf].instances, at) for s, at in firsts.items()}
+        series opens holding those bars. `counts`: the bars asked for (fewer came: the
+        whole series)."""
+        instances = self.layouts[tf].instances
+        checked = {
+            s: first_values_in(plans[s][0], instances, at, plans[s][0].size < counts[s]) for s, at in firsts.items()
+        }
         keys = [(i.id, s, t, name) for s, firsts_of in checked.items() for i, t, _ in firsts_of for name in i.names]
         stored = await core_io.fetch_values_at(self.pool, keys)
         stale: dict[str, int] = {}

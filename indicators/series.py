@@ -193,14 +193,17 @@ def same_values(computed: Sequence[float], stored: Sequence[float]) -> bool:
 FirstValue = tuple[Instance, int, int]  # an instance, the open time of its first stored value, its index
 
 
-def first_values_in(bars: BarArrays, instances: Sequence[Instance], firsts: Mapping[int, int]) -> list[FirstValue]:
+def first_values_in(
+    bars: BarArrays, instances: Sequence[Instance], firsts: Mapping[int, int], whole: bool
+) -> list[FirstValue]:
     """The instances' first stored values (`firsts`: instance id -> open time) that `bars`
     holds with bars before them: those an older bar stored since could have changed.
-    Running sums (OBV) are left out: anchored on their own stored values, they agree."""
+    Running sums (OBV) only where `bars` is the whole stored series (TA-Lib's OBV starts
+    at its first bar): the only ones a bar of no price change alters."""
     found: list[FirstValue] = []
     for instance in instances:
         t = firsts.get(instance.id)
-        index = int(np.searchsorted(bars.open_time, t)) if t is not None and not instance.anchored else 0
+        index = int(np.searchsorted(bars.open_time, t)) if t is not None and (whole or not instance.anchored) else 0
         if 0 < index < bars.size and bars.open_time[index] == t:
             found.append((instance, t, index))
     return found

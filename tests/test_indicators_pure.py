@@ -24,7 +24,7 @@ from indicators import slow
 from indicators.kernels import DAY_MS, SOURCES, BarArrays, BarTuple, Kernel
 from indicators.pending import PendingValues, matrices
 from indicators.registry import COMMON, IndicatorConfigError, Instance, parse_common
-from indicators.series import RecentBars, same_values
+from indicators.series import RecentBars, agrees_with_history, first_values_in, same_values
 from indicators.slow import SlowDue
 from indicators.stages import Stage
 from market_data import archive_symbols, read_archive
@@ -757,3 +757,28 @@ def test_stored_values_are_the_same_within_the_seeding_tolerance_and_a_missing_v
     assert not same_values([nan], [5.0])
     with pytest.raises(ValueError):
         same_values([1.0, 2.0], [1.0])
+
+
+def test_a_flat_minute_stored_late_changes_only_obv_which_is_checked_on_the_whole_series():
+    """A minute of no price change stored after the values around it were computed
+    changes OBV alone (the scale-out run's OBV-only mismatch): OBV's first value is
+    checked where the bars are the whole stored series, and not otherwise (a window of
+    it gives another sum)."""
+    flat = [(10.0, 10.0, 10.0, 10.0, 100.0 + k, k * 60_000) for k in range(40)]
+    bars = BarArrays.from_rows(flat)
+    obv = parse_common(7, "obv", "m1", 1, {})
+    ema = parse_common(8, "ema", "m1", 1, {"length": "9"})
+    assert obv is not None and ema is not None and obv.anchored
+    first = 20 * 60_000
+    thin = BarArrays.from_rows(flat[1:])  # computed before the first minute was stored
+    stored = {}
+    for instance in (obv, ema):
+        for name, column in zip(instance.names, instance.make_kernel().fill(thin), strict=True):
+            stored[(instance.id, "X", first, name)] = float(column[19])
+    firsts = {obv.id: first, ema.id: first}
+    checked = first_values_in(bars, [obv, ema], firsts, whole=True)
+    assert [i.id for i, _, _ in checked] == [obv.id, ema.id]
+    assert not agrees_with_history("X", bars, checked, stored)  # OBV: 100 more
+    only_ema = first_values_in(bars, [obv, ema], firsts, whole=False)
+    assert [i.id for i, _, _ in only_ema] == [ema.id]
+    assert agrees_with_history("X", bars, only_ema, stored)  # a flat minute leaves the EMA as it was
