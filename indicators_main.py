@@ -52,6 +52,7 @@ from indicators.series import (
     Series,
     agrees_with_history,
     bars_as_tuples,
+    fill_kernel,
     first_unseen,
     first_values_in,
     parse_event,
@@ -287,8 +288,10 @@ class IndicatorWorker:
                 plans[symbol] = (bars, start)
             # (A series written again from its first value on anyway needs no check.)
             verify = {s: t for s, t in verify.items() if plans[s][1] is None or plans[s][1] > t}
+            filled: dict[tuple[str, int], tuple[Kernel, list[np.ndarray]]] = {}  # the check's, opened with
             if verify:
-                stale = await self._stale_starts(tf, plans, counts, {s: value_firsts[s] for s in verify}, verify)
+                firsts = {s: value_firsts[s] for s in verify}
+                stale = await self._stale_starts(tf, plans, counts, firsts, verify, filled)
                 for symbol, t in stale.items():
                     bars, start = plans[symbol]
                     plans[symbol] = (bars, t if start is None else min(start, t))
@@ -298,7 +301,7 @@ class IndicatorWorker:
                     await asyncio.sleep(0)  # ~5 ms a series at boot: the feed runs in between
                 old = self.series.get((symbol, tf))
                 seen = marks[tf] if fresh else (old.seen if old else (0, 0))
-                self._open_one((symbol, tf), bars, start, anchors, seen)
+                self._open_one((symbol, tf), bars, start, anchors, seen, filled)
         self.stats["opened"] += len(keys)
 
     def _bars_since(self, first: int | None, newest: int | None, tf_ms: int) -> int:
@@ -345,6 +348,7 @@ class IndicatorWorker:
         counts: Mapping[str, int],
         firsts: Mapping[str, Mapping[int, int]],
         since: Mapping[str, int],
+        filled: dict[tuple[str, int], tuple[Kernel, list[np.ndarray]]],
     ) -> dict[str, int]:
         """The series (-> `since[symbol]`, their first value) whose stored values, at each
         instance's first one, are not those the history stored now gives: computed before
@@ -352,7 +356,8 @@ class IndicatorWorker:
         whose announcement never came (their process died between storing and announcing
         them, or a Redis failover lost the entries). Nothing else would fold them in: the
         series opens holding those bars. `counts`: the bars asked for (fewer came: the
-        whole series)."""
+        whole series). The kernels filled for it go to `filled`, for the opening to keep
+        (all but running sums, whose opening may take an anchor)."""
         instances = self.layouts[tf].instances
         checked = {
             s: first_values_in(plans[s][0], instances, at, plans[s][0].size < counts[s]) for s, at in firsts.items()
@@ -363,7 +368,12 @@ class IndicatorWorker:
         for count, (symbol, firsts_of) in enumerate(checked.items()):
             if count % self.YIELD_EVERY_OPEN == self.YIELD_EVERY_OPEN - 1:
                 await asyncio.sleep(0)
-            if not agrees_with_history(symbol, plans[symbol][0], firsts_of, stored):
+            outputs: dict[int, list[np.ndarray]] = {}
+            for instance, _, _ in firsts_of:
+                kernel, outputs[instance.id] = fill_kernel(instance, plans[symbol][0])
+                if not instance.anchored:
+                    filled[(symbol, instance.id)] = (kernel, outputs[instance.id])
+            if not agrees_with_history(symbol, firsts_of, outputs, stored):
                 stale[symbol] = since[symbol]
         if stale:
             self.stats["stale_rewritten"] += len(stale)
@@ -420,21 +430,17 @@ class IndicatorWorker:
         first: int | None,
         anchors: Mapping[tuple[int, str], tuple[int, float]],
         seen: tuple[int, int],
+        filled: Mapping[tuple[str, int], tuple[Kernel, list[np.ndarray]]],
     ) -> None:
         symbol, tf = key
         layout = self.layouts[tf]
         kernels: list[Kernel] = []
         outputs: list[np.ndarray] = []
         for instance in layout.instances:
-            try:
-                kernel = instance.make_kernel()
-                if instance.anchored:
-                    outputs += kernel.fill(bars, anchors.get((instance.id, symbol)))  # type: ignore[call-arg]
-                else:
-                    outputs += kernel.fill(bars)
-            except Exception as exc:
-                raise InstanceFailure(instance.id, exc) from exc
+            done = filled.get((symbol, instance.id))
+            kernel, out = done or fill_kernel(instance, bars, anchors.get((instance.id, symbol)))
             kernels.append(kernel)
+            outputs += out
         old = self.series.get(key)
         series = Series(symbol, tf, kernels, seen, [i.id for i in layout.instances])
         if bars.size:

@@ -209,20 +209,29 @@ def first_values_in(
     return found
 
 
+def fill_kernel(
+    instance: Instance, bars: BarArrays, anchor: tuple[int, float] | None = None
+) -> tuple[Kernel, list[np.ndarray]]:
+    """A kernel of `instance` stepped through `bars`, and its outputs on each of them
+    (`anchor`: a running sum's trusted value, see ObvKernel)."""
+    try:
+        kernel = instance.make_kernel()
+        outputs = kernel.fill(bars, anchor) if instance.anchored else kernel.fill(bars)  # type: ignore[call-arg]
+    except Exception as exc:
+        raise InstanceFailure(instance.id, exc) from exc
+    return kernel, outputs
+
+
 def agrees_with_history(
     symbol: str,
-    bars: BarArrays,
     firsts: Sequence[FirstValue],
+    outputs: Mapping[int, list[np.ndarray]],
     stored: Mapping[tuple[int, str, int, str], float],
 ) -> bool:
     """Whether each first value (`stored`: (instance, symbol, open time, output) -> value)
-    is what the instance computes over `bars` now."""
+    is what the instance gives now (`outputs`: instance id -> its outputs over the bars)."""
     for instance, t, index in firsts:
-        try:
-            outputs = instance.make_kernel().fill(bars)
-        except Exception as exc:
-            raise InstanceFailure(instance.id, exc) from exc
         old = [stored.get((instance.id, symbol, t, name), math.nan) for name in instance.names]
-        if not same_values([float(column[index]) for column in outputs], old):
+        if not same_values([float(column[index]) for column in outputs[instance.id]], old):
             return False
     return True
